@@ -1,0 +1,301 @@
+"""The `granite-vision` command line: options, commands and exit codes, nothing else.
+
+Examples:
+
+    granite-vision ask photo.jpg "What is shown?"
+    granite-vision ask scan.pdf --page 3 "What is the total?" --json
+    curl -s https://example.com/chart.png | granite-vision ask - "Summarise this chart."
+    granite-vision caption photos/ 'scans/**/*.pdf' --format markdown -o report.md
+    find . -name '*.jpg' | granite-vision caption - | jq .answer
+    granite-vision info
+
+Exit codes: 0 every item answered, 1 some items failed, 2 usage error (bad option, model or
+device not found, nothing to do), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .documents import DEFAULT_DPI, RENDERERS
+from .errors import UsageError
+from .records import FORMATS, Record
+from .ui import Reporter, console
+
+DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"  # kept equal to engine.DEFAULT_MODEL (no torch import here)
+DEFAULT_PROMPT = "Describe this image in detail."
+
+app = typer.Typer(
+    name="granite-vision",
+    help="Ask questions about images and PDF pages, and caption whole folders, with IBM Granite Vision.",
+    epilog=(
+        "Examples:\n\n"
+        "  granite-vision ask photo.jpg 'What is shown?'\n\n"
+        "  granite-vision caption photos/ 'scans/*.pdf' --format markdown -o report.md\n\n"
+        "  find . -name '*.jpg' | granite-vision caption - | jq .answer"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Options shared by `ask` and `caption`, declared once so they read the same everywhere.
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", envvar="GRANITE_VISION_MODEL", help="Hugging Face model id or local model folder.",
+        rich_help_panel="Model",
+    ),
+]
+RevisionOpt = Annotated[
+    Optional[str], typer.Option(help="Model revision (branch, tag or commit) on the Hub.", rich_help_panel="Model")
+]
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto|cpu|cuda|cuda:N|mps (auto: cuda, then mps, then cpu).", rich_help_panel="Model")
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto|bfloat16|float16|float32 (auto: bfloat16 where supported, float16 on other GPUs, float32 on CPU).",
+        rich_help_panel="Model",
+    ),
+]
+MaxNewTokensOpt = Annotated[
+    int, typer.Option(min=1, help="Longest answer, in tokens.", rich_help_panel="Generation")
+]
+TemperatureOpt = Annotated[
+    float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy and deterministic.", rich_help_panel="Generation")
+]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel="Generation")]
+RendererOpt = Annotated[
+    str, typer.Option("--pdf-renderer", help="pypdfium2 (default, no system package) or poppler (pdf2image).", rich_help_panel="Input")
+]
+DpiOpt = Annotated[int, typer.Option(min=36, max=1200, help="PDF rendering resolution.", rich_help_panel="Input")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Ask questions about images and PDF pages, and caption whole folders, with IBM Granite Vision."""
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  granite-vision ask photo.jpg 'What is shown?'\n\n"
+        "  granite-vision ask invoice.pdf --page 2 'What is the total?' --json\n\n"
+        "  curl -s https://example.com/a.png | granite-vision ask - 'Describe it.'"
+    )
+)
+def ask(
+    source: Annotated[str, typer.Argument(help="Image or PDF file, - for image/PDF bytes on stdin, or an http(s) URL.")],
+    question: Annotated[str, typer.Argument(help="The question to ask about the picture.")],
+    page: Annotated[int, typer.Option(min=1, help="Page of a PDF or multi-page TIFF (1-based).", rich_help_panel="Input")] = 1,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_new_tokens: MaxNewTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    seed: SeedOpt = None,
+    pdf_renderer: RendererOpt = "pypdfium2",
+    dpi: DpiOpt = DEFAULT_DPI,
+) -> None:
+    """Answer one question about one image or PDF page; the answer streams to stdout."""
+    from . import pipeline
+    from .sources import resolve_single
+
+    renderer = _renderer(pdf_renderer)
+    item = resolve_single(source, page, renderer=renderer)
+    loaded = pipeline.load_item(0, item, renderer, dpi)
+    if loaded.image is None:
+        # Same record shape as a model answer, so scripts handle both alike.
+        record = pipeline.make_record(model, question, loaded, error=loaded.error)
+        _fail_item(record, json_output)
+    engine = _load_engine(model, revision, device, dtype)
+    settings = _settings(max_new_tokens, temperature, seed)
+    try:
+        answer = engine.generate([loaded.image], [question], settings, stream=None if json_output else sys.stdout)[0]
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        from .errors import describe
+
+        _fail_item(pipeline.make_record(model, question, loaded, error=f"generation failed: {describe(exc)}"), json_output)
+    record = pipeline.make_record(model, question, loaded, answer)
+    print(record.to_json() if json_output else "", flush=True)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  granite-vision caption photos/ scans/*.pdf --format markdown -o report.md\n\n"
+        "  granite-vision caption 'archive/**/*.tif' --pages 1-3 -o captions.jsonl\n\n"
+        "  find . -name '*.jpg' | granite-vision caption - | jq .answer"
+    )
+)
+def caption(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Files, folders (walked recursively), globs (quoted: the tool expands them, ** too), or - for paths on stdin."),
+    ],
+    prompt: Annotated[str, typer.Option(help="What to ask about every picture.")] = DEFAULT_PROMPT,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="jsonl (one record per line) or markdown (a report).")] = "jsonl",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.", dir_okay=False)] = None,
+    pages: Annotated[Optional[str], typer.Option(help="Pages of PDFs and multi-page TIFFs, e.g. 1-3,7,10-.", rich_help_panel="Input")] = None,
+    dpi: DpiOpt = DEFAULT_DPI,
+    pdf_renderer: RendererOpt = "pypdfium2",
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Pictures per model call.", rich_help_panel="Model")] = 8,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    seed: SeedOpt = None,
+) -> None:
+    """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
+    from . import pipeline
+    from .records import open_writer
+    from .sources import PageSelection, resolve
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
+    renderer = _renderer(pdf_renderer)
+    selection = PageSelection.parse(pages) if pages else None
+    if output is not None:
+        _check_writable(output)
+    resolution = resolve(sources, pages=selection, renderer=renderer)
+    reporter = Reporter()
+    for name in resolution.unmatched:
+        reporter.warn(f"{name}: matched no supported file")
+    if resolution.skipped:
+        reporter.note(f"skipped {resolution.skipped} file(s) of unsupported type inside folders")
+    if not resolution.items:
+        raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
+    engine = _load_engine(model, revision, device, dtype)
+    settings = _settings(max_new_tokens, temperature, seed)
+    with ExitStack() as stack:
+        stream = stack.enter_context(open(output, "w", encoding="utf-8")) if output else sys.stdout
+        writer = open_writer(fmt, stream, output)
+        progress = stack.enter_context(reporter.progress(len(resolution.items)))
+        stats = pipeline.caption(
+            resolution.items,
+            engine,
+            writer,
+            prompt=prompt,
+            settings=settings,
+            batch_size=batch_size,
+            renderer=renderer,
+            dpi=dpi,
+            on_record=progress,
+        )
+        writer.close()
+    reporter.summary(stats, output)
+    if stats.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+    """Versions, devices and dtypes, default model, model cache and PDF renderers."""
+    from .info import collect, render
+
+    facts = collect(default_model=DEFAULT_MODEL)
+    print(render(facts, as_json=json_output))
+
+
+def _renderer(name: str):
+    if name not in RENDERERS:
+        raise UsageError(f"--pdf-renderer {name!r}: expected one of {'|'.join(RENDERERS)}")
+    return name
+
+
+def _settings(max_new_tokens: int, temperature: float, seed: int | None):
+    from .engine import GenerationSettings
+
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+
+
+def _load_engine(model: str, revision: str | None, device: str, dtype: str):
+    from .engine import Engine
+
+    with console.status(f"loading {model}") if console.is_terminal else ExitStack():
+        return Engine.load(model, revision=revision, device=device, dtype=dtype)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the model loads, not after an hour of work, if the output cannot be written."""
+    if path.is_dir():
+        raise UsageError(f"--output {path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"--output {path}: folder {parent} does not exist")
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output {path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _fail_item(record: Record, json_output: bool) -> None:
+    console.print(f"[red]error:[/] {_where(record)}: {record.error}", markup=True, highlight=False)
+    if json_output:
+        print(record.to_json(), flush=True)
+    raise typer.Exit(1)
+
+
+def _where(record: Record) -> str:
+    return record.source if record.page is None else f"{record.source} (page {record.page})"
+
+
+def main() -> None:
+    """Console-script entry point: maps our errors, Ctrl-C and closed pipes to exit codes."""
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("interrupted", highlight=False)
+        sys.exit(130)
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(141)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _silence_stdout() -> None:
+    """After the reader of our stdout went away, stop Python from complaining at exit."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

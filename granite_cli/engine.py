@@ -1,0 +1,289 @@
+"""Load a Granite Vision model and answer questions about batches of pictures.
+
+The only module that imports torch and transformers, so that `--help` and input handling stay
+instant. Loading goes through the Auto classes, so Granite Vision 3.x (LLaVA-NeXT) and 4.x
+(`granite4_vision`) checkpoints load alike, from a Hugging Face id or a local folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from .errors import UsageError, model_load_error
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"
+DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How answers are decoded. temperature 0 means greedy (deterministic)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    prompt_tokens: int
+    answer_tokens: int
+    finish_reason: str
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist here."""
+    import torch
+
+    spec = spec.strip().lower()
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if spec == "auto":
+        return torch.device("cuda:0" if cuda_count else "mps" if mps else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not mps:
+            raise UsageError("--device mps: Apple Metal (MPS) is not available on this machine. Hint: use --device cpu")
+        return torch.device("mps")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index_text = spec.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise UsageError(f"--device {spec}: expected cuda or cuda:N with N a GPU number")
+        index = int(index_text)
+        if index >= cuda_count:
+            found = f"{cuda_count} CUDA device(s)" if cuda_count else "no CUDA device"
+            raise UsageError(f"--device {spec}: this machine has {found}. Hint: see `granite-vision info`, or use --device cpu")
+        return torch.device(f"cuda:{index}")
+    raise UsageError(f"--device {spec!r}: expected one of {DEVICE_CHOICES}")
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 where the GPU supports it, else float16 on a GPU, float32 on the CPU."""
+    import torch
+
+    if spec not in DTYPES:
+        raise UsageError(f"--dtype {spec!r}: expected one of {'|'.join(DTYPES)}")
+    if spec != "auto":
+        return getattr(torch, spec)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+class Engine:
+    """A loaded processor + model pair, ready to answer batches."""
+
+    def __init__(self, processor, model, name: str):
+        self.processor = processor
+        self.model = model
+        self.name = name
+        self.device = model.device
+        self.dtype = model.dtype
+        self.tokenizer = processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    @classmethod
+    def load(cls, model: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Engine:
+        """Load processor and model with `from_pretrained`, as for any Hugging Face checkpoint."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        _quiet_transformers()
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        local_only = _hub_unreachable(model, revision)
+        try:
+            processor = AutoProcessor.from_pretrained(model, revision=revision, local_files_only=local_only)
+            kwargs = {"revision": revision, "dtype": torch_dtype, "local_files_only": local_only}
+            if torch_device.type != "cpu":
+                kwargs["device_map"] = str(torch_device)
+            network = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
+        except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+            raise model_load_error(model, exc) from exc
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+            raise UsageError(f"model {model!r} has no image processor: it is not a vision-language model")
+        network.eval()
+        _check_pinpoints(model, processor, network)
+        # Batched generation with a decoder-only model needs left padding; the shipped
+        # tokenizer files do not all say so, and transformers defaults to right.
+        processor.tokenizer.padding_side = "left"
+        config = network.generation_config
+        if config.pad_token_id is None:
+            config.pad_token_id = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
+        return cls(processor, network, model)
+
+    @lru_cache(maxsize=64)
+    def prompt(self, question: str) -> str:
+        """The model's own chat template over a user turn holding the image and the question,
+        exactly as the model card builds it."""
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    @lru_cache(maxsize=4096)
+    def image_tokens(self, width: int, height: int) -> int:
+        """Image tokens the processor will emit for a picture of this size (used to group batches
+        so that items of similar length share one, and little compute goes to padding)."""
+        try:
+            data = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+            return int(data.num_image_tokens[0])
+        except Exception:  # noqa: BLE001 - processors without the helper: area is a fair proxy
+            return width * height // 196
+
+    def generate(
+        self,
+        images: list[Image.Image],
+        questions: list[str],
+        settings: GenerationSettings,
+        stream: TextIO | None = None,
+    ) -> list[Answer]:
+        """Answer `questions[i]` about `images[i]` for every i, in one batched `generate`.
+
+        `stream`, for a batch of one, receives the answer text while it is generated.
+        """
+        import torch
+
+        texts = [self.prompt(question) for question in questions]
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        kwargs: dict = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": self.model.generation_config.pad_token_id}
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=settings.temperature)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stream is not None:
+            kwargs["streamer"] = _TextStream(self.tokenizer, stream)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs)
+        prompt_length = inputs["input_ids"].shape[1]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return [self._answer(row, tokens) for row, tokens in zip(output[:, prompt_length:].tolist(), prompt_tokens)]
+
+    def _answer(self, tokens: list[int], prompt_tokens: int) -> Answer:
+        end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
+        kept = tokens if end is None else tokens[:end]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Answer(text.strip(), int(prompt_tokens), len(kept), "length" if end is None else "stop")
+
+
+def _hub_unreachable(model: str, revision: str | None) -> bool:
+    """Decide whether to load from local files only, failing fast where nothing can work.
+
+    Without a network, the Hub client retries every file for half a minute with a warning per
+    try; a user with a cached model deserves the cached model at once, and a user with neither
+    network nor cache deserves one line. So: a folder loads as a folder; otherwise one quick
+    probe of the Hub decides between a normal load, a cache-only load, or a clear error.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model folder {model!r} has no config.json: it is not a Hugging Face model folder")
+        return True
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+        raise UsageError(f"model folder {model!r} does not exist. Hint: pass --model a folder holding config.json, or a Hub id like {DEFAULT_MODEL}")
+    cached = isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        get_session().head(f"{constants.ENDPOINT}/api/models/{model}", timeout=5.0)
+        return False
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "offline" here
+        if cached:
+            return True
+        raise UsageError(
+            f"model {model!r} is not in the local cache ({constants.HF_HUB_CACHE}) and the Hugging Face Hub"
+            f" cannot be reached ({type(exc).__name__}). Hint: connect once to download it, or pass --model PATH"
+            " to a downloaded model folder"
+        ) from None
+
+
+def _check_pinpoints(model: str, processor, network) -> None:
+    """The processor counts image tokens from its pinpoints, the model makes features from its
+    own; a checkpoint whose two lists differ fails later with "Image features and image tokens
+    do not match". Say so at load, in words."""
+    ours = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    theirs = getattr(network.config, "image_grid_pinpoints", None)
+    if ours is None or theirs is None:
+        return
+    if {tuple(p) for p in ours} != {tuple(p) for p in theirs}:
+        extra = sorted({tuple(p) for p in ours} ^ {tuple(p) for p in theirs})
+        raise UsageError(
+            f"model {model!r}: the processor's image_grid_pinpoints differ from the model config's"
+            f" (differing entries: {extra}); this checkpoint cannot answer correctly."
+            " Hint: use another --revision, or make preprocessor_config.json's list equal config.json's"
+        )
+
+
+def _quiet_transformers() -> None:
+    """Library progress bars and advice are noise in a CLI whose stderr is for its user."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="torch")
+
+
+class _TextStream:
+    """A `generate` streamer that writes decoded text to a stream as tokens arrive.
+
+    Decodes the whole answer so far and writes only the new suffix, holding back an incomplete
+    UTF-8 sequence, which is what transformers' TextStreamer does; unlike it, this one writes
+    to any stream and stops at the end-of-text token.
+    """
+
+    def __init__(self, tokenizer, out: TextIO):
+        self.tokenizer = tokenizer
+        self.out = out
+        self.tokens: list[int] = []
+        self.written = 0
+        self.prompt_seen = False
+        self.done = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        if self.done:
+            return
+        for token in value.reshape(-1).tolist():
+            if token == self.tokenizer.eos_token_id:
+                self.done = True
+                break
+            self.tokens.append(token)
+        # Whitespace at either end is held back, so the streamed text equals the stored answer.
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.written:
+            self.out.write(text[self.written :])
+            self.out.flush()
+            self.written = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+        if len(text) > self.written:
+            self.out.write(text[self.written :])
+        self.out.flush()

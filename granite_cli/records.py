@@ -1,0 +1,122 @@
+"""The result of one item, and the writers that turn results into JSONL or a markdown report.
+
+A writer receives records in input order, one at a time, and makes each one durable at once
+(write + flush), so a pipeline downstream sees answers as they come and an interrupted run
+keeps every record it finished. Adding an output format means adding a writer here; nothing
+else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, TextIO
+from urllib.parse import quote
+
+
+@dataclass
+class Record:
+    """One answered (or failed) item. Field order is the JSONL key order."""
+
+    source: str
+    page: int | None
+    prompt: str
+    answer: str | None
+    error: str | None
+    model: str
+    width: int | None = None
+    """Width of the picture the model saw, in pixels (after EXIF rotation / PDF rendering)."""
+    height: int | None = None
+    prompt_tokens: int | None = None
+    """Tokens in the model input for this item: image tokens plus the chat-formatted prompt."""
+    answer_tokens: int | None = None
+    finish_reason: str | None = None
+    """"stop" when the model ended its answer, "length" when --max-new-tokens cut it."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+class Writer(Protocol):
+    def write(self, record: Record) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlWriter:
+    """One JSON object per line, flushed per record."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, record: Record) -> None:
+        self.stream.write(record.to_json() + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+class MarkdownWriter:
+    """A readable report: a heading per source, a sub-heading per page, the answer as text.
+
+    When the report is a file, each picture is embedded (PDF pages are linked) with a path
+    relative to the report, so the report and its images can be moved together.
+    """
+
+    def __init__(self, stream: TextIO, report_path: Path | None = None, title: str = "granite-vision report"):
+        self.stream = stream
+        self.base = report_path.resolve().parent if report_path else None
+        self.current: str | None = None
+        self.stream.write(f"# {title}\n")
+        self.stream.flush()
+
+    def write(self, record: Record) -> None:
+        parts: list[str] = []
+        if record.source != self.current:
+            self.current = record.source
+            parts.append(f"\n## {_escape(record.source)}\n")
+            if record.page is None and (link := self._link(record.source)):
+                parts.append(f"\n![{_escape(Path(record.source).name)}]({link})\n")
+        if record.page is not None:
+            parts.append(f"\n### Page {record.page}\n")
+            if (link := self._link(record.source)) and record.source.lower().endswith(".pdf"):
+                parts.append(f"\n[page {record.page} of {_escape(Path(record.source).name)}]({link}#page={record.page})\n")
+        if record.error is not None:
+            parts.append(f"\n> **Error:** {_escape(record.error)}\n")
+        else:
+            parts.append(f"\n{(record.answer or '').strip()}\n")
+        self.stream.write("".join(parts))
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+    def _link(self, source: str) -> str | None:
+        if source.startswith(("http://", "https://")):
+            return source
+        if self.base is None or source == "-":
+            return None
+        target = Path(source).resolve()
+        relative = os.path.relpath(target, self.base)
+        return quote(Path(relative).as_posix())
+
+
+def _escape(text: str) -> str:
+    """Keep file names and error text from being read as markdown markup."""
+    return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in text.replace("\n", " "))
+
+
+FORMATS = ("jsonl", "markdown")
+
+
+def open_writer(fmt: str, stream: TextIO, path: Path | None) -> Writer:
+    if fmt == "markdown":
+        return MarkdownWriter(stream, path)
+    return JsonlWriter(stream)

@@ -1,0 +1,89 @@
+"""Everything said to the human: one rich console on stderr, progress only on a terminal.
+
+stdout is reserved for data (answers, JSONL, reports), so pipelines like
+`granite-vision caption - | jq` never see a progress bar or a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from .pipeline import Stats
+    from .records import Record
+
+console = Console(stderr=True, highlight=False)
+
+
+class Reporter:
+    """Progress, per-item error lines and the closing summary of a `caption` run."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+
+    def warn(self, text: str) -> None:
+        console.print(f"[yellow]warning:[/] {escape(text)}")
+
+    def note(self, text: str) -> None:
+        console.print(escape(text))
+
+    def error_line(self, record: Record) -> str:
+        where = record.source if record.page is None else f"{record.source} (page {record.page})"
+        return f"[red]error:[/] {escape(where)}: {escape(record.error or '')}"
+
+    @contextlib.contextmanager
+    def progress(self, total: int) -> Iterator[Callable[[Record], None]]:
+        """A callback for each finished record: prints its error, advances the bar on a TTY."""
+        if not console.is_terminal:
+
+            def plain(record: Record) -> None:
+                if not record.ok:
+                    self.errors += 1
+                    console.print(self.error_line(record), soft_wrap=True)
+
+            yield plain
+            return
+        bar = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("[red]{task.fields[errors]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        task = bar.add_task("captioning", total=total, rate="", errors="")
+        with bar:
+
+            def advance(record: Record) -> None:
+                if not record.ok:
+                    self.errors += 1
+                    bar.console.print(self.error_line(record), soft_wrap=True)
+                elapsed = bar.tasks[task].elapsed or 0.0
+                done = bar.tasks[task].completed + 1
+                bar.update(
+                    task,
+                    advance=1,
+                    rate=f"{done / elapsed:.2f} items/s" if elapsed > 0 else "",
+                    errors=f"{self.errors} errors" if self.errors else "",
+                )
+
+            yield advance
+
+    def summary(self, stats: Stats, output: Path | None) -> None:
+        seconds = stats.seconds
+        rate = stats.total / seconds if seconds > 0 else 0.0
+        where = f" -> {output}" if output else ""
+        failed = f", [red]{stats.failed} failed[/]" if stats.failed else ""
+        console.print(
+            f"{stats.answered} of {stats.total} answered{failed} in {seconds:.1f} s ({rate:.2f} items/s){escape(where)}"
+        )
