@@ -15,18 +15,21 @@ device not found, nothing to do), 130 interrupted.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from . import __version__
 from .documents import DEFAULT_DPI, RENDERERS
 from .errors import UsageError
 from .records import FORMATS, Record
-from .ui import Reporter, console
+from .ui import Reporter, console, error_line
 
 DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"  # kept equal to engine.DEFAULT_MODEL (no torch import here)
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -50,7 +53,10 @@ app = typer.Typer(
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", envvar="GRANITE_VISION_MODEL", help="Hugging Face model id or local model folder.",
+        "--model",
+        "-m",
+        envvar="GRANITE_VISION_MODEL",
+        help="Hugging Face model id or local model folder.",
         rich_help_panel="Model",
     ),
 ]
@@ -67,17 +73,37 @@ DtypeOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
-MaxNewTokensOpt = Annotated[
-    int, typer.Option(min=1, help="Longest answer, in tokens.", rich_help_panel="Generation")
-]
+MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.", rich_help_panel="Generation")]
 TemperatureOpt = Annotated[
-    float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy and deterministic.", rich_help_panel="Generation")
+    float,
+    typer.Option(min=0.0, help="Sampling temperature; 0 is greedy and deterministic.", rich_help_panel="Generation"),
 ]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel="Generation")]
 RendererOpt = Annotated[
-    str, typer.Option("--pdf-renderer", help="pypdfium2 (default, no system package) or poppler (pdf2image).", rich_help_panel="Input")
+    str,
+    typer.Option(
+        "--pdf-renderer", help="pypdfium2 (default, no system package) or poppler (pdf2image).", rich_help_panel="Input"
+    ),
 ]
 DpiOpt = Annotated[int, typer.Option(min=36, max=1200, help="PDF rendering resolution.", rich_help_panel="Input")]
+
+
+def _command(func: Callable) -> Callable:
+    """Give a command the CLI's error contract: a `UsageError` is one line and exit 2,
+    Ctrl-C is one line and exit 130; neither shows a traceback."""
+
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UsageError as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return run
 
 
 def _version(value: bool) -> None:
@@ -103,11 +129,18 @@ def main_options(
         "  curl -s https://example.com/a.png | granite-vision ask - 'Describe it.'"
     )
 )
+@_command
 def ask(
-    source: Annotated[str, typer.Argument(help="Image or PDF file, - for image/PDF bytes on stdin, or an http(s) URL.")],
+    source: Annotated[
+        str, typer.Argument(help="Image or PDF file, - for image/PDF bytes on stdin, or an http(s) URL.")
+    ],
     question: Annotated[str, typer.Argument(help="The question to ask about the picture.")],
-    page: Annotated[int, typer.Option(min=1, help="Page of a PDF or multi-page TIFF (1-based).", rich_help_panel="Input")] = 1,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")] = False,
+    page: Annotated[
+        int, typer.Option(min=1, help="Page of a PDF or multi-page TIFF (1-based).", rich_help_panel="Input")
+    ] = 1,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")
+    ] = False,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -136,7 +169,9 @@ def ask(
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         from .errors import describe
 
-        _fail_item(pipeline.make_record(model, question, loaded, error=f"generation failed: {describe(exc)}"), json_output)
+        _fail_item(
+            pipeline.make_record(model, question, loaded, error=f"generation failed: {describe(exc)}"), json_output
+        )
     record = pipeline.make_record(model, question, loaded, answer)
     print(record.to_json() if json_output else "", flush=True)
 
@@ -149,15 +184,25 @@ def ask(
         "  find . -name '*.jpg' | granite-vision caption - | jq .answer"
     )
 )
+@_command
 def caption(
     sources: Annotated[
         list[str],
-        typer.Argument(help="Files, folders (walked recursively), globs (quoted: the tool expands them, ** too), or - for paths on stdin."),
+        typer.Argument(
+            help="Files, folders (walked recursively), globs (quoted: the tool expands them, ** too),"
+            " or - for paths on stdin."
+        ),
     ],
     prompt: Annotated[str, typer.Option(help="What to ask about every picture.")] = DEFAULT_PROMPT,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="jsonl (one record per line) or markdown (a report).")] = "jsonl",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.", dir_okay=False)] = None,
-    pages: Annotated[Optional[str], typer.Option(help="Pages of PDFs and multi-page TIFFs, e.g. 1-3,7,10-.", rich_help_panel="Input")] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="jsonl (one record per line) or markdown (a report).")
+    ] = "jsonl",
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.", dir_okay=False)
+    ] = None,
+    pages: Annotated[
+        Optional[str], typer.Option(help="Pages of PDFs and multi-page TIFFs, e.g. 1-3,7,10-.", rich_help_panel="Input")
+    ] = None,
     dpi: DpiOpt = DEFAULT_DPI,
     pdf_renderer: RendererOpt = "pypdfium2",
     model: ModelOpt = DEFAULT_MODEL,
@@ -212,6 +257,7 @@ def caption(
 
 
 @app.command()
+@_command
 def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """Versions, devices and dtypes, default model, model cache and PDF renderers."""
     from .info import collect, render
@@ -258,39 +304,19 @@ def _check_writable(path: Path) -> None:
 
 
 def _fail_item(record: Record, json_output: bool) -> None:
-    console.print(f"[red]error:[/] {_where(record)}: {record.error}", markup=True, highlight=False)
+    console.print(error_line(record), soft_wrap=True)
     if json_output:
         print(record.to_json(), flush=True)
     raise typer.Exit(1)
 
 
-def _where(record: Record) -> str:
-    return record.source if record.page is None else f"{record.source} (page {record.page})"
-
-
 def main() -> None:
-    """Console-script entry point: maps our errors, Ctrl-C and closed pipes to exit codes."""
+    """Console-script entry point."""
     try:
-        code = app(standalone_mode=False)
-    except UsageError as exc:
-        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("interrupted", highlight=False)
-        sys.exit(130)
-    except BrokenPipeError:
+        app()
+    except BrokenPipeError:  # the reader of our stdout went away (`| head`): not an error of ours
         _silence_stdout()
         sys.exit(141)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
-    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _silence_stdout() -> None:

@@ -26,8 +26,27 @@ and a letter or A4 page at 144 dpi is already larger than that (see shared NOTES
 
 #: File name endings a directory walk picks up; anything else inside a directory is skipped.
 IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-     ".pbm", ".pnm", ".jp2", ".j2k", ".ico", ".tga", ".dib"}
+    {
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".gif",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".jp2",
+        ".j2k",
+        ".ico",
+        ".tga",
+        ".dib",
+    }
 )
 DOCUMENT_SUFFIXES = IMAGE_SUFFIXES | {".pdf"}
 
@@ -103,7 +122,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     array = np.asarray(image, dtype=np.float64)
     low, high = float(array.min()), float(array.max())
     scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    return Image.fromarray(scaled.astype(np.uint8))
 
 
 def _open_image(source: Source) -> Image.Image:
@@ -113,6 +132,10 @@ def _open_image(source: Source) -> Image.Image:
         raise InputError("not an image or PDF (unrecognised content)") from exc
     except Image.DecompressionBombError as exc:
         raise InputError(f"image too large ({exc})") from exc
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:  # header present but damaged
+        raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from exc
 
 
 def _pdf_page_count(source: Source, renderer: Renderer) -> int:

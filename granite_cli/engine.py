@@ -64,7 +64,9 @@ def resolve_device(spec: str) -> torch.device:
         index = int(index_text)
         if index >= cuda_count:
             found = f"{cuda_count} CUDA device(s)" if cuda_count else "no CUDA device"
-            raise UsageError(f"--device {spec}: this machine has {found}. Hint: see `granite-vision info`, or use --device cpu")
+            raise UsageError(
+                f"--device {spec}: this machine has {found}. Hint: see `granite-vision info`, or use --device cpu"
+            )
         return torch.device(f"cuda:{index}")
     raise UsageError(f"--device {spec!r}: expected one of {DEVICE_CHOICES}")
 
@@ -163,7 +165,10 @@ class Engine:
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        kwargs: dict = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": self.model.generation_config.pad_token_id}
+        kwargs: dict = {
+            "max_new_tokens": settings.max_new_tokens,
+            "pad_token_id": self.model.generation_config.pad_token_id,
+        }
         if settings.temperature > 0:
             kwargs.update(do_sample=True, temperature=settings.temperature)
         else:
@@ -174,7 +179,10 @@ class Engine:
             output = self.model.generate(**inputs, **kwargs)
         prompt_length = inputs["input_ids"].shape[1]
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        return [self._answer(row, tokens) for row, tokens in zip(output[:, prompt_length:].tolist(), prompt_tokens)]
+        return [
+            self._answer(row, tokens)
+            for row, tokens in zip(output[:, prompt_length:].tolist(), prompt_tokens, strict=True)
+        ]
 
     def _answer(self, tokens: list[int], prompt_tokens: int) -> Answer:
         end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
@@ -200,7 +208,10 @@ def _hub_unreachable(model: str, revision: str | None) -> bool:
             raise UsageError(f"model folder {model!r} has no config.json: it is not a Hugging Face model folder")
         return True
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
-        raise UsageError(f"model folder {model!r} does not exist. Hint: pass --model a folder holding config.json, or a Hub id like {DEFAULT_MODEL}")
+        raise UsageError(
+            f"model folder {model!r} does not exist."
+            f" Hint: pass --model a folder holding config.json, or a Hub id like {DEFAULT_MODEL}"
+        )
     cached = isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
     if constants.HF_HUB_OFFLINE:
         return True

@@ -166,7 +166,7 @@ def _answer_batch(
         yield from _answer_batch(engine, batch[:middle], prompt, settings)
         yield from _answer_batch(engine, batch[middle:], prompt, settings)
         return
-    for entry, answer in zip(batch, answers):
+    for entry, answer in zip(batch, answers, strict=True):
         yield entry, make_record(engine.name, prompt, entry, answer)
 
 

@@ -81,13 +81,15 @@ class MarkdownWriter:
         parts: list[str] = []
         if record.source != self.current:
             self.current = record.source
-            parts.append(f"\n## {_escape(record.source)}\n")
+            parts.append(f"\n## {_code(record.source)}\n")
             if record.page is None and (link := self._link(record.source)):
                 parts.append(f"\n![{_escape(Path(record.source).name)}]({link})\n")
         if record.page is not None:
             parts.append(f"\n### Page {record.page}\n")
             if (link := self._link(record.source)) and record.source.lower().endswith(".pdf"):
-                parts.append(f"\n[page {record.page} of {_escape(Path(record.source).name)}]({link}#page={record.page})\n")
+                parts.append(
+                    f"\n[page {record.page} of {_escape(Path(record.source).name)}]({link}#page={record.page})\n"
+                )
         if record.error is not None:
             parts.append(f"\n> **Error:** {_escape(record.error)}\n")
         else:
@@ -101,11 +103,18 @@ class MarkdownWriter:
     def _link(self, source: str) -> str | None:
         if source.startswith(("http://", "https://")):
             return source
-        if self.base is None or source == "-":
+        if self.base is None or source == "-" or not Path(source).exists():
             return None
         target = Path(source).resolve()
         relative = os.path.relpath(target, self.base)
         return quote(Path(relative).as_posix())
+
+
+def _code(text: str) -> str:
+    """A file name as an inline code span: shown verbatim, whatever characters it holds."""
+    text = text.replace("\n", " ")
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
 
 
 def _escape(text: str) -> str:

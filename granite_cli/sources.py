@@ -150,7 +150,9 @@ def _read_path_list(stream: BinaryIO) -> list[str]:
     return [part for part in parts if part.strip()]
 
 
-def _add_named(result: Resolution, name: str, pages: PageSelection | None, renderer: Renderer, *, expand_globs: bool) -> None:
+def _add_named(
+    result: Resolution, name: str, pages: PageSelection | None, renderer: Renderer, *, expand_globs: bool
+) -> None:
     if name.startswith(URL_PREFIXES):
         try:
             result.items.extend(_document_items(name, fetch_url(name), pages, renderer))

@@ -8,11 +8,13 @@ anyres tiling with the real pinpoint layout scaled down, the real Granite chat t
 real special tokens — but whose sizes are a few hundred kilobytes, so that the whole pipeline
 runs on a laptop CPU in seconds. Its answers are gibberish; everything around them is real.
 
-Usage: ``python -m granite_cli.tiny_model DIR [llava_next|granite4_vision]`` (prints DIR), then ``granite-vision ... --model DIR``.
+Usage: ``python -m granite_cli.tiny_model DIR [llava_next|granite4_vision]`` (prints DIR),
+then ``granite-vision ... --model DIR``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from importlib import resources
@@ -25,9 +27,11 @@ TILE = 56
 PATCH = 14
 
 #: The 27 Granite Vision 3.2/3.3 pinpoints, (height, width) in tiles.
-GRID_TILES = [(1, w) for w in range(1, 11)] + [(2, w) for w in range(1, 6)] + [
-    (3, 1), (3, 2), (3, 3), (4, 1), (4, 2), (5, 1), (5, 2), (6, 1), (7, 1), (8, 1), (9, 1), (10, 1)
-]
+GRID_TILES = (
+    [(1, w) for w in range(1, 11)]
+    + [(2, w) for w in range(1, 6)]
+    + [(3, 1), (3, 2), (3, 3), (4, 1), (4, 2), (5, 1), (5, 2), (6, 1), (7, 1), (8, 1), (9, 1), (10, 1)]
+)
 
 SPECIAL_TOKENS = ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>", "<image>"]
 
@@ -61,7 +65,10 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 20, trainer)
     hf = PreTrainedTokenizerFast(
@@ -277,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in BUILDERS):
         print(f"usage: python -m granite_cli.tiny_model DIR [{'|'.join(BUILDERS)}]", file=sys.stderr)
         return 2
-    print(BUILDERS[args[1] if len(args) == 2 else "llava_next"](Path(args[0])))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with contextlib.redirect_stdout(sys.stderr):  # the library's chatter must not pollute `$(...)`
+        built = BUILDERS[args[1] if len(args) == 2 else "llava_next"](Path(args[0]))
+    print(built)
     return 0
 
 

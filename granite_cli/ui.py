@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 console = Console(stderr=True, highlight=False)
 
 
+def error_line(record: Record) -> str:
+    """The one line a failed item gets on stderr: where, and why."""
+    where = record.source if record.page is None else f"{record.source} (page {record.page})"
+    return f"[red]error:[/] {escape(where)}: {escape(record.error or '')}"
+
+
 class Reporter:
     """Progress, per-item error lines and the closing summary of a `caption` run."""
 
@@ -34,10 +40,6 @@ class Reporter:
     def note(self, text: str) -> None:
         console.print(escape(text))
 
-    def error_line(self, record: Record) -> str:
-        where = record.source if record.page is None else f"{record.source} (page {record.page})"
-        return f"[red]error:[/] {escape(where)}: {escape(record.error or '')}"
-
     @contextlib.contextmanager
     def progress(self, total: int) -> Iterator[Callable[[Record], None]]:
         """A callback for each finished record: prints its error, advances the bar on a TTY."""
@@ -46,7 +48,7 @@ class Reporter:
             def plain(record: Record) -> None:
                 if not record.ok:
                     self.errors += 1
-                    console.print(self.error_line(record), soft_wrap=True)
+                    console.print(error_line(record), soft_wrap=True)
 
             yield plain
             return
@@ -67,7 +69,7 @@ class Reporter:
             def advance(record: Record) -> None:
                 if not record.ok:
                     self.errors += 1
-                    bar.console.print(self.error_line(record), soft_wrap=True)
+                    bar.console.print(error_line(record), soft_wrap=True)
                 elapsed = bar.tasks[task].elapsed or 0.0
                 done = bar.tasks[task].completed + 1
                 bar.update(

@@ -1,0 +1,113 @@
+"""`granite-vision ask`: one picture, one answer, streamed; files, PDF pages, stdin and URLs."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from functools import partial
+
+import pytest
+from conftest import make_pdf, noise
+
+
+def test_streamed_answer_equals_the_json_answer(cli, inputs):
+    streamed = cli("ask", str(inputs / "a.png"), "What is shown?")
+    record = cli("ask", str(inputs / "a.png"), "What is shown?", "--json")
+    assert streamed.exit_code == 0 and record.exit_code == 0
+    data = json.loads(record.stdout)
+    assert data["answer"] and data["error"] is None
+    assert streamed.stdout == data["answer"] + "\n"
+    assert streamed.stderr == ""  # nothing for humans when all is well and stderr is no TTY
+    assert data["source"] == str(inputs / "a.png") and data["page"] is None
+    assert data["prompt"] == "What is shown?"
+    assert (data["width"], data["height"]) == (640, 480)
+
+
+def test_answers_depend_on_the_picture_and_the_question_reaches_the_model(cli, inputs):
+    a = json.loads(cli("ask", str(inputs / "a.png"), "What is shown?", "--json").stdout)
+    b = json.loads(cli("ask", str(inputs / "b.jpg"), "What is shown?", "--json").stdout)
+    longer = json.loads(cli("ask", str(inputs / "a.png"), "What is shown in the lower left corner?", "--json").stdout)
+    assert a["answer"] != b["answer"]
+    assert longer["prompt_tokens"] > a["prompt_tokens"]
+
+
+def test_pdf_page_option(cli, inputs):
+    first = json.loads(cli("ask", str(inputs / "doc.pdf"), "Describe", "--json").stdout)
+    second = json.loads(cli("ask", str(inputs / "doc.pdf"), "Describe", "--page", "2", "--json").stdout)
+    assert (first["page"], second["page"]) == (1, 2)
+    assert first["answer"] != second["answer"]
+    missing = cli("ask", str(inputs / "doc.pdf"), "Describe", "--page", "5")
+    assert missing.exit_code == 1
+    assert "page 5 out of range" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_image_bytes_on_stdin(cli, inputs):
+    data = (inputs / "a.png").read_bytes()
+    from_stdin = json.loads(cli("ask", "-", "What is shown?", "--json", input=data).stdout)
+    from_file = json.loads(cli("ask", str(inputs / "a.png"), "What is shown?", "--json").stdout)
+    assert from_stdin["source"] == "-"
+    assert from_stdin["answer"] == from_file["answer"]
+
+
+def test_pdf_bytes_on_stdin(cli, tmp_path):
+    pdf = make_pdf(tmp_path / "x.pdf", 2)
+    result = cli("ask", "-", "Describe", "--page", "2", "--json", input=pdf.read_bytes())
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["page"] == 2
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    noise(320, 240, 7).save(tmp_path / "remote.png")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+    server.shutdown()
+
+
+def test_http_url(cli, http_root):
+    base, root = http_root
+    result = cli("ask", f"{base}/remote.png", "Describe", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["source"] == f"{base}/remote.png" and (data["width"], data["height"]) == (320, 240)
+    local = json.loads(cli("ask", str(root / "remote.png"), "Describe", "--json").stdout)
+    assert data["answer"] == local["answer"]
+    missing = cli("ask", f"{base}/nope.png", "Describe")
+    assert missing.exit_code == 1
+    assert "HTTP 404" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("missing.png", None, "no such file"),
+        ("text.png", b"hello, I am text", "not an image"),
+        ("broken.pdf", b"%PDF-1.4\n garbage", "broken PDF"),
+        ("truncated.png", "TRUNCATE", "corrupt or truncated"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(cli, tmp_path, name, content, reason):
+    path = tmp_path / name
+    if content == "TRUNCATE":
+        noise(200, 200).save(path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif content is not None:
+        path.write_bytes(content)
+    result = cli("ask", str(path), "Describe", "--json")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and reason in lines[0], result.stderr
+    data = json.loads(result.stdout)
+    assert data["answer"] is None and reason in data["error"]
+
+
+def test_max_new_tokens_is_respected(cli, inputs):
+    data = json.loads(cli("ask", str(inputs / "a.png"), "Describe", "--json", "--max-new-tokens", "3").stdout)
+    assert data["answer_tokens"] <= 3
+    if data["answer_tokens"] == 3:
+        assert data["finish_reason"] == "length"

@@ -1,0 +1,219 @@
+"""`granite-vision caption`: folders, globs, stdin lists, PDFs and TIFFs, formats, errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import make_pdf, noise
+
+from granite_cli.documents import poppler_available
+
+EXPECTED_ORDER = [
+    ("a.png", None),
+    ("b.jpg", None),
+    ("doc.pdf", 1),
+    ("doc.pdf", 2),
+    ("nested/c.webp", None),
+    ("scan.tiff", 1),
+    ("scan.tiff", 2),
+    ("scan.tiff", 3),
+]
+FIELDS = [
+    "source",
+    "page",
+    "prompt",
+    "answer",
+    "error",
+    "model",
+    "width",
+    "height",
+    "prompt_tokens",
+    "answer_tokens",
+    "finish_reason",
+]
+
+
+def names(records, root: Path) -> list[tuple[str, int | None]]:
+    return [(Path(r["source"]).relative_to(root).as_posix(), r["page"]) for r in records]
+
+
+def test_directory_is_walked_in_order_with_every_page(cli, inputs, tiny_model):
+    result = cli("caption", str(inputs), "--batch-size", "3")
+    assert result.exit_code == 0, result.stderr
+    records = result.records()
+    assert names(records, inputs) == EXPECTED_ORDER  # hidden file skipped, unsupported .txt skipped
+    assert "skipped 1 file(s) of unsupported type" in result.stderr
+    for record in records:
+        assert list(record) == FIELDS
+        assert record["answer"] is not None and record["error"] is None
+        assert record["prompt"] == "Describe this image in detail."
+        assert record["model"] == str(tiny_model)
+        assert record["prompt_tokens"] > 0 and 0 <= record["answer_tokens"] <= 6
+
+
+def test_output_order_is_input_order_whatever_the_batching(cli, inputs):
+    one = cli("caption", str(inputs), "--batch-size", "1").records()
+    many = cli("caption", str(inputs), "--batch-size", "5").records()
+    assert [(r["source"], r["page"], r["answer"]) for r in one] == [(r["source"], r["page"], r["answer"]) for r in many]
+
+
+def test_quoted_globs_are_expanded_including_double_star(cli, inputs):
+    result = cli("caption", str(inputs / "**" / "*.webp"), str(inputs / "*.png"))
+    assert names(result.records(), inputs) == [("nested/c.webp", None), ("a.png", None)]
+
+
+def test_stdin_path_list(cli, inputs):
+    listing = f"{inputs / 'b.jpg'}\n\n{inputs / 'nested'}\n{inputs / 'a.png'}\n"
+    result = cli("caption", "-", input=listing)
+    assert names(result.records(), inputs) == [("b.jpg", None), ("nested/c.webp", None), ("a.png", None)]
+    nul = cli("caption", "-", input=f"{inputs / 'a.png'}\0{inputs / 'b.jpg'}\0")
+    assert names(nul.records(), inputs) == [("a.png", None), ("b.jpg", None)]
+
+
+def test_page_selection(cli, inputs):
+    result = cli("caption", str(inputs / "scan.tiff"), str(inputs / "doc.pdf"), "--pages", "2-")
+    assert names(result.records(), inputs) == [("scan.tiff", 2), ("scan.tiff", 3), ("doc.pdf", 2)]
+    none_left = cli("caption", str(inputs / "doc.pdf"), "--pages", "7")
+    assert none_left.exit_code == 1
+    assert "selects no page" in none_left.records()[0]["error"]
+    assert cli("caption", str(inputs), "--pages", "3-1").exit_code == 2
+
+
+def test_dpi_sets_the_rendered_size(cli, inputs):
+    record = cli("caption", str(inputs / "doc.pdf"), "--pages", "1", "--dpi", "72").records()[0]
+    assert (record["width"], record["height"]) == (612, 792)
+    record = cli("caption", str(inputs / "doc.pdf"), "--pages", "1").records()[0]
+    assert (record["width"], record["height"]) == (1224, 1584)  # 144 dpi default
+
+
+@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+def test_both_pdf_renderers(cli, tmp_path):
+    pdf = make_pdf(tmp_path / "two.pdf", 2)
+    pdfium = cli("caption", str(pdf), "--dpi", "72").records()
+    poppler = cli("caption", str(pdf), "--dpi", "72", "--pdf-renderer", "poppler").records()
+    assert [(r["page"], r["width"], r["height"]) for r in pdfium] == [(1, 612, 792), (2, 612, 792)]
+    assert [(r["page"], r["width"], r["height"]) for r in poppler] == [(1, 612, 792), (2, 612, 792)]
+    assert all(r["answer"] is not None for r in pdfium + poppler)
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7\nnot really")
+    result = cli("caption", str(broken), str(pdf), "--pdf-renderer", "poppler")
+    assert result.exit_code == 1
+    assert "broken PDF" in result.records()[0]["error"] and result.records()[1]["answer"] is not None
+
+
+def test_bad_inputs_never_stop_the_batch(cli, inputs, tmp_path):
+    (tmp_path / "text.png").write_text("plain text with an image name")
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\n%%EOF garbage")
+    truncated = tmp_path / "cut.jpg"
+    noise(300, 300).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    args = [
+        str(inputs / "a.png"),
+        str(tmp_path / "missing.png"),
+        str(tmp_path / "text.png"),
+        str(tmp_path / "broken.pdf"),
+        str(truncated),
+        str(inputs / "b.jpg"),
+    ]
+    result = cli("caption", *args, "--batch-size", "4")
+    assert result.exit_code == 1
+    records = result.records()
+    assert [r["source"] for r in records] == args
+    assert [r["error"] is None for r in records] == [True, False, False, False, False, True]
+    assert "no such file" in records[1]["error"]
+    assert "not an image" in records[2]["error"]
+    assert "broken PDF" in records[3]["error"]
+    assert "corrupt or truncated" in records[4]["error"]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 4 and "Traceback" not in result.stderr
+    assert all(path in line for path, line in zip(args[1:5], error_lines, strict=True))
+    assert "4 answered" not in result.stderr and "2 of 6 answered, 4 failed" in result.stderr
+
+
+def test_nothing_to_do_is_exit_2(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args in ([str(tmp_path / "*.png")], [str(tmp_path / "empty")]):
+        result = cli("caption", *args)
+        assert result.exit_code == 2
+        assert "matched no supported file" in result.stderr and "nothing to caption" in result.stderr
+        assert result.stdout == ""
+
+
+def test_symlink_loops_and_broken_links_are_safe(cli, tmp_path):
+    root = tmp_path / "tree"
+    (root / "sub").mkdir(parents=True)
+    noise(100, 80).save(root / "sub" / "x.png")
+    os.symlink(root, root / "sub" / "loop")
+    os.symlink(root / "gone.png", root / "dangling.png")
+    result = cli("caption", str(root))
+    records = result.records()
+    assert [(Path(r["source"]).name, r["error"] is None) for r in records] == [("dangling.png", False), ("x.png", True)]
+
+
+def test_markdown_report_with_relative_image_links(cli, inputs, tmp_path):
+    out_dir = tmp_path / "reports"
+    out_dir.mkdir()
+    report = out_dir / "report.md"
+    result = cli(
+        "caption",
+        str(inputs / "a.png"),
+        str(inputs / "doc.pdf"),
+        str(tmp_path / "missing.png"),
+        "-f",
+        "markdown",
+        "-o",
+        str(report),
+    )
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    text = report.read_text()
+    assert text.startswith("# ")
+    assert f"## `{inputs / 'a.png'}`" in text
+    assert "![a.png](../inputs/a.png)" in text
+    assert "### Page 1" in text and "### Page 2" in text
+    assert "(../inputs/doc.pdf#page=2)" in text
+    assert "> **Error:** no such file" in text
+    assert text.index("a.png") < text.index("doc.pdf") < text.index("missing.png")
+
+
+def test_markdown_to_stdout(cli, inputs):
+    result = cli("caption", str(inputs / "doc.pdf"), "--format", "markdown")
+    assert result.exit_code == 0
+    assert "### Page 2" in result.stdout and "](" not in result.stdout  # no links without a file location
+
+
+def test_output_file_and_unwritable_output(cli, inputs, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    result = cli("caption", str(inputs / "a.png"), "-o", str(out))
+    assert result.exit_code == 0 and result.stdout == ""
+    assert json.loads(out.read_text())["source"] == str(inputs / "a.png")
+    bad = cli("caption", str(inputs / "a.png"), "-o", str(tmp_path / "no" / "such" / "dir.jsonl"))
+    assert bad.exit_code == 2 and "does not exist" in bad.stderr
+
+
+def test_custom_prompt_is_recorded(cli, inputs):
+    record = cli("caption", str(inputs / "a.png"), "--prompt", "List the colours.").records()[0]
+    assert record["prompt"] == "List the colours."
+
+
+def test_model_and_device_errors_are_one_line_exit_2(cli, inputs, tmp_path):
+    for extra, expected in [
+        (["--model", str(tmp_path / "no-model")], "does not exist"),
+        (["--model", "ibm-granite/no-such-model"], "not found"),
+        (["--device", "cuda:7"], "--device cuda:7"),
+        (["--device", "tpu"], "expected one of"),
+        (["--dtype", "int4"], "expected one of"),
+    ]:
+        result = cli("caption", str(inputs / "a.png"), *extra)
+        assert result.exit_code == 2, (extra, result.stderr)
+        assert expected in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_model_from_environment(cli, inputs, tiny_model):
+    result = cli("caption", str(inputs / "a.png"), model=None, env={"GRANITE_VISION_MODEL": str(tiny_model)})
+    assert result.exit_code == 0, result.stderr
+    assert result.records()[0]["model"] == str(tiny_model)

@@ -1,0 +1,124 @@
+"""The model engine: loading through the Auto classes, batching that never changes an answer,
+the pinpoint check, and both Granite Vision families."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import make_pdf, noise
+
+MIXED_SIZES = [(640, 480), (300, 900), (1000, 250), (56, 56), (1275, 1650), (800, 600), (120, 1200)]
+
+
+def model_card_answers(model_dir, image_paths, question, max_new_tokens):
+    """The model card's sample, one image per `generate`, as a user would run it by hand."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    answers = []
+    for path in image_paths:
+        conversation = [
+            {"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": question}]}
+        ]
+        inputs = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(processor.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+@pytest.fixture
+def mixed_images(tmp_path):
+    paths = []
+    for i, (width, height) in enumerate(MIXED_SIZES):
+        path = tmp_path / f"img{i}.png"
+        noise(width, height, seed=100 + i).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])
+def test_batched_answers_equal_the_model_card_loop(cli, mixed_images, tiny_model, tiny_g4, family):
+    model = tiny_model if family == "llava_next" else tiny_g4
+    question = "Describe this image in detail."
+    expected = model_card_answers(model, mixed_images, question, max_new_tokens=12)
+    assert len(set(expected)) > 2  # the model does look at the pictures
+    for batch_size in ("3", "7"):
+        result = cli(
+            "caption",
+            *map(str, mixed_images),
+            "--batch-size",
+            batch_size,
+            "--max-new-tokens",
+            "12",
+            "--dtype",
+            "float32",
+            model=model,
+        )
+        assert result.exit_code == 0, result.stderr
+        assert [r["answer"] for r in result.records()] == expected, f"batch size {batch_size}"
+
+
+def test_ask_equals_the_model_card_sample(cli, mixed_images, tiny_model):
+    expected = model_card_answers(tiny_model, mixed_images[:1], "What is shown?", max_new_tokens=12)[0]
+    result = cli("ask", str(mixed_images[0]), "What is shown?", "--max-new-tokens", "12", "--json")
+    assert json.loads(result.stdout)["answer"] == expected
+
+
+def test_granite4_vision_pdf_and_ask(cli, tiny_g4, tmp_path):
+    pdf = make_pdf(tmp_path / "doc.pdf", 2)
+    result = cli("caption", str(pdf), model=tiny_g4)
+    assert result.exit_code == 0, result.stderr
+    assert [r["page"] for r in result.records()] == [1, 2]
+    streamed = cli("ask", str(pdf), "What is shown?", "--page", "2", model=tiny_g4)
+    assert streamed.exit_code == 0
+
+
+def test_engine_sets_left_padding_and_loads_through_auto_classes(tiny_model):
+    from transformers import AutoProcessor
+
+    from granite_cli.engine import Engine
+
+    assert AutoProcessor.from_pretrained(tiny_model).tokenizer.padding_side == "right"  # as shipped
+    engine = Engine.load(str(tiny_model), device="cpu")
+    assert engine.processor.tokenizer.padding_side == "left"
+    assert type(engine.model).__name__ == "LlavaNextForConditionalGeneration"
+    assert str(engine.dtype) == "torch.float32"  # auto on CPU
+    assert engine.image_tokens(640, 480) != engine.image_tokens(56, 56)
+
+
+def test_pinpoint_mismatch_is_a_clear_error(cli, tiny_model, tmp_path):
+    broken = tmp_path / "mismatch"
+    shutil.copytree(tiny_model, broken)
+    config_file = broken / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    image_processor = config.get("image_processor", config)
+    image_processor["image_grid_pinpoints"].append([448, 448])
+    config_file.write_text(json.dumps(config))
+    noise(64, 64).save(tmp_path / "x.png")
+    result = cli("ask", str(tmp_path / "x.png"), "Describe", model=broken)
+    assert result.exit_code == 2
+    assert "image_grid_pinpoints differ" in result.stderr and "(448, 448)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sampling_with_a_seed_is_reproducible(cli, mixed_images):
+    args = (
+        "caption",
+        str(mixed_images[0]),
+        str(mixed_images[1]),
+        "--temperature",
+        "1.5",
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "10",
+    )
+    first = [r["answer"] for r in cli(*args).records()]
+    second = [r["answer"] for r in cli(*args).records()]
+    assert first == second
