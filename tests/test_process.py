@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from conftest import MAX_NEW, run_process
 
@@ -48,12 +51,22 @@ def test_console_script_and_bad_input_exit_codes(inputs, tiny_model, tmp_path):
 
 
 def test_tiny_model_builder_is_a_command(tmp_path):
-    result = run_process("--help")
-    assert result.returncode == 0
-    import subprocess
-    import sys
-
     built = subprocess.run(
         [sys.executable, "-m", "granite_cli.tiny_model", str(tmp_path / "m")], capture_output=True, timeout=300
     )
     assert built.returncode == 0 and (tmp_path / "m" / "config.json").is_file()
+
+
+def test_unreachable_hub_and_uncached_model_is_one_line(inputs, tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"))  # port 9: nothing listens
+    model = "ibm-granite/granite-vision-3.2-2b"
+    result = subprocess.run(
+        [sys.executable, "-m", "granite_cli", "ask", str(inputs / "a.png"), "hi", "-m", model],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    stderr = result.stderr.decode().strip()
+    assert len(stderr.splitlines()) == 1 and "cannot be reached" in stderr and "Retrying" not in stderr
