@@ -73,6 +73,26 @@ DtypeOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
+MaxTilesOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=2,
+        help="Use at most N vision tiles per picture, overview included (a page is 10; a 640x480 photo 5)."
+        " Fewer tiles: faster, less detail. Default: the model's own grid.",
+        rich_help_panel="Model",
+    ),
+]
+CacheOpt = Annotated[
+    str,
+    typer.Option(help="KV cache: auto (static on GPU, dynamic on CPU), static or dynamic.", rich_help_panel="Model"),
+]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Compile the decode step (static cache): faster for long runs, tens of seconds to compile first.",
+        rich_help_panel="Model",
+    ),
+]
 MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.", rich_help_panel="Generation")]
 TemperatureOpt = Annotated[
     float,
@@ -145,6 +165,9 @@ def ask(
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    max_tiles: MaxTilesOpt = None,
+    cache: CacheOpt = "auto",
+    compile: CompileOpt = False,
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
@@ -162,7 +185,7 @@ def ask(
         # Same record shape as a model answer, so scripts handle both alike.
         record = pipeline.make_record(model, question, loaded, error=loaded.error)
         _fail_item(record, json_output)
-    engine = _load_engine(model, revision, device, dtype)
+    engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
     settings = _settings(max_new_tokens, temperature, seed)
     try:
         answer = engine.generate([loaded.image], [question], settings, stream=None if json_output else sys.stdout)[0]
@@ -210,6 +233,9 @@ def caption(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Pictures per model call.", rich_help_panel="Model")] = 8,
+    max_tiles: MaxTilesOpt = None,
+    cache: CacheOpt = "auto",
+    compile: CompileOpt = False,
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
@@ -233,7 +259,7 @@ def caption(
         reporter.note(f"skipped {resolution.skipped} file(s) of unsupported type inside folders")
     if not resolution.items:
         raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
-    engine = _load_engine(model, revision, device, dtype)
+    engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
     settings = _settings(max_new_tokens, temperature, seed)
     with ExitStack() as stack:
         stream = stack.enter_context(open(output, "w", encoding="utf-8")) if output else sys.stdout
@@ -282,11 +308,19 @@ def _settings(max_new_tokens: int, temperature: float, seed: int | None):
     return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
 
-def _load_engine(model: str, revision: str | None, device: str, dtype: str):
+def _engine_options(max_tiles: int | None, cache: str, compile: bool):
+    from .engine import CACHES, EngineOptions
+
+    if cache not in CACHES:
+        raise UsageError(f"--cache {cache!r}: expected one of {'|'.join(CACHES)}")
+    return EngineOptions(max_tiles=max_tiles, cache=cache, compile=compile)
+
+
+def _load_engine(model: str, revision: str | None, device: str, dtype: str, options=None):
     from .engine import Engine
 
     with console.status(f"loading {model}") if console.is_terminal else ExitStack():
-        return Engine.load(model, revision=revision, device=device, dtype=dtype)
+        return Engine.load(model, revision=revision, device=device, dtype=dtype, options=options)
 
 
 def _check_writable(path: Path) -> None:

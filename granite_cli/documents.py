@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,6 +52,9 @@ IMAGE_SUFFIXES = frozenset(
 )
 DOCUMENT_SUFFIXES = IMAGE_SUFFIXES | {".pdf"}
 
+#: PDFium is not thread-safe: every call into it, from any loader thread, holds this lock.
+_PDFIUM_LOCK = threading.Lock()
+
 
 @dataclass(frozen=True)
 class Blob:
@@ -82,10 +87,21 @@ def page_count(source: Source, renderer: Renderer = "pypdfium2") -> int | None:
         return frames if image.format == "TIFF" and frames > 1 else None
 
 
-def load(source: Source, page: int | None, *, renderer: Renderer = "pypdfium2", dpi: int = DEFAULT_DPI) -> Image.Image:
+Fit = Callable[[int, int], tuple[int, int]]
+"""Maps a page's pixel size at the requested dpi to the (smaller or equal) size worth rendering."""
+
+
+def load(
+    source: Source,
+    page: int | None,
+    *,
+    renderer: Renderer = "pypdfium2",
+    dpi: int = DEFAULT_DPI,
+    fit: Fit | None = None,
+) -> Image.Image:
     """The picture the model sees for one item: RGB, upright, alpha flattened on white."""
     if is_pdf(read_head(source)):
-        return render_pdf_page(source, page or 1, renderer=renderer, dpi=dpi)
+        return render_pdf_page(source, page or 1, renderer=renderer, dpi=dpi, fit=fit)
     with _open_image(source) as image:
         if page is not None:
             frames = getattr(image, "n_frames", 1)
@@ -149,7 +165,7 @@ def _pdf_page_count(source: Source, renderer: Renderer) -> int:
         except (PDFPageCountError, PDFSyntaxError, PDFInfoNotInstalledError) as exc:
             raise InputError(f"broken PDF ({_first_line(exc)})") from exc
         return int(info["Pages"])
-    with _pdfium_document(source) as pdf:
+    with _PDFIUM_LOCK, _pdfium_document(source) as pdf:
         return len(pdf)
 
 
@@ -172,8 +188,9 @@ class _pdfium_document:
         self.pdf.close()
 
 
-def render_pdf_page(source: Source, page: int, *, renderer: Renderer, dpi: int) -> Image.Image:
-    """Render one 1-based PDF page at `dpi`."""
+def render_pdf_page(source: Source, page: int, *, renderer: Renderer, dpi: int, fit: Fit | None = None) -> Image.Image:
+    """Render one 1-based PDF page at `dpi`, or smaller where `fit` says the model would shrink
+    it anyway (pypdfium2 only: rendering cost grows with the pixels rendered)."""
     if renderer == "poppler":
         from pdf2image import convert_from_bytes, convert_from_path
         from pdf2image.exceptions import PDFPageCountError, PDFSyntaxError
@@ -195,10 +212,17 @@ def render_pdf_page(source: Source, page: int, *, renderer: Renderer, dpi: int) 
         return to_rgb(pages[0])
     import pypdfium2 as pdfium
 
-    with _pdfium_document(source) as pdf:
+    with _PDFIUM_LOCK, _pdfium_document(source) as pdf:
         _check_page(page, len(pdf))
         try:
-            bitmap = pdf[page - 1].render(scale=dpi / 72)
+            pdf_page = pdf[page - 1]
+            scale = dpi / 72
+            if fit is not None:
+                width, height = pdf_page.get_size()
+                nominal = (max(1, round(width * scale)), max(1, round(height * scale)))
+                target = fit(*nominal)
+                scale *= min(1.0, max(target[0] / nominal[0], target[1] / nominal[1]))
+            bitmap = pdf_page.render(scale=scale)
             return to_rgb(bitmap.to_pil())
         except pdfium.PdfiumError as exc:
             raise InputError(f"page {page} could not be rendered ({_first_line(exc)})") from exc

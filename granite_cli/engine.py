@@ -8,6 +8,7 @@ instant. Loading goes through the Auto classes, so Granite Vision 3.x (LLaVA-NeX
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+CACHES = ("auto", "static", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,22 @@ class GenerationSettings:
     max_new_tokens: int = 256
     temperature: float = 0.0
     seed: int | None = None
+    min_new_tokens: int | None = None
+    """Benchmarks only: force answers of a fixed length, so random weights cannot stop early."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the model runs, beyond device and dtype."""
+
+    max_tiles: int | None = None
+    """Restrict the image grid to at most this many vision tiles, overview tile included."""
+    cache: str = "auto"
+    """KV cache: "static" (preallocated, no per-step concatenation), "dynamic", or "auto"
+    (static on a GPU, where decode is memory-bound, dynamic on the CPU)."""
+    compile: bool = False
+    """Compile the decode step (static cache only). Faster steps, but the first batch of each
+    shape pays a compilation of tens of seconds: for long runs only."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,7 @@ class Answer:
     prompt_tokens: int
     answer_tokens: int
     finish_reason: str
+    token_ids: tuple[int, ...] = ()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -89,10 +108,11 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 class Engine:
     """A loaded processor + model pair, ready to answer batches."""
 
-    def __init__(self, processor, model, name: str):
+    def __init__(self, processor, model, name: str, options: EngineOptions | None = None):
         self.processor = processor
         self.model = model
         self.name = name
+        self.options = options or EngineOptions()
         self.device = model.device
         self.dtype = model.dtype
         self.tokenizer = processor.tokenizer
@@ -102,7 +122,15 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     @classmethod
-    def load(cls, model: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Engine:
+    def load(
+        cls,
+        model: str,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        options: EngineOptions | None = None,
+    ) -> Engine:
         """Load processor and model with `from_pretrained`, as for any Hugging Face checkpoint."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
@@ -128,7 +156,10 @@ class Engine:
         config = network.generation_config
         if config.pad_token_id is None:
             config.pad_token_id = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
-        return cls(processor, network, model)
+        options = options or EngineOptions()
+        if options.max_tiles is not None:
+            limit_tiles(processor, network, options.max_tiles)
+        return cls(processor, network, model, options)
 
     @lru_cache(maxsize=64)
     def prompt(self, question: str) -> str:
@@ -147,6 +178,64 @@ class Engine:
         except Exception:  # noqa: BLE001 - processors without the helper: area is a fair proxy
             return width * height // 196
 
+    @lru_cache(maxsize=4096)
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """The size the processor will shrink a picture of this size to (its best grid, aspect
+        kept); a larger picture carries no detail the model sees. Used to render PDF pages at
+        the resolution actually used instead of rendering large and shrinking."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        pinpoints = getattr(self.processor.image_processor, "image_grid_pinpoints", None)
+        if not pinpoints:
+            return width, height
+        grid_h, grid_w = select_best_resolution((height, width), pinpoints)
+        scale = min(grid_w / width, grid_h / height)
+        if scale >= 1:
+            return width, height
+        return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+    def prepare(self, images: list[Image.Image], questions: list[str]):
+        """CPU side of a batch: chat template, tokenisation, image tiling and normalisation.
+
+        Safe to run on a worker thread while the model runs the previous batch. With the model on
+        a GPU, the torchvision image processor does its resizing there too.
+        """
+        texts = [self.prompt(question) for question in questions]
+        kwargs = (
+            {"device": str(self.device)} if self.device.type == "cuda" and _torchvision_backend(self.processor) else {}
+        )
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True, **kwargs)
+
+    def run(self, inputs, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
+        """GPU side of a batch: one `generate` over prepared inputs."""
+        import torch
+
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        kwargs: dict = {
+            "max_new_tokens": settings.max_new_tokens,
+            "pad_token_id": self.model.generation_config.pad_token_id,
+        }
+        if settings.min_new_tokens:
+            kwargs["min_new_tokens"] = settings.min_new_tokens
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=settings.temperature)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self._static_cache():
+            # A preallocated cache: no per-step concatenation of the whole KV cache, and the
+            # grouped K/V heads are read in place (transformers packs GQA for one-token steps).
+            kwargs.update(cache_implementation="static", disable_compile=not self.options.compile)
+        if stream is not None:
+            kwargs["streamer"] = _TextStream(self.tokenizer, stream)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs)
+        prompt_length = inputs["input_ids"].shape[1]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        rows = output[:, prompt_length:].tolist()
+        return [self._answer(row, tokens) for row, tokens in zip(rows, prompt_tokens, strict=True)]
+
     def generate(
         self,
         images: list[Image.Image],
@@ -158,37 +247,47 @@ class Engine:
 
         `stream`, for a batch of one, receives the answer text while it is generated.
         """
-        import torch
+        return self.run(self.prepare(images, questions), settings, stream)
 
-        texts = [self.prompt(question) for question in questions]
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        kwargs: dict = {
-            "max_new_tokens": settings.max_new_tokens,
-            "pad_token_id": self.model.generation_config.pad_token_id,
-        }
-        if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=settings.temperature)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if stream is not None:
-            kwargs["streamer"] = _TextStream(self.tokenizer, stream)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, **kwargs)
-        prompt_length = inputs["input_ids"].shape[1]
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        return [
-            self._answer(row, tokens)
-            for row, tokens in zip(output[:, prompt_length:].tolist(), prompt_tokens, strict=True)
-        ]
+    def _static_cache(self) -> bool:
+        if self.options.cache == "auto":
+            return self.device.type == "cuda"
+        return self.options.cache == "static"
 
     def _answer(self, tokens: list[int], prompt_tokens: int) -> Answer:
         end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
         kept = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Answer(text.strip(), int(prompt_tokens), len(kept), "length" if end is None else "stop")
+        return Answer(text.strip(), int(prompt_tokens), len(kept), "length" if end is None else "stop", tuple(kept))
+
+
+def limit_tiles(processor, network, max_tiles: int) -> None:
+    """Keep only the grid pinpoints of at most `max_tiles` vision tiles (the overview tile
+    counts as one), in the processor and in the model config alike, so both keep agreeing.
+
+    A letter page uses 10 tiles (about 5,900 tokens); fewer tiles cost proportionally less
+    prefill, for CPUs and small GPUs, at the price of detail.
+    """
+    tile = _tile_size(processor, network)
+    pinpoints = network.config.image_grid_pinpoints
+    kept = [list(p) for p in pinpoints if (p[0] // tile) * (p[1] // tile) + 1 <= max_tiles]
+    if not kept:
+        smallest = min((p[0] // tile) * (p[1] // tile) + 1 for p in pinpoints)
+        raise UsageError(f"--max-tiles {max_tiles}: this model's smallest grid needs {smallest} tiles")
+    network.config.image_grid_pinpoints = kept
+    processor.image_processor.image_grid_pinpoints = kept
+
+
+def _tile_size(processor, network) -> int:
+    vision = getattr(network.config, "vision_config", None)
+    if vision is not None and getattr(vision, "image_size", None):
+        return int(vision.image_size)
+    crop = getattr(processor.image_processor, "crop_size", None) or {}
+    return int(crop.get("height") if isinstance(crop, dict) else crop.height)
+
+
+def _torchvision_backend(processor) -> bool:
+    return "Pil" not in type(processor.image_processor).__name__
 
 
 def _hub_unreachable(model: str, revision: str | None) -> bool:

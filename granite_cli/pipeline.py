@@ -1,21 +1,29 @@
 """The order of work for `caption`: items -> pictures -> batches -> answers -> records, in input order.
 
-Pictures are decoded and rendered a window ahead on a worker thread while the model works on
-the current window, so CPU work overlaps the model. Within a window, items are grouped by image
-token count, so a batch holds items of similar prompt length and little compute goes to padding;
-records still leave in input order, each as soon as every item before it is done.
+Two stages with a bounded queue between them, so CPU work overlaps the model:
+
+- the *producer* (a background thread) takes a window of items, decodes and renders them on a
+  small pool of loader threads, sorts the window by image-token count so that a batch holds
+  items of similar prompt length (little compute lost to padding), and runs the processor
+  (tokenising, tiling, normalising) on each batch;
+- the *consumer* (the calling thread) runs `generate` on each prepared batch and hands the
+  records to an emitter that releases them in input order, each as soon as every item before
+  it is done.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import documents
-from .documents import Renderer
+from .documents import Fit, Renderer
 from .errors import describe
 from .records import Record, Writer
 from .sources import Item
@@ -23,10 +31,12 @@ from .sources import Item
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .engine import Engine, GenerationSettings
+    from .engine import Answer, Engine, GenerationSettings
 
 #: Batches per grouping window: a larger window groups better, a smaller one reports sooner.
 WINDOW_BATCHES = 4
+#: Prepared batches waiting for the model: enough to never starve it, few enough to bound memory.
+QUEUE_BATCHES = 2
 
 
 @dataclass
@@ -35,6 +45,8 @@ class Stats:
     answered: int = 0
     failed: int = 0
     started: float = 0.0
+    first_record: float | None = None
+    """Seconds from the start until the first record was written."""
 
     @property
     def seconds(self) -> float:
@@ -51,16 +63,27 @@ class Loaded:
     error: str | None = None
 
 
-def load_item(index: int, item: Item, renderer: Renderer, dpi: int) -> Loaded:
+@dataclass
+class Batch:
+    """Items ready for the model (`inputs` prepared), or items that already failed."""
+
+    entries: list[Loaded]
+    inputs: Any = None
+    error: str | None = None
+
+
+def load_item(index: int, item: Item, renderer: Renderer, dpi: int, fit: Fit | None = None) -> Loaded:
     if item.error is not None or item.origin is None:
         return Loaded(index, item, error=item.error or "no input")
     try:
-        return Loaded(index, item, documents.load(item.origin, item.page, renderer=renderer, dpi=dpi))
+        return Loaded(index, item, documents.load(item.origin, item.page, renderer=renderer, dpi=dpi, fit=fit))
     except Exception as exc:  # noqa: BLE001 - a bad input becomes its record, never the end of the run
         return Loaded(index, item, error=describe(exc))
 
 
-def make_record(engine_name: str, prompt: str, loaded: Loaded, answer=None, error: str | None = None) -> Record:
+def make_record(
+    engine_name: str, prompt: str, loaded: Loaded, answer: Answer | None = None, error: str | None = None
+) -> Record:
     image = loaded.image
     return Record(
         source=loaded.item.source,
@@ -106,11 +129,14 @@ def caption(
     renderer: Renderer = "pypdfium2",
     dpi: int = documents.DEFAULT_DPI,
     on_record: Callable[[Record], None] = lambda record: None,
+    workers: int | None = None,
 ) -> Stats:
     """Answer `prompt` about every item and write one record per item, in input order."""
     stats = Stats(total=len(items), started=time.monotonic())
 
     def count(record: Record) -> None:
+        if stats.first_record is None:
+            stats.first_record = stats.seconds
         if record.ok:
             stats.answered += 1
         else:
@@ -118,55 +144,129 @@ def caption(
         on_record(record)
 
     emitter = OrderedEmitter(writer, count)
-    window = max(1, batch_size) * WINDOW_BATCHES
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="granite-load") as loader:
-        for loaded in _prefetched_windows(loader, items, window, renderer, dpi):
-            ready = []
-            for entry in loaded:
-                if entry.image is None:
-                    emitter.add(entry.index, make_record(engine.name, prompt, entry, error=entry.error))
-                else:
-                    ready.append(entry)
-            ready.sort(key=lambda entry: engine.image_tokens(entry.image.width, entry.image.height))
-            for start in range(0, len(ready), batch_size):
-                for entry, record in _answer_batch(engine, ready[start : start + batch_size], prompt, settings):
-                    emitter.add(entry.index, record)
+    producer = _Producer(items, engine, prompt, max(1, batch_size), renderer, dpi, workers or _default_workers())
+    with producer:
+        for batch in producer:
+            if batch.inputs is None:
+                for entry in batch.entries:
+                    emitter.add(entry.index, make_record(engine.name, prompt, entry, error=entry.error or batch.error))
+                continue
+            for entry, record in _answer_batch(engine, batch, prompt, settings):
+                emitter.add(entry.index, record)
     return stats
 
 
-def _prefetched_windows(
-    loader: ThreadPoolExecutor, items: Sequence[Item], window: int, renderer: Renderer, dpi: int
-) -> Iterator[list[Loaded]]:
-    """Yield windows of loaded items; the next window loads while the caller works on this one."""
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
-    def load_window(start: int) -> list[Loaded]:
-        return [load_item(start + i, item, renderer, dpi) for i, item in enumerate(items[start : start + window])]
 
-    starts = range(0, len(items), window)
-    future: Future | None = loader.submit(load_window, starts[0]) if starts else None
-    for position in range(len(starts)):
-        current = future.result()
-        future = loader.submit(load_window, starts[position + 1]) if position + 1 < len(starts) else None
-        yield current
+class _Producer:
+    """The background stage: load, group and prepare batches; iterate to receive them in order
+    of readiness. Stops early (and cleanly) when the consumer leaves, e.g. on Ctrl-C."""
+
+    _DONE = object()
+
+    def __init__(self, items, engine, prompt, batch_size, renderer, dpi, workers):
+        self.items = items
+        self.engine = engine
+        self.prompt = prompt
+        self.batch_size = batch_size
+        self.renderer = renderer
+        self.dpi = dpi
+        self.fit = engine.fit if renderer == "pypdfium2" else None
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="granite-load")
+        self.thread = threading.Thread(target=self._run, name="granite-prepare", daemon=True)
+
+    def __enter__(self) -> _Producer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        while self.thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self.queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            batch = self.queue.get()
+            if batch is self._DONE:
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            yield batch
+
+    def _put(self, value) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            window = self.batch_size * WINDOW_BATCHES
+            for start in range(0, len(self.items), window):
+                for batch in self._window(start, self.items[start : start + window]):
+                    if not self._put(batch):
+                        return
+            self._put(self._DONE)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
+            self._put(exc)
+
+    def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
+        loaded = list(
+            self.pool.map(
+                lambda pair: load_item(start + pair[0], pair[1], self.renderer, self.dpi, self.fit), enumerate(items)
+            )
+        )
+        failed = [entry for entry in loaded if entry.image is None]
+        if failed:
+            yield Batch(failed)
+        ready = sorted(
+            (entry for entry in loaded if entry.image is not None),
+            key=lambda entry: self.engine.image_tokens(entry.image.width, entry.image.height),
+        )
+        for offset in range(0, len(ready), self.batch_size):
+            yield prepare_batch(self.engine, ready[offset : offset + self.batch_size], self.prompt)
+
+
+def prepare_batch(engine: Engine, entries: list[Loaded], prompt: str) -> Batch:
+    try:
+        return Batch(entries, engine.prepare([entry.image for entry in entries], [prompt] * len(entries)))
+    except Exception as exc:  # noqa: BLE001 - the batch is split and retried by the consumer
+        return Batch(entries, error=f"preprocessing failed: {describe(exc)}")
 
 
 def _answer_batch(
-    engine: Engine, batch: list[Loaded], prompt: str, settings: GenerationSettings
+    engine: Engine, batch: Batch, prompt: str, settings: GenerationSettings
 ) -> Iterator[tuple[Loaded, Record]]:
     """Run one batch; if it fails, split it and retry the halves, so only an item that fails
     on its own gets an error record (out-of-memory on a big batch costs time, not answers)."""
     try:
-        answers = engine.generate([entry.image for entry in batch], [prompt] * len(batch), settings)
+        if batch.inputs is None:
+            raise RuntimeError(batch.error or "batch not prepared")
+        answers = engine.run(batch.inputs, settings)
     except Exception as exc:  # noqa: BLE001 - isolate the failing item, keep the rest
+        batch.inputs = None
         _release_memory()
-        if len(batch) == 1:
-            yield batch[0], make_record(engine.name, prompt, batch[0], error=f"generation failed: {describe(exc)}")
+        entries = batch.entries
+        if len(entries) == 1:
+            reason = batch.error or f"generation failed: {describe(exc)}"
+            yield entries[0], make_record(engine.name, prompt, entries[0], error=reason)
             return
-        middle = len(batch) // 2
-        yield from _answer_batch(engine, batch[:middle], prompt, settings)
-        yield from _answer_batch(engine, batch[middle:], prompt, settings)
+        middle = len(entries) // 2
+        for half in (entries[:middle], entries[middle:]):
+            yield from _answer_batch(engine, prepare_batch(engine, half, prompt), prompt, settings)
         return
-    for entry, answer in zip(batch, answers, strict=True):
+    for entry, answer in zip(batch.entries, answers, strict=True):
         yield entry, make_record(engine.name, prompt, entry, answer)
 
 

@@ -122,3 +122,58 @@ def test_sampling_with_a_seed_is_reproducible(cli, mixed_images):
     first = [r["answer"] for r in cli(*args).records()]
     second = [r["answer"] for r in cli(*args).records()]
     assert first == second
+
+
+def test_max_tiles_limits_the_grid_in_processor_and_model(cli, mixed_images, tiny_model):
+    from granite_cli.engine import Engine, EngineOptions
+
+    engine = Engine.load(str(tiny_model), device="cpu", options=EngineOptions(max_tiles=4))
+    tile = engine.model.config.vision_config.image_size
+    grids = engine.model.config.image_grid_pinpoints
+    assert grids == engine.processor.image_processor.image_grid_pinpoints
+    assert grids and all((h // tile) * (w // tile) + 1 <= 4 for h, w in grids)
+    page = str(mixed_images[4])  # 1275 x 1650: 10 tiles by default
+    full = cli("caption", page).records()[0]
+    limited = cli("caption", page, "--max-tiles", "4").records()[0]
+    assert limited["answer"] is not None and limited["prompt_tokens"] < full["prompt_tokens"]
+    assert cli("caption", page, "--max-tiles", "1").exit_code == 2
+
+
+def test_static_cache_gives_the_same_answers(cli, mixed_images):
+    args = ("caption", *map(str, mixed_images[:4]), "--batch-size", "4", "--max-new-tokens", "10")
+    dynamic = [r["answer"] for r in cli(*args, "--cache", "dynamic").records()]
+    static = [r["answer"] for r in cli(*args, "--cache", "static").records()]
+    assert dynamic == static
+    assert cli(*args, "--cache", "paged").exit_code == 2
+
+
+def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_images, monkeypatch):
+    from granite_cli import pipeline
+    from granite_cli.engine import Engine, GenerationSettings
+    from granite_cli.sources import resolve
+
+    engine = Engine.load(str(tiny_model), device="cpu")
+    real_run = engine.run
+
+    def run(inputs, settings, stream=None):  # the 1275x1650 page "runs out of memory" in any batch
+        if (inputs["image_sizes"][:, 0] == 1650).any():
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_run(inputs, settings, stream)
+
+    monkeypatch.setattr(engine, "run", run)
+    records = []
+
+    class Collect:
+        def write(self, record):
+            records.append(record)
+
+        def close(self):
+            pass
+
+    items = resolve([str(p) for p in mixed_images]).items
+    stats = pipeline.caption(
+        items, engine, Collect(), prompt="Describe", settings=GenerationSettings(max_new_tokens=4), batch_size=7
+    )
+    assert [r.source for r in records] == [str(p) for p in mixed_images]
+    assert [r.ok for r in records] == [True, True, True, True, False, True, True]
+    assert "out of memory" in records[4].error and stats.failed == 1
