@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""Throughput of granite-vision's engine against the two ways people run Granite Vision by hand.
+
+One process, one workload, three paths over the same pictures and weights:
+  (a) card:    the model card's loop, one image per `generate` (on a subset: it is slow);
+  (b) batched: plain batched `generate` in input order, dynamic cache, no grouping;
+  (c) engine:  `granite-vision caption`'s own code path (sources -> pipeline -> engine -> writer).
+Answers are forced to exactly --new-tokens tokens (min = max), so random weights cannot stop early.
+
+    python benchmarks/throughput.py --tiny                                  # CPU, seconds
+    python benchmarks/throughput.py --random-weights granite-vision-3.2-2b  # full-size shapes, random weights
+    python benchmarks/throughput.py --random-weights granite-vision-3.2-2b --layers 2 --device cpu --items 8
+    python benchmarks/throughput.py --model ibm-granite/granite-vision-3.3-2b --max-tiles-sweep 3,5,10
+
+Prints a markdown table (stdout) and writes the full result as JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from granite_cli import pipeline, tiny_model  # noqa: E402
+from granite_cli.engine import Engine, EngineOptions, GenerationSettings, limit_tiles  # noqa: E402
+from granite_cli.records import Record  # noqa: E402
+from granite_cli.sources import Item, resolve  # noqa: E402
+
+PROMPT = "Describe this image in detail."
+PHOTO_SIZES = [(640, 480), (1024, 768), (2000, 1000), (768, 1024), (4032, 3024), (1280, 720), (800, 600)]
+PAGE_DPI = 150  # letter pages render to 1275 x 1650 px, as in shared/granite/PERF.md
+
+
+# --------------------------------------------------------------------------- workload
+def build_workload(root: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` items, alternating letter-size PDF pages (1-3 page documents) and photos of
+    assorted sizes and aspect ratios; returns the files in input order."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    made = 0
+    while made < count:
+        index = len(files)
+        if index % 2 == 0:
+            pages = min(rng.randint(1, 3), count - made)
+            path = root / f"{index:04d}-doc.pdf"
+            letter = [_page(rng) for _ in range(pages)]
+            letter[0].save(path, save_all=True, append_images=letter[1:], resolution=PAGE_DPI)
+            made += pages
+        else:
+            width, height = PHOTO_SIZES[(index // 2) % len(PHOTO_SIZES)]
+            path = root / f"{index:04d}-photo.jpg"
+            _photo(rng, width, height).save(path, quality=90)
+            made += 1
+        files.append(path)
+    return files
+
+
+def _page(rng: random.Random) -> Image.Image:
+    page = Image.new("RGB", (1275, 1650), "white")
+    draw = ImageDraw.Draw(page)
+    y = 100
+    while y < 1550:
+        words = " ".join(
+            rng.choice(["total", "invoice", "granite", "vision", "page", "2026", "amount", "report"]) for _ in range(12)
+        )
+        draw.text((100, y), words, fill="black")
+        y += rng.randint(18, 40)
+    draw.rectangle([100, 1200, 600, 1500], outline="black", width=3)
+    return page
+
+
+def _photo(rng: random.Random, width: int, height: int) -> Image.Image:
+    base = Image.effect_noise((width, height), rng.randint(20, 90)).convert("RGB")
+    tint = Image.new("RGB", (width, height), tuple(rng.randint(0, 255) for _ in range(3)))
+    return Image.blend(base, tint, 0.4)
+
+
+# --------------------------------------------------------------------------- models
+def build_random_weights(name: str, out_dir: Path, layers: int | None, dtype: str, device: str) -> Path:
+    """A full-size (or depth-reduced) Granite Vision with random weights, saved as a model folder,
+    from an architecture config shipped in benchmarks/configs/."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaNextImageProcessor, LlavaNextProcessor
+
+    config_dir = ROOT / "configs" / name
+    tokenizer = tiny_model.build_tokenizer()
+    config = AutoConfig.from_pretrained(config_dir)
+    config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")  # vocab size stays 49,156
+    if layers:
+        config.text_config.num_hidden_layers = layers
+        config.vision_config.num_hidden_layers = max(layers, 4)
+        config.vision_feature_layer = [-4, -3, -2, -1]
+    torch_dtype = (
+        getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    )
+    with torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
+    model.generation_config.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model.save_pretrained(out_dir)
+    template = json.loads((config_dir / "chat_template.json").read_text())["chat_template"]
+    processor_config = json.loads((config_dir / "processor_config.json").read_text())
+    LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor.from_pretrained(config_dir),
+        tokenizer=tokenizer,
+        patch_size=processor_config["patch_size"],
+        vision_feature_select_strategy=processor_config["vision_feature_select_strategy"],
+        chat_template=template,
+    ).save_pretrained(out_dir)
+    del model
+    return out_dir
+
+
+# --------------------------------------------------------------------------- the three paths
+class Timer:
+    def __init__(self, device) -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def mark_first(self) -> None:
+        if self.first is None:
+            if self.cuda:
+                self.torch.cuda.synchronize()
+            self.first = time.perf_counter() - self.start
+
+    def result(self, items: int, new_tokens: int) -> dict:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.start
+        peak = self.torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+        return {
+            "items": items,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(items / seconds, 3),
+            "new_tokens_per_s": round(new_tokens / seconds, 1),
+            "first_result_s": round(self.first or seconds, 3),
+            "peak_gpu_gib": round(peak, 2) if peak is not None else None,
+        }
+
+
+def run_card(
+    engine: Engine, model_dir: str, images: list[Image.Image], new_tokens: int
+) -> tuple[dict, list[list[int]]]:
+    """(a) The model card's sample, one image per `generate`."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    outputs = []
+    timer = Timer(engine.device)
+    for image in images:
+        conversation = [
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}
+        ]
+        inputs = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        ).to(engine.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
+        output = engine.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        outputs.append(output[0, inputs["input_ids"].shape[1] :].tolist())
+        timer.mark_first()
+    return timer.result(len(images), sum(map(len, outputs))), outputs
+
+
+def run_batched(
+    engine: Engine, model_dir: str, images, new_tokens: int, batch_size: int
+) -> tuple[dict, list[list[int]]]:
+    """(b) Plain batched `generate`: input order, left padding, dynamic cache."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    outputs: list[list[int]] = []
+    timer = Timer(engine.device)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        inputs = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True).to(engine.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
+        output = engine.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        outputs += output[:, inputs["input_ids"].shape[1] :].tolist()
+        timer.mark_first()
+    return timer.result(len(images), sum(map(len, outputs))), outputs
+
+
+def run_engine(
+    engine: Engine, items: list[Item], new_tokens: int, batch_size: int
+) -> tuple[dict, list[list[int]], list[Record]]:
+    """(c) `granite-vision caption`'s path: pipeline.caption over the files, records to a writer."""
+    records: list[Record] = []
+    tokens: dict[int, list[int]] = {}
+    real_make_record = pipeline.make_record
+
+    def capture(name, prompt, loaded, answer=None, error=None):  # keep each item's token ids
+        if answer is not None:
+            tokens[loaded.index] = list(answer.token_ids)
+        return real_make_record(name, prompt, loaded, answer, error)
+
+    class Collect:
+        def write(self, record: Record) -> None:
+            timer.mark_first()
+            records.append(record)
+
+        def close(self) -> None:
+            pass
+
+    settings = GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    pipeline.make_record = capture
+    try:
+        timer = Timer(engine.device)
+        pipeline.caption(
+            items, engine, Collect(), prompt=PROMPT, settings=settings, batch_size=batch_size, dpi=PAGE_DPI
+        )
+        result = timer.result(len(items), sum(r.answer_tokens or 0 for r in records))
+    finally:
+        pipeline.make_record = real_make_record
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise SystemExit(f"engine run failed on {len(failed)} item(s): {failed[0].source}: {failed[0].error}")
+    return result, [tokens[i] for i in range(len(items))], records
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
+    pairs = list(zip(ours, theirs, strict=False))
+    first = sum(a[:1] == b[:1] for a, b in pairs)
+    total = sum(max(len(a), len(b)) for a, b in pairs)
+    same = sum(sum(x == y for x, y in zip(a, b, strict=False)) for a, b in pairs)
+    return {
+        "items": len(pairs),
+        "first_token": round(first / len(pairs), 4),
+        "all_tokens": round(same / max(total, 1), 4),
+    }
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="Hugging Face id or folder of a real Granite Vision model")
+    source.add_argument("--random-weights", metavar="CONFIG", help="architecture config in benchmarks/configs/")
+    source.add_argument("--tiny", action="store_true", help="tiny random model on CPU, seconds (used by the tests)")
+    parser.add_argument("--layers", type=int, help="with --random-weights: reduce depth (CPU checks)")
+    parser.add_argument("--items", type=int, help="workload size (default 64; tiny 12)")
+    parser.add_argument("--card-items", type=int, help="items for the slow model-card loop (default 8; tiny 4)")
+    parser.add_argument("--batch-size", type=int, help="batch size for (b) and (c) (default 32; tiny 4)")
+    parser.add_argument("--new-tokens", type=int, help="forced answer length (default 64; tiny 8)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--cache", default="auto", help="engine KV cache: auto|static|dynamic")
+    parser.add_argument("--compile", action="store_true", help="engine: compile the decode step")
+    parser.add_argument("--max-tiles-sweep", default="", help="also run (c) with these --max-tiles values, e.g. 3,5,10")
+    parser.add_argument("--json", type=Path, help="write the result here (default benchmarks/results/<time>.json)")
+    args = parser.parse_args(argv)
+
+    tiny = args.tiny or not (args.model or args.random_weights)
+    items_n = args.items or (12 if tiny else 64)
+    card_n = min(args.card_items or (4 if tiny else 8), items_n)
+    batch_size = args.batch_size or (4 if tiny else 32)
+    new_tokens = args.new_tokens or (8 if tiny else 64)
+    device = "cpu" if tiny and args.device == "auto" else args.device
+
+    with tempfile.TemporaryDirectory(prefix="granite-bench-") as tmp:
+        tmp_path = Path(tmp)
+        if args.model:
+            model_dir = args.model
+        elif args.random_weights:
+            model_dir = str(
+                build_random_weights(args.random_weights, tmp_path / "model", args.layers, args.dtype, device)
+            )
+        else:
+            model_dir = str(tiny_model.build_llava_next(tmp_path / "model"))
+        options = EngineOptions(cache=args.cache, compile=args.compile)
+        engine = Engine.load(model_dir, device=device, dtype=args.dtype, options=options)
+        files = build_workload(tmp_path / "inputs", items_n)
+        items = resolve([str(f) for f in files]).items[:items_n]
+        # (a) and (b) get exactly the pictures (c) renders, loaded before their clocks start.
+        loaded = [pipeline.load_item(i, item, "pypdfium2", PAGE_DPI, engine.fit) for i, item in enumerate(items)]
+        images = [entry.image for entry in loaded]
+
+        run_engine(engine, items[: min(len(items), batch_size)], new_tokens, batch_size)  # warm-up
+        card, card_tokens = run_card(engine, model_dir, images[:card_n], new_tokens)
+        batched, batched_tokens = run_batched(engine, model_dir, images, new_tokens, batch_size)
+        ours, our_tokens, records = run_engine(engine, items, new_tokens, batch_size)
+
+        pages = [r for r in records if r.page is not None]
+        sweep = []
+        original = (
+            list(engine.model.config.image_grid_pinpoints),
+            list(engine.processor.image_processor.image_grid_pinpoints),
+        )
+        for value in [int(v) for v in args.max_tiles_sweep.split(",") if v.strip()]:
+            limit_tiles(engine.processor, engine.model, value)
+            engine.image_tokens.cache_clear()
+            engine.fit.cache_clear()
+            result, _, swept = run_engine(engine, items, new_tokens, batch_size)
+            swept_pages = [r for r in swept if r.page is not None]
+            result["max_tiles"] = value
+            result["prompt_tokens_per_page"] = round(
+                sum(r.prompt_tokens for r in swept_pages) / max(len(swept_pages), 1)
+            )
+            sweep.append(result)
+            engine.model.config.image_grid_pinpoints, engine.processor.image_processor.image_grid_pinpoints = original
+            engine.image_tokens.cache_clear()
+            engine.fit.cache_clear()
+
+    import torch
+    import transformers
+
+    report = {
+        "setup": {
+            "model": args.model or args.random_weights or "tiny",
+            "layers": args.layers,
+            "device": str(engine.device),
+            "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
+            "dtype": str(engine.dtype).replace("torch.", ""),
+            "cache": args.cache,
+            "compile": args.compile,
+            "items": len(items),
+            "pages": len(pages),
+            "photos": len(items) - len(pages),
+            "batch_size": batch_size,
+            "new_tokens": new_tokens,
+            "prompt_tokens_per_page": round(sum(r.prompt_tokens for r in pages) / max(len(pages), 1)),
+            "prompt_tokens_per_item": round(sum(r.prompt_tokens for r in records) / max(len(records), 1)),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "card": card,
+        "batched": batched,
+        "engine": ours,
+        "ratio_engine_vs_card": round(ours["images_per_s"] / card["images_per_s"], 2),
+        "ratio_engine_vs_batched": round(ours["images_per_s"] / batched["images_per_s"], 2),
+        "agreement_engine_vs_batched": agreement(our_tokens, batched_tokens),
+        "agreement_engine_vs_card": agreement(our_tokens[:card_n], card_tokens),
+        "max_tiles_sweep": sweep,
+    }
+    out = args.json or ROOT / "results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(render(report))
+    print(f"\nwrote {out}", file=sys.stderr)
+    return report
+
+
+def render(report: dict) -> str:
+    setup = report["setup"]
+    lines = [
+        f"model {setup['model']} ({setup['dtype']}, {setup['device']}{', ' + setup['gpu'] if setup['gpu'] else ''}),"
+        f" {setup['items']} items ({setup['pages']} pages, {setup['photos']} photos),"
+        f" batch {setup['batch_size']}, {setup['new_tokens']} new tokens,"
+        f" ~{setup['prompt_tokens_per_page']} prompt tokens/page",
+        "",
+        "| path | items | images/s | new tokens/s | first result s | peak GPU GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in (
+        ("card", "(a) model card loop"),
+        ("batched", "(b) batched generate"),
+        ("engine", "(c) granite-vision"),
+    ):
+        row = report[key]
+        peak = "-" if row["peak_gpu_gib"] is None else row["peak_gpu_gib"]
+        lines.append(
+            f"| {label} | {row['items']} | {row['images_per_s']} | {row['new_tokens_per_s']} |"
+            f" {row['first_result_s']} | {peak} |"
+        )
+    for row in report["max_tiles_sweep"]:
+        peak = "-" if row["peak_gpu_gib"] is None else row["peak_gpu_gib"]
+        lines.append(
+            f"| (c) --max-tiles {row['max_tiles']} (~{row['prompt_tokens_per_page']} tok/page) | {row['items']} |"
+            f" {row['images_per_s']} | {row['new_tokens_per_s']} | {row['first_result_s']} | {peak} |"
+        )
+    lines += [
+        "",
+        f"c/a = {report['ratio_engine_vs_card']}x, c/b = {report['ratio_engine_vs_batched']}x",
+        f"agreement (c) vs (b): first token {report['agreement_engine_vs_batched']['first_token']:.1%},"
+        f" all tokens {report['agreement_engine_vs_batched']['all_tokens']:.1%};"
+        f" (c) vs (a): first token {report['agreement_engine_vs_card']['first_token']:.1%},"
+        f" all tokens {report['agreement_engine_vs_card']['all_tokens']:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

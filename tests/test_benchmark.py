@@ -1,0 +1,45 @@
+"""The throughput benchmark must keep working: its tiny mode runs here on every test run.
+
+No timing is asserted (speed targets live in benchmarks/, not in tests); what is asserted is
+that the three paths ran over the same work and that, greedy in float32, they agree.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_benchmark_runs_and_paths_agree(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "throughput.py"),
+            "--tiny",
+            "--items",
+            "7",
+            "--max-tiles-sweep",
+            "3",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    report = json.loads(out.read_text())
+    assert report["setup"]["items"] == 7 and report["setup"]["pages"] >= 3 and report["setup"]["photos"] >= 2
+    for path in ("card", "batched", "engine"):
+        assert report[path]["images_per_s"] > 0 and report[path]["new_tokens_per_s"] > 0
+    assert report["engine"]["items"] == 7 and report["card"]["items"] == 4
+    assert report["agreement_engine_vs_batched"] == {"items": 7, "first_token": 1.0, "all_tokens": 1.0}
+    assert report["agreement_engine_vs_card"]["all_tokens"] == 1.0
+    sweep = report["max_tiles_sweep"][0]
+    assert sweep["max_tiles"] == 3 and sweep["prompt_tokens_per_page"] < report["setup"]["prompt_tokens_per_page"]
+    table = result.stdout.decode()
+    assert "(c) granite-vision" in table and "c/a =" in table
