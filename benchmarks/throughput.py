@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from granite_cli import pipeline, tiny_model  # noqa: E402
+from granite_cli.documents import ReadOptions  # noqa: E402
 from granite_cli.engine import Engine, EngineOptions, GenerationSettings, limit_tiles  # noqa: E402
 from granite_cli.records import Record  # noqa: E402
 from granite_cli.sources import Item, resolve  # noqa: E402
@@ -39,6 +40,7 @@ from granite_cli.sources import Item, resolve  # noqa: E402
 PROMPT = "Describe this image in detail."
 PHOTO_SIZES = [(640, 480), (1024, 768), (2000, 1000), (768, 1024), (4032, 3024), (1280, 720), (800, 600)]
 PAGE_DPI = 150  # letter pages render to 1275 x 1650 px, as in shared/granite/PERF.md
+READ = ReadOptions(dpi=PAGE_DPI)
 
 
 # --------------------------------------------------------------------------- workload
@@ -226,7 +228,7 @@ def run_engine(
     try:
         timer = Timer(engine.device)
         pipeline.caption(
-            items, engine, Collect(), prompt=PROMPT, settings=settings, batch_size=batch_size, dpi=PAGE_DPI
+            items, engine, Collect(), prompt=PROMPT, settings=settings, batch_size=batch_size, read=READ
         )
         result = timer.result(len(items), sum(r.answer_tokens or 0 for r in records))
     finally:
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         files = build_workload(tmp_path / "inputs", items_n)
         items = resolve([str(f) for f in files]).items[:items_n]
         # (a) and (b) get exactly the pictures (c) renders, loaded before their clocks start.
-        loaded = [pipeline.load_item(i, item, "pypdfium2", PAGE_DPI, engine.fit) for i, item in enumerate(items)]
+        loaded = [pipeline.load_item(i, item, READ, engine.fit) for i, item in enumerate(items)]
         images = [entry.image for entry in loaded]
 
         run_engine(engine, items[: min(len(items), batch_size)], new_tokens, batch_size)  # warm-up

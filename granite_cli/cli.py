@@ -15,9 +15,12 @@ device not found, nothing to do), 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,7 +29,7 @@ import typer
 from rich.markup import escape
 
 from . import __version__
-from .documents import DEFAULT_DPI, RENDERERS
+from .documents import DEFAULT_DPI, DEFAULT_MAX_PIXELS, RENDERERS
 from .errors import UsageError
 from .records import FORMATS, Record
 from .ui import Reporter, console, error_line
@@ -105,6 +108,16 @@ RendererOpt = Annotated[
         "--pdf-renderer", help="pypdfium2 (default, no system package) or poppler (pdf2image).", rich_help_panel="Input"
     ),
 ]
+PasswordOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Password of encrypted PDFs.", rich_help_panel="Input", envvar="GRANITE_VISION_PDF_PASSWORD"),
+]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1, help="Refuse images whose header claims more pixels (decompression bombs).", rich_help_panel="Input"
+    ),
+]
 DpiOpt = Annotated[int, typer.Option(min=36, max=1200, help="PDF rendering resolution.", rich_help_panel="Input")]
 
 
@@ -173,14 +186,16 @@ def ask(
     seed: SeedOpt = None,
     pdf_renderer: RendererOpt = "pypdfium2",
     dpi: DpiOpt = DEFAULT_DPI,
+    pdf_password: PasswordOpt = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Answer one question about one image or PDF page; the answer streams to stdout."""
     from . import pipeline
     from .sources import resolve_single
 
-    renderer = _renderer(pdf_renderer)
-    item = resolve_single(source, page, renderer=renderer)
-    loaded = pipeline.load_item(0, item, renderer, dpi)
+    read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
+    item = resolve_single(source, page, read=read)
+    loaded = pipeline.load_item(0, item, read)
     if loaded.image is None:
         # Same record shape as a model answer, so scripts handle both alike.
         record = pipeline.make_record(model, question, loaded, error=loaded.error)
@@ -228,6 +243,15 @@ def caption(
     ] = None,
     dpi: DpiOpt = DEFAULT_DPI,
     pdf_renderer: RendererOpt = "pypdfium2",
+    pdf_password: PasswordOpt = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Skip every item already answered in --output (same source, page, prompt, model),"
+            " retry the failed ones, append the rest."
+        ),
+    ] = False,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -242,16 +266,18 @@ def caption(
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
     from . import pipeline
-    from .records import open_writer
+    from .output import FileOutput, StreamOutput
     from .sources import PageSelection, resolve
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
-    renderer = _renderer(pdf_renderer)
+    if resume and output is None:
+        raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
+    read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
     selection = PageSelection.parse(pages) if pages else None
     if output is not None:
         _check_writable(output)
-    resolution = resolve(sources, pages=selection, renderer=renderer)
+    resolution = resolve(sources, pages=selection, read=read)
     reporter = Reporter()
     for name in resolution.unmatched:
         reporter.warn(f"{name}: matched no supported file")
@@ -259,25 +285,28 @@ def caption(
         reporter.note(f"skipped {resolution.skipped} file(s) of unsupported type inside folders")
     if not resolution.items:
         raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
-    engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
-    settings = _settings(max_new_tokens, temperature, seed)
-    with ExitStack() as stack:
-        stream = stack.enter_context(open(output, "w", encoding="utf-8")) if output else sys.stdout
-        writer = open_writer(fmt, stream, output)
-        progress = stack.enter_context(reporter.progress(len(resolution.items)))
-        stats = pipeline.caption(
-            resolution.items,
-            engine,
-            writer,
-            prompt=prompt,
-            settings=settings,
-            batch_size=batch_size,
-            renderer=renderer,
-            dpi=dpi,
-            on_record=progress,
+    sink = FileOutput(output, fmt, resume) if output is not None else StreamOutput(sys.stdout, fmt)
+    todo = sink.start(resolution.items, prompt, model)
+    if resume:
+        previous = sink.previous
+        reporter.note(
+            f"resuming {output}: {len(previous.answered)} answered before, {len(todo)} to run"
+            + (f" ({previous.failed} failed before: retried)" if previous.failed else "")
+            + (" (a torn last line was dropped)" if previous.torn else "")
         )
-        writer.close()
+    try:
+        engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
+        settings = _settings(max_new_tokens, temperature, seed)
+        with reporter.progress(len(todo)) as progress, graceful_stop() as stop:
+            stats = pipeline.caption(
+                todo, engine, sink, prompt=prompt, settings=settings, batch_size=batch_size, read=read,
+                on_record=progress, stop=stop,
+            )  # fmt: skip
+    finally:
+        sink.finish(resolution.items, prompt, model)
     reporter.summary(stats, output)
+    if stats.stopped:
+        raise typer.Exit(130)
     if stats.failed:
         raise typer.Exit(1)
 
@@ -292,10 +321,35 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSO
     print(render(facts, as_json=json_output))
 
 
-def _renderer(name: str):
-    if name not in RENDERERS:
-        raise UsageError(f"--pdf-renderer {name!r}: expected one of {'|'.join(RENDERERS)}")
-    return name
+def _read_options(renderer: str, dpi: int, password: str | None, max_pixels: int):
+    from .documents import ReadOptions
+
+    if renderer not in RENDERERS:
+        raise UsageError(f"--pdf-renderer {renderer!r}: expected one of {'|'.join(RENDERERS)}")
+    return ReadOptions(renderer=renderer, dpi=dpi, password=password, max_pixels=max_pixels)
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[threading.Event]:
+    """The first Ctrl-C or SIGTERM asks the run to stop after the current batch (finished
+    records are kept); a second one stops at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        console.print("stopping after the current batch (Ctrl-C again to stop now)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _settings(max_new_tokens: int, temperature: float, seed: int | None):

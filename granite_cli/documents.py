@@ -3,7 +3,9 @@
 Everything here raises `InputError` with a short reason for a bad input, so that the caller
 can turn it into that item's error record and go on. The kind of a file is decided by its
 content, not its name: a PNG saved as `.jpg` is still read, a text file named `.png` is a
-clear "not an image" error.
+clear "not an image" error. Hostile inputs are refused from their headers (an image that
+claims more pixels than `max_pixels`), and legitimately huge pictures are shrunk while
+decoding, so one input can never take the machine's memory.
 """
 
 from __future__ import annotations
@@ -25,35 +27,33 @@ RENDERERS: tuple[str, ...] = ("pypdfium2", "poppler")
 DEFAULT_DPI = 144
 """A page never needs more: Granite Vision shrinks any page to fit 1152 x 1152 px (3 x 3 tiles),
 and a letter or A4 page at 144 dpi is already larger than that (see shared NOTES §3)."""
+DEFAULT_MAX_PIXELS = 179_000_000
+"""Pictures claiming more pixels are refused unread (PIL's own decompression-bomb limit)."""
+LARGE_PIXELS = 16_000_000
+"""Pictures above this are shrunk to the size the model uses while decoding, to bound memory."""
 
 #: File name endings a directory walk picks up; anything else inside a directory is skipped.
 IMAGE_SUFFIXES = frozenset(
-    {
-        ".png",
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".gif",
-        ".bmp",
-        ".tif",
-        ".tiff",
-        ".webp",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".pnm",
-        ".jp2",
-        ".j2k",
-        ".ico",
-        ".tga",
-        ".dib",
-    }
-)
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+     ".pbm", ".pnm", ".jp2", ".j2k", ".ico", ".tga", ".dib"}
+)  # fmt: skip
 DOCUMENT_SUFFIXES = IMAGE_SUFFIXES | {".pdf"}
 
 #: PDFium is not thread-safe: every call into it, from any loader thread, holds this lock.
 _PDFIUM_LOCK = threading.Lock()
+
+Fit = Callable[[int, int], tuple[int, int]]
+"""Maps a picture's pixel size to the (smaller or equal) size the model will actually use."""
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How inputs are read: the user's choices that apply to every file."""
+
+    renderer: Renderer = "pypdfium2"
+    dpi: int = DEFAULT_DPI
+    password: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -73,46 +73,54 @@ def is_pdf(head: bytes) -> bool:
 
 def read_head(source: Source, size: int = 1024) -> bytes:
     if isinstance(source, Blob):
-        return source.data[:size]
-    with open(source, "rb") as fh:
-        return fh.read(size)
+        head = source.data[:size]
+    else:
+        with open(source, "rb") as fh:
+            head = fh.read(size)
+    if not head:
+        raise InputError("empty file")
+    return head
 
 
-def page_count(source: Source, renderer: Renderer = "pypdfium2") -> int | None:
+def page_count(source: Source, options: ReadOptions = ReadOptions()) -> int | None:
     """Number of pages of a PDF or multi-page TIFF; None for a single image (one item)."""
     if is_pdf(read_head(source)):
-        return _pdf_page_count(source, renderer)
-    with _open_image(source) as image:
+        return _pdf_page_count(source, options)
+    with _open_image(source, options) as image:
         frames = getattr(image, "n_frames", 1)
         return frames if image.format == "TIFF" and frames > 1 else None
 
 
-Fit = Callable[[int, int], tuple[int, int]]
-"""Maps a page's pixel size at the requested dpi to the (smaller or equal) size worth rendering."""
-
-
-def load(
-    source: Source,
-    page: int | None,
-    *,
-    renderer: Renderer = "pypdfium2",
-    dpi: int = DEFAULT_DPI,
-    fit: Fit | None = None,
-) -> Image.Image:
+def load(source: Source, page: int | None, options: ReadOptions = ReadOptions(), fit: Fit | None = None) -> Image.Image:
     """The picture the model sees for one item: RGB, upright, alpha flattened on white."""
     if is_pdf(read_head(source)):
-        return render_pdf_page(source, page or 1, renderer=renderer, dpi=dpi, fit=fit)
-    with _open_image(source) as image:
+        return render_pdf_page(source, page or 1, options, fit)
+    with _open_image(source, options) as image:
         if page is not None:
             frames = getattr(image, "n_frames", 1)
             if not 1 <= page <= frames:
                 raise InputError(f"page {page} out of range (the image has {frames} page(s))")
             image.seek(page - 1)
+        target = _large_target(image.size, fit)
         try:
+            if target is not None and image.format == "JPEG":
+                image.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale: never the full bitmap
             image.load()
-            return to_rgb(image)
+            picture = to_rgb(image)
         except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
-            raise InputError(f"corrupt or truncated image ({' '.join(str(exc).split())})") from exc
+            raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from exc
+    if target is not None and picture.size != target:
+        picture = picture.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return picture
+
+
+def _large_target(size: tuple[int, int], fit: Fit | None) -> tuple[int, int] | None:
+    """The size to shrink a legitimately huge picture to while decoding (None: keep it)."""
+    width, height = size
+    if fit is None or width * height <= LARGE_PIXELS:
+        return None
+    # EXIF rotation may swap the sides later; fit is symmetric enough that the area is what counts.
+    return fit(width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -141,91 +149,141 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8))
 
 
-def _open_image(source: Source) -> Image.Image:
+def _open_image(source: Source, options: ReadOptions) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(source.data) if isinstance(source, Blob) else source)
+        image = Image.open(io.BytesIO(source.data) if isinstance(source, Blob) else source)
     except UnidentifiedImageError as exc:
         raise InputError("not an image or PDF (unrecognised content)") from exc
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"image too large ({exc})") from exc
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
-    except (OSError, ValueError, SyntaxError) as exc:  # header present but damaged
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # header present but damaged
         raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from exc
+    width, height = image.size
+    if width * height > options.max_pixels:
+        image.close()
+        raise InputError(
+            f"image claims {width}x{height} = {width * height:,} pixels, over the limit of {options.max_pixels:,}"
+            " (a decompression bomb?); raise --max-pixels to read it"
+        )
+    if width < 1 or height < 1:
+        image.close()
+        raise InputError(f"image has no pixels ({width}x{height})")
+    return image
 
 
-def _pdf_page_count(source: Source, renderer: Renderer) -> int:
-    if renderer == "poppler":
-        from pdf2image import pdfinfo_from_bytes, pdfinfo_from_path
-        from pdf2image.exceptions import PDFInfoNotInstalledError, PDFPageCountError, PDFSyntaxError
+# --------------------------------------------------------------------------- PDF
+def render_pdf_page(source: Source, page: int, options: ReadOptions, fit: Fit | None = None) -> Image.Image:
+    """Render one 1-based PDF page at `options.dpi`, or smaller: at the size the model will use
+    (`fit`), and never over `max_pixels` whatever the page's media box claims."""
+    if options.renderer == "poppler":
+        return _render_poppler(source, page, options, fit)
+    import pypdfium2 as pdfium
 
-        _require_poppler()
+    with _PDFIUM_LOCK, _pdfium_document(source, options) as pdf:
+        _check_page(page, len(pdf))
         try:
-            info = pdfinfo_from_bytes(source.data) if isinstance(source, Blob) else pdfinfo_from_path(str(source))
-        except (PDFPageCountError, PDFSyntaxError, PDFInfoNotInstalledError) as exc:
-            raise InputError(f"broken PDF ({_first_line(exc)})") from exc
+            pdf_page = pdf[page - 1]
+            scale = _render_scale(pdf_page.get_size(), options, fit)
+            return to_rgb(pdf_page.render(scale=scale).to_pil())
+        except pdfium.PdfiumError as exc:
+            raise InputError(f"page {page} could not be rendered ({_first_line(exc)})") from exc
+
+
+def _render_scale(size_pt: tuple[float, float], options: ReadOptions, fit: Fit | None) -> float:
+    """Pixels per PDF point for a page of `size_pt` points."""
+    width, height = size_pt
+    scale = options.dpi / 72
+    nominal = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if fit is not None:
+        target = fit(*nominal)
+        scale *= min(1.0, max(target[0] / nominal[0], target[1] / nominal[1]))
+    pixels = width * height * scale * scale
+    if pixels > options.max_pixels:  # a page with a huge media box: cap, do not refuse
+        scale *= (options.max_pixels / pixels) ** 0.5
+    return scale
+
+
+def _pdf_page_count(source: Source, options: ReadOptions) -> int:
+    if options.renderer == "poppler":
+        info = _poppler_info(source, options)
         return int(info["Pages"])
-    with _PDFIUM_LOCK, _pdfium_document(source) as pdf:
+    with _PDFIUM_LOCK, _pdfium_document(source, options) as pdf:
         return len(pdf)
 
 
 class _pdfium_document:
     """Context manager around `pypdfium2.PdfDocument` that maps its errors to `InputError`."""
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, options: ReadOptions):
         self.source = source
+        self.password = options.password
 
     def __enter__(self):
         import pypdfium2 as pdfium
 
+        data = self.source.data if isinstance(self.source, Blob) else str(self.source)
         try:
-            self.pdf = pdfium.PdfDocument(self.source.data if isinstance(self.source, Blob) else str(self.source))
+            self.pdf = pdfium.PdfDocument(data, password=self.password)
         except pdfium.PdfiumError as exc:
-            raise InputError(f"broken PDF ({_first_line(exc)})") from exc
+            raise _pdf_error(exc, self.password) from exc
         return self.pdf
 
     def __exit__(self, *exc_info) -> None:
         self.pdf.close()
 
 
-def render_pdf_page(source: Source, page: int, *, renderer: Renderer, dpi: int, fit: Fit | None = None) -> Image.Image:
-    """Render one 1-based PDF page at `dpi`, or smaller where `fit` says the model would shrink
-    it anyway (pypdfium2 only: rendering cost grows with the pixels rendered)."""
-    if renderer == "poppler":
-        from pdf2image import convert_from_bytes, convert_from_path
-        from pdf2image.exceptions import PDFPageCountError, PDFSyntaxError
+def _pdf_error(exc: BaseException, password: str | None) -> InputError:
+    text = _first_line(exc)
+    if "password" in text.lower():
+        if password:
+            return InputError("encrypted PDF: the --pdf-password given does not open it")
+        return InputError("encrypted PDF: pass its password with --pdf-password")
+    return InputError(f"broken PDF ({text})")
 
-        _require_poppler()
-        count = _pdf_page_count(source, renderer)
-        _check_page(page, count)
-        try:
-            kwargs = {"dpi": dpi, "first_page": page, "last_page": page}
-            pages = (
-                convert_from_bytes(source.data, **kwargs)
-                if isinstance(source, Blob)
-                else convert_from_path(str(source), **kwargs)
-            )
-        except (PDFPageCountError, PDFSyntaxError) as exc:
-            raise InputError(f"broken PDF ({_first_line(exc)})") from exc
-        if not pages:
-            raise InputError(f"page {page} could not be rendered")
-        return to_rgb(pages[0])
-    import pypdfium2 as pdfium
 
-    with _PDFIUM_LOCK, _pdfium_document(source) as pdf:
-        _check_page(page, len(pdf))
-        try:
-            pdf_page = pdf[page - 1]
-            scale = dpi / 72
-            if fit is not None:
-                width, height = pdf_page.get_size()
-                nominal = (max(1, round(width * scale)), max(1, round(height * scale)))
-                target = fit(*nominal)
-                scale *= min(1.0, max(target[0] / nominal[0], target[1] / nominal[1]))
-            bitmap = pdf_page.render(scale=scale)
-            return to_rgb(bitmap.to_pil())
-        except pdfium.PdfiumError as exc:
-            raise InputError(f"page {page} could not be rendered ({_first_line(exc)})") from exc
+def _poppler_info(source: Source, options: ReadOptions) -> dict:
+    from pdf2image import pdfinfo_from_bytes, pdfinfo_from_path
+    from pdf2image.exceptions import PDFInfoNotInstalledError, PDFPageCountError, PDFSyntaxError
+
+    _require_poppler()
+    try:
+        if isinstance(source, Blob):
+            return pdfinfo_from_bytes(source.data, userpw=options.password)
+        return pdfinfo_from_path(str(source), userpw=options.password)
+    except (PDFPageCountError, PDFSyntaxError, PDFInfoNotInstalledError) as exc:
+        raise _pdf_error(exc, options.password) from exc
+
+
+def _render_poppler(source: Source, page: int, options: ReadOptions, fit: Fit | None) -> Image.Image:
+    from pdf2image import convert_from_bytes, convert_from_path
+    from pdf2image.exceptions import PDFPageCountError, PDFSyntaxError
+
+    info = _poppler_info(source, options)
+    _check_page(page, int(info["Pages"]))
+    dpi: float = options.dpi
+    size = _poppler_page_size(info)
+    if size is not None:
+        dpi = _render_scale(size, options, fit) * 72
+    try:
+        kwargs = {"dpi": dpi, "first_page": page, "last_page": page, "userpw": options.password}
+        if isinstance(source, Blob):
+            pages = convert_from_bytes(source.data, **kwargs)
+        else:
+            pages = convert_from_path(str(source), **kwargs)
+    except (PDFPageCountError, PDFSyntaxError) as exc:
+        raise _pdf_error(exc, options.password) from exc
+    if not pages:
+        raise InputError(f"page {page} could not be rendered")
+    return to_rgb(pages[0])
+
+
+def _poppler_page_size(info: dict) -> tuple[float, float] | None:
+    """`pdfinfo` reports the first page's size as "612 x 792 pts (letter)"."""
+    try:
+        width, _, height = str(info.get("Page size", "")).split()[:3]
+        return float(width), float(height)
+    except ValueError:
+        return None
 
 
 def _check_page(page: int, count: int) -> None:
@@ -249,5 +307,7 @@ def _first_line(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-# Truncated files are an error, not silently grey pixels.
+# Truncated files are an error, not silently grey pixels. Pixel limits are ours (max_pixels),
+# checked from the header before any decoding, so PIL's own warning/limit is switched off.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = None

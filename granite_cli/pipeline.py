@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import documents
-from .documents import Fit, Renderer
+from .documents import Fit, ReadOptions
 from .errors import describe
 from .records import Record, Writer
 from .sources import Item
@@ -47,6 +47,8 @@ class Stats:
     started: float = 0.0
     first_record: float | None = None
     """Seconds from the start until the first record was written."""
+    stopped: bool = False
+    """The run was asked to stop (Ctrl-C, SIGTERM) before every item was done."""
 
     @property
     def seconds(self) -> float:
@@ -72,11 +74,11 @@ class Batch:
     error: str | None = None
 
 
-def load_item(index: int, item: Item, renderer: Renderer, dpi: int, fit: Fit | None = None) -> Loaded:
+def load_item(index: int, item: Item, read: ReadOptions = ReadOptions(), fit: Fit | None = None) -> Loaded:
     if item.error is not None or item.origin is None:
         return Loaded(index, item, error=item.error or "no input")
     try:
-        return Loaded(index, item, documents.load(item.origin, item.page, renderer=renderer, dpi=dpi, fit=fit))
+        return Loaded(index, item, documents.load(item.origin, item.page, read, fit))
     except Exception as exc:  # noqa: BLE001 - a bad input becomes its record, never the end of the run
         return Loaded(index, item, error=describe(exc))
 
@@ -117,6 +119,14 @@ class OrderedEmitter:
             self.on_record(ready)
             self.next_index += 1
 
+    def flush(self) -> None:
+        """Write every finished record still waiting for an earlier one (a stopped run loses
+        nothing it computed; order is then restored by the output's final rewrite)."""
+        for index in sorted(self.pending):
+            record = self.pending.pop(index)
+            self.writer.write(record)
+            self.on_record(record)
+
 
 def caption(
     items: Sequence[Item],
@@ -126,12 +136,16 @@ def caption(
     prompt: str,
     settings: GenerationSettings,
     batch_size: int,
-    renderer: Renderer = "pypdfium2",
-    dpi: int = documents.DEFAULT_DPI,
+    read: ReadOptions = ReadOptions(),
     on_record: Callable[[Record], None] = lambda record: None,
     workers: int | None = None,
+    stop: threading.Event | None = None,
 ) -> Stats:
-    """Answer `prompt` about every item and write one record per item, in input order."""
+    """Answer `prompt` about every item and write one record per item, in input order.
+
+    When `stop` is set, no new batch starts: the run ends after the current one, with every
+    finished record written (`Stats.stopped`). A KeyboardInterrupt ends it at once, the same way.
+    """
     stats = Stats(total=len(items), started=time.monotonic())
 
     def count(record: Record) -> None:
@@ -144,16 +158,28 @@ def caption(
         on_record(record)
 
     emitter = OrderedEmitter(writer, count)
-    producer = _Producer(items, engine, prompt, max(1, batch_size), renderer, dpi, workers or _default_workers())
+    producer = _Producer(items, engine, prompt, max(1, batch_size), read, workers or _default_workers())
     with producer:
-        for batch in producer:
-            if batch.inputs is None:
-                for entry in batch.entries:
-                    emitter.add(entry.index, make_record(engine.name, prompt, entry, error=entry.error or batch.error))
-                continue
-            for entry, record in _answer_batch(engine, batch, prompt, settings):
-                emitter.add(entry.index, record)
+        try:
+            _consume(producer, engine, emitter, prompt, settings, stop, stats)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, still keeping what is finished
+            stats.stopped = True
+        finally:
+            emitter.flush()
     return stats
+
+
+def _consume(producer, engine, emitter, prompt, settings, stop, stats) -> None:
+    for batch in producer:
+        if stop is not None and stop.is_set():
+            stats.stopped = True
+            return
+        if batch.inputs is None:
+            for entry in batch.entries:
+                emitter.add(entry.index, make_record(engine.name, prompt, entry, error=entry.error or batch.error))
+            continue
+        for entry, record in _answer_batch(engine, batch, prompt, settings):
+            emitter.add(entry.index, record)
 
 
 def _default_workers() -> int:
@@ -166,14 +192,12 @@ class _Producer:
 
     _DONE = object()
 
-    def __init__(self, items, engine, prompt, batch_size, renderer, dpi, workers):
+    def __init__(self, items, engine, prompt, batch_size, read, workers):
         self.items = items
         self.engine = engine
         self.prompt = prompt
         self.batch_size = batch_size
-        self.renderer = renderer
-        self.dpi = dpi
-        self.fit = engine.fit if renderer == "pypdfium2" else None
+        self.read = read
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="granite-load")
@@ -224,7 +248,7 @@ class _Producer:
     def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
         loaded = list(
             self.pool.map(
-                lambda pair: load_item(start + pair[0], pair[1], self.renderer, self.dpi, self.fit), enumerate(items)
+                lambda pair: load_item(start + pair[0], pair[1], self.read, self.engine.fit), enumerate(items)
             )
         )
         failed = [entry for entry in loaded if entry.image is None]

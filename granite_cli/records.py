@@ -8,9 +8,11 @@ else changes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol, TextIO
 from urllib.parse import quote
@@ -41,6 +43,19 @@ class Record:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
+
+    @property
+    def key(self) -> tuple[str, int | None, str, str]:
+        """What identifies an item's result across runs (used by --resume)."""
+        return (self.source, self.page, self.prompt, self.model)
+
+    @classmethod
+    def from_json(cls, line: str) -> Record:
+        data = json.loads(line)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        names = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
 
 
 class Writer(Protocol):
@@ -122,10 +137,13 @@ def _escape(text: str) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in text.replace("\n", " "))
 
 
+def render_markdown(records: Iterable[Record], report_path: Path | None = None) -> str:
+    """The whole report for these records, as `MarkdownWriter` would stream it."""
+    buffer = io.StringIO()
+    writer = MarkdownWriter(buffer, report_path)
+    for record in records:
+        writer.write(record)
+    return buffer.getvalue()
+
+
 FORMATS = ("jsonl", "markdown")
-
-
-def open_writer(fmt: str, stream: TextIO, path: Path | None) -> Writer:
-    if fmt == "markdown":
-        return MarkdownWriter(stream, path)
-    return JsonlWriter(stream)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import documents
-from .documents import Blob, Renderer, Source
+from .documents import Blob, ReadOptions, Source
 from .errors import InputError, UsageError, describe
 
 URL_PREFIXES = ("http://", "https://")
@@ -85,7 +85,7 @@ def resolve(
     sources: Iterable[str],
     *,
     pages: PageSelection | None = None,
-    renderer: Renderer = "pypdfium2",
+    read: ReadOptions = ReadOptions(),
     stdin: BinaryIO | None = None,
 ) -> Resolution:
     """Expand the SOURCE arguments of `caption` into items, in the order given."""
@@ -94,13 +94,13 @@ def resolve(
         if source == STDIN:
             names = _read_path_list(stdin if stdin is not None else sys.stdin.buffer)
             for name in names:
-                _add_named(result, name, pages, renderer, expand_globs=False)
+                _add_named(result, name, pages, read, expand_globs=False)
         else:
-            _add_named(result, source, pages, renderer, expand_globs=True)
+            _add_named(result, source, pages, read, expand_globs=True)
     return result
 
 
-def resolve_single(source: str, page: int, *, renderer: Renderer = "pypdfium2", stdin: BinaryIO | None = None) -> Item:
+def resolve_single(source: str, page: int, *, read: ReadOptions = ReadOptions(), stdin: BinaryIO | None = None) -> Item:
     """The one item of `ask`: a file, `-` (image or PDF bytes on stdin) or an http(s) URL."""
     try:
         if source == STDIN:
@@ -114,7 +114,7 @@ def resolve_single(source: str, page: int, *, renderer: Renderer = "pypdfium2", 
             origin = Path(source)
             if origin.is_dir():
                 return Item(source, error="is a directory (ask takes one image; use caption for folders)")
-        count = documents.page_count(origin, renderer)
+        count = documents.page_count(origin, read)
     except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
         return Item(source, page if page != 1 else None, error=describe(exc))
     if count is None:
@@ -151,11 +151,11 @@ def _read_path_list(stream: BinaryIO) -> list[str]:
 
 
 def _add_named(
-    result: Resolution, name: str, pages: PageSelection | None, renderer: Renderer, *, expand_globs: bool
+    result: Resolution, name: str, pages: PageSelection | None, read: ReadOptions, *, expand_globs: bool
 ) -> None:
     if name.startswith(URL_PREFIXES):
         try:
-            result.items.extend(_document_items(name, fetch_url(name), pages, renderer))
+            result.items.extend(_document_items(name, fetch_url(name), pages, read))
         except InputError as exc:
             result.items.append(Item(name, error=str(exc)))
         return
@@ -163,28 +163,28 @@ def _add_named(
     if os.path.lexists(path) or not (expand_globs and glob.has_magic(name)):
         if path.is_dir():
             before = len(result.items)
-            result.skipped += _add_directory(result, path, pages, renderer)
+            result.skipped += _add_directory(result, path, pages, read)
             if len(result.items) == before:
                 result.unmatched.append(name)
         else:
-            result.items.extend(_document_items(name, path, pages, renderer))
+            result.items.extend(_document_items(name, path, pages, read))
         return
     matches = sorted(glob.glob(name, recursive=True))
     if not matches:
         result.unmatched.append(name)
     for match in matches:
         if os.path.isdir(match):
-            result.skipped += _add_directory(result, Path(match), pages, renderer)
+            result.skipped += _add_directory(result, Path(match), pages, read)
         else:
-            result.items.extend(_document_items(match, Path(match), pages, renderer))
+            result.items.extend(_document_items(match, Path(match), pages, read))
 
 
-def _add_directory(result: Resolution, root: Path, pages: PageSelection | None, renderer: Renderer) -> int:
+def _add_directory(result: Resolution, root: Path, pages: PageSelection | None, read: ReadOptions) -> int:
     """Add every supported file under `root`; return how many other files were skipped."""
     skipped = 0
     for path in walk(root):
         if path.suffix.lower() in documents.DOCUMENT_SUFFIXES:
-            result.items.extend(_document_items(str(path), path, pages, renderer))
+            result.items.extend(_document_items(str(path), path, pages, read))
         else:
             skipped += 1
     return skipped
@@ -224,10 +224,10 @@ def walk(root: Path) -> Iterator[Path]:
     yield from visit(root)
 
 
-def _document_items(name: str, origin: Source, pages: PageSelection | None, renderer: Renderer) -> list[Item]:
+def _document_items(name: str, origin: Source, pages: PageSelection | None, read: ReadOptions) -> list[Item]:
     """One item for an image, one per selected page for a PDF or multi-page TIFF."""
     try:
-        count = documents.page_count(origin, renderer)
+        count = documents.page_count(origin, read)
     except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
         return [Item(name, error=describe(exc))]
     if count is None:

@@ -101,8 +101,9 @@ def test_both_pdf_renderers(cli, tmp_path):
     pdf = make_pdf(tmp_path / "two.pdf", 2)
     pdfium = cli("caption", str(pdf), "--dpi", "72").records()
     poppler = cli("caption", str(pdf), "--dpi", "72", "--pdf-renderer", "poppler").records()
-    assert [r["page"] for r in pdfium] == [1, 2]
-    assert [(r["page"], r["width"], r["height"]) for r in poppler] == [(1, 612, 792), (2, 612, 792)]
+    assert [r["page"] for r in pdfium] == [r["page"] for r in poppler] == [1, 2]
+    for ours, theirs in zip(pdfium, poppler, strict=True):  # both render at the size the model uses
+        assert abs(ours["width"] - theirs["width"]) <= 1 and abs(ours["height"] - theirs["height"]) <= 1
     assert all(r["answer"] is not None for r in pdfium + poppler)
     broken = tmp_path / "broken.pdf"
     broken.write_bytes(b"%PDF-1.7\nnot really")
