@@ -227,9 +227,7 @@ def run_engine(
     pipeline.make_record = capture
     try:
         timer = Timer(engine.device)
-        pipeline.caption(
-            items, engine, Collect(), prompt=PROMPT, settings=settings, batch_size=batch_size, read=READ
-        )
+        pipeline.caption(items, engine, Collect(), prompt=PROMPT, settings=settings, batch_size=batch_size, read=READ)
         result = timer.result(len(items), sum(r.answer_tokens or 0 for r in records))
     finally:
         pipeline.make_record = real_make_record

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import shutil
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,8 +226,19 @@ class _pdfium_document:
         try:
             self.pdf = pdfium.PdfDocument(data, password=self.password)
         except pdfium.PdfiumError as exc:
-            raise _pdf_error(exc, self.password) from exc
+            raise self._explain(exc) from exc
         return self.pdf
+
+    def _explain(self, exc: BaseException) -> InputError:
+        """PDFium's error code is process-global and can be stale (a zero-page PDF reports the
+        previous failure, or "Success"), so the file itself says whether it is encrypted."""
+        raw = self.source.data if isinstance(self.source, Blob) else Path(self.source).read_bytes()
+        if b"/Encrypt" in raw:
+            return _pdf_error(exc, self.password)
+        text = _first_line(exc)
+        if "Success" in text or "password" in text.lower():
+            return InputError("PDF has no pages (or no readable page tree)")
+        return InputError(f"broken PDF ({text})")
 
     def __exit__(self, *exc_info) -> None:
         self.pdf.close()
@@ -311,3 +323,6 @@ def _first_line(exc: BaseException) -> str:
 # checked from the header before any decoding, so PIL's own warning/limit is switched off.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None
+# Damaged files make PIL warn ("Tag data larger than file") before it fails or copes; the item's
+# record already says what went wrong, so these warnings would only be noise on stderr.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .pipeline import Stats
     from .records import Record
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line: never wrapped
 
 
 def error_line(record: Record) -> str:
@@ -86,6 +86,10 @@ class Reporter:
         rate = stats.total / seconds if seconds > 0 else 0.0
         where = f" -> {output}" if output else ""
         failed = f", [red]{stats.failed} failed[/]" if stats.failed else ""
-        console.print(
+        line = (
             f"{stats.answered} of {stats.total} answered{failed} in {seconds:.1f} s ({rate:.2f} items/s){escape(where)}"
         )
+        if stats.stopped:
+            hint = "; run the same command with --resume to finish" if output else ""
+            line = f"interrupted: {line}{hint}"
+        console.print(line, soft_wrap=True)

@@ -1,0 +1,322 @@
+"""Hostile and odd inputs, crash-safe output, interruption and --resume.
+
+Every hostile case must end as a record (answered, or with a one-line error), never as a
+traceback or a stopped batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from conftest import MAX_NEW, make_pdf, noise
+from PIL import Image
+
+DATA = Path(__file__).parent / "data"
+
+
+def minimal_pdf(page_sizes: list[tuple[float, float]]) -> bytes:
+    """A valid PDF with empty pages of the given sizes in points (zero pages allowed)."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>"]
+    kids = " ".join(f"{3 + i} 0 R" for i in range(len(page_sizes)))
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(page_sizes)} >>".encode())
+    for width, height in page_sizes:
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {width} {height}] >>".encode())
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` pixels, with almost no data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def caption_records(cli, *args, **kwargs):
+    result = cli("caption", *args, **kwargs)
+    assert "Traceback" not in result.stderr
+    return result, result.records()
+
+
+# --------------------------------------------------------------------------- hostile inputs
+def test_decompression_bomb_is_refused_from_its_header(cli, tmp_path):
+    (tmp_path / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
+    noise(64, 64).save(tmp_path / "ok.png")
+    result, records = caption_records(cli, str(tmp_path / "bomb.png"), str(tmp_path / "ok.png"))
+    assert result.exit_code == 1
+    assert "100000x100000" in records[0]["error"] and "--max-pixels" in records[0]["error"]
+    assert records[1]["answer"] is not None
+    # the limit is the user's: a 3000x3000 header passes 10M but not 1M
+    (tmp_path / "big.png").write_bytes(bomb_png(3000, 3000))
+    _, strict = caption_records(cli, str(tmp_path / "big.png"), "--max-pixels", "1000000")
+    assert "over the limit of 1,000,000" in strict[0]["error"]
+    _, relaxed = caption_records(cli, str(tmp_path / "big.png"), "--max-pixels", "10000000")
+    assert "over the limit" not in (relaxed[0]["error"] or "")  # read, then found truncated
+    assert "corrupt or truncated" in relaxed[0]["error"]
+
+
+def test_legitimately_large_image_is_shrunk_while_decoding(cli, tmp_path, tiny_model):
+    from granite_cli.engine import Engine
+
+    Image.new("RGB", (6000, 4000), (20, 120, 200)).save(tmp_path / "huge.jpg", quality=80)
+    _, records = caption_records(cli, str(tmp_path / "huge.jpg"))
+    assert records[0]["answer"] is not None
+    fitted = Engine.load(str(tiny_model), device="cpu").fit(6000, 4000)
+    assert (records[0]["width"], records[0]["height"]) == fitted
+
+
+def test_empty_and_truncated_files(cli, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "empty.pdf").write_bytes(b"")
+    noise(300, 300).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:400])
+    make_pdf(tmp_path / "cut.pdf", 2)
+    (tmp_path / "cut.pdf").write_bytes((tmp_path / "cut.pdf").read_bytes()[:300])
+    names = ["empty.png", "empty.pdf", "cut.png", "cut.pdf"]
+    result, records = caption_records(cli, *[str(tmp_path / n) for n in names])
+    assert result.exit_code == 1
+    assert [r["error"] for r in records[:2]] == ["empty file", "empty file"]
+    assert "corrupt or truncated" in records[2]["error"]
+    assert "broken PDF" in records[3]["error"]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (8000, 200), (200, 8000), (3, 2000)])
+def test_tiny_and_extreme_aspect_ratios(cli, tmp_path, size):
+    noise(*size).save(tmp_path / "odd.png")
+    result, records = caption_records(cli, str(tmp_path / "odd.png"))
+    assert result.exit_code == 0, records
+    assert records[0]["answer"] is not None
+
+
+def test_encrypted_pdf_needs_its_password(cli, tmp_path):
+    pdf = str(DATA / "encrypted.pdf")  # qpdf --encrypt secret secret 256
+    _, records = caption_records(cli, pdf)
+    assert records[0]["error"] == "encrypted PDF: pass its password with --pdf-password"
+    _, wrong = caption_records(cli, pdf, "--pdf-password", "guess")
+    assert "does not open it" in wrong[0]["error"]
+    result, right = caption_records(cli, pdf, "--pdf-password", "secret")
+    assert result.exit_code == 0 and right[0]["page"] == 1 and right[0]["answer"] is not None
+    ask = cli("ask", pdf, "Describe", "--pdf-password", "secret", "--json")
+    assert ask.exit_code == 0
+
+
+def test_zero_page_pdf_and_huge_media_box(cli, tmp_path):
+    (tmp_path / "zero.pdf").write_bytes(minimal_pdf([]))
+    (tmp_path / "huge.pdf").write_bytes(minimal_pdf([(14400, 14400), (612, 792)]))
+    result, records = caption_records(cli, str(tmp_path / "zero.pdf"), str(tmp_path / "huge.pdf"), "--dpi", "600")
+    assert records[0]["error"].startswith("PDF has no pages")
+    assert [r["page"] for r in records[1:]] == [1, 2] and all(r["answer"] for r in records[1:])
+    assert records[1]["width"] * records[1]["height"] < 10_000_000
+    # a media box rendered at the user's dpi is capped by --max-pixels, not refused
+    from granite_cli.documents import ReadOptions, render_pdf_page
+
+    page = render_pdf_page(tmp_path / "huge.pdf", 1, ReadOptions(dpi=600, max_pixels=4_000_000))
+    assert page.width * page.height <= 4_000_000 and page.width > 1500
+
+
+def test_awkward_file_names(cli, tmp_path, tiny_model, monkeypatch):
+    root = tmp_path / "names"
+    root.mkdir()
+    names = ["with space.png", "ünïcødé-😀.png", "new\nline.png", "-leading-dash.png"]
+    for i, name in enumerate(names):
+        noise(40, 40, i).save(root / name, format="PNG")
+    _, records = caption_records(cli, str(root))
+    assert sorted(Path(r["source"]).name for r in records) == sorted(names)
+    assert all(r["answer"] is not None for r in records)
+    monkeypatch.chdir(root)  # a relative name that looks like an option, after `--`
+    _, dashed = caption_records(cli, "--model", str(tiny_model), "--max-new-tokens", MAX_NEW, "--", "-leading-dash.png")
+    assert dashed[0]["source"] == "-leading-dash.png" and dashed[0]["answer"] is not None
+    listing = "\0".join(str(root / n) for n in names)
+    _, piped = caption_records(cli, "-", input=listing)
+    assert [r["source"] for r in piped] == [str(root / n) for n in names]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None and os.geteuid() == 0, reason="needs setpriv to test as root")
+def test_unreadable_file_is_permission_denied(tmp_path, tiny_model):
+    noise(40, 40).save(tmp_path / "locked.png")
+    noise(40, 40, 1).save(tmp_path / "open.png")
+    os.chmod(tmp_path / "locked.png", 0)
+    prefix = []
+    if os.geteuid() == 0:  # root reads anything: drop the capabilities that let it
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    command = [sys.executable, "-m", "granite_cli", "caption", str(tmp_path / "locked.png"), str(tmp_path / "open.png")]
+    command += ["--model", str(tiny_model), "--max-new-tokens", MAX_NEW]
+    result = subprocess.run(prefix + command, capture_output=True, timeout=300)
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert result.returncode == 1, result.stderr.decode()
+    assert records[0]["error"] == "permission denied" and records[1]["answer"] is not None
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_random_bytes_under_image_and_pdf_names(cli, tmp_path):
+    """Property-style: whatever the bytes, one record per input and no traceback."""
+    rng = random.Random(1234)
+    valid = {".png": b"", ".jpg": b"", ".pdf": b"", ".tif": b"", ".gif": b""}
+    for suffix in valid:
+        path = tmp_path / f"valid{suffix}"
+        if suffix == ".pdf":
+            make_pdf(path, 1)
+        else:
+            noise(32, 24).save(path)
+        valid[suffix] = path.read_bytes()
+    paths = []
+    for i in range(60):
+        suffix = rng.choice(list(valid))
+        kind = i % 3
+        if kind == 0:  # pure noise
+            data = rng.randbytes(rng.randint(0, 4096))
+        elif kind == 1:  # a real header followed by noise
+            data = valid[suffix][: rng.randint(8, 64)] + rng.randbytes(rng.randint(0, 2048))
+        else:  # a real file with random bytes flipped or cut
+            data = bytearray(valid[suffix][: rng.randint(1, len(valid[suffix]))])
+            for _ in range(rng.randint(0, 8)):
+                if data:
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+            data = bytes(data)
+        path = tmp_path / f"fuzz{i:02d}{suffix}"
+        path.write_bytes(data)
+        paths.append(str(path))
+    result = cli("caption", *paths, "--batch-size", "8")
+    assert result.exit_code in (0, 1)
+    assert "Traceback" not in result.stderr
+    records = result.records()
+    assert sorted({r["source"] for r in records}) == sorted(paths)  # every input has its record(s)
+    assert all((r["answer"] is None) != (r["error"] is None) for r in records)
+    assert all(len(r["error"].splitlines()) == 1 for r in records if r["error"])
+
+
+# --------------------------------------------------------------------------- output and resume
+def many_images(root: Path, count: int) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / f"img{i:04d}.png"
+        Image.new("RGB", (24 + i % 40, 24 + (i * 7) % 40), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_retries_failures_repairs_a_torn_line_and_keeps_each_item_once(cli, tmp_path):
+    paths = many_images(tmp_path / "in", 6)
+    missing = str(tmp_path / "in" / "later.png")
+    out = tmp_path / "out.jsonl"
+    first = cli("caption", *paths[:4], missing, "-o", str(out))
+    assert first.exit_code == 1
+    # simulate a crash in the middle of writing a record
+    with open(out, "a") as handle:
+        handle.write('{"source": "' + paths[4] + '", "page": nu')
+    noise(30, 30).save(missing)
+    second = cli("caption", *paths[:4], missing, *paths[4:], "-o", str(out), "--resume")
+    assert second.exit_code == 0, second.stderr
+    assert "4 answered before, 3 to run (1 failed before: retried) (a torn last line was dropped)" in second.stderr
+    records = read_jsonl(out)
+    assert [r["source"] for r in records] == [*paths[:4], missing, *paths[4:]]  # input order, each once
+    assert all(r["answer"] is not None for r in records)
+    third = cli("caption", *paths[:4], missing, *paths[4:], "-o", str(out), "--resume")
+    assert "7 answered before, 0 to run" in third.stderr and read_jsonl(out) == records
+
+
+def test_resume_needs_an_output_and_refuses_a_foreign_file(cli, tmp_path):
+    paths = many_images(tmp_path / "in", 1)
+    assert cli("caption", *paths, "--resume").exit_code == 2
+    foreign = tmp_path / "notes.jsonl"
+    foreign.write_text("hello\nworld\n")
+    result = cli("caption", *paths, "-o", str(foreign), "--resume")
+    assert result.exit_code == 2 and "not a granite-vision record" in result.stderr
+    assert foreign.read_text() == "hello\nworld\n"
+
+
+def test_markdown_report_is_rebuilt_from_its_journal_on_resume(cli, tmp_path):
+    paths = many_images(tmp_path / "in", 3)
+    report = tmp_path / "report.md"
+    cli("caption", *paths[:2], "-f", "markdown", "-o", str(report))
+    assert report.read_text().count("## `") == 2 and (tmp_path / "report.md.jsonl").exists()
+    result = cli("caption", *paths, "-f", "markdown", "-o", str(report), "--resume")
+    assert result.exit_code == 0
+    text = report.read_text()
+    assert [text.count(f"## `{p}`") for p in paths] == [1, 1, 1]
+    assert not list(tmp_path.glob(".report.md.*.tmp"))  # no temp file left behind
+
+
+def start_caption(paths: list[str], out: Path, model: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "granite_cli", "caption", "-", "-o", str(out), "--model", str(model)]
+    command += ["--max-new-tokens", "24", "--batch-size", "2", *extra]
+    listing = out.with_name(out.name + ".list")
+    listing.write_text("\n".join(paths) + "\n")
+    with open(listing, "rb") as stdin:
+        return subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= count:
+            return
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} records after {timeout} s")
+
+
+def test_kill_9_then_resume_over_200_items(tmp_path, tiny_model):
+    paths = many_images(tmp_path / "in", 200)
+    out = tmp_path / "out.jsonl"
+    process = start_caption(paths, out, tiny_model)
+    wait_for_lines(out, 40, process)
+    process.kill()
+    process.wait()
+    lines = out.read_bytes().split(b"\n")
+    complete = [line for line in lines[:-1]]
+    assert 40 <= len(complete) < 200
+    assert all(json.loads(line)["answer"] is not None for line in complete)  # nothing finished is lost or broken
+    resumed = start_caption(paths, out, tiny_model, "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr.decode()
+    records = read_jsonl(out)
+    assert len(records) == 200 and [r["source"] for r in records] == paths
+    assert all(r["answer"] is not None for r in records)
+
+
+def test_sigterm_stops_after_the_batch_keeps_records_and_exits_130(tmp_path, tiny_model):
+    paths = many_images(tmp_path / "in", 200)
+    out = tmp_path / "out.jsonl"
+    process = start_caption(paths, out, tiny_model)
+    wait_for_lines(out, 10, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    text = stderr.decode()
+    assert process.returncode == 130, text
+    assert "stopping after the current batch" in text and "Traceback" not in text
+    records = read_jsonl(out)  # every line whole
+    assert 10 <= len(records) < 200
+    assert f"interrupted: {len(records)} of 200 answered" in text and "--resume" in text
+    assert all(r["answer"] is not None for r in records)
+    assert len({r["source"] for r in records}) == len(records)
