@@ -265,9 +265,9 @@ def caption(
     seed: SeedOpt = None,
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
-    from . import pipeline
+    from . import distributed, pipeline
     from .output import FileOutput, StreamOutput
-    from .sources import PageSelection, resolve
+    from .sources import PageSelection, expand_stdin, resolve
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
@@ -277,15 +277,23 @@ def caption(
     selection = PageSelection.parse(pages) if pages else None
     if output is not None:
         _check_writable(output)
+    ranks = distributed.current(device)
+    if ranks.distributed:
+        if output is None:
+            raise UsageError("a run of several processes needs --output FILE, on a filesystem all of them share")
+        sources = ranks.broadcast(expand_stdin(sources) if ranks.rank == 0 else None)  # stdin is read once
     resolution = resolve(sources, pages=selection, read=read)
-    reporter = Reporter()
+    reporter = Reporter(rank=ranks.rank, world=ranks.world)
     for name in resolution.unmatched:
         reporter.warn(f"{name}: matched no supported file")
     if resolution.skipped:
         reporter.note(f"skipped {resolution.skipped} file(s) of unsupported type inside folders")
     if not resolution.items:
         raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
-    sink = FileOutput(output, fmt, resume) if output is not None else StreamOutput(sys.stdout, fmt)
+    if output is not None:
+        sink = FileOutput(output, fmt, resume, rank=ranks.rank, world=ranks.world, barrier=ranks.barrier)
+    else:
+        sink = StreamOutput(sys.stdout, fmt)
     todo = sink.start(resolution.items, prompt, model)
     if resume:
         previous = sink.previous
@@ -294,21 +302,47 @@ def caption(
             + (f" ({previous.failed} failed before: retried)" if previous.failed else "")
             + (" (a torn last line was dropped)" if previous.torn else "")
         )
+    finished = False
     try:
+        if ranks.distributed and device in ("auto", "cuda"):
+            device = ranks.device or device  # each process on its own GPU
         engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
         settings = _settings(max_new_tokens, temperature, seed)
+        if ranks.distributed:
+            todo = _my_share(todo, engine, ranks, read, max_new_tokens)
         with reporter.progress(len(todo)) as progress, graceful_stop() as stop:
             stats = pipeline.caption(
                 todo, engine, sink, prompt=prompt, settings=settings, batch_size=batch_size, read=read,
                 on_record=progress, stop=stop,
             )  # fmt: skip
+        finished = True
     finally:
-        sink.finish(resolution.items, prompt, model)
-    reporter.summary(stats, output)
+        if finished or not ranks.distributed:  # a failing process never waits for the others
+            merged = sink.finish(resolution.items, prompt, model)
+        else:
+            sink.close()
+    reporter.summary(stats, output, merged if ranks.distributed and ranks.rank == 0 else None)
     if stats.stopped:
         raise typer.Exit(130)
-    if stats.failed:
+    merged_failed = ranks.distributed and any(not record.ok for record in merged)
+    if stats.failed or merged_failed:
         raise typer.Exit(1)
+
+
+def _my_share(items, engine, ranks, read, max_new_tokens: int):
+    """This process's items: a cost-balanced share, decided alike by every process."""
+    from . import distributed
+    from .documents import probe_size
+
+    costs = [
+        distributed.item_cost(
+            probe_size(item.origin, item.page, read) if item.origin is not None else None,
+            engine.image_tokens,
+            max_new_tokens,
+        )
+        for item in items
+    ]
+    return [items[index] for index in distributed.split(costs, ranks.world)[ranks.rank]]
 
 
 @app.command()

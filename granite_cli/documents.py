@@ -92,6 +92,20 @@ def page_count(source: Source, options: ReadOptions = ReadOptions()) -> int | No
         return frames if image.format == "TIFF" and frames > 1 else None
 
 
+def probe_size(source: Source, page: int | None, options: ReadOptions = ReadOptions()) -> tuple[int, int] | None:
+    """The pixel size an item will have, read cheaply (image header, PDF page box), to estimate
+    its cost before loading it; None if it cannot be read (it will fail fast anyway)."""
+    try:
+        if is_pdf(read_head(source)):
+            with _PDFIUM_LOCK, _pdfium_document(source, options) as pdf:
+                width, height = pdf[(page or 1) - 1].get_size()
+            return max(1, round(width * options.dpi / 72)), max(1, round(height * options.dpi / 72))
+        with _open_image(source, options) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - only an estimate
+        return None
+
+
 def load(source: Source, page: int | None, options: ReadOptions = ReadOptions(), fit: Fit | None = None) -> Image.Image:
     """The picture the model sees for one item: RGB, upright, alpha flattened on white."""
     if is_pdf(read_head(source)):

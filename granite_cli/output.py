@@ -14,9 +14,10 @@ itself is rebuilt from them and replaced atomically: a reader never sees half a 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -65,14 +66,20 @@ def read_records(path: Path) -> tuple[list[Record], bool]:
     return records, torn
 
 
-def load_previous(path: Path) -> Previous:
-    records, torn = read_records(path)
-    previous = Previous(torn=torn)
-    for record in records:
-        if record.ok:
-            previous.answered[record.key] = record
-        else:
-            previous.failed += 1
+def load_previous(paths: Iterable[Path]) -> Previous:
+    """Merge the records of the output file and of any part files left by earlier runs
+    (several processes, any number of them): an item counts as answered if any file answered it."""
+    previous = Previous()
+    failed: set[tuple] = set()
+    for path in paths:
+        records, torn = read_records(path)
+        previous.torn |= torn
+        for record in records:
+            if record.ok:
+                previous.answered[record.key] = record
+            else:
+                failed.add(record.key)
+    previous.failed = len(failed - previous.answered.keys())
     return previous
 
 
@@ -105,35 +112,65 @@ def in_input_order(records: Iterable[Record], items: Sequence[Item], prompt: str
 class FileOutput:
     """`-o FILE`: the JSONL file (or the markdown report and its journal) of one run.
 
-    Use: `output = FileOutput(path, fmt, resume)`, `todo = output.start(items, prompt, model)`,
-    write records with `output.write`, then `output.finish(items, prompt, model, complete)`.
+    Use: `todo = output.start(items, prompt, model)`, then `output.write(record)` per record,
+    then `output.finish(items, prompt, model)`. In a run of several processes (`rank` of
+    `world`), each process appends to its own part file in `JOURNAL.parts/`, and the process of
+    rank 0 merges them into the output once all are done; `barrier` makes the processes wait for
+    each other where they must agree on what is already done.
     """
 
-    def __init__(self, path: Path, fmt: str, resume: bool):
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        resume: bool,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        barrier: Callable[[], None] = lambda: None,
+    ):
         self.path = path
         self.fmt = fmt
         self.resume = resume
+        self.rank = rank
+        self.world = world
+        self.barrier = barrier
         self.journal = path if fmt == "jsonl" else path.with_name(path.name + ".jsonl")
+        self.parts = self.journal.with_name(self.journal.name + ".parts")
+        self.target = self.journal if world == 1 else self.parts / f"rank-{rank:05d}-of-{world:05d}.jsonl"
         self.previous = Previous()
         self.stream: TextIO | None = None
         self.writer: JsonlWriter | None = None
         self.records: list[Record] = []
-        """Everything in the journal, mirrored in memory to rebuild the report from."""
+        """What this process's target file holds, mirrored in memory to rebuild the report from."""
         self.last_report = 0.0
+
+    def _sources(self) -> list[Path]:
+        return [self.journal, *sorted(self.parts.glob("rank-*.jsonl"))]
 
     def start(self, items: Sequence[Item], prompt: str, model: str) -> list[Item]:
         """Open for writing; with --resume, return only the items still to run."""
         if self.resume:
-            self.previous = load_previous(self.journal)
-            # Keep only what is answered (failed records are retried, a torn line is dropped).
+            self.previous = load_previous(self._sources())
+        self.barrier()  # every process has read the same state before anyone writes
+        if self.rank == 0:
+            # The output keeps only answers (failed items are retried, a torn line is dropped);
+            # a fresh run starts from nothing.
             write_atomic(self.journal, jsonl_text(self.previous.answered.values()))
-            todo = [item for item in items if (item.source, item.page, prompt, model) not in self.previous.answered]
-        else:
-            todo = list(items)
-        self.records = list(self.previous.answered.values())
-        self.stream = open(self.journal, "a" if self.resume else "w", encoding="utf-8")
+            if self.world == 1 and self.parts.exists():
+                shutil.rmtree(self.parts)
+            elif self.world > 1:
+                if self.parts.exists():
+                    for stale in self.parts.glob("rank-*.jsonl"):  # merged into the output above
+                        stale.unlink()
+                self.parts.mkdir(exist_ok=True)
+        self.barrier()
+        answered = self.previous.answered
+        todo = [item for item in items if (item.source, item.page, prompt, model) not in answered]
+        self.records = list(answered.values()) if self.world == 1 else []
+        self.stream = open(self.target, "a", encoding="utf-8")
         self.writer = JsonlWriter(self.stream)
-        if self.fmt == "markdown":
+        if self.fmt == "markdown" and self.world == 1:
             self._report(force=True)
         return todo
 
@@ -141,7 +178,7 @@ class FileOutput:
         assert self.writer is not None
         self.writer.write(record)
         self.records.append(record)
-        if self.fmt == "markdown":
+        if self.fmt == "markdown" and self.world == 1:
             self._report()
 
     def close(self) -> None:
@@ -151,13 +188,30 @@ class FileOutput:
             self.stream.close()
             self.stream = None
 
-    def finish(self, items: Sequence[Item], prompt: str, model: str) -> None:
-        """Close, put every record in input order, and rebuild the report (atomically)."""
+    def finish(self, items: Sequence[Item], prompt: str, model: str) -> list[Record]:
+        """Close; once every process is done, rank 0 puts every record in input order, each
+        item once, and rebuilds the report (atomically). Returns the merged records (rank 0)."""
         self.close()
-        ordered = in_input_order(self.records, items, prompt, model)
+        if self.world == 1:
+            merged = self.records
+        else:
+            self.barrier()
+            if self.rank != 0:
+                return []
+            previous = load_previous(self._sources())
+            failed = {}
+            for path in self._sources():
+                for record in read_records(path)[0]:
+                    if not record.ok and record.key not in previous.answered:
+                        failed[record.key] = record
+            merged = [*previous.answered.values(), *failed.values()]
+        ordered = in_input_order(merged, items, prompt, model)
         write_atomic(self.journal, jsonl_text(ordered))
         if self.fmt == "markdown":
             write_atomic(self.path, render_markdown(ordered, self.path))
+        if self.world > 1:
+            shutil.rmtree(self.parts, ignore_errors=True)
+        return ordered
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -183,5 +237,6 @@ class StreamOutput:
     def close(self) -> None:
         self.writer.close()
 
-    def finish(self, items: Sequence[Item], prompt: str, model: str) -> None:
+    def finish(self, items: Sequence[Item], prompt: str, model: str) -> list[Record]:
         self.close()
+        return []

@@ -100,6 +100,17 @@ def resolve(
     return result
 
 
+def expand_stdin(sources: Iterable[str], stdin: BinaryIO | None = None) -> list[str]:
+    """SOURCE arguments with `-` replaced by the paths it reads from stdin (read once, so that
+    a run of several processes can share one list)."""
+    expanded: list[str] = []
+    for source in sources:
+        expanded.extend(
+            _read_path_list(stdin if stdin is not None else sys.stdin.buffer) if source == STDIN else [source]
+        )
+    return expanded
+
+
 def resolve_single(source: str, page: int, *, read: ReadOptions = ReadOptions(), stdin: BinaryIO | None = None) -> Item:
     """The one item of `ask`: a file, `-` (image or PDF bytes on stdin) or an http(s) URL."""
     try:

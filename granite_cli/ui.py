@@ -31,19 +31,24 @@ def error_line(record: Record) -> str:
 class Reporter:
     """Progress, per-item error lines and the closing summary of a `caption` run."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
         self.errors = 0
+        self.rank = rank
+        self.world = world
+        self.prefix = f"rank {rank}/{world}: " if world > 1 else ""
 
     def warn(self, text: str) -> None:
-        console.print(f"[yellow]warning:[/] {escape(text)}")
+        if self.rank == 0:
+            console.print(f"[yellow]warning:[/] {escape(text)}")
 
     def note(self, text: str) -> None:
-        console.print(escape(text))
+        if self.rank == 0:
+            console.print(escape(text))
 
     @contextlib.contextmanager
     def progress(self, total: int) -> Iterator[Callable[[Record], None]]:
         """A callback for each finished record: prints its error, advances the bar on a TTY."""
-        if not console.is_terminal:
+        if not console.is_terminal or self.rank != 0:
 
             def plain(record: Record) -> None:
                 if not record.ok:
@@ -81,7 +86,8 @@ class Reporter:
 
             yield advance
 
-    def summary(self, stats: Stats, output: Path | None) -> None:
+    def summary(self, stats: Stats, output: Path | None, merged: list[Record] | None = None) -> None:
+        """The closing line: this process's work; on rank 0 of several, also the merged output."""
         seconds = stats.seconds
         rate = stats.total / seconds if seconds > 0 else 0.0
         where = f" -> {output}" if output else ""
@@ -92,4 +98,9 @@ class Reporter:
         if stats.stopped:
             hint = "; run the same command with --resume to finish" if output else ""
             line = f"interrupted: {line}{hint}"
-        console.print(line, soft_wrap=True)
+        console.print(self.prefix + line, soft_wrap=True)
+        if merged is not None:
+            failed = sum(not record.ok for record in merged)
+            console.print(
+                f"merged {len(merged)} records from {self.world} processes ({failed} failed) -> {escape(str(output))}"
+            )

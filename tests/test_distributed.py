@@ -1,0 +1,156 @@
+"""Several processes through `accelerate launch` (gloo on the CPU): one output, every item once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MAX_NEW, make_pdf, noise
+
+from granite_cli.distributed import split
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(processes: int, *args: str, model: Path, input: bytes | None = None, background: bool = False):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "granite_cli", "caption", *args,
+        "--model", str(model), "--max-new-tokens", MAX_NEW, "--device", "cpu",
+    ]  # fmt: skip
+    if background:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.run(command, input=input, capture_output=True, timeout=600)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (launcher -> torchrun agent -> ranks), from /proc."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def single(*args: str, model: Path):
+    command = [
+        sys.executable,
+        "-m",
+        "granite_cli",
+        "caption",
+        *args,
+        "--model",
+        str(model),
+        "--max-new-tokens",
+        MAX_NEW,
+    ]
+    return subprocess.run(command, capture_output=True, timeout=600)
+
+
+@pytest.fixture
+def workload(tmp_path) -> Path:
+    root = tmp_path / "work"
+    root.mkdir()
+    for i in range(9):
+        noise(40 + 30 * (i % 4), 50 + 20 * (i % 3), i).save(root / f"p{i}.png")
+    make_pdf(root / "doc.pdf", 3)
+    (root / "broken.jpg").write_text("not a jpeg")
+    return root
+
+
+def test_split_is_deterministic_complete_and_balanced_by_cost():
+    costs = [100, 1, 1, 1, 1, 1, 1, 1, 1, 1, 90, 5]
+    shares = split(costs, 2)
+    assert shares == split(costs, 2)
+    assert sorted(i for share in shares for i in share) == list(range(len(costs)))
+    assert all(share == sorted(share) for share in shares)
+    loads = [sum(costs[i] for i in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 10  # by count it would be 6/6 items, 197 vs 7 cost units
+    assert split([1.0] * 5, 3) == [[0, 3], [1, 4], [2]]
+    assert split([], 4) == [[], [], [], []]
+
+
+def test_two_processes_write_the_same_records_as_one(workload, tiny_model, tmp_path):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    first = single(str(workload), "-o", str(one), model=tiny_model)
+    second = launch(2, str(workload), "-o", str(two), model=tiny_model)
+    assert first.returncode == 1 and second.returncode != 0  # broken.jpg fails in both
+    assert two.read_text() == one.read_text()
+    assert len(one.read_text().splitlines()) == 13
+    stderr = second.stderr.decode()
+    assert "rank 0/2:" in stderr and "rank 1/2:" in stderr and "merged 13 records from 2 processes (1 failed)" in stderr
+    assert not (tmp_path / "two.jsonl.parts").exists()
+
+
+def test_markdown_and_stdin_with_two_processes(workload, tiny_model, tmp_path):
+    listing = "\n".join(str(p) for p in sorted(workload.glob("p*.png"))).encode()
+    report = tmp_path / "report.md"
+    result = launch(2, "-", "-f", "markdown", "-o", str(report), model=tiny_model, input=listing)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    text = report.read_text()
+    assert [text.count(f"## `{p}`") for p in sorted(workload.glob("p*.png"))] == [1] * 9
+    assert len((tmp_path / "report.md.jsonl").read_text().splitlines()) == 9
+
+
+def test_several_processes_need_an_output_file(workload, tiny_model):
+    result = launch(2, str(workload), model=tiny_model)
+    assert result.returncode != 0 and b"needs --output FILE" in result.stderr
+
+
+def test_resume_with_a_different_number_of_processes(workload, tiny_model, tmp_path):
+    out = tmp_path / "out.jsonl"
+    pngs = sorted(str(p) for p in workload.glob("p*.png"))
+    assert single(*pngs[:4], "-o", str(out), model=tiny_model).returncode == 0
+    resumed = launch(2, *pngs, "-o", str(out), "--resume", model=tiny_model)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert "4 answered before, 5 to run" in resumed.stderr.decode()
+    reference = tmp_path / "ref.jsonl"
+    single(*pngs, "-o", str(reference), model=tiny_model)
+    assert out.read_text() == reference.read_text()
+
+
+def test_a_dead_run_keeps_every_finished_record_of_every_rank(tiny_model, tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(120):
+        noise(30 + i % 40, 30 + (i * 3) % 40, i).save(root / f"img{i:03d}.png")
+    out = tmp_path / "out.jsonl"
+    process = launch(2, str(root), "-o", str(out), "--batch-size", "2", model=tiny_model, background=True)
+    parts = tmp_path / "out.jsonl.parts"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        files = list(parts.glob("rank-*.jsonl")) if parts.exists() else []
+        if len(files) == 2 and all(f.read_bytes().count(b"\n") >= 5 for f in files):
+            break
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    for pid in [process.pid, *descendants(process.pid)]:  # every rank dies at once
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    kept = 0
+    for part in parts.glob("rank-*.jsonl"):
+        lines = part.read_bytes().split(b"\n")
+        kept += sum(1 for line in lines[:-1] if json.loads(line)["answer"] is not None)
+    assert kept >= 10
+    resumed = single(str(root), "-o", str(out), "--resume", model=tiny_model)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert f"{kept} answered before" in resumed.stderr.decode()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in records] == sorted(str(p) for p in root.glob("*.png"))
+    assert not parts.exists()
