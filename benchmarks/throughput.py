@@ -203,17 +203,18 @@ def run_batched(
 
 
 def run_engine(
-    engine: Engine, items: list[Item], new_tokens: int, batch_size: int
+    engine: Engine, items: list[Item], new_tokens: int, batch_size: int, schema=None
 ) -> tuple[dict, list[list[int]], list[Record]]:
-    """(c) `granite-vision caption`'s path: pipeline.caption over the files, records to a writer."""
+    """(c) `granite-vision caption`'s path: pipeline.caption over the files, records to a writer.
+    With a schema, answers end when the JSON closes (no forced length)."""
     records: list[Record] = []
     tokens: dict[int, list[int]] = {}
     real_make_record = pipeline.make_record
 
-    def capture(name, prompt, loaded, answer=None, error=None):  # keep each item's token ids
+    def capture(name, prompt, loaded, answer=None, error=None, settings=None):  # keep token ids
         if answer is not None:
             tokens[loaded.index] = list(answer.token_ids)
-        return real_make_record(name, prompt, loaded, answer, error)
+        return real_make_record(name, prompt, loaded, answer, error, settings)
 
     class Collect:
         def write(self, record: Record) -> None:
@@ -223,7 +224,10 @@ def run_engine(
         def close(self) -> None:
             pass
 
-    settings = GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if schema is None:
+        settings = GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    else:
+        settings = GenerationSettings(max_new_tokens=new_tokens, schema=schema)
     pipeline.make_record = capture
     try:
         timer = Timer(engine.device)
@@ -231,7 +235,7 @@ def run_engine(
         result = timer.result(len(items), sum(r.answer_tokens or 0 for r in records))
     finally:
         pipeline.make_record = real_make_record
-    failed = [r for r in records if not r.ok]
+    failed = [r for r in records if not r.ok and schema is None]
     if failed:
         raise SystemExit(f"engine run failed on {len(failed)} item(s): {failed[0].source}: {failed[0].error}")
     return result, [tokens[i] for i in range(len(items))], records
@@ -266,6 +270,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", default="auto", help="engine KV cache: auto|static|dynamic")
     parser.add_argument("--compile", action="store_true", help="engine: compile the decode step")
     parser.add_argument("--max-tiles-sweep", default="", help="also run (c) with these --max-tiles values, e.g. 3,5,10")
+    parser.add_argument(
+        "--schema",
+        help="also run (c) constrained to this schema (file, inline JSON or compact fields) and report the"
+        " slowdown per generated token against free text at the same batch size",
+    )
     parser.add_argument("--json", type=Path, help="write the result here (default benchmarks/results/<time>.json)")
     args = parser.parse_args(argv)
 
@@ -300,6 +309,19 @@ def main(argv: list[str] | None = None) -> dict:
         ours, our_tokens, records = run_engine(engine, items, new_tokens, batch_size)
 
         pages = [r for r in records if r.page is not None]
+        structured = None
+        if args.schema:
+            from granite_cli import schema as schema_module
+
+            schema = schema_module.load(args.schema)
+            structured, _, schema_records = run_engine(engine, items, new_tokens, batch_size, schema)
+            structured["valid"] = sum(r.data is not None for r in schema_records)
+            # Free text of the same length, same batch size: the cost of the constraint alone.
+            length = max(1, round(sum(r.answer_tokens or 0 for r in schema_records) / len(schema_records)))
+            free, _, _ = run_engine(engine, items, length, batch_size)
+            structured["free_text_same_length"] = free
+            structured["answer_tokens_mean"] = length
+            structured["slowdown"] = round(free["images_per_s"] / structured["images_per_s"] - 1, 3)
         sweep = []
         original = (
             list(engine.model.config.image_grid_pinpoints),
@@ -351,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         "agreement_engine_vs_batched": agreement(our_tokens, batched_tokens),
         "agreement_engine_vs_card": agreement(our_tokens[:card_n], card_tokens),
         "max_tiles_sweep": sweep,
+        "schema": structured,
     }
     out = args.json or ROOT / "results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +411,13 @@ def render(report: dict) -> str:
             f"| (c) --max-tiles {row['max_tiles']} (~{row['prompt_tokens_per_page']} tok/page) | {row['items']} |"
             f" {row['images_per_s']} | {row['new_tokens_per_s']} | {row['first_result_s']} | {peak} |"
         )
+    if report.get("schema"):
+        row = report["schema"]
+        peak = "-" if row["peak_gpu_gib"] is None else row["peak_gpu_gib"]
+        lines.append(
+            f"| (c) --schema ({row['valid']}/{row['items']} valid) | {row['items']} | {row['images_per_s']} |"
+            f" {row['new_tokens_per_s']} | {row['first_result_s']} | {peak} |"
+        )
     lines += [
         "",
         f"c/a = {report['ratio_engine_vs_card']}x, c/b = {report['ratio_engine_vs_batched']}x",
@@ -396,6 +426,12 @@ def render(report: dict) -> str:
         f" (c) vs (a): first token {report['agreement_engine_vs_card']['first_token']:.1%},"
         f" all tokens {report['agreement_engine_vs_card']['all_tokens']:.1%}",
     ]
+    if report.get("schema"):
+        row = report["schema"]
+        lines.append(
+            f"schema slowdown vs free text of the same length ({row['answer_tokens_mean']} tokens, same batch size):"
+            f" {row['slowdown']:.1%} ({row['free_text_same_length']['images_per_s']} -> {row['images_per_s']} images/s)"
+        )
     return "\n".join(lines)
 
 

@@ -76,6 +76,18 @@ DtypeOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
+SchemaOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Answer with JSON valid against this schema: a JSON Schema file, inline JSON, or fields like"
+        " 'title, total:number, paid:boolean' (string by default). Decoding is constrained to it.",
+        rich_help_panel="Structured output",
+    ),
+]
+JsonObjectOpt = Annotated[
+    bool,
+    typer.Option("--json-object", help="Answer with any JSON object (no schema).", rich_help_panel="Structured output"),
+]
 MaxTilesOpt = Annotated[
     Optional[int],
     typer.Option(
@@ -174,6 +186,8 @@ def ask(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")
     ] = False,
+    schema: SchemaOpt = None,
+    json_object: JsonObjectOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -193,6 +207,7 @@ def ask(
     from . import pipeline
     from .sources import resolve_single
 
+    structured = _schema(schema, json_object)
     read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
     item = resolve_single(source, page, read=read)
     loaded = pipeline.load_item(0, item, read)
@@ -201,7 +216,7 @@ def ask(
         record = pipeline.make_record(model, question, loaded, error=loaded.error)
         _fail_item(record, json_output)
     engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
-    settings = _settings(max_new_tokens, temperature, seed)
+    settings = _settings(max_new_tokens, temperature, seed, structured)
     try:
         answer = engine.generate([loaded.image], [question], settings, stream=None if json_output else sys.stdout)[0]
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
@@ -210,8 +225,10 @@ def ask(
         _fail_item(
             pipeline.make_record(model, question, loaded, error=f"generation failed: {describe(exc)}"), json_output
         )
-    record = pipeline.make_record(model, question, loaded, answer)
+    record = pipeline.make_record(model, question, loaded, answer, settings=settings)
     print(record.to_json() if json_output else "", flush=True)
+    if not record.ok:
+        _fail_item(record, json_output=False)
 
 
 @app.command(
@@ -231,10 +248,19 @@ def caption(
             " or - for paths on stdin."
         ),
     ],
-    prompt: Annotated[str, typer.Option(help="What to ask about every picture.")] = DEFAULT_PROMPT,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(
+            help=f"What to ask about every picture [default: {DEFAULT_PROMPT!r};"
+            " with --schema, a request for its fields]"
+        ),
+    ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="jsonl (one record per line) or markdown (a report).")
+        str,
+        typer.Option("--format", "-f", help="jsonl (one record per line), markdown (a report) or csv (with --schema)."),
     ] = "jsonl",
+    schema: SchemaOpt = None,
+    json_object: JsonObjectOpt = False,
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.", dir_okay=False)
     ] = None,
@@ -273,6 +299,12 @@ def caption(
         raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
     if resume and output is None:
         raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
+    structured = _schema(schema, json_object)
+    columns = structured.columns if structured is not None else []
+    if fmt == "csv" and not columns:
+        raise UsageError("--format csv needs --schema with named fields: they are the columns")
+    if prompt is None:
+        prompt = structured.default_prompt() if structured is not None else DEFAULT_PROMPT
     read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
     selection = PageSelection.parse(pages) if pages else None
     if output is not None:
@@ -291,9 +323,11 @@ def caption(
     if not resolution.items:
         raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
     if output is not None:
-        sink = FileOutput(output, fmt, resume, rank=ranks.rank, world=ranks.world, barrier=ranks.barrier)
+        sink = FileOutput(
+            output, fmt, resume, rank=ranks.rank, world=ranks.world, barrier=ranks.barrier, columns=columns
+        )
     else:
-        sink = StreamOutput(sys.stdout, fmt)
+        sink = StreamOutput(sys.stdout, fmt, columns)
     todo = sink.start(resolution.items, prompt, model)
     if resume:
         previous = sink.previous
@@ -307,7 +341,7 @@ def caption(
         if ranks.distributed and device in ("auto", "cuda"):
             device = ranks.device or device  # each process on its own GPU
         engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
-        settings = _settings(max_new_tokens, temperature, seed)
+        settings = _settings(max_new_tokens, temperature, seed, structured)
         if ranks.distributed:
             todo = _my_share(todo, engine, ranks, read, max_new_tokens)
         with reporter.progress(len(todo)) as progress, graceful_stop() as stop:
@@ -386,14 +420,20 @@ def graceful_stop() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def _settings(max_new_tokens: int, temperature: float, seed: int | None):
+def _schema(spec: str | None, json_object: bool):
+    from . import schema
+
+    return schema.load(spec, json_object)
+
+
+def _settings(max_new_tokens: int, temperature: float, seed: int | None, structured=None):
     from .engine import GenerationSettings
 
     if seed is not None:
         from transformers import set_seed
 
         set_seed(seed)
-    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, schema=structured)
 
 
 def _engine_options(max_tiles: int | None, cache: str, compile: bool):

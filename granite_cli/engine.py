@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from .schema import OutputSchema
+
 DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -36,6 +38,8 @@ class GenerationSettings:
     seed: int | None = None
     min_new_tokens: int | None = None
     """Benchmarks only: force answers of a fixed length, so random weights cannot stop early."""
+    schema: OutputSchema | None = None
+    """Constrain decoding to this JSON Schema (--schema, --json-object)."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,9 @@ class Engine:
             # A preallocated cache: no per-step concatenation of the whole KV cache, and the
             # grouped K/V heads are read in place (transformers packs GQA for one-token steps).
             kwargs.update(cache_implementation="static", disable_compile=not self.options.compile)
+        if settings.schema is not None:
+            rows = inputs["input_ids"].shape[0]
+            kwargs["logits_processor"] = [_GrammarMask(self._grammar(settings.schema.text), rows)]
         if stream is not None:
             kwargs["streamer"] = _TextStream(self.tokenizer, stream)
         with torch.inference_mode():
@@ -248,6 +255,21 @@ class Engine:
         `stream`, for a batch of one, receives the answer text while it is generated.
         """
         return self.run(self.prepare(images, questions), settings, stream)
+
+    @lru_cache(maxsize=16)
+    def _grammar(self, schema_text: str):
+        """The schema compiled against this model's vocabulary (the logits' width, which can
+        exceed the tokenizer's), whitespace-free; compiled once per schema."""
+        import xgrammar
+
+        from .schema import SEPARATORS
+
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            self.tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(self.eos_ids)
+        )
+        compiler = xgrammar.GrammarCompiler(info)
+        return compiler.compile_json_schema(schema_text, any_whitespace=False, separators=SEPARATORS)
 
     def _static_cache(self) -> bool:
         if self.options.cache == "auto":
@@ -354,6 +376,44 @@ def _quiet_transformers() -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", module="torch")
+
+
+class _GrammarMask:
+    """A `generate` logits processor holding one xgrammar matcher per row of the batch.
+
+    Each step: the rows still inside their grammar accept the token they just produced, their
+    allowed-token bitmasks are filled in one multi-threaded call, and the masks are applied to
+    the logits in place (a fused kernel on CUDA). Rows whose JSON is complete end with the
+    end-of-text token, which the grammar then only allows.
+    """
+
+    def __init__(self, compiled, rows: int):
+        import xgrammar
+
+        self.xgrammar = xgrammar
+        self.matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(rows)]
+        self.batch = xgrammar.BatchGrammarMatcher()
+        self.vocab_size = compiled.tokenizer_info.vocab_size
+        self.bitmask = xgrammar.allocate_token_bitmask(rows, self.vocab_size)
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        live = [i for i, matcher in enumerate(self.matchers) if not matcher.is_terminated()]
+        if self.started and live:
+            last = input_ids[:, -1].tolist()
+            self.xgrammar.BatchGrammarMatcher.batch_accept_token(
+                [self.matchers[i] for i in live], [last[i] for i in live]
+            )
+            live = [i for i in live if not self.matchers[i].is_terminated()]
+        self.started = True
+        if not live:
+            return scores
+        self.batch.batch_fill_next_token_bitmask([self.matchers[i] for i in live], self.bitmask, indices=live)
+        masked = scores if scores.device.type in ("cuda", "cpu") else scores.to("cpu")
+        self.xgrammar.apply_token_bitmask_inplace(
+            masked, self.bitmask.to(masked.device, non_blocking=True), vocab_size=self.vocab_size, indices=live
+        )
+        return masked.to(scores.device)
 
 
 class _TextStream:

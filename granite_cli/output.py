@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import UsageError
-from .records import JsonlWriter, MarkdownWriter, Record, render_markdown
+from .records import REPORT_FORMATS, JsonlWriter, Record, Writer, open_writer, render
 from .sources import Item
 
 #: A markdown report is rebuilt at most this often while a run goes on (and always at the end).
@@ -128,14 +128,16 @@ class FileOutput:
         rank: int = 0,
         world: int = 1,
         barrier: Callable[[], None] = lambda: None,
+        columns: Sequence[str] = (),
     ):
         self.path = path
         self.fmt = fmt
+        self.columns = columns
         self.resume = resume
         self.rank = rank
         self.world = world
         self.barrier = barrier
-        self.journal = path if fmt == "jsonl" else path.with_name(path.name + ".jsonl")
+        self.journal = path.with_name(path.name + ".jsonl") if fmt in REPORT_FORMATS else path
         self.parts = self.journal.with_name(self.journal.name + ".parts")
         self.target = self.journal if world == 1 else self.parts / f"rank-{rank:05d}-of-{world:05d}.jsonl"
         self.previous = Previous()
@@ -170,7 +172,7 @@ class FileOutput:
         self.records = list(answered.values()) if self.world == 1 else []
         self.stream = open(self.target, "a", encoding="utf-8")
         self.writer = JsonlWriter(self.stream)
-        if self.fmt == "markdown" and self.world == 1:
+        if self.fmt in REPORT_FORMATS and self.world == 1:
             self._report(force=True)
         return todo
 
@@ -178,7 +180,7 @@ class FileOutput:
         assert self.writer is not None
         self.writer.write(record)
         self.records.append(record)
-        if self.fmt == "markdown" and self.world == 1:
+        if self.fmt in REPORT_FORMATS and self.world == 1:
             self._report()
 
     def close(self) -> None:
@@ -207,8 +209,8 @@ class FileOutput:
             merged = [*previous.answered.values(), *failed.values()]
         ordered = in_input_order(merged, items, prompt, model)
         write_atomic(self.journal, jsonl_text(ordered))
-        if self.fmt == "markdown":
-            write_atomic(self.path, render_markdown(ordered, self.path))
+        if self.fmt in REPORT_FORMATS:
+            write_atomic(self.path, render(self.fmt, ordered, self.path, self.columns))
         if self.world > 1:
             shutil.rmtree(self.parts, ignore_errors=True)
         return ordered
@@ -218,14 +220,14 @@ class FileOutput:
         if not force and now - self.last_report < REPORT_INTERVAL_S:
             return
         self.last_report = now
-        write_atomic(self.path, render_markdown(self.records, self.path))
+        write_atomic(self.path, render(self.fmt, self.records, self.path, self.columns))
 
 
 class StreamOutput:
     """stdout: records stream in input order (JSONL or a markdown report); no resume."""
 
-    def __init__(self, stream: TextIO, fmt: str):
-        self.writer = MarkdownWriter(stream) if fmt == "markdown" else JsonlWriter(stream)
+    def __init__(self, stream: TextIO, fmt: str, columns: Sequence[str] = ()):
+        self.writer: Writer = open_writer(fmt, stream, None, columns)
         self.previous = Previous()
 
     def start(self, items: Sequence[Item], prompt: str, model: str) -> list[Item]:

@@ -84,21 +84,31 @@ def load_item(index: int, item: Item, read: ReadOptions = ReadOptions(), fit: Fi
 
 
 def make_record(
-    engine_name: str, prompt: str, loaded: Loaded, answer: Answer | None = None, error: str | None = None
+    engine_name: str,
+    prompt: str,
+    loaded: Loaded,
+    answer: Answer | None = None,
+    error: str | None = None,
+    settings: GenerationSettings | None = None,
 ) -> Record:
+    """The record of one item; with a schema, the answer is also parsed and validated."""
     image = loaded.image
+    data = None
+    if answer is not None and settings is not None and settings.schema is not None:
+        data, error = settings.schema.check(answer.text, answer.finish_reason, settings.max_new_tokens)
     return Record(
         source=loaded.item.source,
         page=loaded.item.page,
         prompt=prompt,
         answer=answer.text if answer else None,
-        error=error if answer is None else None,
+        error=error,
         model=engine_name,
         width=image.width if image else None,
         height=image.height if image else None,
         prompt_tokens=answer.prompt_tokens if answer else None,
         answer_tokens=answer.answer_tokens if answer else None,
         finish_reason=answer.finish_reason if answer else None,
+        data=data,
     )
 
 
@@ -291,7 +301,7 @@ def _answer_batch(
             yield from _answer_batch(engine, prepare_batch(engine, half, prompt), prompt, settings)
         return
     for entry, answer in zip(batch.entries, answers, strict=True):
-        yield entry, make_record(engine.name, prompt, entry, answer)
+        yield entry, make_record(engine.name, prompt, entry, answer, settings=settings)
 
 
 def _release_memory() -> None:

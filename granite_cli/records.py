@@ -8,13 +8,14 @@ else changes.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 from urllib.parse import quote
 
 
@@ -36,6 +37,9 @@ class Record:
     answer_tokens: int | None = None
     finish_reason: str | None = None
     """"stop" when the model ended its answer, "length" when --max-new-tokens cut it."""
+    data: Any = None
+    """With --schema / --json-object: the answer parsed and validated (the raw text stays in
+    `answer`, also when it could not be parsed, with `error` saying why)."""
 
     @property
     def ok(self) -> bool:
@@ -107,6 +111,9 @@ class MarkdownWriter:
                 )
         if record.error is not None:
             parts.append(f"\n> **Error:** {_escape(record.error)}\n")
+        elif isinstance(record.data, dict):
+            parts.append("\n| field | value |\n|---|---|\n")
+            parts += [f"| {_escape(str(key))} | {_cell(value)} |\n" for key, value in record.data.items()]
         else:
             parts.append(f"\n{(record.answer or '').strip()}\n")
         self.stream.write("".join(parts))
@@ -132,18 +139,65 @@ def _code(text: str) -> str:
     return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
 
 
+def _cell(value: Any) -> str:
+    """A table cell: plain values as text, nested objects and lists as inline JSON."""
+    if isinstance(value, (dict, list)):
+        return _code(json.dumps(value, ensure_ascii=False))
+    text = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+    return _escape(text)
+
+
 def _escape(text: str) -> str:
     """Keep file names and error text from being read as markdown markup."""
     return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in text.replace("\n", " "))
 
 
-def render_markdown(records: Iterable[Record], report_path: Path | None = None) -> str:
-    """The whole report for these records, as `MarkdownWriter` would stream it."""
-    buffer = io.StringIO()
-    writer = MarkdownWriter(buffer, report_path)
+class CsvWriter:
+    """One row per item: source and page first, one column per top-level schema property, then
+    the error. Nested values are written as JSON; a failed item has empty fields and its error."""
+
+    def __init__(self, stream: TextIO, columns: Sequence[str]):
+        self.stream = stream
+        self.columns = list(columns)
+        self.csv = csv.writer(stream)
+        self.csv.writerow(["source", "page", *self.columns, "error"])
+        self.stream.flush()
+
+    def write(self, record: Record) -> None:
+        data = record.data if isinstance(record.data, dict) else {}
+        values = [_csv_value(data.get(column)) for column in self.columns]
+        self.csv.writerow([record.source, "" if record.page is None else record.page, *values, record.error or ""])
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, bool)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+FORMATS = ("jsonl", "markdown", "csv")
+REPORT_FORMATS = ("markdown", "csv")
+"""Formats that are whole documents: written to a file, they are rebuilt from a JSONL journal."""
+
+
+def open_writer(fmt: str, stream: TextIO, report_path: Path | None = None, columns: Sequence[str] = ()) -> Writer:
+    if fmt == "markdown":
+        return MarkdownWriter(stream, report_path)
+    if fmt == "csv":
+        return CsvWriter(stream, columns)
+    return JsonlWriter(stream)
+
+
+def render(fmt: str, records: Iterable[Record], report_path: Path | None = None, columns: Sequence[str] = ()) -> str:
+    """The whole document for these records, as its writer would stream it."""
+    buffer = io.StringIO(newline="")
+    writer = open_writer(fmt, buffer, report_path, columns)
     for record in records:
         writer.write(record)
     return buffer.getvalue()
-
-
-FORMATS = ("jsonl", "markdown")

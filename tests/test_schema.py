@@ -1,0 +1,187 @@
+"""--schema / --json-object: schema-valid JSON per picture, by construction, in batches."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import jsonschema
+import pytest
+from conftest import make_pdf, noise
+
+from granite_cli.errors import UsageError
+from granite_cli.schema import compact, load
+
+BOUNDED = {
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer", "minimum": 0, "maximum": 50},
+        "paid": {"type": "boolean"},
+        "kind": {"enum": ["invoice", "receipt", "chart"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 10},
+    },
+    "required": ["count", "paid", "kind", "score"],
+    "additionalProperties": False,
+}
+SCHEMAS = {
+    "bounded": BOUNDED,
+    "strings": {
+        "type": "object",
+        "properties": {"title": {"type": "string", "maxLength": 12, "description": "the document title"}},
+        "required": ["title"],
+    },
+    "nested": {
+        "type": "object",
+        "properties": {
+            "vendor": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 8}, "vat": {"type": "boolean"}},
+                "required": ["name", "vat"],
+                "additionalProperties": False,
+            },
+            "lines": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "maxItems": 3},
+        },
+        "required": ["vendor", "lines"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    paths = []
+    for i, size in enumerate([(640, 480), (300, 900), (120, 120), (1000, 250)]):
+        noise(*size, seed=200 + i).save(tmp_path / f"pic{i}.png")
+        paths.append(str(tmp_path / f"pic{i}.png"))
+    make_pdf(tmp_path / "doc.pdf", 2)
+    return [*paths, str(tmp_path / "doc.pdf")]
+
+
+def test_compact_form():
+    assert compact("title, total:number, date, paid:boolean, tags:string[]") == {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string"},
+            "total": {"type": "number"},
+            "date": {"type": "string"},
+            "paid": {"type": "boolean"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["title", "total", "date", "paid", "tags"],
+        "additionalProperties": False,
+    }
+    for bad in ("total:money", "a, a", "9lives", "x:string[][]"):
+        with pytest.raises(UsageError):
+            compact(bad)
+
+
+def test_schema_sources_file_inline_compact(tmp_path):
+    path = tmp_path / "invoice.json"
+    path.write_text(json.dumps(BOUNDED))
+    assert load(str(path)).schema == BOUNDED
+    assert load(json.dumps(BOUNDED)).schema == BOUNDED
+    assert load("a, b:integer").columns == ["a", "b"]
+    assert load(None, json_object=True).schema == {"type": "object"}
+    assert load(None) is None
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_answer_parses_and_validates(cli, pictures, name):
+    schema = SCHEMAS[name]
+    result = cli("caption", *pictures, "--schema", json.dumps(schema), "--batch-size", "3", "--max-new-tokens", "120")
+    assert result.exit_code == 0, result.stderr
+    records = result.records()
+    assert len(records) == 6
+    for record in records:
+        jsonschema.validate(record["data"], schema)
+        assert json.loads(record["answer"], strict=False) == record["data"]
+        assert not record["answer"][:1].isspace()
+    if name == "bounded":  # no strings: the raw text is exactly the compact JSON
+        assert all(r["answer"] == json.dumps(r["data"], separators=(",", ":")) for r in records)
+    if name != "bounded":  # free text inside the structure still depends on the picture
+        assert len({json.dumps(r["data"]) for r in records}) > 1
+
+
+def test_json_object_mode(cli, pictures):
+    records = cli("caption", *pictures[:2], "--json-object", "--max-new-tokens", "40").records()
+    for record in records:  # random weights may not close an open-ended object in 40 tokens
+        assert isinstance(record["data"], dict) or "did not close" in record["error"]
+        assert record["answer"].startswith("{")
+
+
+def test_batched_structured_answers_equal_one_by_one(cli, pictures):
+    schema = json.dumps(SCHEMAS["nested"])
+    one = cli("caption", *pictures, "--schema", schema, "--batch-size", "1", "--max-new-tokens", "120").records()
+    batched = cli("caption", *pictures, "--schema", schema, "--batch-size", "6", "--max-new-tokens", "120").records()
+    assert [r["answer"] for r in one] == [r["answer"] for r in batched]
+    assert all(r["data"] is not None for r in batched)
+
+
+def test_output_cut_by_max_new_tokens_is_an_error_with_its_raw_text(cli, pictures):
+    result = cli("caption", *pictures[:2], "--schema", json.dumps(SCHEMAS["nested"]), "--max-new-tokens", "4")
+    assert result.exit_code == 1
+    for record in result.records():
+        assert record["error"] == "the JSON did not close within --max-new-tokens 4"
+        assert record["answer"] and record["data"] is None
+    assert result.stderr.count("did not close") == 2
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ('{"type": "object", "properties": {"a": {"type": "strin"}}}', "invalid JSON Schema at properties/a/type"),
+        ('{"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}', "xgrammar cannot"),
+        ("{not json", "not JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ("total:money", "unknown type"),
+    ],
+)
+def test_bad_schemas_are_usage_errors_before_the_model_loads(cli, pictures, tmp_path, schema, message):
+    result = cli("caption", pictures[0], "--schema", schema, model=tmp_path / "no-model-here")
+    assert result.exit_code == 2
+    assert message in result.stderr and "model" not in result.stderr.split(":", 1)[0]
+    assert len(result.stderr.strip().splitlines()) == 1
+    ask = cli("ask", pictures[0], "What?", "--schema", schema, model=tmp_path / "no-model-here")
+    assert ask.exit_code == 2 and message in ask.stderr
+    both = cli("caption", pictures[0], "--schema", "a", "--json-object")
+    assert both.exit_code == 2
+
+
+def test_default_prompt_comes_from_the_schema_and_prompt_overrides_it(cli, pictures):
+    schema = json.dumps(SCHEMAS["strings"])
+    record = cli("caption", pictures[0], "--schema", schema, "--max-new-tokens", "60").records()[0]
+    assert "title (string): the document title" in record["prompt"]
+    record = cli("caption", pictures[0], "--schema", schema, "--prompt", "Title?", "--max-new-tokens", "60").records()[
+        0
+    ]
+    assert record["prompt"] == "Title?"
+
+
+def test_ask_with_schema(cli, pictures):
+    result = cli("ask", pictures[0], "Extract", "--schema", json.dumps(BOUNDED), "--json", "--max-new-tokens", "60")
+    assert result.exit_code == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout)["data"], BOUNDED)
+    streamed = cli("ask", pictures[0], "Extract", "--schema", json.dumps(BOUNDED), "--max-new-tokens", "60")
+    assert json.loads(streamed.stdout) == json.loads(result.stdout)["data"]
+
+
+def test_markdown_table_and_csv(cli, pictures, tmp_path):
+    schema = json.dumps(SCHEMAS["nested"])
+    args = (*pictures[:2], str(tmp_path / "missing.png"), "--schema", schema, "--max-new-tokens", "120")
+    report = cli("caption", *args, "-f", "markdown").stdout
+    assert report.count("| field | value |") == 2 and "| vendor | `{" in report and "| lines | `[" in report
+    out = tmp_path / "out.csv"
+    result = cli("caption", *args, "-f", "csv", "-o", str(out))
+    assert result.exit_code == 1
+    rows = list(csv.reader(io.StringIO(out.read_text())))
+    assert rows[0] == ["source", "page", "vendor", "lines", "error"]
+    assert [row[0] for row in rows[1:]] == [pictures[0], pictures[1], str(tmp_path / "missing.png")]
+    assert json.loads(rows[1][2])["name"] is not None and rows[1][4] == ""
+    assert rows[3][4] == "no such file"
+    streamed = cli("caption", *args, "-f", "csv").stdout
+    assert streamed.replace("\r\n", "\n") == out.read_text().replace("\r\n", "\n")
+    resumed = cli("caption", *args, "-f", "csv", "-o", str(out), "--resume")
+    assert "2 answered before, 1 to run" in resumed.stderr
+    assert out.read_text() == streamed
+    assert cli("caption", pictures[0], "-f", "csv").exit_code == 2
