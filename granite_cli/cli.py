@@ -31,11 +31,28 @@ from rich.markup import escape
 from . import __version__
 from .documents import DEFAULT_DPI, DEFAULT_MAX_PIXELS, RENDERERS
 from .errors import UsageError
+from .options import (
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    CacheOpt,
+    CompileOpt,
+    DeviceOpt,
+    DpiOpt,
+    DtypeOpt,
+    JsonObjectOpt,
+    MaxNewTokensOpt,
+    MaxPixelsOpt,
+    MaxTilesOpt,
+    ModelOpt,
+    PasswordOpt,
+    RendererOpt,
+    RevisionOpt,
+    SchemaOpt,
+    SeedOpt,
+    TemperatureOpt,
+)
 from .records import FORMATS, Record
 from .ui import Reporter, console, error_line
-
-DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"  # kept equal to engine.DEFAULT_MODEL (no torch import here)
-DEFAULT_PROMPT = "Describe this image in detail."
 
 app = typer.Typer(
     name="granite-vision",
@@ -51,86 +68,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-
-# Options shared by `ask` and `caption`, declared once so they read the same everywhere.
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        envvar="GRANITE_VISION_MODEL",
-        help="Hugging Face model id or local model folder.",
-        rich_help_panel="Model",
-    ),
-]
-RevisionOpt = Annotated[
-    Optional[str], typer.Option(help="Model revision (branch, tag or commit) on the Hub.", rich_help_panel="Model")
-]
-DeviceOpt = Annotated[
-    str, typer.Option(help="auto|cpu|cuda|cuda:N|mps (auto: cuda, then mps, then cpu).", rich_help_panel="Model")
-]
-DtypeOpt = Annotated[
-    str,
-    typer.Option(
-        help="auto|bfloat16|float16|float32 (auto: bfloat16 where supported, float16 on other GPUs, float32 on CPU).",
-        rich_help_panel="Model",
-    ),
-]
-SchemaOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="Answer with JSON valid against this schema: a JSON Schema file, inline JSON, or fields like"
-        " 'title, total:number, paid:boolean' (string by default). Decoding is constrained to it.",
-        rich_help_panel="Structured output",
-    ),
-]
-JsonObjectOpt = Annotated[
-    bool,
-    typer.Option("--json-object", help="Answer with any JSON object (no schema).", rich_help_panel="Structured output"),
-]
-MaxTilesOpt = Annotated[
-    Optional[int],
-    typer.Option(
-        min=2,
-        help="Use at most N vision tiles per picture, overview included (a page is 10; a 640x480 photo 5)."
-        " Fewer tiles: faster, less detail. Default: the model's own grid.",
-        rich_help_panel="Model",
-    ),
-]
-CacheOpt = Annotated[
-    str,
-    typer.Option(help="KV cache: auto (static on GPU, dynamic on CPU), static or dynamic.", rich_help_panel="Model"),
-]
-CompileOpt = Annotated[
-    bool,
-    typer.Option(
-        help="Compile the decode step (static cache): faster for long runs, tens of seconds to compile first.",
-        rich_help_panel="Model",
-    ),
-]
-MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.", rich_help_panel="Generation")]
-TemperatureOpt = Annotated[
-    float,
-    typer.Option(min=0.0, help="Sampling temperature; 0 is greedy and deterministic.", rich_help_panel="Generation"),
-]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel="Generation")]
-RendererOpt = Annotated[
-    str,
-    typer.Option(
-        "--pdf-renderer", help="pypdfium2 (default, no system package) or poppler (pdf2image).", rich_help_panel="Input"
-    ),
-]
-PasswordOpt = Annotated[
-    Optional[str],
-    typer.Option(help="Password of encrypted PDFs.", rich_help_panel="Input", envvar="GRANITE_VISION_PDF_PASSWORD"),
-]
-MaxPixelsOpt = Annotated[
-    int,
-    typer.Option(
-        min=1, help="Refuse images whose header claims more pixels (decompression bombs).", rich_help_panel="Input"
-    ),
-]
-DpiOpt = Annotated[int, typer.Option(min=36, max=1200, help="PDF rendering resolution.", rich_help_panel="Input")]
 
 
 def _command(func: Callable) -> Callable:

@@ -33,6 +33,7 @@ FIELDS = [
     "prompt_tokens",
     "answer_tokens",
     "finish_reason",
+    "data",
 ]
 
 
