@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from . import DEFAULT_MODEL
 from .errors import UsageError, model_load_error
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
     from .schema import OutputSchema
 
-DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CACHES = ("auto", "static", "dynamic")

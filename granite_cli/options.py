@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"  # kept equal to engine.DEFAULT_MODEL (no torch import here)
+from . import DEFAULT_MODEL  # noqa: F401 - re-exported for the CLI
+
 DEFAULT_PROMPT = "Describe this image in detail."
 
 # Options shared by `ask` and `caption`, declared once so they read the same everywhere.
