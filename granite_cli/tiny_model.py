@@ -33,6 +33,20 @@ GRID_TILES = (
     + [(3, 1), (3, 2), (3, 3), (4, 1), (4, 2), (5, 1), (5, 2), (6, 1), (7, 1), (8, 1), (9, 1), (10, 1)]
 )
 
+#: The language model of both tiny families: Granite's layout (GQA, eos = pad = 0), 64 wide, 2 deep.
+_TEXT_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+    "tie_word_embeddings": False,
+}
+
 SPECIAL_TOKENS = ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>", "<image>"]
 
 _CORPUS = [
@@ -127,24 +141,15 @@ def build_llava_next(out_dir: Path, seed: int = 0) -> Path:
             "layer_norm_eps": 1e-6,
         },
         text_config={
+            **_TEXT_SHAPE,
             "model_type": "granite",
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
             "rope_theta": 300000.0,
             "rms_norm_eps": 1e-5,
             "embedding_multiplier": 12.0,
             "logits_scaling": 8.0,
             "residual_multiplier": 1.0,
             "attention_multiplier": 0.25,
-            "bos_token_id": 0,
-            "eos_token_id": 0,
-            "pad_token_id": 0,
-            "tie_word_embeddings": False,
         },
         image_token_index=image_token_id,
         image_grid_pinpoints=pinpoints,
@@ -215,20 +220,11 @@ def build_granite4_vision(out_dir: Path, seed: int = 0) -> Path:
             "vision_use_head": False,
         },
         text_config={
+            **_TEXT_SHAPE,
             "model_type": "granite4_vision_text",
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
             "attention_multiplier": 0.25,
-            "bos_token_id": 0,
-            "eos_token_id": 0,
-            "pad_token_id": 0,
-            "tie_word_embeddings": False,
         },
         qformer_config={
             "model_type": "blip_2_qformer",
