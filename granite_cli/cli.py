@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,7 +53,7 @@ from .options import (
     SeedOpt,
     TemperatureOpt,
 )
-from .records import FORMATS, Record
+from .records import FORMATS, REPORT_FORMATS, Record
 from .ui import Reporter, console, error_line
 
 app = typer.Typer(
@@ -146,13 +148,16 @@ def ask(
 
     structured = _schema(schema, json_object)
     read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
+    model = _model_id(model)
     item = resolve_single(source, page, read=read)
-    loaded = pipeline.load_item(0, item, read)
+    if item.error is None:  # known-bad input fails before the model loads
+        engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
+    # Loaded as caption loads it: a PDF page rendered at the size the model uses.
+    loaded = pipeline.load_item(0, item, read, engine.fit if item.error is None else None)
     if loaded.image is None:
         # Same record shape as a model answer, so scripts handle both alike.
         record = pipeline.make_record(model, question, loaded, error=loaded.error)
         _fail_item(record, json_output)
-    engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
     settings = _settings(max_new_tokens, temperature, seed, structured)
     try:
         answer = engine.generate([loaded.image], [question], settings, stream=None if json_output else sys.stdout)[0]
@@ -229,7 +234,6 @@ def caption(
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
     from . import distributed, pipeline
-    from .output import FileOutput, StreamOutput
     from .sources import PageSelection, expand_stdin, resolve
 
     if fmt not in FORMATS:
@@ -244,28 +248,24 @@ def caption(
         prompt = structured.default_prompt() if structured is not None else DEFAULT_PROMPT
     read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
     selection = PageSelection.parse(pages) if pages else None
-    if output is not None:
-        _check_writable(output)
+    model = _model_id(model)
     ranks = distributed.current(device)
     if ranks.distributed:
         if output is None:
             raise UsageError("a run of several processes needs --output FILE, on a filesystem all of them share")
         sources = ranks.broadcast(expand_stdin(sources) if ranks.rank == 0 else None)  # stdin is read once
+    sink = _sink(output, fmt, resume, ranks, columns)
     resolution = resolve(sources, pages=selection, read=read)
     reporter = Reporter(rank=ranks.rank, world=ranks.world)
     for name in resolution.unmatched:
         reporter.warn(f"{name}: matched no supported file")
     if resolution.skipped:
         reporter.note(f"skipped {resolution.skipped} file(s) of unsupported type inside folders")
+    if resolution.duplicates:
+        reporter.note(f"{resolution.duplicates} picture(s) named more than once: each is captioned once")
     if not resolution.items:
         raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
-    if output is not None:
-        sink = FileOutput(
-            output, fmt, resume, rank=ranks.rank, world=ranks.world, barrier=ranks.barrier, columns=columns
-        )
-    else:
-        sink = StreamOutput(sys.stdout, fmt, columns)
-    todo = sink.start(resolution.items, prompt, model)
+    todo = sink.plan(resolution.items, prompt, model)
     if resume:
         previous = sink.previous
         reporter.note(
@@ -273,31 +273,60 @@ def caption(
             + (f" ({previous.failed} failed before: retried)" if previous.failed else "")
             + (" (a torn last line was dropped)" if previous.torn else "")
         )
+    stats = pipeline.Stats(total=len(todo), started=time.monotonic())
     finished = False
-    try:
-        if ranks.distributed and device in ("auto", "cuda"):
-            device = ranks.device or device  # each process on its own GPU
-        engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
-        settings = _settings(max_new_tokens, temperature, seed, structured)
-        if ranks.distributed:
-            todo = _my_share(todo, engine, ranks, read, max_new_tokens)
-        with reporter.progress(len(todo)) as progress, graceful_stop() as stop:
-            stats = pipeline.caption(
-                todo, engine, sink, prompt=prompt, settings=settings, batch_size=batch_size, read=read,
-                on_record=progress, stop=stop,
-            )  # fmt: skip
-        finished = True
-    finally:
-        if finished or not ranks.distributed:  # a failing process never waits for the others
-            merged = sink.finish(resolution.items, prompt, model)
-        else:
-            sink.close()
+    with graceful_stop() as stop:  # from here on, Ctrl-C and SIGTERM end the run cleanly
+        if todo:  # the model is only loaded (and options checked) when there is work for it
+            if ranks.distributed and device in ("auto", "cuda"):
+                device = ranks.device or device  # each process on its own GPU
+            engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
+            settings = _settings(max_new_tokens, temperature, seed, structured)
+        sink.open()  # only now is an existing output touched
+        try:
+            if todo and ranks.distributed:
+                todo = _my_share(todo, engine, ranks, read, max_new_tokens)
+            if todo and not stop.is_set():
+                with reporter.progress(len(todo)) as progress:
+                    stats = pipeline.caption(
+                        todo, engine, sink, prompt=prompt, settings=settings, batch_size=batch_size, read=read,
+                        on_record=progress, stop=stop,
+                    )  # fmt: skip
+            stats.stopped |= stop.is_set()
+            finished = True
+        finally:
+            if finished or not ranks.distributed:  # a failing process never waits for the others
+                merged = sink.finish(resolution.items, prompt, model)
+            else:
+                sink.close()
     reporter.summary(stats, output, merged if ranks.distributed and ranks.rank == 0 else None)
     if stats.stopped:
         raise typer.Exit(130)
     merged_failed = ranks.distributed and any(not record.ok for record in merged)
     if stats.failed or merged_failed:
         raise typer.Exit(1)
+
+
+def _sink(output: Path | None, fmt: str, resume: bool, ranks, columns: list[str]):
+    """Where records go: stdout, a device or pipe named by -o (streamed like stdout), or a file
+    (appended, resumable, rewritten atomically; through a symlink, the file it points to)."""
+    from .output import FileOutput, StreamOutput
+
+    if output is None:
+        return StreamOutput(sys.stdout, fmt, columns)
+    if output.exists() and not output.is_file() and not output.is_dir():  # /dev/stdout, a FIFO, ...
+        if resume or ranks.distributed or fmt in REPORT_FORMATS:
+            raise UsageError(f"--output {output}: not a regular file; --resume, several processes and {fmt} need one")
+        return StreamOutput(open(output, "w", encoding="utf-8"), fmt, columns)
+    output = Path(os.path.realpath(output))
+    _check_writable(output)
+    return FileOutput(output, fmt, resume, rank=ranks.rank, world=ranks.world, barrier=ranks.barrier, columns=columns)
+
+
+def _model_id(model: str) -> str:
+    """A local model folder by its absolute path (so records and --resume know it however it
+    was spelled); a Hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
 
 
 def _my_share(items, engine, ranks, read, max_new_tokens: int):
@@ -395,11 +424,9 @@ def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"--output {path}: folder {parent} does not exist")
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--output {path}: cannot write ({exc.strerror or exc})") from None
+    # The output is replaced through a temporary file beside it: the folder must be writable.
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--output {path}: cannot write there (permission denied)")
 
 
 def _fail_item(record: Record, json_output: bool) -> None:

@@ -116,7 +116,7 @@ def load(source: Source, page: int | None, options: ReadOptions = ReadOptions(),
             if not 1 <= page <= frames:
                 raise InputError(f"page {page} out of range (the image has {frames} page(s))")
             image.seek(page - 1)
-        target = _large_target(image.size, fit)
+        shown, target = _large_target(image, fit)
         try:
             if target is not None and image.format == "JPEG":
                 image.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale: never the full bitmap
@@ -124,18 +124,24 @@ def load(source: Source, page: int | None, options: ReadOptions = ReadOptions(),
             picture = to_rgb(image)
         except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
             raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from exc
-    if target is not None and picture.size != target:
-        picture = picture.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if shown is not None and picture.size != shown:
+        picture = picture.resize(shown, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return picture
 
 
-def _large_target(size: tuple[int, int], fit: Fit | None) -> tuple[int, int] | None:
-    """The size to shrink a legitimately huge picture to while decoding (None: keep it)."""
-    width, height = size
+#: EXIF orientations that turn the picture a quarter: its stored width is its shown height.
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def _large_target(image: Image.Image, fit: Fit | None) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """For a legitimately huge picture: the size to show it at (what the model uses) and the
+    size to decode it at (the same, before EXIF rotation). (None, None): keep it as it is."""
+    width, height = image.size
     if fit is None or width * height <= LARGE_PIXELS:
-        return None
-    # EXIF rotation may swap the sides later; fit is symmetric enough that the area is what counts.
-    return fit(width, height)
+        return None, None
+    turned = image.getexif().get(0x0112) in _QUARTER_TURNS
+    shown = fit(height, width) if turned else fit(width, height)
+    return shown, (shown[1], shown[0]) if turned else shown
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -267,15 +273,16 @@ def _pdf_error(exc: BaseException, password: str | None) -> InputError:
     return InputError(f"broken PDF ({text})")
 
 
-def _poppler_info(source: Source, options: ReadOptions) -> dict:
+def _poppler_info(source: Source, options: ReadOptions, page: int | None = None) -> dict:
     from pdf2image import pdfinfo_from_bytes, pdfinfo_from_path
     from pdf2image.exceptions import PDFInfoNotInstalledError, PDFPageCountError, PDFSyntaxError
 
     _require_poppler()
     try:
+        pages = {"first_page": page, "last_page": page} if page else {}
         if isinstance(source, Blob):
-            return pdfinfo_from_bytes(source.data, userpw=options.password)
-        return pdfinfo_from_path(str(source), userpw=options.password)
+            return pdfinfo_from_bytes(source.data, userpw=options.password, **pages)
+        return pdfinfo_from_path(str(source), userpw=options.password, **pages)
     except (PDFPageCountError, PDFSyntaxError, PDFInfoNotInstalledError) as exc:
         raise _pdf_error(exc, options.password) from exc
 
@@ -284,10 +291,9 @@ def _render_poppler(source: Source, page: int, options: ReadOptions, fit: Fit | 
     from pdf2image import convert_from_bytes, convert_from_path
     from pdf2image.exceptions import PDFPageCountError, PDFSyntaxError
 
-    info = _poppler_info(source, options)
-    _check_page(page, int(info["Pages"]))
+    _check_page(page, int(_poppler_info(source, options)["Pages"]))
     dpi: float = options.dpi
-    size = _poppler_page_size(info)
+    size = _poppler_page_size(_poppler_info(source, options, page))
     if size is not None:
         dpi = _render_scale(size, options, fit) * 72
     try:
@@ -304,12 +310,15 @@ def _render_poppler(source: Source, page: int, options: ReadOptions, fit: Fit | 
 
 
 def _poppler_page_size(info: dict) -> tuple[float, float] | None:
-    """`pdfinfo` reports the first page's size as "612 x 792 pts (letter)"."""
-    try:
-        width, _, height = str(info.get("Page size", "")).split()[:3]
-        return float(width), float(height)
-    except ValueError:
-        return None
+    """`pdfinfo -f N -l N` reports "Page    N size: 612 x 792 pts (letter)"."""
+    for key, value in info.items():
+        if key.startswith("Page") and key.endswith("size"):
+            try:
+                width, _, height = str(value).split()[:3]
+                return float(width), float(height)
+            except ValueError:
+                return None
+    return None
 
 
 def _check_page(page: int, count: int) -> None:

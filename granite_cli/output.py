@@ -66,21 +66,36 @@ def read_records(path: Path) -> tuple[list[Record], bool]:
     return records, torn
 
 
-def load_previous(paths: Iterable[Path]) -> Previous:
-    """Merge the records of the output file and of any part files left by earlier runs
-    (several processes, any number of them): an item counts as answered if any file answered it."""
-    previous = Previous()
-    failed: set[tuple] = set()
+def merge(paths: Iterable[Path]) -> tuple[list[Record], bool]:
+    """One record per item over these files: its answer if any file has one, else its latest
+    failure; and whether a torn last line was dropped on the way."""
+    answered: dict[tuple, Record] = {}
+    failed: dict[tuple, Record] = {}
+    torn = False
     for path in paths:
-        records, torn = read_records(path)
-        previous.torn |= torn
+        records, cut = read_records(path)
+        torn |= cut
         for record in records:
-            if record.ok:
-                previous.answered[record.key] = record
-            else:
-                failed.add(record.key)
-    previous.failed = len(failed - previous.answered.keys())
+            (answered if record.ok else failed)[record.key] = record
+    return [*answered.values(), *(r for key, r in failed.items() if key not in answered)], torn
+
+
+def load_previous(paths: Iterable[Path]) -> Previous:
+    """What the output file and any part files left by earlier runs (several processes, any
+    number of them) hold: an item counts as answered if any file answered it."""
+    records, torn = merge(paths)
+    previous = Previous(torn=torn)
+    for record in records:
+        if record.ok:
+            previous.answered[record.key] = record
+        else:
+            previous.failed += 1
     return previous
+
+
+def item_key(item: Item, prompt: str, model: str) -> tuple:
+    """The key of the record an item will get (see `Record.key`)."""
+    return (item.source, item.page, prompt, model)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -88,6 +103,7 @@ def write_atomic(path: Path, text: str) -> None:
     directory = path.resolve().parent
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; the output keeps normal permissions
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -98,6 +114,15 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def jsonl_text(records: Iterable[Record]) -> str:
     return "".join(record.to_json() + "\n" for record in records)
 
@@ -105,15 +130,15 @@ def jsonl_text(records: Iterable[Record]) -> str:
 def in_input_order(records: Iterable[Record], items: Sequence[Item], prompt: str, model: str) -> list[Record]:
     """Records sorted by the position of their item in this run's input; others keep their
     relative order after them (from an earlier run over more inputs)."""
-    position = {(item.source, item.page, prompt, model): index for index, item in enumerate(items)}
+    position = {item_key(item, prompt, model): index for index, item in enumerate(items)}
     return sorted(records, key=lambda record: position.get(record.key, len(position)))
 
 
 class FileOutput:
     """`-o FILE`: the JSONL file (or the markdown report and its journal) of one run.
 
-    Use: `todo = output.start(items, prompt, model)`, then `output.write(record)` per record,
-    then `output.finish(items, prompt, model)`. In a run of several processes (`rank` of
+    Use: `todo = output.plan(items, prompt, model)`, `output.open()`, then `output.write(record)`
+    per record, then `output.finish(items, prompt, model)`. In a run of several processes (`rank` of
     `world`), each process appends to its own part file in `JOURNAL.parts/`, and the process of
     rank 0 merges them into the output once all are done; `barrier` makes the processes wait for
     each other where they must agree on what is already done.
@@ -145,15 +170,22 @@ class FileOutput:
         self.writer: JsonlWriter | None = None
         self.records: list[Record] = []
         """What this process's target file holds, mirrored in memory to rebuild the report from."""
-        self.last_report = 0.0
+        self.next_report = 0.0
 
     def _sources(self) -> list[Path]:
         return [self.journal, *sorted(self.parts.glob("rank-*.jsonl"))]
 
-    def start(self, items: Sequence[Item], prompt: str, model: str) -> list[Item]:
-        """Open for writing; with --resume, return only the items still to run."""
+    def plan(self, items: Sequence[Item], prompt: str, model: str) -> list[Item]:
+        """The items still to run (all of them, unless --resume finds answers). Reads only:
+        nothing is written until `open`, so a run that stops before its model loads (a bad
+        option, a model not found) leaves an existing output as it was."""
         if self.resume:
             self.previous = load_previous(self._sources())
+        answered = self.previous.answered
+        return [item for item in items if item_key(item, prompt, model) not in answered]
+
+    def open(self) -> None:
+        """Start writing: keep the previous answers (with --resume) or start empty."""
         self.barrier()  # every process has read the same state before anyone writes
         if self.rank == 0:
             # The output keeps only answers (failed items are retried, a torn line is dropped);
@@ -167,14 +199,11 @@ class FileOutput:
                         stale.unlink()
                 self.parts.mkdir(exist_ok=True)
         self.barrier()
-        answered = self.previous.answered
-        todo = [item for item in items if (item.source, item.page, prompt, model) not in answered]
-        self.records = list(answered.values()) if self.world == 1 else []
+        self.records = list(self.previous.answered.values()) if self.world == 1 else []
         self.stream = open(self.target, "a", encoding="utf-8")
         self.writer = JsonlWriter(self.stream)
         if self.fmt in REPORT_FORMATS and self.world == 1:
             self._report(force=True)
-        return todo
 
     def write(self, record: Record) -> None:
         assert self.writer is not None
@@ -193,6 +222,8 @@ class FileOutput:
     def finish(self, items: Sequence[Item], prompt: str, model: str) -> list[Record]:
         """Close; once every process is done, rank 0 puts every record in input order, each
         item once, and rebuilds the report (atomically). Returns the merged records (rank 0)."""
+        if self.writer is None:  # never opened: nothing was written, nothing to put in order
+            return []
         self.close()
         if self.world == 1:
             merged = self.records
@@ -200,13 +231,7 @@ class FileOutput:
             self.barrier()
             if self.rank != 0:
                 return []
-            previous = load_previous(self._sources())
-            failed = {}
-            for path in self._sources():
-                for record in read_records(path)[0]:
-                    if not record.ok and record.key not in previous.answered:
-                        failed[record.key] = record
-            merged = [*previous.answered.values(), *failed.values()]
+            merged, _ = merge(self._sources())
         ordered = in_input_order(merged, items, prompt, model)
         write_atomic(self.journal, jsonl_text(ordered))
         if self.fmt in REPORT_FORMATS:
@@ -216,11 +241,14 @@ class FileOutput:
         return ordered
 
     def _report(self, force: bool = False) -> None:
+        """Rebuild the report, at most every few seconds, and never spending more than a tenth
+        of the run on it (a report of 100,000 items takes a while to render)."""
         now = time.monotonic()
-        if not force and now - self.last_report < REPORT_INTERVAL_S:
+        if not force and now < self.next_report:
             return
-        self.last_report = now
         write_atomic(self.path, render(self.fmt, self.records, self.path, self.columns))
+        took = time.monotonic() - now
+        self.next_report = time.monotonic() + max(REPORT_INTERVAL_S, 10 * took)
 
 
 class StreamOutput:
@@ -230,8 +258,11 @@ class StreamOutput:
         self.writer: Writer = open_writer(fmt, stream, None, columns)
         self.previous = Previous()
 
-    def start(self, items: Sequence[Item], prompt: str, model: str) -> list[Item]:
+    def plan(self, items: Sequence[Item], prompt: str, model: str) -> list[Item]:
         return list(items)
+
+    def open(self) -> None:
+        pass
 
     def write(self, record: Record) -> None:
         self.writer.write(record)

@@ -13,8 +13,10 @@ Two stages with a bounded queue between them, so CPU work overlaps the model:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -175,7 +177,8 @@ def caption(
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once, still keeping what is finished
             stats.stopped = True
         finally:
-            emitter.flush()
+            with _signals_held():
+                emitter.flush()
     return stats
 
 
@@ -184,12 +187,26 @@ def _consume(producer, engine, emitter, prompt, settings, stop, stats) -> None:
         if stop is not None and stop.is_set():
             stats.stopped = True
             return
-        if batch.inputs is None:
+        if batch.inputs is None and batch.error is None:  # unreadable inputs: their records now
             for entry in batch.entries:
                 emitter.add(entry.index, make_record(engine.name, prompt, entry, error=entry.error or batch.error))
             continue
         for entry, record in _answer_batch(engine, batch, prompt, settings):
             emitter.add(entry.index, record)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while finished records are written, so none is cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _default_workers() -> int:

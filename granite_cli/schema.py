@@ -43,6 +43,7 @@ class OutputSchema:
             return "Describe this image as a JSON object."
         lines = []
         for name, spec in properties.items():
+            spec = spec if isinstance(spec, dict) else {}  # `true` / `false` are schemas too
             kind = spec.get("type") or (
                 "one of " + ", ".join(map(json.dumps, spec["enum"])) if "enum" in spec else "any"
             )

@@ -47,6 +47,8 @@ class Resolution:
     """Files of unsupported type found inside directories (named files are never skipped)."""
     unmatched: list[str] = field(default_factory=list)
     """Globs and directories that matched no file."""
+    duplicates: int = 0
+    """Items named more than once (same source and page): each is kept once, at its first place."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,14 @@ def resolve(
                 _add_named(result, name, pages, read, expand_globs=False)
         else:
             _add_named(result, source, pages, read, expand_globs=True)
+    seen: set[tuple[str, int | None]] = set()
+    unique = []
+    for item in result.items:  # an item named twice is answered once, at its first place
+        if (item.source, item.page) not in seen:
+            seen.add((item.source, item.page))
+            unique.append(item)
+    result.duplicates = len(result.items) - len(unique)
+    result.items = unique
     return result
 
 
@@ -154,10 +164,10 @@ def fetch_url(url: str, timeout: float = 60.0) -> Blob:
 
 
 def _read_path_list(stream: BinaryIO) -> list[str]:
-    """Paths from stdin: one per line, or NUL-separated (`find -print0`) when NULs are present."""
-    raw = stream.read()
-    text = os.fsdecode(raw)
-    parts = text.split("\0") if "\0" in text else text.splitlines()
+    """Paths from stdin: one per line (a trailing CR dropped), or NUL-separated (`find -print0`)
+    when NULs are present. Only these separators: a name may hold any other character."""
+    text = os.fsdecode(stream.read())
+    parts = text.split("\0") if "\0" in text else [line.removesuffix("\r") for line in text.split("\n")]
     return [part for part in parts if part.strip()]
 
 

@@ -25,7 +25,12 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, 
 def error_line(record: Record) -> str:
     """The one line a failed item gets on stderr: where, and why."""
     where = record.source if record.page is None else f"{record.source} (page {record.page})"
-    return f"[red]error:[/] {escape(where)}: {escape(record.error or '')}"
+    return f"[red]error:[/] {escape(printable(where))}: {escape(printable(record.error or ''))}"
+
+
+def printable(text: str) -> str:
+    """Control characters (a newline in a file name) shown escaped: one message, one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 class Reporter:
@@ -89,7 +94,7 @@ class Reporter:
     def summary(self, stats: Stats, output: Path | None, merged: list[Record] | None = None) -> None:
         """The closing line: this process's work; on rank 0 of several, also the merged output."""
         seconds = stats.seconds
-        rate = stats.total / seconds if seconds > 0 else 0.0
+        rate = (stats.answered + stats.failed) / seconds if seconds > 0 else 0.0
         where = f" -> {output}" if output else ""
         failed = f", [red]{stats.failed} failed[/]" if stats.failed else ""
         line = (

@@ -1,0 +1,142 @@
+"""Edge cases found in review: where output goes, what a failed start leaves, odd names and
+pictures, and runs with nothing left to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from conftest import make_pdf, noise
+from PIL import Image
+
+
+def test_output_to_a_device_or_through_a_symlink(cli, inputs, tmp_path):
+    result = cli("caption", str(inputs / "a.png"), "-o", "/dev/null")
+    assert result.exit_code == 0
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)  # still the device, not a file
+    assert cli("caption", str(inputs / "a.png"), "-o", "/dev/null", "--resume").exit_code == 2
+    real = tmp_path / "real" / "captions.jsonl"
+    real.parent.mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    assert cli("caption", str(inputs / "a.png"), "-o", str(link)).exit_code == 0
+    assert link.is_symlink() and len(real.read_text().splitlines()) == 1
+
+
+def test_output_files_keep_normal_permissions(cli, inputs, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out.jsonl"
+        cli("caption", str(inputs / "a.png"), "-o", str(out))
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        os.chmod(out, 0o664)
+        cli("caption", str(inputs / "a.png"), "-o", str(out), "--resume")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
+def test_a_run_that_cannot_start_leaves_the_output_alone(cli, inputs, tmp_path):
+    out = tmp_path / "keep.jsonl"
+    cli("caption", str(inputs / "a.png"), "-o", str(out))
+    before = out.read_text()
+    for extra in (["--dtype", "fp16"], ["--model", str(tmp_path / "nope")], ["--cache", "paged"], ["--device", "tpu"]):
+        result = cli("caption", str(inputs / "b.jpg"), "-o", str(out), *extra)
+        assert result.exit_code == 2, extra
+        assert out.read_text() == before, extra
+    fresh = tmp_path / "never.jsonl"
+    assert cli("caption", str(tmp_path / "*.nothing"), "-o", str(fresh)).exit_code == 2
+    assert not fresh.exists()
+
+
+def test_resume_with_nothing_left_does_not_load_the_model(cli, inputs, tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    cli("caption", str(inputs / "a.png"), str(inputs / "b.jpg"), "-o", str(out))
+    monkeypatch.chdir(tiny_model.parent)  # the same model folder, spelled differently
+    relative = cli(
+        "caption", str(inputs / "a.png"), str(inputs / "b.jpg"), "-o", str(out), "--resume", model=Path(tiny_model.name)
+    )
+    assert relative.exit_code == 0 and "2 answered before, 0 to run" in relative.stderr
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkeypatch):
+    from granite_cli import pipeline
+    from granite_cli.engine import Engine, GenerationSettings
+    from granite_cli.sources import resolve
+
+    paths = []
+    for i, size in enumerate([(64, 48), (99, 77), (50, 90), (70, 70)]):
+        noise(*size, seed=i).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    engine = Engine.load(str(tiny_model), device="cpu")
+    real_prepare = engine.prepare
+
+    def prepare(images, questions):  # the 99x77 picture breaks any batch it is in
+        if any(image.size == (99, 77) for image in images):
+            raise ValueError("unsupported picture (simulated)")
+        return real_prepare(images, questions)
+
+    monkeypatch.setattr(engine, "prepare", prepare)
+    records = []
+
+    class Collect:
+        def write(self, record):
+            records.append(record)
+
+        def close(self):
+            pass
+
+    settings = GenerationSettings(max_new_tokens=3)
+    pipeline.caption(resolve(paths).items, engine, Collect(), prompt="Describe", settings=settings, batch_size=4)
+    assert [r.ok for r in records] == [True, False, True, True]
+    assert "preprocessing failed" in records[1].error
+
+
+def test_huge_portrait_photo_keeps_its_orientation(cli, tmp_path, tiny_model):
+    from granite_cli.engine import Engine
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.new("RGB", (6000, 4000), (200, 100, 50)).save(tmp_path / "portrait.jpg", exif=exif, quality=70)
+    record = cli("caption", str(tmp_path / "portrait.jpg")).records()[0]
+    assert (record["width"], record["height"]) == Engine.load(str(tiny_model), device="cpu").fit(4000, 6000)
+    assert record["height"] > record["width"]
+
+
+def test_schema_with_boolean_subschemas(cli, inputs):
+    schema = json.dumps(
+        {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 5}, "x": True}}
+    )
+    result = cli("caption", str(inputs / "a.png"), "--schema", schema, "--max-new-tokens", "30")
+    assert result.exit_code in (0, 1) and "Traceback" not in result.stderr
+    assert "- x (any)" in result.records()[0]["prompt"]
+
+
+def test_stdin_names_split_only_on_newlines_and_errors_stay_on_one_line(cli, tmp_path):
+    odd = tmp_path / "form\ffeed.png"
+    noise(40, 40).save(odd, format="PNG")
+    listed = cli("caption", "-", input=f"{odd}\r\n").records()  # CRLF lists from Windows tools too
+    assert listed[0]["source"] == str(odd) and listed[0]["answer"] is not None
+    missing = tmp_path / "gone" / "a\nb.png"
+    result = cli("caption", "-", input=f"{odd}\0{missing}\0")
+    records = result.records()
+    assert records[1]["source"] == str(missing) and records[1]["error"] == "no such file"
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "a\\nb.png" in error_lines[0]
+
+
+def test_a_picture_named_twice_is_answered_once(cli, inputs):
+    result = cli("caption", str(inputs / "a.png"), str(inputs / "b.jpg"), str(inputs / "a.png"))
+    assert [Path(r["source"]).name for r in result.records()] == ["a.png", "b.jpg"]
+    assert "1 picture(s) named more than once" in result.stderr
+
+
+def test_ask_sees_a_pdf_page_as_caption_does(cli, tmp_path):
+    pdf = make_pdf(tmp_path / "doc.pdf", 1)
+    asked = json.loads(cli("ask", str(pdf), "Describe", "--json").stdout)
+    captioned = cli("caption", str(pdf), "--prompt", "Describe").records()[0]
+    assert (asked["width"], asked["height"]) == (captioned["width"], captioned["height"])
+    assert asked["answer"] == captioned["answer"]
