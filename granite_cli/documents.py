@@ -21,7 +21,7 @@ from typing import Literal
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 Renderer = Literal["pypdfium2", "poppler"]
 RENDERERS: tuple[str, ...] = ("pypdfium2", "poppler")
@@ -123,7 +123,7 @@ def load(source: Source, page: int | None, options: ReadOptions = ReadOptions(),
             image.load()
             picture = to_rgb(image)
         except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
-            raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from exc
+            raise InputError(f"corrupt or truncated image ({one_line(exc)})") from exc
     if shown is not None and picture.size != shown:
         picture = picture.resize(shown, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return picture
@@ -178,7 +178,7 @@ def _open_image(source: Source, options: ReadOptions) -> Image.Image:
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # header present but damaged
-        raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from exc
+        raise InputError(f"corrupt or truncated image ({one_line(exc)})") from exc
     width, height = image.size
     if width * height > options.max_pixels:
         image.close()
@@ -207,7 +207,7 @@ def render_pdf_page(source: Source, page: int, options: ReadOptions, fit: Fit | 
             scale = _render_scale(pdf_page.get_size(), options, fit)
             return to_rgb(pdf_page.render(scale=scale).to_pil())
         except pdfium.PdfiumError as exc:
-            raise InputError(f"page {page} could not be rendered ({_first_line(exc)})") from exc
+            raise InputError(f"page {page} could not be rendered ({one_line(exc)})") from exc
 
 
 def _render_scale(size_pt: tuple[float, float], options: ReadOptions, fit: Fit | None) -> float:
@@ -255,7 +255,7 @@ class _pdfium_document:
         raw = self.source.data if isinstance(self.source, Blob) else Path(self.source).read_bytes()
         if b"/Encrypt" in raw:
             return _pdf_error(exc, self.password)
-        text = _first_line(exc)
+        text = one_line(exc)
         if "Success" in text or "password" in text.lower():
             return InputError("PDF has no pages (or no readable page tree)")
         return InputError(f"broken PDF ({text})")
@@ -265,7 +265,7 @@ class _pdfium_document:
 
 
 def _pdf_error(exc: BaseException, password: str | None) -> InputError:
-    text = _first_line(exc)
+    text = one_line(exc)
     if "password" in text.lower():
         if password:
             return InputError("encrypted PDF: the --pdf-password given does not open it")
@@ -335,11 +335,6 @@ def poppler_available() -> bool:
 def _require_poppler() -> None:
     if not poppler_available():
         raise InputError("--pdf-renderer poppler needs poppler-utils (pdftoppm, pdfinfo) on PATH")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] or type(exc).__name__
 
 
 # Truncated files are an error, not silently grey pixels. Pixel limits are ours (max_pixels),

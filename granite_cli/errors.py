@@ -29,8 +29,13 @@ def describe(exc: BaseException) -> str:
         return "permission denied"
     if isinstance(exc, MemoryError):
         return "out of memory"
+    return f"{type(exc).__name__}: {one_line(exc, 300)}"
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, whitespace collapsed, cut at `limit` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if len(text) < 300 else f"{type(exc).__name__}: {text[:297]}..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def model_load_error(model: str, exc: BaseException) -> UsageError:
