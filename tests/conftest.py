@@ -70,6 +70,16 @@ def inputs(tmp_path) -> Path:
     return root
 
 
+class Collect(list):
+    """A writer that keeps the records it is given, for driving `pipeline.caption` directly."""
+
+    def write(self, record) -> None:
+        self.append(record)
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class Result:
     exit_code: int

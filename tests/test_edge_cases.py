@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from conftest import make_pdf, noise
+from conftest import Collect, make_pdf, noise
 from PIL import Image
 
 
@@ -80,17 +80,9 @@ def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkey
         return real_prepare(images, questions)
 
     monkeypatch.setattr(engine, "prepare", prepare)
-    records = []
-
-    class Collect:
-        def write(self, record):
-            records.append(record)
-
-        def close(self):
-            pass
-
+    records = Collect()
     settings = GenerationSettings(max_new_tokens=3)
-    pipeline.caption(resolve(paths).items, engine, Collect(), prompt="Describe", settings=settings, batch_size=4)
+    pipeline.caption(resolve(paths).items, engine, records, prompt="Describe", settings=settings, batch_size=4)
     assert [r.ok for r in records] == [True, False, True, True]
     assert "preprocessing failed" in records[1].error
 

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import make_pdf, noise
+from conftest import Collect, make_pdf, noise
 
 MIXED_SIZES = [(640, 480), (300, 900), (1000, 250), (56, 56), (1275, 1650), (800, 600), (120, 1200)]
 
@@ -161,18 +161,10 @@ def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_i
         return real_run(inputs, settings, stream)
 
     monkeypatch.setattr(engine, "run", run)
-    records = []
-
-    class Collect:
-        def write(self, record):
-            records.append(record)
-
-        def close(self):
-            pass
-
+    records = Collect()
     items = resolve([str(p) for p in mixed_images]).items
     stats = pipeline.caption(
-        items, engine, Collect(), prompt="Describe", settings=GenerationSettings(max_new_tokens=4), batch_size=7
+        items, engine, records, prompt="Describe", settings=GenerationSettings(max_new_tokens=4), batch_size=7
     )
     assert [r.source for r in records] == [str(p) for p in mixed_images]
     assert [r.ok for r in records] == [True, True, True, True, False, True, True]
