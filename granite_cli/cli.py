@@ -150,10 +150,11 @@ def ask(
     read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
     model = _model_id(model)
     item = resolve_single(source, page, read=read)
+    fit = None
     if item.error is None:  # known-bad input fails before the model loads
         engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
-    # Loaded as caption loads it: a PDF page rendered at the size the model uses.
-    loaded = pipeline.load_item(0, item, read, engine.fit if item.error is None else None)
+        fit = engine.fit  # loaded as caption loads it: a PDF page rendered at the size the model uses
+    loaded = pipeline.load_item(0, item, read, fit)
     if loaded.image is None:
         # Same record shape as a model answer, so scripts handle both alike.
         record = pipeline.make_record(model, question, loaded, error=loaded.error)
@@ -399,7 +400,7 @@ def _settings(max_new_tokens: int, temperature: float, seed: int | None, structu
         from transformers import set_seed
 
         set_seed(seed)
-    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, schema=structured)
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, schema=structured)
 
 
 def _engine_options(max_tiles: int | None, cache: str, compile: bool):

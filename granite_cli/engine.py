@@ -35,7 +35,6 @@ class GenerationSettings:
 
     max_new_tokens: int = 256
     temperature: float = 0.0
-    seed: int | None = None
     min_new_tokens: int | None = None
     """Benchmarks only: force answers of a fixed length, so random weights cannot stop early."""
     schema: OutputSchema | None = None

@@ -47,8 +47,6 @@ class Stats:
     answered: int = 0
     failed: int = 0
     started: float = 0.0
-    first_record: float | None = None
-    """Seconds from the start until the first record was written."""
     stopped: bool = False
     """The run was asked to stop (Ctrl-C, SIGTERM) before every item was done."""
 
@@ -161,8 +159,6 @@ def caption(
     stats = Stats(total=len(items), started=time.monotonic())
 
     def count(record: Record) -> None:
-        if stats.first_record is None:
-            stats.first_record = stats.seconds
         if record.ok:
             stats.answered += 1
         else:
@@ -189,7 +185,7 @@ def _consume(producer, engine, emitter, prompt, settings, stop, stats) -> None:
             return
         if batch.inputs is None and batch.error is None:  # unreadable inputs: their records now
             for entry in batch.entries:
-                emitter.add(entry.index, make_record(engine.name, prompt, entry, error=entry.error or batch.error))
+                emitter.add(entry.index, make_record(engine.name, prompt, entry, error=entry.error))
             continue
         for entry, record in _answer_batch(engine, batch, prompt, settings):
             emitter.add(entry.index, record)
