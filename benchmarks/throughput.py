@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT.parent))
 from granite_cli import pipeline, tiny_model  # noqa: E402
 from granite_cli.documents import ReadOptions  # noqa: E402
 from granite_cli.engine import Engine, EngineOptions, GenerationSettings, limit_tiles  # noqa: E402
-from granite_cli.records import Record  # noqa: E402
+from granite_cli.records import Job, Record  # noqa: E402
 from granite_cli.sources import Item, resolve  # noqa: E402
 
 PROMPT = "Describe this image in detail."
@@ -211,10 +211,10 @@ def run_engine(
     tokens: dict[int, list[int]] = {}
     real_make_record = pipeline.make_record
 
-    def capture(name, prompt, loaded, answer=None, error=None, settings=None):  # keep token ids
+    def capture(job, loaded, answer=None, error=None, settings=None):  # keep token ids
         if answer is not None:
             tokens[loaded.index] = list(answer.token_ids)
-        return real_make_record(name, prompt, loaded, answer, error, settings)
+        return real_make_record(job, loaded, answer, error, settings)
 
     class Collect:
         def write(self, record: Record) -> None:
@@ -231,7 +231,8 @@ def run_engine(
     pipeline.make_record = capture
     try:
         timer = Timer(engine.device)
-        pipeline.caption(items, engine, Collect(), prompt=PROMPT, settings=settings, batch_size=batch_size, read=READ)
+        job = Job(PROMPT, engine.name)
+        pipeline.caption(items, engine, Collect(), job=job, settings=settings, batch_size=batch_size, read=READ)
         result = timer.result(len(items), sum(r.answer_tokens or 0 for r in records))
     finally:
         pipeline.make_record = real_make_record

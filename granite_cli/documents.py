@@ -72,6 +72,29 @@ def is_pdf(head: bytes) -> bool:
     return b"%PDF-" in head[:1024]
 
 
+#: Leading bytes of the picture formats people pipe around, by name.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+)
+
+
+def sniff(data: bytes) -> str | None:
+    """The picture format `data` starts with ("PNG", "PDF", ...), or None: for telling image
+    bytes from a list of paths on stdin."""
+    if data[:5] == b"%PDF-":
+        return "PDF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM" and data[6:10] == b"\x00\x00\x00\x00":  # "BM" alone could start a path
+        return "BMP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+
+
 def read_head(source: Source, size: int = 1024) -> bytes:
     if isinstance(source, Blob):
         head = source.data[:size]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from . import DEFAULT_MODEL
-from .errors import UsageError, model_load_error
+from .errors import OutputError, UsageError, model_load_error
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +64,30 @@ class Answer:
     token_ids: tuple[int, ...] = ()
 
 
+def model_name(value: str, where: str = "--model") -> str:
+    """The model to load, checked before anything heavy: a local folder by its absolute path (so
+    records and --resume know it however it was spelled), or a well-formed Hub id as given.
+    `where` says which option or variable the value came from, for the error line."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1:
+        raise UsageError(
+            f"{where} {value!r}: model folder does not exist."
+            f" Hint: pass a folder holding config.json, or a Hub id like {DEFAULT_MODEL}"
+        )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise UsageError(
+            f"{where} {value!r}: not a model folder, nor a Hugging Face model id (owner/name, like {DEFAULT_MODEL})"
+        ) from None
+    return value
+
+
 def resolve_device(spec: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device must exist here."""
     import torch
@@ -93,19 +117,35 @@ def resolve_device(spec: str) -> torch.device:
     raise UsageError(f"--device {spec!r}: expected one of {DEVICE_CHOICES}")
 
 
+def supported_dtypes(device: torch.device) -> list[str]:
+    """The dtypes a model runs in on this device, best first (what `info` lists): the CPU has no
+    fast float16 kernels, Apple's MPS no bfloat16, older GPUs no bfloat16."""
+    import torch
+
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        return ["bfloat16", "float16", "float32"] if bf16 else ["float16", "float32"]
+    if device.type == "mps":
+        return ["float16", "float32"]
+    return ["float32", "bfloat16"]
+
+
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 where the GPU supports it, else float16 on a GPU, float32 on the CPU."""
+    """`auto`: bfloat16 where the GPU supports it, else float16 on a GPU, float32 on the CPU.
+    A dtype the device cannot run is refused here, before any weight is read."""
     import torch
 
     if spec not in DTYPES:
         raise UsageError(f"--dtype {spec!r}: expected one of {'|'.join(DTYPES)}")
-    if spec != "auto":
-        return getattr(torch, spec)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
+    supported = supported_dtypes(device)
+    if spec == "auto":
+        return getattr(torch, "float32" if device.type == "cpu" else supported[0])
+    if spec not in supported:
+        raise UsageError(
+            f"--dtype {spec}: not supported on {device} (it runs {', '.join(supported)};"
+            " see `granite-vision info`)"
+        )
+    return getattr(torch, spec)
 
 
 class Engine:
@@ -123,6 +163,14 @@ class Engine:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.pad_id = model.generation_config.pad_token_id
+        self.context_window: int | None = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        """Most tokens (prompt and answer) the language model was built for."""
+        self.special_texts = tuple(token.content for token in self.tokenizer.added_tokens_decoder.values())
+        """Texts the tokenizer would read as control tokens: a question holding one is tokenized
+        as plain text instead (see `_prompt_ids`)."""
 
     @classmethod
     def load(
@@ -141,6 +189,7 @@ class Engine:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         local_only = _hub_unreachable(model, revision)
+        _check_vision_model(model, revision, local_only)
         try:
             processor = AutoProcessor.from_pretrained(model, revision=revision, local_files_only=local_only)
             kwargs = {"revision": revision, "dtype": torch_dtype, "local_files_only": local_only}
@@ -171,6 +220,49 @@ class Engine:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
+    @lru_cache(maxsize=64)
+    def _prompt_ids(self, question: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Token ids of the chat-formatted prompt before and after its image.
+
+        The whole prompt is tokenized as the processor would (so answers match the model
+        card's, token for token). A question that holds the text of a control token (`<image>`,
+        `<|end_of_text|>`, ...) is the exception: it is tokenized on its own as plain text and
+        spliced between the template's parts, so what a user types is only ever text.
+        """
+        text = self.prompt(question)
+        if not any(special in question for special in self.special_texts):
+            ids = self.tokenizer(text)["input_ids"]
+        else:
+            marker = "\ue000"  # a private-use character: never in a chat template
+            head, tail = self.prompt(marker).split(marker)
+            ids = [
+                *self.tokenizer(head)["input_ids"],
+                *self.tokenizer(question, add_special_tokens=False, split_special_tokens=True)["input_ids"],
+                *self.tokenizer(tail, add_special_tokens=False)["input_ids"],
+            ]
+        if ids.count(self.image_token_id) != 1:
+            raise UsageError(f"model {self.name!r}: its chat template does not place exactly one {self.image_token}")
+        at = ids.index(self.image_token_id)
+        return tuple(ids[:at]), tuple(ids[at + 1 :])
+
+    def prompt_tokens(self, question: str, width: int, height: int) -> int:
+        """Tokens of the model input for a picture of this size: template, question and image."""
+        head, tail = self._prompt_ids(question)
+        return len(head) + len(tail) + self.image_tokens(width, height)
+
+    def check_fits(self, question: str, width: int, height: int, max_new_tokens: int) -> str | None:
+        """Why an item cannot be answered within the model's context window, or None."""
+        if self.context_window is None:
+            return None
+        tokens = self.prompt_tokens(question, width, height)
+        if tokens + max_new_tokens <= self.context_window:
+            return None
+        return (
+            f"prompt too long: {tokens:,} prompt tokens ({self.image_tokens(width, height):,} of them for the"
+            f" picture) + --max-new-tokens {max_new_tokens} exceed the model's context of"
+            f" {self.context_window:,} tokens"
+        )
+
     @lru_cache(maxsize=4096)
     def image_tokens(self, width: int, height: int) -> int:
         """Image tokens the processor will emit for a picture of this size (used to group batches
@@ -200,14 +292,37 @@ class Engine:
     def prepare(self, images: list[Image.Image], questions: list[str]):
         """CPU side of a batch: chat template, tokenisation, image tiling and normalisation.
 
-        Safe to run on a worker thread while the model runs the previous batch. With the model on
-        a GPU, the torchvision image processor does its resizing there too.
+        The processor sees only the image token as text: it tiles the pictures and expands that
+        token into each picture's image tokens, which are spliced into the prompt's own token ids
+        (`_prompt_ids`), left-padded. Safe to run on a worker thread while the model runs the
+        previous batch. With the model on a GPU, the torchvision processor resizes there too.
         """
-        texts = [self.prompt(question) for question in questions]
+        import torch
+
         kwargs = (
             {"device": str(self.device)} if self.device.type == "cuda" and _torchvision_backend(self.processor) else {}
         )
-        return self.processor(images=images, text=texts, return_tensors="pt", padding=True, **kwargs)
+        inputs = self.processor(
+            images=images,
+            text=[self.image_token] * len(images),
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            **kwargs,
+        )
+        rows = []
+        for index, question in enumerate(questions):
+            head, tail = self._prompt_ids(question)
+            expansion = inputs["input_ids"][index][inputs["attention_mask"][index].bool()].tolist()
+            rows.append([*head, *expansion, *tail])
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):  # left padding, as batched generation needs
+            input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, width - len(row) :] = 1
+        inputs["input_ids"], inputs["attention_mask"] = input_ids, attention_mask
+        return inputs
 
     def run(self, inputs, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
         """GPU side of a batch: one `generate` over prepared inputs."""
@@ -348,6 +463,22 @@ def _hub_unreachable(model: str, revision: str | None) -> bool:
         ) from None
 
 
+def _check_vision_model(model: str, revision: str | None, local_only: bool) -> None:
+    """A text-only checkpoint would load and then fail on the first picture: say so now, from
+    its config alone, before any weight is read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=local_only)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        raise model_load_error(model, exc) from exc
+    if getattr(config, "vision_config", None) is None:
+        raise UsageError(
+            f"model {model!r} is a text-only model (model_type {config.model_type});"
+            f" granite-vision needs a vision-language model such as {DEFAULT_MODEL}"
+        )
+
+
 def _check_pinpoints(model: str, processor, network) -> None:
     """The processor counts image tokens from its pinpoints, the model makes features from its
     own; a checkpoint whose two lists differ fails later with "Image features and image tokens
@@ -423,9 +554,10 @@ class _TextStream:
     to any stream and stops at the end-of-text token.
     """
 
-    def __init__(self, tokenizer, out: TextIO):
+    def __init__(self, tokenizer, out: TextIO, label: str = "stdout"):
         self.tokenizer = tokenizer
         self.out = out
+        self.label = label
         self.tokens: list[int] = []
         self.written = 0
         self.prompt_seen = False
@@ -447,12 +579,17 @@ class _TextStream:
         if text.endswith("\ufffd"):
             return
         if len(text) > self.written:
-            self.out.write(text[self.written :])
-            self.out.flush()
+            self._write(text[self.written :])
             self.written = len(text)
 
     def end(self) -> None:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-        if len(text) > self.written:
-            self.out.write(text[self.written :])
-        self.out.flush()
+        self._write(text[self.written :])
+
+    def _write(self, text: str) -> None:
+        """A failed write is the output's failure (disk full, reader gone), not generation's."""
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except OSError as exc:
+            raise OutputError(self.label, exc) from None

@@ -8,6 +8,9 @@ item's error record and the batch goes on. Anything else is a bug and keeps its 
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class UsageError(Exception):
     """A problem with how the tool was called; the message is the line the user sees."""
@@ -15,6 +18,21 @@ class UsageError(Exception):
 
 class InputError(Exception):
     """A problem with one input item; the message names the reason, the caller adds the source."""
+
+
+class OutputError(Exception):
+    """Writing an output failed (disk full, file too large, I/O error, reader gone): the run
+    cannot go on, but every record written before stays. The message names the output."""
+
+    def __init__(self, where: str, error: OSError):
+        self.where = where
+        self.error = error
+        super().__init__(f"{where}: {os_reason(error)}")
+
+    @property
+    def broken_pipe(self) -> bool:
+        """The reader went away (`| head`): Unix tools exit 141 then, and say nothing."""
+        return isinstance(self.error, BrokenPipeError) or self.error.errno == errno.EPIPE
 
 
 def describe(exc: BaseException) -> str:
@@ -29,7 +47,18 @@ def describe(exc: BaseException) -> str:
         return "permission denied"
     if isinstance(exc, MemoryError):
         return "out of memory"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os_reason(exc)
     return f"{type(exc).__name__}: {one_line(exc, 300)}"
+
+
+def os_reason(exc: OSError) -> str:
+    """An OS error as the words a user knows, with the errno name to search for:
+    "No space left on device (ENOSPC)"."""
+    if exc.errno is None:
+        return one_line(exc)
+    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    return f"{exc.strerror or os.strerror(exc.errno)} ({name})"
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

@@ -23,21 +23,23 @@ def collect(default_model: str) -> dict:
     import torch
     from huggingface_hub import constants
 
-    devices = [{"device": "cpu", "name": platform.processor() or platform.machine(), "dtypes": ["float32", "bfloat16"]}]
+    from .engine import supported_dtypes
+
+    cpu = torch.device("cpu")
+    devices = [{"device": "cpu", "name": platform.processor() or platform.machine(), "dtypes": supported_dtypes(cpu)}]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             properties = torch.cuda.get_device_properties(index)
-            dtypes = ["bfloat16", "float16", "float32"] if torch.cuda.is_bf16_supported() else ["float16", "float32"]
             devices.append(
                 {
                     "device": f"cuda:{index}",
                     "name": properties.name,
                     "memory_gib": round(properties.total_memory / 2**30, 1),
-                    "dtypes": dtypes,
+                    "dtypes": supported_dtypes(torch.device("cuda", index)),
                 }
             )
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        devices.append({"device": "mps", "name": "Apple Metal", "dtypes": ["float16", "float32"]})
+        devices.append({"device": "mps", "name": "Apple Metal", "dtypes": supported_dtypes(torch.device("mps"))})
     versions = {"granite-vision": __version__, "python": sys.version.split()[0]}
     for package in PACKAGES:
         try:

@@ -1,33 +1,46 @@
-"""Output files that lose nothing: append-only JSONL, resume, atomic markdown reports.
+"""Where records go, and the rules that keep a user's files safe while they go there.
 
-A JSONL output is appended and flushed one record at a time, so a crash or `kill -9` leaves
-every finished record intact; at most the last line can be torn, and it is dropped when the
-file is read back. `--resume` reads the file back, keeps every answered item, and runs the rest
-(failed items included); the file is rewritten atomically (temp file + rename) whenever it is
-reorganised, and at the end holds each item exactly once, in input order.
+Three rules, checked before the model loads and kept until the run ends:
 
-A markdown report cannot be appended to safely, so its records are journaled in a JSONL file
-beside it (`REPORT.jsonl`, the same format as above, and what `--resume` reads), and the report
-itself is rebuilt from them and replaced atomically: a reader never sees half a report.
+- **Only our own files are written.** Every file a run would write — the output, a report's
+  JSONL journal, the part files of several processes — must be absent, empty, or already a
+  granite-vision output *of the same format*; it must not be one of the inputs (same device
+  and inode, whatever path names it). Anything else is refused with one line, untouched.
+- **Nothing changes before there is something new.** An existing output is opened lazily, at the
+  first new record: a failed model load, Ctrl-C while loading, or a run that stops before its
+  first record leaves every file byte for byte as it was.
+- **Nothing finished is lost.** A JSONL output is appended and flushed one record at a time,
+  so a crash or `kill -9` leaves every finished record; at most the last line is torn, and it
+  is dropped when the file is read back. Files are reorganised only by atomic replacement
+  (temp file + rename). A report (markdown, CSV) cannot be appended to safely, so its records
+  go to a JSONL journal beside it (`REPORT.jsonl`), and the report is rebuilt from them.
+
+`--resume` reads the output back, keeps every answered item and runs the rest; it refuses a file
+of another format, or records made for another job (prompt, model, schema).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
+import stat
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .errors import UsageError
-from .records import REPORT_FORMATS, JsonlWriter, Record, Writer, open_writer, render
+from .errors import OutputError, UsageError
+from .records import REPORT_FORMATS, REPORT_TITLE, Job, JsonlWriter, Record, Writer, open_writer, render
 from .sources import Item
 
 #: A markdown report is rebuilt at most this often while a run goes on (and always at the end).
 REPORT_INTERVAL_S = 2.0
+#: How much of an existing output is read to tell whether it is ours (all of it with --resume).
+SNIFF_BYTES = 64 * 1024
+STDOUT = "-"
 
 
 @dataclass
@@ -40,6 +53,7 @@ class Previous:
     """The last line was cut short by a crash; it was dropped."""
 
 
+# --------------------------------------------------------------------------- reading back
 def read_records(path: Path) -> tuple[list[Record], bool]:
     """Records of a JSONL file, and whether a torn (partial) last line was dropped."""
     if not path.exists():
@@ -58,17 +72,34 @@ def read_records(path: Path) -> tuple[list[Record], bool]:
             if last:
                 torn = True
                 continue
-            raise UsageError(
-                f"{path}: line {number + 1} is not a granite-vision record; refusing to resume into it"
-            ) from None
-        if last:  # parsed, but unterminated: keep it, the rewrite below terminates it
+            raise UsageError(f"{path}: line {number + 1} is not a granite-vision record; refusing to touch it") from None
+        if last:  # parsed, but unterminated: keep it, the rewrite terminates it
             torn = True
     return records, torn
 
 
-def merge(paths: Iterable[Path]) -> tuple[list[Record], bool]:
+class Identities:
+    """The identity of a record's item, `Item.identity`'s twin: the file (device, inode) when
+    its source is a local file, else its name; so `a.png`, `./a.png` and a hard link to it are
+    one item across runs too. One `stat` per source name, remembered."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, object] = {}
+
+    def of(self, record: Record) -> tuple:
+        if record.source not in self.known:
+            try:
+                info = os.stat(record.source)
+                self.known[record.source] = (info.st_dev, info.st_ino) if stat.S_ISREG(info.st_mode) else record.source
+            except (OSError, ValueError):
+                self.known[record.source] = record.source
+        return (self.known[record.source], record.page)
+
+
+def merge(paths: Iterable[Path], identities: Identities | None = None) -> tuple[list[Record], bool]:
     """One record per item over these files: its answer if any file has one, else its latest
     failure; and whether a torn last line was dropped on the way."""
+    identities = identities or Identities()
     answered: dict[tuple, Record] = {}
     failed: dict[tuple, Record] = {}
     torn = False
@@ -76,35 +107,59 @@ def merge(paths: Iterable[Path]) -> tuple[list[Record], bool]:
         records, cut = read_records(path)
         torn |= cut
         for record in records:
-            (answered if record.ok else failed)[record.key] = record
+            (answered if record.ok else failed)[identities.of(record)] = record
     return [*answered.values(), *(r for key, r in failed.items() if key not in answered)], torn
 
 
-def load_previous(paths: Iterable[Path]) -> Previous:
-    """What the output file and any part files left by earlier runs (several processes, any
-    number of them) hold: an item counts as answered if any file answered it."""
-    records, torn = merge(paths)
-    previous = Previous(torn=torn)
-    for record in records:
-        if record.ok:
-            previous.answered[record.key] = record
-        else:
-            previous.failed += 1
-    return previous
+def in_input_order(records: Iterable[Record], items: Sequence[Item], identities: Identities) -> list[Record]:
+    """Records sorted by the position of their item in this run's input; others keep their
+    relative order after them (from an earlier run over more inputs)."""
+    position = {item.identity: index for index, item in enumerate(items)}
+    return sorted(records, key=lambda record: position.get(identities.of(record), len(position)))
 
 
-def item_key(item: Item, prompt: str, model: str) -> tuple:
-    """The key of the record an item will get (see `Record.key`)."""
-    return (item.source, item.page, prompt, model)
+def sniff(path: Path, whole: bool = False) -> str | None:
+    """What an existing file reads as: "empty", "jsonl", "markdown", "csv", or None (not a
+    granite-vision output). Only the start is read unless `whole`."""
+    with open(path, "rb") as handle:
+        data = handle.read() if whole else handle.read(SNIFF_BYTES)
+    if not data.strip():
+        return "empty"
+    text = data.decode("utf-8", errors="replace")
+    first = text.split("\n", 1)[0].rstrip("\r")
+    if first == f"# {REPORT_TITLE}":
+        return "markdown"
+    if first.startswith("source,page,"):
+        return "csv"
+    lines = text.split("\n")
+    complete = lines[:-1] if not whole or not text.endswith("\n") else lines
+    complete = [line for line in complete if line.strip()]
+    if not complete:  # one unterminated line: a record torn by a crash, or not ours
+        return "jsonl" if lines[0].startswith('{"source": ') else None
+    try:
+        for line in complete:
+            Record.from_json(line)
+    except (ValueError, TypeError):
+        return None
+    return "jsonl"
+
+
+# --------------------------------------------------------------------------- safe writing
+@contextlib.contextmanager
+def writing(where: str) -> Iterator[None]:
+    """Any failure to write is an `OutputError` naming the output: one line for the user."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(where, exc) from None
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that readers see the old or the new file, never a mix."""
-    directory = path.resolve().parent
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; the output keeps normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -127,22 +182,92 @@ def jsonl_text(records: Iterable[Record]) -> str:
     return "".join(record.to_json() + "\n" for record in records)
 
 
-def in_input_order(records: Iterable[Record], items: Sequence[Item], prompt: str, model: str) -> list[Record]:
-    """Records sorted by the position of their item in this run's input; others keep their
-    relative order after them (from an earlier run over more inputs)."""
-    position = {item_key(item, prompt, model): index for index, item in enumerate(items)}
-    return sorted(records, key=lambda record: position.get(record.key, len(position)))
+def _probe_folder(path: Path, label: str) -> None:
+    """The run replaces its output through a temp file renamed over it: try both in the
+    output's folder now, so a read-only or pseudo filesystem is one line before the model loads."""
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        moved = temp + ".moved"
+        try:
+            os.replace(temp, moved)
+        finally:
+            for name in (temp, moved):
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot write in {path.parent} ({exc.strerror})") from None
+
+
+# --------------------------------------------------------------------------- choosing the output
+def open_output(
+    name: str | None,
+    fmt: str,
+    resume: bool,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    columns: Sequence[str] = (),
+    run_id: str = "",
+):
+    """Where records go, checked now (before the model loads) and written to only later:
+    stdout (`-o -` or no -o), a pipe or device named by -o (streamed like stdout), or a file
+    (appended, resumable, rewritten atomically; through a symlink, the file it points to)."""
+    label = f"--output {name}"
+    if name is None or name == STDOUT or _is_stdout(name):
+        if resume or world > 1:
+            raise UsageError(f"{'--resume' if resume else 'a run of several processes'} needs --output FILE")
+        return StreamOutput(None, fmt, columns, "stdout")
+    info = _stat_or_none(name)
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{label}: is a directory")
+    if info is not None and not stat.S_ISREG(info.st_mode):  # /dev/null, a FIFO, a terminal, ...
+        if resume or world > 1:
+            raise UsageError(f"{label}: not a regular file; --resume and several processes need one")
+        if not os.access(name, os.W_OK):
+            raise UsageError(f"{label}: cannot write there (permission denied)")
+        return StreamOutput(name, fmt, columns, label)
+    path = Path(os.path.realpath(name))
+    if not path.parent.is_dir():
+        raise UsageError(f"{label}: folder {path.parent} does not exist")
+    output = FileOutput(
+        path, fmt, resume, rank=rank, world=world, barrier=barrier, columns=columns, label=label, run_id=run_id
+    )
+    if rank == 0:
+        _probe_folder(path, label)
+    return output
+
+
+def _is_stdout(name: str) -> bool:
+    """`-o /dev/stdout` (or any name of the file our stdout already is): write to stdout itself,
+    never reopen it (that would truncate a file the shell redirected us to)."""
+    try:
+        return os.path.samestat(os.stat(name), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _stat_or_none(name: str | Path) -> os.stat_result | None:
+    try:
+        return os.stat(name)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UsageError(f"--output {name}: {exc.strerror}") from None
 
 
 class FileOutput:
-    """`-o FILE`: the JSONL file (or the markdown report and its journal) of one run.
+    """`-o FILE`: the JSONL file (or the report and its journal) of one run.
 
-    Use: `todo = output.plan(items, prompt, model)`, `output.open()`, then `output.write(record)`
-    per record, then `output.finish(items, prompt, model)`. In a run of several processes (`rank` of
-    `world`), each process appends to its own part file in `JOURNAL.parts/`, and the process of
-    rank 0 merges them into the output once all are done; `barrier` makes the processes wait for
-    each other where they must agree on what is already done.
+    Use: `output.check(items)`, `todo = output.plan(items, job)`, then `output.write(record)`
+    per record, then `output.finish(items)`. Nothing is written before the first `write`. In a
+    run of several processes (`rank` of `world`), each process appends to its own part file in
+    `JOURNAL.parts/` (named with `run_id`, the same on every process), and the process of rank 0
+    merges them into the output once all are done; `barrier` makes the processes wait there.
     """
+
+    resumable = True
 
     def __init__(
         self,
@@ -154,6 +279,8 @@ class FileOutput:
         world: int = 1,
         barrier: Callable[[], None] = lambda: None,
         columns: Sequence[str] = (),
+        label: str | None = None,
+        run_id: str = "",
     ):
         self.path = path
         self.fmt = fmt
@@ -162,83 +289,171 @@ class FileOutput:
         self.rank = rank
         self.world = world
         self.barrier = barrier
+        self.label = label or f"--output {path}"
         self.journal = path.with_name(path.name + ".jsonl") if fmt in REPORT_FORMATS else path
         self.parts = self.journal.with_name(self.journal.name + ".parts")
-        self.target = self.journal if world == 1 else self.parts / f"rank-{rank:05d}-of-{world:05d}.jsonl"
+        self.run_id = run_id
+        self.target = self.journal if world == 1 else self._part(rank)
         self.previous = Previous()
+        self.identities = Identities()
         self.stream: TextIO | None = None
         self.writer: JsonlWriter | None = None
         self.records: list[Record] = []
         """What this process's target file holds, mirrored in memory to rebuild the report from."""
         self.next_report = 0.0
 
-    def _sources(self) -> list[Path]:
-        return [self.journal, *sorted(self.parts.glob("rank-*.jsonl"))]
+    # ---------------------------------------------------------------- before the model loads
+    def _part(self, rank: int) -> Path:
+        return self.parts / f"rank-{rank:05d}-of-{self.world:05d}{'-' + self.run_id if self.run_id else ''}.jsonl"
 
-    def plan(self, items: Sequence[Item], prompt: str, model: str) -> list[Item]:
-        """The items still to run (all of them, unless --resume finds answers). Reads only:
-        nothing is written until `open`, so a run that stops before its model loads (a bad
-        option, a model not found) leaves an existing output as it was."""
-        if self.resume:
-            self.previous = load_previous(self._sources())
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts.glob("rank-*.jsonl")) if self.parts.is_dir() else []
+
+    def _files(self) -> list[Path]:
+        """Every file this output may write (the report, its journal, part files)."""
+        files = [self.path, self.journal] if self.journal != self.path else [self.path]
+        return files + self._part_files()
+
+    def check(self, items: Sequence[Item]) -> None:
+        """Refuse, before anything is written, to write any file that is one of the inputs or
+        that is not ours, in this format."""
+        self._check_inputs(items)
+        self._check_ours()
+
+    def _check_ours(self) -> None:
+        """Refuse unless every existing file this output would write is ours, in this format."""
+        if self.parts.exists() and not self.parts.is_dir():
+            raise UsageError(f"{self.label}: {self.parts} exists and is not a folder of part files; refusing to touch it")
+        for path in self._files():
+            info = _stat_or_none(path)
+            if info is None:
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError(f"{self.label}: {path} is not a regular file; refusing to touch it")
+            expected = self.fmt if path == self.path else "jsonl"
+            try:
+                kind = sniff(path)
+            except OSError as exc:
+                raise UsageError(f"{self.label}: cannot read {path} ({exc.strerror})") from None
+            if kind in (expected, "empty"):
+                continue
+            which = "" if path == self.path else f"its {'journal' if path == self.journal else 'part file'} {path} "
+            if kind is None:
+                raise UsageError(
+                    f"{self.label}: {which}exists and is not a granite-vision output; refusing to write over it."
+                    " Hint: pick another --output"
+                )
+            hint = f"--format {kind}, or pick another --output" if path == self.path else "pick another --output"
+            raise UsageError(
+                f"{self.label}: {which}is a granite-vision {kind} output, not {expected}; refusing to replace it."
+                f" Hint: {hint}"
+            )
+
+    def _check_inputs(self, items: Sequence[Item]) -> None:
+        """Refuse if any file this output would write is one of the inputs (by file identity)."""
+        inputs = {item.file_id: item.source for item in items if item.file_id is not None}
+        for path in self._files():
+            info = _stat_or_none(path)
+            if info is not None and (info.st_dev, info.st_ino) in inputs:
+                same = inputs[(info.st_dev, info.st_ino)]
+                raise UsageError(
+                    f"{self.label}: {path} is one of the inputs ({same}); refusing to write over it."
+                    " Hint: name the output file, e.g. -o captions.jsonl"
+                )
+
+    def plan(self, items: Sequence[Item], job: Job) -> list[Item]:
+        """The items still to run: all of them, unless --resume finds answers of the same job.
+        Reads only: nothing is written until the first record."""
+        if self.resume:  # (`check` has made sure the files are of this format)
+            records, torn = merge(self._sources(), self.identities)
+            for record in records:
+                if (why := job.difference(record)) is not None:
+                    raise UsageError(
+                        f"--resume: {self.journal} holds records made with {why}."
+                        " Hint: resume with the same options, or write to another --output"
+                    )
+            self.previous = Previous(torn=torn)
+            for record in records:
+                if record.ok:
+                    self.previous.answered[self.identities.of(record)] = record
+                else:
+                    self.previous.failed += 1
         answered = self.previous.answered
-        return [item for item in items if item_key(item, prompt, model) not in answered]
+        return [item for item in items if item.identity not in answered]
 
-    def open(self) -> None:
-        """Start writing: keep the previous answers (with --resume) or start empty."""
-        self.barrier()  # every process has read the same state before anyone writes
-        if self.rank == 0:
-            # The output keeps only answers (failed items are retried, a torn line is dropped);
-            # a fresh run starts from nothing.
+    def _sources(self) -> list[Path]:
+        return [self.journal, *self._part_files()]
+
+    # ---------------------------------------------------------------- while the run goes on
+    def _start(self) -> None:
+        """At the first new record: keep the previous answers (with --resume) or start empty."""
+        if self.world == 1:
+            # The output keeps only answers (failed items are retried, a torn line is dropped).
             write_atomic(self.journal, jsonl_text(self.previous.answered.values()))
-            if self.world == 1 and self.parts.exists():
-                shutil.rmtree(self.parts)
-            elif self.world > 1:
-                if self.parts.exists():
-                    for stale in self.parts.glob("rank-*.jsonl"):  # merged into the output above
-                        stale.unlink()
-                self.parts.mkdir(exist_ok=True)
-        self.barrier()
-        self.records = list(self.previous.answered.values()) if self.world == 1 else []
-        self.stream = open(self.target, "a", encoding="utf-8")
+            self.records = list(self.previous.answered.values())
+            self._remove_parts()  # merged into the journal above (with --resume), stale otherwise
+        else:
+            self.parts.mkdir(exist_ok=True)
+        self.stream = open(self.target, "a" if self.resume or self.world == 1 else "w", encoding="utf-8")
         self.writer = JsonlWriter(self.stream)
-        if self.fmt in REPORT_FORMATS and self.world == 1:
-            self._report(force=True)
 
     def write(self, record: Record) -> None:
-        assert self.writer is not None
-        self.writer.write(record)
-        self.records.append(record)
-        if self.fmt in REPORT_FORMATS and self.world == 1:
-            self._report()
+        with writing(self.label):
+            if self.writer is None:
+                self._start()
+            assert self.writer is not None
+            self.writer.write(record)
+            self.records.append(record)
+            if self.fmt in REPORT_FORMATS and self.world == 1:
+                self._report()
 
     def close(self) -> None:
         if self.stream is not None:
-            self.stream.flush()
-            os.fsync(self.stream.fileno())
-            self.stream.close()
-            self.stream = None
+            stream, self.stream = self.stream, None
+            try:
+                stream.flush()
+                os.fsync(stream.fileno())
+            finally:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
-    def finish(self, items: Sequence[Item], prompt: str, model: str) -> list[Record]:
+    def abandon(self) -> None:
+        """After a failed write: close without another write (records already written stay)."""
+        with contextlib.suppress(OSError):
+            self.close()
+
+    def finish(self, items: Sequence[Item]) -> list[Record]:
         """Close; once every process is done, rank 0 puts every record in input order, each
-        item once, and rebuilds the report (atomically). Returns the merged records (rank 0)."""
-        if self.writer is None:  # never opened: nothing was written, nothing to put in order
-            return []
-        self.close()
-        if self.world == 1:
-            merged = self.records
-        else:
-            self.barrier()
-            if self.rank != 0:
-                return []
-            merged, _ = merge(self._sources())
-        ordered = in_input_order(merged, items, prompt, model)
-        write_atomic(self.journal, jsonl_text(ordered))
-        if self.fmt in REPORT_FORMATS:
-            write_atomic(self.path, render(self.fmt, ordered, self.path, self.columns))
-        if self.world > 1:
-            shutil.rmtree(self.parts, ignore_errors=True)
-        return ordered
+        item once, and rebuilds the report (atomically). Returns the merged records (rank 0).
+        A run that wrote nothing new leaves every file as it was."""
+        with writing(self.label):
+            self.close()
+            if self.world == 1 and self.writer is not None:
+                merged = self.records
+            else:
+                self.barrier()
+                if self.rank != 0:
+                    return []
+                # A fresh run merges what its own processes wrote; --resume also the journal and
+                # the part files of runs that died before merging them.
+                sources = self._sources() if self.resume else [p for p in map(self._part, range(self.world)) if p.exists()]
+                if not self._part_files() or not (self.resume or sources):  # nothing new anywhere
+                    return []
+                merged, _ = merge(sources, self.identities)
+            ordered = in_input_order(merged, items, self.identities)
+            write_atomic(self.journal, jsonl_text(ordered))
+            if self.fmt in REPORT_FORMATS:
+                write_atomic(self.path, render(self.fmt, ordered, self.path, self.columns))
+            self._remove_parts()
+            return ordered
+
+    def _remove_parts(self) -> None:
+        """Remove our part files (checked to be ours before the run), and their folder if that
+        leaves it empty; anything else a user put there stays."""
+        for part in self._part_files():
+            part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.parts.rmdir()
 
     def _report(self, force: bool = False) -> None:
         """Rebuild the report, at most every few seconds, and never spending more than a tenth
@@ -252,24 +467,45 @@ class FileOutput:
 
 
 class StreamOutput:
-    """stdout: records stream in input order (JSONL or a markdown report); no resume."""
+    """stdout, or a pipe or device named by -o: records stream in input order; no resume.
+    A named stream is opened for appending (never truncated) at the first record."""
 
-    def __init__(self, stream: TextIO, fmt: str, columns: Sequence[str] = ()):
-        self.writer: Writer = open_writer(fmt, stream, None, columns)
+    resumable = False
+
+    def __init__(self, name: str | None, fmt: str, columns: Sequence[str] = (), label: str = "stdout"):
+        self.name = name
+        self.fmt = fmt
+        self.columns = columns
+        self.label = label
+        self.stream: TextIO | None = None
+        self.writer: Writer | None = None
         self.previous = Previous()
 
-    def plan(self, items: Sequence[Item], prompt: str, model: str) -> list[Item]:
-        return list(items)
-
-    def open(self) -> None:
+    def check(self, items: Sequence[Item]) -> None:
         pass
 
+    def plan(self, items: Sequence[Item], job: Job) -> list[Item]:
+        return list(items)
+
     def write(self, record: Record) -> None:
-        self.writer.write(record)
+        with writing(self.label):
+            if self.writer is None:
+                self.stream = sys.stdout if self.name is None else open(self.name, "a", encoding="utf-8")
+                self.writer = open_writer(self.fmt, self.stream, None, self.columns)
+            self.writer.write(record)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            with writing(self.label):
+                self.writer.close()
+                if self.stream is not sys.stdout and self.stream is not None:
+                    self.stream.close()
 
-    def finish(self, items: Sequence[Item], prompt: str, model: str) -> list[Record]:
+    def abandon(self) -> None:
+        if self.stream is not None and self.stream is not sys.stdout:
+            with contextlib.suppress(OSError):
+                self.stream.close()
+
+    def finish(self, items: Sequence[Item]) -> list[Record]:
         self.close()
         return []

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import documents
 from .documents import Fit, ReadOptions
-from .errors import describe
-from .records import Record, Writer
+from .errors import OutputError, describe
+from .records import Job, Record, Writer
 from .sources import Item
 
 if TYPE_CHECKING:
@@ -84,8 +84,7 @@ def load_item(index: int, item: Item, read: ReadOptions = ReadOptions(), fit: Fi
 
 
 def make_record(
-    engine_name: str,
-    prompt: str,
+    job: Job,
     loaded: Loaded,
     answer: Answer | None = None,
     error: str | None = None,
@@ -99,43 +98,64 @@ def make_record(
     return Record(
         source=loaded.item.source,
         page=loaded.item.page,
-        prompt=prompt,
+        prompt=job.prompt,
         answer=answer.text if answer else None,
         error=error,
-        model=engine_name,
+        model=job.model,
         width=image.width if image else None,
         height=image.height if image else None,
         prompt_tokens=answer.prompt_tokens if answer else None,
         answer_tokens=answer.answer_tokens if answer else None,
         finish_reason=answer.finish_reason if answer else None,
         data=data,
+        schema=job.schema,
     )
 
 
 class OrderedEmitter:
-    """Hands records to the writer in input order, each as soon as all earlier ones are done."""
+    """Hands records to the writer in input order, each as soon as all earlier ones are done.
+    Once the writer has failed (disk full, reader gone), nothing more is written."""
 
     def __init__(self, writer: Writer, on_record: Callable[[Record], None]):
         self.writer = writer
         self.on_record = on_record
         self.pending: dict[int, Record] = {}
         self.next_index = 0
+        self.failed = False
 
     def add(self, index: int, record: Record) -> None:
         self.pending[index] = record
         while self.next_index in self.pending:
-            ready = self.pending.pop(self.next_index)
-            self.writer.write(ready)
-            self.on_record(ready)
+            self._emit(self.pending.pop(self.next_index))
             self.next_index += 1
 
     def flush(self) -> None:
         """Write every finished record still waiting for an earlier one (a stopped run loses
         nothing it computed; order is then restored by the output's final rewrite)."""
         for index in sorted(self.pending):
-            record = self.pending.pop(index)
+            self._emit(self.pending.pop(index))
+
+    def _emit(self, record: Record) -> None:
+        if self.failed:
+            return
+        try:
             self.writer.write(record)
-            self.on_record(record)
+        except OutputError:
+            self.failed = True
+            raise
+        self.on_record(record)
+
+
+def record_failures(
+    items: Sequence[Item], writer: Writer, job: Job, on_record: Callable[[Record], None] = lambda record: None
+) -> Stats:
+    """The records of a run whose every item failed before the model was needed (missing or
+    broken files): written without loading a model."""
+    stats = Stats(total=len(items), started=time.monotonic(), failed=len(items))
+    emitter = OrderedEmitter(writer, on_record)
+    for index, item in enumerate(items):
+        emitter.add(index, make_record(job, Loaded(index, item), error=item.error or "no input"))
+    return stats
 
 
 def caption(
@@ -143,7 +163,7 @@ def caption(
     engine: Engine,
     writer: Writer,
     *,
-    prompt: str,
+    job: Job,
     settings: GenerationSettings,
     batch_size: int,
     read: ReadOptions = ReadOptions(),
@@ -151,7 +171,7 @@ def caption(
     workers: int | None = None,
     stop: threading.Event | None = None,
 ) -> Stats:
-    """Answer `prompt` about every item and write one record per item, in input order.
+    """Answer `job.prompt` about every item and write one record per item, in input order.
 
     When `stop` is set, no new batch starts: the run ends after the current one, with every
     finished record written (`Stats.stopped`). A KeyboardInterrupt ends it at once, the same way.
@@ -166,10 +186,10 @@ def caption(
         on_record(record)
 
     emitter = OrderedEmitter(writer, count)
-    producer = _Producer(items, engine, prompt, max(1, batch_size), read, workers or _default_workers())
+    producer = _Producer(items, engine, job.prompt, settings, max(1, batch_size), read, workers or _default_workers())
     with producer:
         try:
-            _consume(producer, engine, emitter, prompt, settings, stop, stats)
+            _consume(producer, engine, emitter, job, settings, stop, stats)
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once, still keeping what is finished
             stats.stopped = True
         finally:
@@ -178,16 +198,16 @@ def caption(
     return stats
 
 
-def _consume(producer, engine, emitter, prompt, settings, stop, stats) -> None:
+def _consume(producer, engine, emitter, job, settings, stop, stats) -> None:
     for batch in producer:
         if stop is not None and stop.is_set():
             stats.stopped = True
             return
         if batch.inputs is None and batch.error is None:  # unreadable inputs: their records now
             for entry in batch.entries:
-                emitter.add(entry.index, make_record(engine.name, prompt, entry, error=entry.error))
+                emitter.add(entry.index, make_record(job, entry, error=entry.error))
             continue
-        for entry, record in _answer_batch(engine, batch, prompt, settings):
+        for entry, record in _answer_batch(engine, batch, job, settings):
             emitter.add(entry.index, record)
 
 
@@ -215,10 +235,11 @@ class _Producer:
 
     _DONE = object()
 
-    def __init__(self, items, engine, prompt, batch_size, read, workers):
+    def __init__(self, items, engine, prompt, settings, batch_size, read, workers):
         self.items = items
         self.engine = engine
         self.prompt = prompt
+        self.max_new_tokens = settings.max_new_tokens
         self.batch_size = batch_size
         self.read = read
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
@@ -274,6 +295,12 @@ class _Producer:
                 lambda pair: load_item(start + pair[0], pair[1], self.read, self.engine.fit), enumerate(items)
             )
         )
+        for entry in loaded:  # a picture whose prompt cannot fit the context fails here, not in generate
+            if entry.image is not None:
+                width, height = entry.image.size
+                entry.error = self.engine.check_fits(self.prompt, width, height, self.max_new_tokens)
+                if entry.error is not None:
+                    entry.image = None
         failed = [entry for entry in loaded if entry.image is None]
         if failed:
             yield Batch(failed)
@@ -293,7 +320,7 @@ def prepare_batch(engine: Engine, entries: list[Loaded], prompt: str) -> Batch:
 
 
 def _answer_batch(
-    engine: Engine, batch: Batch, prompt: str, settings: GenerationSettings
+    engine: Engine, batch: Batch, job: Job, settings: GenerationSettings
 ) -> Iterator[tuple[Loaded, Record]]:
     """Run one batch; if it fails, split it and retry the halves, so only an item that fails
     on its own gets an error record (out-of-memory on a big batch costs time, not answers)."""
@@ -307,14 +334,14 @@ def _answer_batch(
         entries = batch.entries
         if len(entries) == 1:
             reason = batch.error or f"generation failed: {describe(exc)}"
-            yield entries[0], make_record(engine.name, prompt, entries[0], error=reason)
+            yield entries[0], make_record(job, entries[0], error=reason)
             return
         middle = len(entries) // 2
         for half in (entries[:middle], entries[middle:]):
-            yield from _answer_batch(engine, prepare_batch(engine, half, prompt), prompt, settings)
+            yield from _answer_batch(engine, prepare_batch(engine, half, job.prompt), job, settings)
         return
     for entry, answer in zip(batch.entries, answers, strict=True):
-        yield entry, make_record(engine.name, prompt, entry, answer, settings=settings)
+        yield entry, make_record(job, entry, answer, settings=settings)
 
 
 def _release_memory() -> None:

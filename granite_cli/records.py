@@ -40,6 +40,9 @@ class Record:
     data: Any = None
     """With --schema / --json-object: the answer parsed and validated (the raw text stays in
     `answer`, also when it could not be parsed, with `error` saying why)."""
+    schema: str | None = None
+    """With --schema / --json-object: a fingerprint of the schema ("sha256:..."), so that
+    --resume never mixes answers to different schemas in one file."""
 
     @property
     def ok(self) -> bool:
@@ -48,18 +51,47 @@ class Record:
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
 
-    @property
-    def key(self) -> tuple[str, int | None, str, str]:
-        """What identifies an item's result across runs (used by --resume)."""
-        return (self.source, self.page, self.prompt, self.model)
-
     @classmethod
     def from_json(cls, line: str) -> Record:
+        """A record from one JSONL line; anything else (other JSON, missing fields, wrong
+        types) raises ValueError, so a foreign file is never taken for ours."""
         data = json.loads(line)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         names = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
+        record = cls(**{key: value for key, value in data.items() if key in names})
+        if not isinstance(record.source, str) or not isinstance(record.prompt, str) or not isinstance(record.model, str):
+            raise ValueError("not a granite-vision record")
+        if record.page is not None and not isinstance(record.page, int):
+            raise ValueError("not a granite-vision record")
+        return record
+
+
+@dataclass(frozen=True)
+class Job:
+    """What makes records belong to one run: `--resume` continues only the same job."""
+
+    prompt: str
+    model: str
+    schema: str | None = None
+    """Fingerprint of the --schema / --json-object schema (`OutputSchema.fingerprint`)."""
+
+    def difference(self, record: Record) -> str | None:
+        """How `record` was made differently from this job, in words; None if it was not."""
+        for what, theirs, ours in (
+            ("prompt", record.prompt, self.prompt),
+            ("model", record.model, self.model),
+            ("schema", record.schema, self.schema),
+        ):
+            if theirs != ours:
+                return f"another {what} ({_shown(theirs)}; this run: {_shown(ours)})"
+        return None
+
+
+def _shown(value: str | None) -> str:
+    if value is None:
+        return "none"
+    return repr(value if len(value) <= 60 else value[:57] + "...")
 
 
 class Writer(Protocol):
@@ -82,6 +114,10 @@ class JsonlWriter:
         self.stream.flush()
 
 
+REPORT_TITLE = "granite-vision report"
+"""The first heading of every markdown report: how an existing report is known to be ours."""
+
+
 class MarkdownWriter:
     """A readable report: a heading per source, a sub-heading per page, the answer as text.
 
@@ -89,7 +125,7 @@ class MarkdownWriter:
     relative to the report, so the report and its images can be moved together.
     """
 
-    def __init__(self, stream: TextIO, report_path: Path | None = None, title: str = "granite-vision report"):
+    def __init__(self, stream: TextIO, report_path: Path | None = None, title: str = REPORT_TITLE):
         self.stream = stream
         self.base = report_path.resolve().parent if report_path else None
         self.current: str | None = None

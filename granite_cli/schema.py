@@ -9,6 +9,7 @@ validation; such an item gets an error record with its raw text, and the batch g
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ class OutputSchema:
     schema: dict = field(hash=False)
     text: str
     """Canonical JSON of the schema: the key grammars are compiled and cached by."""
+
+    @property
+    def fingerprint(self) -> str:
+        """Short and stable: what records carry so --resume never mixes two schemas."""
+        return "sha256:" + hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
     @property
     def columns(self) -> list[str]:

@@ -4,13 +4,20 @@ An `Item` is one picture the model will see: a single image, one frame of a mult
 or one page of a PDF. Resolution is where input problems that are known before any model work
 (a missing file, a PDF that will not open) become items with `error` already set, so that they
 get their record in input order like every other item and never stop the batch.
+
+Nothing here may block: a folder walk or a glob looks at each entry's type (`stat`, which never
+opens it) and skips pipes, sockets and devices, which could hang a reader forever. Only a
+special file the user names on purpose (`<(curl ...)`, `/dev/stdin`) is read, as a stream.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import select
+import stat
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -24,8 +31,13 @@ from .errors import InputError, UsageError, describe
 
 URL_PREFIXES = ("http://", "https://")
 STDIN = "-"
-#: Refuse to download more than this for one URL input.
+#: Refuse to download (or read from a pipe) more than this for one input.
 MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
+#: A named pipe that no program writes to within this long is an error, not a hang.
+PIPE_WRITER_WAIT_S = 5.0
+
+FileId = tuple[int, int]
+"""(device, inode): what makes two names the same file, through links and relative paths."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,14 @@ class Item:
     page: int | None = None
     origin: Source | None = None
     error: str | None = None
+    file_id: FileId | None = None
+    """The file behind `source`, when it is a local file: one file is one item however it is
+    named, and an output may never be one of the inputs."""
+
+    @property
+    def identity(self) -> tuple:
+        """What makes two items the same picture: the file and page, else the name and page."""
+        return (self.file_id or self.source, self.page)
 
 
 @dataclass
@@ -45,10 +65,14 @@ class Resolution:
     items: list[Item] = field(default_factory=list)
     skipped: int = 0
     """Files of unsupported type found inside directories (named files are never skipped)."""
+    special: int = 0
+    """Pipes, sockets and devices met in a folder walk or a glob: never opened (they can block)."""
     unmatched: list[str] = field(default_factory=list)
     """Globs and directories that matched no file."""
     duplicates: int = 0
-    """Items named more than once (same source and page): each is kept once, at its first place."""
+    """Items named more than once (same file and page): each is kept once, at its first place."""
+    files: set[FileId] = field(default_factory=set)
+    """Files already resolved: a file met again (another name, a link, a loop) is not reopened."""
 
 
 @dataclass(frozen=True)
@@ -99,13 +123,13 @@ def resolve(
                 _add_named(result, name, pages, read, expand_globs=False)
         else:
             _add_named(result, source, pages, read, expand_globs=True)
-    seen: set[tuple[str, int | None]] = set()
+    seen: set[tuple] = set()
     unique = []
-    for item in result.items:  # an item named twice is answered once, at its first place
-        if (item.source, item.page) not in seen:
-            seen.add((item.source, item.page))
+    for item in result.items:  # an item named twice (by any path) is answered once, at its first place
+        if item.identity not in seen:
+            seen.add(item.identity)
             unique.append(item)
-    result.duplicates = len(result.items) - len(unique)
+    result.duplicates += len(result.items) - len(unique)
     result.items = unique
     return result
 
@@ -132,9 +156,10 @@ def resolve_single(source: str, page: int, *, read: ReadOptions = ReadOptions(),
         elif source.startswith(URL_PREFIXES):
             origin = fetch_url(source)
         else:
-            origin = Path(source)
-            if origin.is_dir():
+            info = os.stat(source)
+            if stat.S_ISDIR(info.st_mode):
                 return Item(source, error="is a directory (ask takes one image; use caption for folders)")
+            origin = Path(source) if stat.S_ISREG(info.st_mode) else read_stream(source, info)
         count = documents.page_count(origin, read)
     except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
         return Item(source, page if page != 1 else None, error=describe(exc))
@@ -163,10 +188,65 @@ def fetch_url(url: str, timeout: float = 60.0) -> Blob:
     return Blob(data)
 
 
+def read_stream(name: str, info: os.stat_result) -> Blob:
+    """The bytes of a pipe or device the user named on purpose, read once (a pipe cannot be
+    read twice) and bounded like a download."""
+    if stat.S_ISSOCK(info.st_mode):
+        raise InputError("is a socket, not a file")
+    if stat.S_ISFIFO(info.st_mode):
+        data = _read_pipe(name)
+    else:
+        with open(name, "rb") as handle:
+            data = handle.read(MAX_DOWNLOAD_BYTES + 1)
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise InputError(f"stream larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB")
+    if not data:
+        raise InputError("empty stream")
+    return Blob(data)
+
+
+def _read_pipe(name: str) -> bytes:
+    """Read a pipe to its end, like `cat`, but never wait forever for a writer that is not
+    there: `<(curl ...)` has its writer from the start; a `mkfifo` pipe gets a few seconds to
+    find one. Opened non-blocking, so the open itself cannot hang either."""
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        chunks: list[bytes] = []
+        size, writer_seen = 0, False
+        deadline = time.monotonic() + PIPE_WRITER_WAIT_S
+        while size <= MAX_DOWNLOAD_BYTES:
+            select.select([fd], [], [], 0.1)
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:  # a writer is there, nothing written yet
+                writer_seen = True
+                continue
+            if chunk:
+                chunks.append(chunk)
+                size += len(chunk)
+                writer_seen = True
+            elif writer_seen:  # the writer finished
+                break
+            elif time.monotonic() > deadline:
+                raise InputError(f"named pipe: nothing wrote to it within {PIPE_WRITER_WAIT_S:.0f} s")
+            else:
+                time.sleep(0.05)  # no writer yet
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read_path_list(stream: BinaryIO) -> list[str]:
     """Paths from stdin: one per line (a trailing CR dropped), or NUL-separated (`find -print0`)
     when NULs are present. Only these separators: a name may hold any other character."""
-    text = os.fsdecode(stream.read())
+    data = stream.read()
+    kind = documents.sniff(data)
+    if kind is not None:
+        raise UsageError(
+            f"caption -: stdin holds {kind} data, not a list of paths."
+            " Hint: `granite-vision ask - QUESTION` answers about one picture on stdin"
+        )
+    text = os.fsdecode(data)
     parts = text.split("\0") if "\0" in text else [line.removesuffix("\r") for line in text.split("\n")]
     return [part for part in parts if part.strip()]
 
@@ -180,51 +260,69 @@ def _add_named(
         except InputError as exc:
             result.items.append(Item(name, error=str(exc)))
         return
-    path = Path(name)
-    if os.path.lexists(path) or not (expand_globs and glob.has_magic(name)):
-        if path.is_dir():
+    if os.path.lexists(name) or not (expand_globs and glob.has_magic(name)):
+        info = _stat(name)
+        if isinstance(info, os.stat_result) and stat.S_ISDIR(info.st_mode):
             before = len(result.items)
-            result.skipped += _add_directory(result, path, pages, read)
+            _add_directory(result, Path(name), pages, read)
             if len(result.items) == before:
                 result.unmatched.append(name)
-        else:
-            result.items.extend(_document_items(name, path, pages, read))
+        else:  # named on purpose: a pipe or device is read as a stream, a missing file is an error record
+            _add_file(result, name, info, pages, read)
         return
     matches = sorted(glob.glob(name, recursive=True))
     if not matches:
         result.unmatched.append(name)
     for match in matches:
-        if os.path.isdir(match):
-            result.skipped += _add_directory(result, Path(match), pages, read)
-        else:
-            result.items.extend(_document_items(match, Path(match), pages, read))
+        _add_found(result, match, _stat(match), pages, read, check_suffix=False)
 
 
-def _add_directory(result: Resolution, root: Path, pages: PageSelection | None, read: ReadOptions) -> int:
-    """Add every supported file under `root`; return how many other files were skipped."""
-    skipped = 0
-    for path in walk(root):
-        if path.suffix.lower() in documents.DOCUMENT_SUFFIXES:
-            result.items.extend(_document_items(str(path), path, pages, read))
-        else:
-            skipped += 1
-    return skipped
+def _add_found(
+    result: Resolution,
+    name: str,
+    info: os.stat_result | OSError,
+    pages: PageSelection | None,
+    read: ReadOptions,
+    *,
+    check_suffix: bool,
+) -> None:
+    """A path met in a walk or a glob: folders are walked, special files never opened."""
+    if isinstance(info, os.stat_result) and stat.S_ISDIR(info.st_mode):
+        _add_directory(result, Path(name), pages, read)
+    elif isinstance(info, os.stat_result) and not stat.S_ISREG(info.st_mode):
+        result.special += 1
+    elif check_suffix and Path(name).suffix.lower() not in documents.DOCUMENT_SUFFIXES:
+        result.skipped += 1
+    else:
+        _add_file(result, name, info, pages, read)
 
 
-def walk(root: Path) -> Iterator[Path]:
-    """Files under `root` in sorted order, following symlinks but never a directory twice
-    (so symlink loops end), skipping hidden files and folders."""
+def _add_directory(result: Resolution, root: Path, pages: PageSelection | None, read: ReadOptions) -> None:
+    """Add every supported file under `root`; count the others."""
+    for path, info in walk(root):
+        _add_found(result, str(path), info, pages, read, check_suffix=True)
+
+
+def _stat(name: str) -> os.stat_result | OSError:
+    """`os.stat` (through links) or the error it raised: never raises, never opens the file."""
+    try:
+        return os.stat(name)
+    except OSError as exc:
+        return exc
+    except ValueError as exc:  # an embedded NUL
+        return OSError(0, str(exc))
+
+
+def walk(root: Path) -> Iterator[tuple[Path, os.stat_result | OSError]]:
+    """Entries under `root` that are not folders, in sorted order, with their `stat`: symlinks
+    are followed but no folder is visited twice (so loops end); hidden entries are skipped."""
     seen: set[tuple[int, int]] = set()
 
-    def visit(directory: Path) -> Iterator[Path]:
-        try:
-            info = directory.stat()
-        except OSError:
+    def visit(directory: Path) -> Iterator[tuple[Path, os.stat_result | OSError]]:
+        info = _stat(str(directory))
+        if not isinstance(info, os.stat_result) or (info.st_dev, info.st_ino) in seen:
             return
-        key = (info.st_dev, info.st_ino)
-        if key in seen:
-            return
-        seen.add(key)
+        seen.add((info.st_dev, info.st_ino))
         try:
             entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
         except OSError:
@@ -232,30 +330,53 @@ def walk(root: Path) -> Iterator[Path]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            path = Path(entry.path)
-            try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-            except OSError:
-                is_dir = False
-            if is_dir:
-                yield from visit(path)
+            entry_info = _stat(entry.path)
+            if isinstance(entry_info, os.stat_result) and stat.S_ISDIR(entry_info.st_mode):
+                yield from visit(Path(entry.path))
             else:
-                yield path
+                yield Path(entry.path), entry_info
 
     yield from visit(root)
 
 
-def _document_items(name: str, origin: Source, pages: PageSelection | None, read: ReadOptions) -> list[Item]:
+def _add_file(
+    result: Resolution, name: str, info: os.stat_result | OSError, pages: PageSelection | None, read: ReadOptions
+) -> None:
+    """The items of one file: a regular file is read in place (once, however often it is met),
+    a pipe or device once, as a stream; a file that cannot be looked at is one error record."""
+    if isinstance(info, OSError):
+        result.items.append(Item(name, error=describe(info)))
+        return
+    if stat.S_ISREG(info.st_mode):
+        file_id = (info.st_dev, info.st_ino)
+        if file_id in result.files:
+            result.duplicates += 1
+            return
+        result.files.add(file_id)
+        result.items.extend(_document_items(name, Path(name), pages, read, file_id))
+        return
+    try:
+        origin = read_stream(name, info)
+    except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
+        result.items.append(Item(name, error=describe(exc)))
+        return
+    result.items.extend(_document_items(name, origin, pages, read))
+
+
+def _document_items(
+    name: str, origin: Source, pages: PageSelection | None, read: ReadOptions, file_id: FileId | None = None
+) -> list[Item]:
     """One item for an image, one per selected page for a PDF or multi-page TIFF."""
     try:
         count = documents.page_count(origin, read)
     except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
-        return [Item(name, error=describe(exc))]
+        return [Item(name, error=describe(exc), file_id=file_id)]
     if count is None:
-        return [Item(name, None, origin)]
+        return [Item(name, None, origin, file_id=file_id)]
     if count == 0:
-        return [Item(name, error="PDF has no pages")]
+        return [Item(name, error="PDF has no pages", file_id=file_id)]
     chosen = pages.select(count) if pages else list(range(1, count + 1))
     if not chosen:
-        return [Item(name, error=f"--pages {pages.text} selects no page (the document has {count} page(s))")]
-    return [Item(name, page, origin) for page in chosen]
+        text = f"--pages {pages.text} selects no page (the document has {count} page(s))"
+        return [Item(name, error=text, file_id=file_id)]
+    return [Item(name, page, origin, file_id=file_id) for page in chosen]

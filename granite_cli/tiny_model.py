@@ -276,15 +276,21 @@ BUILDERS = {"llava_next": build_llava_next, "granite4_vision": build_granite4_vi
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in BUILDERS):
-        print(f"usage: python -m granite_cli.tiny_model DIR [{'|'.join(BUILDERS)}]", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m granite_cli.tiny_model",
+        description="Build a tiny, randomly initialised Granite-Vision-shaped model folder (for tests and"
+        " offline demos) and print its path.",
+    )
+    parser.add_argument("folder", type=Path, help="where to write the model (created if missing)")
+    parser.add_argument("family", nargs="?", choices=sorted(BUILDERS), default="llava_next", help="model family")
+    args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     with contextlib.redirect_stdout(sys.stderr):  # the library's chatter must not pollute `$(...)`
-        built = BUILDERS[args[1] if len(args) == 2 else "llava_next"](Path(args[0]))
+        built = BUILDERS[args.family](args.folder)
     print(built)
     return 0
 

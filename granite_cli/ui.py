@@ -91,11 +91,11 @@ class Reporter:
 
             yield advance
 
-    def summary(self, stats: Stats, output: Path | None, merged: list[Record] | None = None) -> None:
+    def summary(self, stats: Stats, output: str | None, merged: list[Record] | None = None) -> None:
         """The closing line: this process's work; on rank 0 of several, also the merged output."""
         seconds = stats.seconds
         rate = (stats.answered + stats.failed) / seconds if seconds > 0 else 0.0
-        where = f" -> {output}" if output else ""
+        where = f" -> {output}" if output and output != "-" else ""
         failed = f", [red]{stats.failed} failed[/]" if stats.failed else ""
         line = (
             f"{stats.answered} of {stats.total} answered{failed} in {seconds:.1f} s ({rate:.2f} items/s){escape(where)}"

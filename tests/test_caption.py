@@ -34,6 +34,7 @@ FIELDS = [
     "answer_tokens",
     "finish_reason",
     "data",
+    "schema",
 ]
 
 

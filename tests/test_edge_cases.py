@@ -65,6 +65,7 @@ def test_resume_with_nothing_left_does_not_load_the_model(cli, inputs, tmp_path,
 def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkeypatch):
     from granite_cli import pipeline
     from granite_cli.engine import Engine, GenerationSettings
+    from granite_cli.records import Job
     from granite_cli.sources import resolve
 
     paths = []
@@ -82,7 +83,7 @@ def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkey
     monkeypatch.setattr(engine, "prepare", prepare)
     records = Collect()
     settings = GenerationSettings(max_new_tokens=3)
-    pipeline.caption(resolve(paths).items, engine, records, prompt="Describe", settings=settings, batch_size=4)
+    pipeline.caption(resolve(paths).items, engine, records, job=Job("Describe", engine.name), settings=settings, batch_size=4)
     assert [r.ok for r in records] == [True, False, True, True]
     assert "preprocessing failed" in records[1].error
 

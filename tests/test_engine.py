@@ -150,6 +150,7 @@ def test_static_cache_gives_the_same_answers(cli, mixed_images):
 def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_images, monkeypatch):
     from granite_cli import pipeline
     from granite_cli.engine import Engine, GenerationSettings
+    from granite_cli.records import Job
     from granite_cli.sources import resolve
 
     engine = Engine.load(str(tiny_model), device="cpu")
@@ -164,7 +165,7 @@ def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_i
     records = Collect()
     items = resolve([str(p) for p in mixed_images]).items
     stats = pipeline.caption(
-        items, engine, records, prompt="Describe", settings=GenerationSettings(max_new_tokens=4), batch_size=7
+        items, engine, records, job=Job("Describe", engine.name), settings=GenerationSettings(max_new_tokens=4), batch_size=7
     )
     assert [r.source for r in records] == [str(p) for p in mixed_images]
     assert [r.ok for r in records] == [True, True, True, True, False, True, True]

@@ -251,7 +251,7 @@ def test_resume_needs_an_output_and_refuses_a_foreign_file(cli, tmp_path):
     foreign = tmp_path / "notes.jsonl"
     foreign.write_text("hello\nworld\n")
     result = cli("caption", *paths, "-o", str(foreign), "--resume")
-    assert result.exit_code == 2 and "not a granite-vision record" in result.stderr
+    assert result.exit_code == 2 and "not a granite-vision output" in result.stderr
     assert foreign.read_text() == "hello\nworld\n"
 
 
