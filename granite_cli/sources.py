@@ -125,8 +125,8 @@ def resolve(
             _add_named(result, source, pages, read, expand_globs=True)
     seen: set[tuple] = set()
     unique = []
-    for item in result.items:  # an item named twice (by any path) is answered once, at its first place
-        if item.identity not in seen:
+    for item in result.items:  # a URL or stream named twice is answered once (files: see `_add_file`)
+        if item.file_id is not None or item.identity not in seen:
             seen.add(item.identity)
             unique.append(item)
     result.duplicates += len(result.items) - len(unique)

@@ -72,6 +72,8 @@ class Reporter:
             TimeRemainingColumn(),
             console=console,
             transient=False,
+            redirect_stdout=False,  # stdout is our data: it must never be drawn into the terminal's bar
+            redirect_stderr=False,
         )
         task = bar.add_task("captioning", total=total, rate="", errors="")
         with bar:

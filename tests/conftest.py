@@ -89,6 +89,26 @@ class Result:
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
 
+    def answered(self, count: int) -> list[dict]:
+        """The records of a run that must have succeeded: exit 0, `count` records, each answered.
+        Every comparison between runs starts here, so that two failed runs never compare equal."""
+        assert self.exit_code == 0, self.stderr
+        records = self.records()
+        assert len(records) == count and all(r["answer"] is not None for r in records), records
+        return records
+
+    def ok(self) -> Result:
+        """A run that must have succeeded (exit 0), whatever it wrote where."""
+        assert self.exit_code == 0, self.stderr
+        return self
+
+    def record(self) -> dict:
+        """The one JSON record of a successful `ask --json`."""
+        assert self.exit_code == 0, self.stderr
+        record = json.loads(self.stdout)
+        assert record["answer"] is not None and record["error"] is None, record
+        return record
+
 
 @pytest.fixture
 def cli(tiny_model):
@@ -104,6 +124,23 @@ def cli(tiny_model):
         return Result(result.exit_code, result.stdout, result.stderr)
 
     return run
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A web server on loopback serving a folder: (base URL, folder)."""
+    import http.server
+    import threading
+    from functools import partial
+
+    noise(320, 240, 7).save(tmp_path / "remote.png")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+    server.shutdown()
 
 
 def run_process(*args: str, input: bytes | None = None, env: dict | None = None, cwd: Path | None = None):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
-from functools import partial
 
 import pytest
 from conftest import make_pdf, noise
@@ -33,8 +30,8 @@ def test_answers_depend_on_the_picture_and_the_question_reaches_the_model(cli, i
 
 
 def test_pdf_page_option(cli, inputs):
-    first = json.loads(cli("ask", str(inputs / "doc.pdf"), "Describe", "--json").stdout)
-    second = json.loads(cli("ask", str(inputs / "doc.pdf"), "Describe", "--page", "2", "--json").stdout)
+    first = cli("ask", str(inputs / "doc.pdf"), "Describe", "--json").record()
+    second = cli("ask", str(inputs / "doc.pdf"), "Describe", "--page", "2", "--json").record()
     assert (first["page"], second["page"]) == (1, 2)
     assert first["answer"] != second["answer"]
     missing = cli("ask", str(inputs / "doc.pdf"), "Describe", "--page", "5")
@@ -44,8 +41,8 @@ def test_pdf_page_option(cli, inputs):
 
 def test_image_bytes_on_stdin(cli, inputs):
     data = (inputs / "a.png").read_bytes()
-    from_stdin = json.loads(cli("ask", "-", "What is shown?", "--json", input=data).stdout)
-    from_file = json.loads(cli("ask", str(inputs / "a.png"), "What is shown?", "--json").stdout)
+    from_stdin = cli("ask", "-", "What is shown?", "--json", input=data).record()
+    from_file = cli("ask", str(inputs / "a.png"), "What is shown?", "--json").record()
     assert from_stdin["source"] == "-"
     assert from_stdin["answer"] == from_file["answer"]
 
@@ -57,25 +54,13 @@ def test_pdf_bytes_on_stdin(cli, tmp_path):
     assert json.loads(result.stdout)["page"] == 2
 
 
-@pytest.fixture
-def http_root(tmp_path):
-    noise(320, 240, 7).save(tmp_path / "remote.png")
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
-    server.shutdown()
-
-
 def test_http_url(cli, http_root):
     base, root = http_root
     result = cli("ask", f"{base}/remote.png", "Describe", "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["source"] == f"{base}/remote.png" and (data["width"], data["height"]) == (320, 240)
-    local = json.loads(cli("ask", str(root / "remote.png"), "Describe", "--json").stdout)
+    local = cli("ask", str(root / "remote.png"), "Describe", "--json").record()
     assert data["answer"] == local["answer"]
     missing = cli("ask", f"{base}/nope.png", "Describe")
     assert missing.exit_code == 1
@@ -107,7 +92,5 @@ def test_bad_input_is_one_line_and_exit_1(cli, tmp_path, name, content, reason):
 
 
 def test_max_new_tokens_is_respected(cli, inputs):
-    data = json.loads(cli("ask", str(inputs / "a.png"), "Describe", "--json", "--max-new-tokens", "3").stdout)
-    assert data["answer_tokens"] <= 3
-    if data["answer_tokens"] == 3:
-        assert data["finish_reason"] == "length"
+    cut = cli("ask", str(inputs / "a.png"), "Describe", "--json", "--max-new-tokens", "3").record()
+    assert (cut["answer_tokens"], cut["finish_reason"]) == (3, "length")  # random weights never stop this soon

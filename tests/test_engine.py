@@ -12,8 +12,9 @@ from conftest import Collect, make_pdf, noise
 MIXED_SIZES = [(640, 480), (300, 900), (1000, 250), (56, 56), (1275, 1650), (800, 600), (120, 1200)]
 
 
-def model_card_answers(model_dir, image_paths, question, max_new_tokens):
-    """The model card's sample, one image per `generate`, as a user would run it by hand."""
+def model_card_answers(model_dir, image_paths, question, max_new_tokens, token_ids=False):
+    """The model card's sample, one image per `generate`, as a user would run it by hand: the
+    answers' text, or (`token_ids`) their token ids up to the end-of-text token."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -28,7 +29,12 @@ def model_card_answers(model_dir, image_paths, question, max_new_tokens):
             conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.append(processor.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        new = output[0][inputs["input_ids"].shape[1] :].tolist()
+        if token_ids:
+            eos = model.generation_config.eos_token_id
+            answers.append(tuple(new[: new.index(eos)] if eos in new else new))
+        else:
+            answers.append(processor.decode(new, skip_special_tokens=True).strip())
     return answers
 
 
@@ -67,16 +73,17 @@ def test_batched_answers_equal_the_model_card_loop(cli, mixed_images, tiny_model
 def test_ask_equals_the_model_card_sample(cli, mixed_images, tiny_model):
     expected = model_card_answers(tiny_model, mixed_images[:1], "What is shown?", max_new_tokens=12)[0]
     result = cli("ask", str(mixed_images[0]), "What is shown?", "--max-new-tokens", "12", "--json")
-    assert json.loads(result.stdout)["answer"] == expected
+    assert result.record()["answer"] == expected
 
 
 def test_granite4_vision_pdf_and_ask(cli, tiny_g4, tmp_path):
     pdf = make_pdf(tmp_path / "doc.pdf", 2)
     result = cli("caption", str(pdf), model=tiny_g4)
-    assert result.exit_code == 0, result.stderr
-    assert [r["page"] for r in result.records()] == [1, 2]
+    assert [r["page"] for r in result.answered(2)] == [1, 2]
+    asked = cli("ask", str(pdf), "What is shown?", "--page", "2", "--json", model=tiny_g4).record()
+    assert (asked["page"], asked["model"]) == (2, str(tiny_g4))
     streamed = cli("ask", str(pdf), "What is shown?", "--page", "2", model=tiny_g4)
-    assert streamed.exit_code == 0
+    assert streamed.exit_code == 0 and streamed.stdout == asked["answer"] + "\n"
 
 
 def test_engine_sets_left_padding_and_loads_through_auto_classes(tiny_model):
@@ -108,20 +115,14 @@ def test_pinpoint_mismatch_is_a_clear_error(cli, tiny_model, tmp_path):
 
 
 def test_sampling_with_a_seed_is_reproducible(cli, mixed_images):
-    args = (
-        "caption",
-        str(mixed_images[0]),
-        str(mixed_images[1]),
-        "--temperature",
-        "1.5",
-        "--seed",
-        "7",
-        "--max-new-tokens",
-        "10",
-    )
-    first = [r["answer"] for r in cli(*args).records()]
-    second = [r["answer"] for r in cli(*args).records()]
-    assert first == second
+    args = ("caption", str(mixed_images[0]), str(mixed_images[1]), "--max-new-tokens", "10")
+    sampled = ("--temperature", "1.5", "--seed")
+    first = [r["answer"] for r in cli(*args, *sampled, "7").answered(2)]
+    second = [r["answer"] for r in cli(*args, *sampled, "7").answered(2)]
+    other_seed = [r["answer"] for r in cli(*args, *sampled, "8").answered(2)]
+    greedy = [r["answer"] for r in cli(*args).answered(2)]
+    assert first == second  # the same seed, the same samples
+    assert first != greedy and first != other_seed  # and they are samples
 
 
 def test_max_tiles_limits_the_grid_in_processor_and_model(cli, mixed_images, tiny_model):
@@ -139,10 +140,23 @@ def test_max_tiles_limits_the_grid_in_processor_and_model(cli, mixed_images, tin
     assert cli("caption", page, "--max-tiles", "1").exit_code == 2
 
 
-def test_static_cache_gives_the_same_answers(cli, mixed_images):
+def test_static_cache_gives_the_same_answers(cli, mixed_images, monkeypatch):
+    from transformers import GenerationMixin
+
+    caches: list[str | None] = []
+    real_generate = GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):  # which KV cache each batch asked for
+        caches.append(kwargs.get("cache_implementation"))
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
     args = ("caption", *map(str, mixed_images[:4]), "--batch-size", "4", "--max-new-tokens", "10")
-    dynamic = [r["answer"] for r in cli(*args, "--cache", "dynamic").records()]
-    static = [r["answer"] for r in cli(*args, "--cache", "static").records()]
+    dynamic = [r["answer"] for r in cli(*args, "--cache", "dynamic").answered(4)]
+    assert caches and set(caches) == {None}
+    caches.clear()
+    static = [r["answer"] for r in cli(*args, "--cache", "static").answered(4)]
+    assert caches and set(caches) == {"static"}
     assert dynamic == static
     assert cli(*args, "--cache", "paged").exit_code == 2
 

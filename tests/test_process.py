@@ -55,6 +55,7 @@ def test_tiny_model_builder_is_a_command(tmp_path):
         [sys.executable, "-m", "granite_cli.tiny_model", str(tmp_path / "m")], capture_output=True, timeout=300
     )
     assert built.returncode == 0 and (tmp_path / "m" / "config.json").is_file()
+    assert built.stdout.decode() == f"{tmp_path / 'm'}\n"  # `--model "$(python3 -m granite_cli.tiny_model DIR)"`
 
 
 def test_unreachable_hub_and_uncached_model_is_one_line(inputs, tmp_path):

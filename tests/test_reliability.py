@@ -79,14 +79,27 @@ def test_decompression_bomb_is_refused_from_its_header(cli, tmp_path):
     assert "corrupt or truncated" in relaxed[0]["error"]
 
 
-def test_legitimately_large_image_is_shrunk_while_decoding(cli, tmp_path, tiny_model):
+def test_legitimately_large_image_is_shrunk_while_decoding(cli, tmp_path, tiny_model, monkeypatch):
+    """*While* decoding: the JPEG decoder is asked for a reduced scale (draft mode), so the full
+    24-megapixel bitmap is never in memory; only that smaller bitmap is resized to the size the
+    model uses."""
     from granite_cli.engine import Engine
 
     Image.new("RGB", (6000, 4000), (20, 120, 200)).save(tmp_path / "huge.jpg", quality=80)
+    resized_from: list[tuple[int, int]] = []
+    real_resize = Image.Image.resize
+
+    def resize(self, size, *args, **kwargs):
+        resized_from.append(self.size)
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
     _, records = caption_records(cli, str(tmp_path / "huge.jpg"))
     assert records[0]["answer"] is not None
     fitted = Engine.load(str(tiny_model), device="cpu").fit(6000, 4000)
     assert (records[0]["width"], records[0]["height"]) == fitted
+    decoded = [size for size in resized_from if size[0] > fitted[0]]  # the decoded bitmap, then resized
+    assert decoded and max(w * h for w, h in decoded) <= 6000 * 4000 // 4  # at half scale or less
 
 
 def test_empty_and_truncated_files(cli, tmp_path):
@@ -120,8 +133,8 @@ def test_encrypted_pdf_needs_its_password(cli, tmp_path):
     assert "does not open it" in wrong[0]["error"]
     result, right = caption_records(cli, pdf, "--pdf-password", "secret")
     assert result.exit_code == 0 and right[0]["page"] == 1 and right[0]["answer"] is not None
-    ask = cli("ask", pdf, "Describe", "--pdf-password", "secret", "--json")
-    assert ask.exit_code == 0
+    asked = cli("ask", pdf, "Describe", "--pdf-password", "secret", "--json").record()
+    assert asked["page"] == 1 and asked["answer"] == right[0]["answer"]
 
 
 def test_zero_page_pdf_and_huge_media_box(cli, tmp_path):
@@ -258,12 +271,17 @@ def test_resume_needs_an_output_and_refuses_a_foreign_file(cli, tmp_path):
 def test_markdown_report_is_rebuilt_from_its_journal_on_resume(cli, tmp_path):
     paths = many_images(tmp_path / "in", 3)
     report = tmp_path / "report.md"
-    cli("caption", *paths[:2], "-f", "markdown", "-o", str(report))
-    assert report.read_text().count("## `") == 2 and (tmp_path / "report.md.jsonl").exists()
+    cli("caption", *paths[:2], "-f", "markdown", "-o", str(report)).ok()
+    journal = tmp_path / "report.md.jsonl"
+    assert report.read_text().count("## `") == 2 and journal.exists()
+    kept = [json.loads(line) for line in journal.read_text().splitlines()]
+    kept[0]["answer"] = "KEPT FROM THE FIRST RUN"  # what a rerun could not reproduce
+    journal.write_text("".join(json.dumps(r) + "\n" for r in kept))
     result = cli("caption", *paths, "-f", "markdown", "-o", str(report), "--resume")
-    assert result.exit_code == 0
+    assert result.exit_code == 0 and "2 answered before, 1 to run" in result.stderr
     text = report.read_text()
     assert [text.count(f"## `{p}`") for p in paths] == [1, 1, 1]
+    assert "KEPT FROM THE FIRST RUN" in text
     assert not list(tmp_path.glob(".report.md.*.tmp"))  # no temp file left behind
 
 
@@ -294,15 +312,17 @@ def test_kill_9_then_resume_over_200_items(tmp_path, tiny_model):
     process.kill()
     process.wait()
     lines = out.read_bytes().split(b"\n")
-    complete = [line for line in lines[:-1]]
+    complete = [json.loads(line) for line in lines[:-1]]
     assert 40 <= len(complete) < 200
-    assert all(json.loads(line)["answer"] is not None for line in complete)  # nothing finished is lost or broken
+    assert all(r["answer"] is not None for r in complete)  # nothing finished is lost or broken
     resumed = start_caption(paths, out, tiny_model, "--resume")
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr.decode()
+    assert f"{len(complete)} answered before, {200 - len(complete)} to run" in stderr.decode()
     records = read_jsonl(out)
     assert len(records) == 200 and [r["source"] for r in records] == paths
     assert all(r["answer"] is not None for r in records)
+    assert records[: len(complete)] == complete  # the survivors themselves, kept (not answered again)
 
 
 def test_sigterm_stops_after_the_batch_keeps_records_and_exits_130(tmp_path, tiny_model):

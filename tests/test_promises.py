@@ -1,0 +1,417 @@
+"""README promises that no other test held: each test here fails when its promise is broken
+(tests/mutations.py breaks each one on purpose to make sure)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import Collect, make_pdf, noise
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).parent / "data"
+
+
+# --------------------------------------------------------------------------- inputs
+def test_pdf_password_from_the_environment(cli):
+    pdf = str(DATA / "encrypted.pdf")
+    result = cli("caption", pdf, env={"GRANITE_VISION_PDF_PASSWORD": "secret"})
+    assert result.exit_code == 0, result.stderr
+    assert [(r["page"], r["answer"] is not None) for r in result.records()] == [(1, True)]
+    asked = cli("ask", pdf, "Describe", "--json", env={"GRANITE_VISION_PDF_PASSWORD": "secret"})
+    assert asked.exit_code == 0 and json.loads(asked.stdout)["answer"] is not None
+
+
+def test_caption_of_urls(cli, http_root):
+    base, root = http_root
+    make_pdf(root / "remote.pdf", 2)
+    urls = [f"{base}/remote.png", f"{base}/remote.pdf", f"{base}/missing.png"]
+    result = cli("caption", *urls)
+    assert result.exit_code == 1
+    records = result.records()
+    assert [(r["source"], r["page"]) for r in records] == [(urls[0], None), (urls[1], 1), (urls[1], 2), (urls[2], None)]
+    assert all(r["answer"] is not None for r in records[:3]) and "HTTP 404" in records[3]["error"]
+    local = cli("caption", str(root / "remote.png")).records()[0]
+    assert local["answer"] == records[0]["answer"]
+
+
+def test_the_error_line_names_the_file_and_page(cli, tmp_path, tiny_model):
+    from granite_cli.engine import Engine
+
+    engine = Engine.load(str(tiny_model), device="cpu")
+    pdf = make_pdf(tmp_path / "doc.pdf", 2)
+    words = 1
+    while engine.check_fits("word " * words, 40, 40, 6) is None:  # a prompt no page can take
+        words *= 2
+    result = cli("caption", str(pdf), "--prompt", "word " * words)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert [line.split(": prompt too long")[0] for line in lines] == [
+        f"error: {pdf} (page 1)",
+        f"error: {pdf} (page 2)",
+    ]
+
+
+# --------------------------------------------------------------------------- the terminal
+def run_on_a_terminal(*args: str) -> tuple[int, bytes, bytes]:
+    """Run the CLI with stderr on a pseudo-terminal (as in an interactive shell) and stdout on
+    a pipe (as in `| jq`); returns the exit code, stdout and what the terminal showed."""
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "granite_cli", *args], stdout=subprocess.PIPE, stderr=terminal, env=env
+    )
+    os.close(terminal)
+    shown = bytearray()
+    reader = threading.Thread(target=lambda: shown.extend(_drain(controller)), daemon=True)
+    reader.start()
+    stdout = process.stdout.read()
+    code = process.wait(timeout=300)
+    reader.join(timeout=10)
+    os.close(controller)
+    return code, stdout, bytes(shown)
+
+
+def _drain(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.slow
+def test_progress_bar_and_colours_on_a_terminal_only(inputs, tiny_model, tmp_path):
+    (tmp_path / "bad.png").write_text("not a picture")
+    args = ("caption", str(inputs / "a.png"), str(tmp_path / "bad.png"), "--model", str(tiny_model), "--max-new-tokens", "4")
+    code, stdout, shown = run_on_a_terminal(*args)
+    assert code == 1
+    assert [json.loads(line)["source"] for line in stdout.decode().splitlines()] == [
+        str(inputs / "a.png"),
+        str(tmp_path / "bad.png"),
+    ]  # data only on the pipe
+    text = shown.decode(errors="replace")
+    assert "\x1b[" in text  # colours and cursor control
+    assert "captioning" in text and "2/2" in text  # the progress bar, complete
+    assert "error:" in text and "1 of 2 answered" in text
+    piped = subprocess.run([sys.executable, "-m", "granite_cli", *args], capture_output=True, timeout=300)
+    assert b"\x1b[" not in piped.stderr and b"captioning" not in piped.stderr
+
+
+# --------------------------------------------------------------------------- Ctrl-C during a run
+def long_run(tmp_path: Path, model: Path) -> tuple[subprocess.Popen, Path]:
+    """24 alike pictures in batches of 8, each answer 600 tokens long (random weights never
+    stop early): a batch takes seconds, so where a signal lands is clear from the record count."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(24):
+        noise(40, 40, i).save(root / f"{i:02d}.png")
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "granite_cli", "caption", str(root), "-o", str(out)]
+    command += ["--model", str(model), "--batch-size", "8", "--max-new-tokens", "600"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return process, out
+
+
+def wait_for_records(out: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= count:
+            time.sleep(0.5)  # the next batch is now well under way
+            return
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.02)
+    raise AssertionError("no records")
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_batch_and_a_second_one_stops_at_once(tmp_path, tiny_model):
+    process, out = long_run(tmp_path, tiny_model)
+    wait_for_records(out, 8, process)  # the first batch is done; the second is running
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert process.poll() is None  # still finishing its batch
+    process.send_signal(signal.SIGINT)
+    second = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    text = stderr.decode()
+    assert process.returncode == 130, text
+    assert "stopping after the current batch (Ctrl-C again to stop now)" in text and "Traceback" not in text
+    assert time.monotonic() - second < 3.0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 8 and all(r["answer"] is not None for r in records)  # the second batch was cut short
+    assert "interrupted: 8 of 24 answered" in text
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_lets_the_current_batch_finish(tmp_path, tiny_model):
+    process, out = long_run(tmp_path, tiny_model)
+    wait_for_records(out, 8, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 16  # the batch that was running when the signal came, and no other
+    assert "interrupted: 16 of 24 answered" in stderr.decode() and "--resume" in stderr.decode()
+
+
+# --------------------------------------------------------------------------- the pipeline
+class Recorder:
+    """Wraps an engine's prepare and run, recording when each ran and what each batch held."""
+
+    def __init__(self, engine, run_seconds: float = 0.0) -> None:
+        self.events: list[tuple[str, float, float, list[tuple[int, int]]]] = []
+        real_prepare, real_run = engine.prepare, engine.run
+
+        def prepare(images, questions):
+            start = time.monotonic()
+            inputs = real_prepare(images, questions)
+            self.events.append(("prepare", start, time.monotonic(), [image.size for image in images]))
+            return inputs
+
+        def run(inputs, settings, stream=None):
+            start = time.monotonic()
+            answers = real_run(inputs, settings, stream)
+            time.sleep(run_seconds)  # a model that takes a while, as on a real checkpoint
+            sizes = [(int(w), int(h)) for h, w in inputs["image_sizes"].tolist()]
+            self.events.append(("run", start, time.monotonic(), sizes))
+            return answers
+
+        engine.prepare, engine.run = prepare, run
+
+    def spans(self, kind: str) -> list[tuple[float, float, list]]:
+        return [(start, end, sizes) for what, start, end, sizes in self.events if what == kind]
+
+
+def caption_files(engine, paths, batch_size: int):
+    from granite_cli import pipeline
+    from granite_cli.engine import GenerationSettings
+    from granite_cli.records import Job
+    from granite_cli.sources import resolve
+
+    records = Collect()
+    stats = pipeline.caption(
+        resolve([str(p) for p in paths]).items,
+        engine,
+        records,
+        job=Job("Describe", engine.name),
+        settings=GenerationSettings(max_new_tokens=3),
+        batch_size=batch_size,
+    )
+    assert stats.answered == len(paths) and [r.source for r in records] == [str(p) for p in paths]
+    return records
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from granite_cli.engine import Engine
+
+    return Engine.load(str(tiny_model), device="cpu")
+
+
+def test_pictures_are_prepared_while_the_model_runs(engine, tmp_path, monkeypatch):
+    paths = []
+    for i in range(12):
+        noise(60 + i, 60, i).save(tmp_path / f"{i:02d}.png")
+        paths.append(tmp_path / f"{i:02d}.png")
+    recorder = Recorder(engine, run_seconds=0.3)
+    try:
+        caption_files(engine, paths, batch_size=2)
+    finally:
+        del engine.prepare, engine.run
+    runs, prepares = recorder.spans("run"), recorder.spans("prepare")
+    overlapping = [p for p in prepares if any(r_start < p[0] < r_end for r_start, r_end, _ in runs)]
+    assert len(runs) == 6 and len(overlapping) >= 3, recorder.events
+
+
+def test_a_batch_holds_pictures_of_similar_token_counts(engine, tmp_path):
+    sizes = [(40, 40), (1275, 1650), (45, 40), (1200, 1600), (40, 50), (1300, 1700), (50, 45), (1250, 1600)]
+    paths = []
+    for i, size in enumerate(sizes):
+        noise(*size, seed=i).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    recorder = Recorder(engine)
+    try:
+        caption_files(engine, paths, batch_size=4)
+    finally:
+        del engine.prepare, engine.run
+    batches = [sorted(s) for _, _, s in recorder.spans("run")]
+    small = sorted(s for s in sizes if s[0] < 100)
+    large = sorted(s for s in sizes if s[0] > 100)
+    assert sorted(batches) == sorted([small, large])  # never a thumbnail padded to a page's length
+
+
+# --------------------------------------------------------------------------- reports
+def test_a_report_is_rebuilt_every_few_seconds_and_never_more_than_a_tenth_of_the_time(tmp_path, monkeypatch):
+    from granite_cli import output
+    from granite_cli.records import Record
+
+    clock = [1000.0]
+    render_cost = [0.01]
+    monkeypatch.setattr(output.time, "monotonic", lambda: clock[0])
+    rendered: list[float] = []
+
+    def render(*args, **kwargs):
+        rendered.append(clock[0])
+        clock[0] += render_cost[0]
+        return "# granite-vision report\n"
+
+    monkeypatch.setattr(output, "render", render)
+    sink = output.FileOutput(tmp_path / "report.md", "markdown", resume=False)
+    record = Record("a.png", None, "p", "answer", None, "m")
+    for _ in range(100):  # a record every 0.1 s for 10 s: rebuilt every 2 s
+        sink.write(record)
+        clock[0] += 0.1
+    gaps = [b - a for a, b in zip(rendered, rendered[1:], strict=False)]
+    assert len(rendered) in (5, 6) and all(gap >= output.REPORT_INTERVAL_S for gap in gaps)
+    render_cost[0] = 1.0  # a big report: one rebuild takes a second
+    rendered.clear()
+    for _ in range(200):
+        sink.write(record)
+        clock[0] += 0.1
+    spent = len(rendered) * render_cost[0]
+    assert rendered and spent <= 0.1 * 20 + render_cost[0]  # at most a tenth of those 20 s (+ the first)
+
+
+def test_a_report_is_whole_whenever_it_is_read(tmp_path, monkeypatch):
+    """A rebuild that fails half-way (disk full) leaves the previous report, whole."""
+    from granite_cli import output
+
+    report = tmp_path / "report.md"
+    output.write_atomic(report, "# granite-vision report\n\nthe old, whole report\n")
+    real_open = os.fdopen
+
+    class Full:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.handle.close()
+
+        def write(self, text):
+            self.handle.write(text[: len(text) // 2])
+            self.handle.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output.os, "fdopen", lambda *a, **k: Full(real_open(*a, **k)))
+    with pytest.raises(OSError):
+        output.write_atomic(report, "# granite-vision report\n\n" + "new " * 10_000)
+    assert report.read_text() == "# granite-vision report\n\nthe old, whole report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left
+
+
+# --------------------------------------------------------------------------- model options
+def test_the_max_tiles_table_in_the_readme(tiny_model):
+    """The README's prompt tokens per letter page, for Granite Vision 3.2 shapes (its real
+    preprocessor config and pinpoints), at --max-tiles 10, 5 and 3."""
+    from transformers import AutoConfig, LlavaNextImageProcessor, LlavaNextProcessor
+
+    from granite_cli.engine import limit_tiles
+    from granite_cli.tiny_model import build_tokenizer
+
+    folder = ROOT / "benchmarks" / "configs" / "granite-vision-3.2-2b"
+    table = re.findall(r"^ *\| (default \(10\)|\d+) \| ~([\d,]+) \|$", (ROOT / "README.md").read_text(), re.M)
+    assert [row[0] for row in table] == ["default (10)", "5", "3"]
+    overheads = []
+    for tiles, tokens in table:
+        processor = LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessor.from_pretrained(folder),
+            tokenizer=build_tokenizer(),
+            patch_size=14,
+            vision_feature_select_strategy="full",
+        )
+        network = SimpleNamespace(config=AutoConfig.from_pretrained(folder))
+        limit_tiles(processor, network, 10 if tiles.startswith("default") else int(tiles))
+        image = processor._get_num_multimodal_tokens(image_sizes=[(1650, 1275)]).num_image_tokens[0]
+        overheads.append(int(tokens.replace(",", "")) - image)
+    assert all(40 <= overhead <= 120 for overhead in overheads), overheads  # the chat template's text
+    assert max(overheads) - min(overheads) <= 10, overheads  # the same text on every row
+
+
+def test_batched_answers_equal_the_model_card_loop_token_for_token(engine, tmp_path, tiny_model):
+    from test_engine import MIXED_SIZES, model_card_answers
+
+    paths = []
+    for i, size in enumerate(MIXED_SIZES):
+        noise(*size, seed=100 + i).save(tmp_path / f"img{i}.png")
+        paths.append(tmp_path / f"img{i}.png")
+    expected = model_card_answers(tiny_model, paths, "Describe", max_new_tokens=12, token_ids=True)
+    captured: dict[tuple[int, int], tuple[int, ...]] = {}
+    real_run = engine.run
+
+    def run(inputs, settings, stream=None):
+        answers = real_run(inputs, settings, stream)
+        for (height, width), answer in zip(inputs["image_sizes"].tolist(), answers, strict=True):
+            captured[(width, height)] = answer.token_ids
+        return answers
+
+    engine.run = run
+    try:
+        from granite_cli import pipeline
+        from granite_cli.engine import GenerationSettings
+        from granite_cli.records import Job
+        from granite_cli.sources import resolve
+
+        for batch_size in (3, 7):
+            captured.clear()
+            records = Collect()
+            items = resolve([str(p) for p in paths]).items
+            job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=12)
+            stats = pipeline.caption(items, engine, records, job=job, settings=settings, batch_size=batch_size)
+            assert stats.answered == len(paths)
+            assert [captured[size] for size in MIXED_SIZES] == expected, batch_size
+    finally:
+        del engine.run
+
+
+# --------------------------------------------------------------------------- model loading
+def test_answers_are_256_tokens_at_most_by_default(inputs, tiny_model):
+    from typer.testing import CliRunner
+
+    from granite_cli.cli import app
+
+    result = CliRunner().invoke(app, ["ask", str(inputs / "a.png"), "Describe", "--json", "--model", str(tiny_model)])
+    record = json.loads(result.stdout)
+    assert (record["answer_tokens"], record["finish_reason"]) == (256, "length")  # not transformers' 20
+
+
+@pytest.mark.slow
+def test_a_cached_model_loads_at_once_without_a_network(inputs, tiny_model, tmp_path):
+    """A Hub id already in the cache, the Hub unreachable: the cached copy, no retries."""
+    import shutil
+
+    home = tmp_path / "hf-home"
+    repo = home / "hub" / "models--ibm-granite--granite-vision-3.3-2b"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(home), HF_ENDPOINT="http://127.0.0.1:9")  # port 9: nothing listens
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "granite_cli", "ask", str(inputs / "a.png"), "Describe", "--json", "--max-new-tokens", "4"],
+        capture_output=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    record = json.loads(result.stdout)
+    assert record["model"] == "ibm-granite/granite-vision-3.3-2b" and record["answer"] is not None
+    assert time.monotonic() - started < 60 and b"Retrying" not in result.stderr
