@@ -18,12 +18,14 @@ Prints a markdown table (stdout) and writes the full result as JSON (--json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -32,14 +34,16 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from granite_cli import pipeline, tiny_model  # noqa: E402
-from granite_cli.documents import ReadOptions  # noqa: E402
-from granite_cli.engine import Engine, EngineOptions, GenerationSettings, limit_tiles  # noqa: E402
-from granite_cli.records import Job, Record  # noqa: E402
-from granite_cli.sources import Item, resolve  # noqa: E402
+from granite_cli.api import CaptionJob, run_caption  # noqa: E402
+from granite_cli.engine import Engine, EngineOptions, load_engine  # noqa: E402
+from granite_cli.readers import OpenDocuments, ReadOptions  # noqa: E402
+from granite_cli.records import Record  # noqa: E402
+from granite_cli.sources import resolve  # noqa: E402
+from granite_cli.ui import Reporter  # noqa: E402
 
 PROMPT = "Describe this image in detail."
 PHOTO_SIZES = [(640, 480), (1024, 768), (2000, 1000), (768, 1024), (4032, 3024), (1280, 720), (800, 600)]
-PAGE_DPI = 150  # letter pages render to 1275 x 1650 px, as in shared/granite/PERF.md
+PAGE_DPI = 150  # letter pages render to 1275 x 1650 px: 10 tiles, ~5,990 prompt tokens with the 3.2 shapes
 READ = ReadOptions(dpi=PAGE_DPI)
 
 
@@ -202,44 +206,34 @@ def run_batched(
     return timer.result(len(images), sum(map(len, outputs))), outputs
 
 
+class FirstRecord(Reporter):
+    """A quiet reporter that marks the time of the first record on a timer."""
+
+    def __init__(self, timer: Timer) -> None:
+        super().__init__(quiet=True)
+        self.timer = timer
+
+    @contextlib.contextmanager
+    def progress(self, total: int):
+        yield lambda record: self.timer.mark_first()
+
+
 def run_engine(
-    engine: Engine, items: list[Item], new_tokens: int, batch_size: int, schema=None
+    engine: Engine, files: list[Path], new_tokens: int, batch_size: int, schema: str | None = None
 ) -> tuple[dict, list[list[int]], list[Record]]:
-    """(c) `granite-vision caption`'s path: pipeline.caption over the files, records to a writer.
-    With a schema, answers end when the JSON closes (no forced length)."""
-    records: list[Record] = []
-    tokens: dict[int, list[int]] = {}
-    real_make_record = pipeline.make_record
-
-    def capture(job, loaded, answer=None, error=None, settings=None):  # keep token ids
-        if answer is not None:
-            tokens[loaded.index] = list(answer.token_ids)
-        return real_make_record(job, loaded, answer, error, settings)
-
-    class Collect:
-        def write(self, record: Record) -> None:
-            timer.mark_first()
-            records.append(record)
-
-        def close(self) -> None:
-            pass
-
-    if schema is None:
-        settings = GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    else:
-        settings = GenerationSettings(max_new_tokens=new_tokens, schema=schema)
-    pipeline.make_record = capture
-    try:
-        timer = Timer(engine.device)
-        job = Job(PROMPT, engine.name)
-        pipeline.caption(items, engine, Collect(), job=job, settings=settings, batch_size=batch_size, read=READ)
-        result = timer.result(len(items), sum(r.answer_tokens or 0 for r in records))
-    finally:
-        pipeline.make_record = real_make_record
+    """(c) `granite-vision caption`'s own path, through the library (`run_caption`) with the
+    engine already loaded. With a schema, answers end when the JSON closes (no forced length)."""
+    job = CaptionJob(
+        sources=[str(f) for f in files], output=None, model=engine.name, batch_size=batch_size, dpi=PAGE_DPI,
+        max_new_tokens=new_tokens, min_new_tokens=None if schema else new_tokens, schema=schema,
+    )  # fmt: skip
+    timer = Timer(engine.device)
+    records = run_caption(job, engine=engine, reporter=FirstRecord(timer)).records
+    result = timer.result(len(records), sum(r.answer_tokens or 0 for r in records))
     failed = [r for r in records if not r.ok and schema is None]
     if failed:
         raise SystemExit(f"engine run failed on {len(failed)} item(s): {failed[0].source}: {failed[0].error}")
-    return result, [tokens[i] for i in range(len(items))], records
+    return result, [list(r.token_ids) for r in records], records
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
@@ -297,51 +291,41 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             model_dir = str(tiny_model.build_llava_next(tmp_path / "model"))
         options = EngineOptions(cache=args.cache, compile=args.compile)
-        engine = Engine.load(model_dir, device=device, dtype=args.dtype, options=options)
+        engine = load_engine(model_dir, device=device, dtype=args.dtype, options=options)
         files = build_workload(tmp_path / "inputs", items_n)
-        items = resolve([str(f) for f in files]).items[:items_n]
+        items = resolve([str(f) for f in files], read=READ).items
         # (a) and (b) get exactly the pictures (c) renders, loaded before their clocks start.
-        loaded = [pipeline.load_item(i, item, READ, engine.fit) for i, item in enumerate(items)]
-        images = [entry.image for entry in loaded]
+        documents = OpenDocuments(READ)
+        images = [pipeline.load_item(i, item, documents, engine.fit).image for i, item in enumerate(items)]
+        documents.close()
 
-        run_engine(engine, items[: min(len(items), batch_size)], new_tokens, batch_size)  # warm-up
+        run_engine(engine, files[:batch_size], new_tokens, batch_size)  # warm-up
         card, card_tokens = run_card(engine, model_dir, images[:card_n], new_tokens)
         batched, batched_tokens = run_batched(engine, model_dir, images, new_tokens, batch_size)
-        ours, our_tokens, records = run_engine(engine, items, new_tokens, batch_size)
+        ours, our_tokens, records = run_engine(engine, files, new_tokens, batch_size)
 
         pages = [r for r in records if r.page is not None]
         structured = None
         if args.schema:
-            from granite_cli import schema as schema_module
-
-            schema = schema_module.load(args.schema)
-            structured, _, schema_records = run_engine(engine, items, new_tokens, batch_size, schema)
+            structured, _, schema_records = run_engine(engine, files, new_tokens, batch_size, args.schema)
             structured["valid"] = sum(r.data is not None for r in schema_records)
             # Free text of the same length, same batch size: the cost of the constraint alone.
             length = max(1, round(sum(r.answer_tokens or 0 for r in schema_records) / len(schema_records)))
-            free, _, _ = run_engine(engine, items, length, batch_size)
+            free, _, _ = run_engine(engine, files, length, batch_size)
             structured["free_text_same_length"] = free
             structured["answer_tokens_mean"] = length
             structured["slowdown"] = round(free["images_per_s"] / structured["images_per_s"] - 1, 3)
         sweep = []
-        original = (
-            list(engine.model.config.image_grid_pinpoints),
-            list(engine.processor.image_processor.image_grid_pinpoints),
-        )
         for value in [int(v) for v in args.max_tiles_sweep.split(",") if v.strip()]:
-            limit_tiles(engine.processor, engine.model, value)
-            engine.image_tokens.cache_clear()
-            engine.fit.cache_clear()
-            result, _, swept = run_engine(engine, items, new_tokens, batch_size)
+            limited = load_engine(model_dir, device=device, dtype=args.dtype, options=replace(options, max_tiles=value))
+            result, _, swept = run_engine(limited, files, new_tokens, batch_size)
+            del limited
             swept_pages = [r for r in swept if r.page is not None]
             result["max_tiles"] = value
             result["prompt_tokens_per_page"] = round(
                 sum(r.prompt_tokens for r in swept_pages) / max(len(swept_pages), 1)
             )
             sweep.append(result)
-            engine.model.config.image_grid_pinpoints, engine.processor.image_processor.image_grid_pinpoints = original
-            engine.image_tokens.cache_clear()
-            engine.fit.cache_clear()
 
     import torch
     import transformers

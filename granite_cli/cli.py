@@ -1,4 +1,4 @@
-"""The `granite-vision` command line: options, commands and exit codes, nothing else.
+"""The `granite-vision` command line: options in, a job to the library (`api`), an exit code out.
 
 Examples:
 
@@ -22,38 +22,47 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
 from . import __version__
-from .documents import DEFAULT_DPI, DEFAULT_MAX_PIXELS, RENDERERS
+from .api import AskJob, CaptionJob, Stop, run_ask, run_caption
 from .errors import OutputError, UsageError
 from .options import (
     DEFAULT_MODEL,
-    DEFAULT_PROMPT,
+    BatchSizeOpt,
     CacheOpt,
     CompileOpt,
     DeviceOpt,
     DpiOpt,
     DtypeOpt,
+    FormatOpt,
     JsonObjectOpt,
+    JsonOpt,
     MaxNewTokensOpt,
     MaxPixelsOpt,
     MaxTilesOpt,
     ModelOpt,
+    OutputOpt,
+    PageOpt,
+    PagesOpt,
     PasswordOpt,
+    PromptOpt,
+    QuestionArg,
     RendererOpt,
+    ResumeOpt,
     RevisionOpt,
     SchemaOpt,
     SeedOpt,
+    SourceArg,
+    SourcesArg,
     TemperatureOpt,
 )
-from .records import FORMATS, Job, Record
+from .pictures import DEFAULT_MAX_PIXELS
+from .readers import DEFAULT_DPI
 from .ui import Reporter, console, error_line
 
 app = typer.Typer(
@@ -89,7 +98,8 @@ def _command(func: Callable) -> Callable:
                 _silence_stdout()  # whatever Python still holds for stdout must not fail again at exit
             if exc.broken_pipe:
                 raise typer.Exit(141) from None
-            console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            kept = "; every record written before it is kept (--resume continues)" if exc.resumable else ""
+            console.print(f"[red]error:[/] {escape(str(exc))}{kept}", soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted")
@@ -124,16 +134,10 @@ def main_options(
 @_command
 def ask(
     ctx: typer.Context,
-    source: Annotated[
-        str, typer.Argument(help="Image or PDF file, - for image/PDF bytes on stdin, or an http(s) URL.")
-    ],
-    question: Annotated[str, typer.Argument(help="The question to ask about the picture.")],
-    page: Annotated[
-        int, typer.Option(min=1, help="Page of a PDF or multi-page TIFF (1-based).", rich_help_panel="Input")
-    ] = 1,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")
-    ] = False,
+    source: SourceArg,
+    question: QuestionArg,
+    page: PageOpt = 1,
+    json_output: JsonOpt = False,
     schema: SchemaOpt = None,
     json_object: JsonObjectOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
@@ -152,37 +156,13 @@ def ask(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Answer one question about one image or PDF page; the answer streams to stdout."""
-    from . import pipeline
-    from .sources import resolve_single
-
-    structured = _schema(schema, json_object)
-    read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
-    model = _model_id(ctx, model, revision)
-    job = Job(question, model, structured.fingerprint if structured else None)
-    item = resolve_single(source, page, read=read)
-    if item.error is not None:  # known-bad input fails before the model loads
-        _fail_item(pipeline.make_record(job, pipeline.Loaded(0, item), error=item.error), json_output)
-    engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
-    # loaded as caption loads it: a PDF page rendered at the size the model uses
-    loaded = pipeline.load_item(0, item, read, engine.fit)
-    if loaded.image is None:
-        _fail_item(pipeline.make_record(job, loaded, error=loaded.error), json_output)
-    too_long = engine.check_fits(question, loaded.image.width, loaded.image.height, max_new_tokens)
-    if too_long is not None:
-        raise UsageError(f"{source}: {too_long}")
-    settings = _settings(max_new_tokens, temperature, seed, structured)
-    try:
-        answer = engine.generate([loaded.image], [question], settings, stream=None if json_output else sys.stdout)[0]
-    except OutputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
-        from .errors import describe
-
-        _fail_item(pipeline.make_record(job, loaded, error=f"generation failed: {describe(exc)}"), json_output)
-    record = pipeline.make_record(job, loaded, answer, settings=settings)
-    _print_stdout(record.to_json() if json_output else "")
+    options = {key: value for key, value in locals().items() if key not in ("ctx", "json_output")}
+    job = AskJob(**options, model_origin=_model_origin(ctx))
+    record = run_ask(job, stream=None if json_output else sys.stdout, reporter=Reporter()).record
     if not record.ok:
-        _fail_item(record, json_output=False)
+        console.print(error_line(record), soft_wrap=True)
+    _print_stdout(record.to_json() if json_output else "" if record.ok else None)
+    raise typer.Exit(0 if record.ok else 1)
 
 
 @app.command(
@@ -196,48 +176,23 @@ def ask(
 @_command
 def caption(
     ctx: typer.Context,
-    sources: Annotated[
-        list[str],
-        typer.Argument(
-            help="Files, folders (walked recursively), globs (quoted: the tool expands them, ** too),"
-            " or - for paths on stdin."
-        ),
-    ],
-    prompt: Annotated[
-        Optional[str],
-        typer.Option(
-            help=f"What to ask about every picture [default: {DEFAULT_PROMPT!r};"
-            " with --schema, a request for its fields]"
-        ),
-    ] = None,
-    fmt: Annotated[
-        str,
-        typer.Option("--format", "-f", help="jsonl (one record per line), markdown (a report) or csv (with --schema)."),
-    ] = "jsonl",
+    sources: SourcesArg,
+    prompt: PromptOpt = None,
+    format: FormatOpt = "jsonl",
     schema: SchemaOpt = None,
     json_object: JsonObjectOpt = False,
-    output: Annotated[
-        Optional[str], typer.Option("--output", "-o", help="Write here instead of stdout (- is stdout).")
-    ] = None,
-    pages: Annotated[
-        Optional[str], typer.Option(help="Pages of PDFs and multi-page TIFFs, e.g. 1-3,7,10-.", rich_help_panel="Input")
-    ] = None,
+    output: OutputOpt = None,
+    pages: PagesOpt = None,
     dpi: DpiOpt = DEFAULT_DPI,
     pdf_renderer: RendererOpt = "pypdfium2",
     pdf_password: PasswordOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            help="Skip every item already answered in --output, retry the failed ones, append the rest"
-            " (the same job only: same prompt, model and schema)."
-        ),
-    ] = False,
+    resume: ResumeOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Pictures per model call.", rich_help_panel="Model")] = 8,
+    batch_size: BatchSizeOpt = 8,
     max_tiles: MaxTilesOpt = None,
     cache: CacheOpt = "auto",
     compile: CompileOpt = False,
@@ -246,135 +201,11 @@ def caption(
     seed: SeedOpt = None,
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
-    from . import distributed
-    from .output import open_output
-    from .sources import PageSelection, expand_stdin, resolve
-
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
-    if resume and output in (None, "-"):
-        raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
-    structured = _schema(schema, json_object)
-    columns = structured.columns if structured is not None else []
-    if fmt == "csv" and not columns:
-        raise UsageError("--format csv needs --schema with named fields: they are the columns")
-    if prompt is None:
-        prompt = structured.default_prompt() if structured is not None else DEFAULT_PROMPT
-    read = _read_options(pdf_renderer, dpi, pdf_password, max_pixels)
-    selection = PageSelection.parse(pages) if pages else None
-    model = _model_id(ctx, model, revision)
-    job = Job(prompt, model, structured.fingerprint if structured else None)
-    ranks = distributed.current(device)
-    run_id = ""
-    if ranks.distributed:
-        if output in (None, "-"):
-            raise UsageError("a run of several processes needs --output FILE, on a filesystem all of them share")
-        sources = ranks.broadcast(expand_stdin(sources) if ranks.rank == 0 else None)  # stdin is read once
-        run_id = ranks.broadcast(os.urandom(4).hex() if ranks.rank == 0 else None)
-    sink = open_output(
-        output, fmt, resume, rank=ranks.rank, world=ranks.world, barrier=ranks.barrier, columns=columns, run_id=run_id
-    )
-    resolution = resolve(sources, pages=selection, read=read)
-    reporter = Reporter(rank=ranks.rank, world=ranks.world)
-    _report_resolution(reporter, resolution)
-    if not resolution.items:
-        raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
-    sink.check(resolution.items)
-    todo = sink.plan(resolution.items, job)
-    if resume:
-        previous = sink.previous
-        reporter.note(
-            f"resuming {output}: {len(previous.answered)} answered before, {len(todo)} to run"
-            + (f" ({previous.failed} failed before: retried)" if previous.failed else "")
-            + (" (a torn last line was dropped)" if previous.torn else "")
-        )
-    # Until the run starts, Ctrl-C or SIGTERM ends it at once: nothing has been written.
-    engine = None
-    if any(item.error is None for item in todo):  # a model only when some item needs one
-        if ranks.distributed and device in ("auto", "cuda"):
-            device = ranks.device or device  # each process on its own GPU
-        engine = _load_engine(model, revision, device, dtype, _engine_options(max_tiles, cache, compile))
-    settings = _settings(max_new_tokens, temperature, seed, structured)
-    with graceful_stop() as stop:  # from here on, Ctrl-C and SIGTERM end the run cleanly
-        try:
-            stats = _run(todo, engine, sink, reporter, job, settings, batch_size, read, ranks, stop)
-        except OutputError as exc:
-            sink.abandon()
-            if sink.resumable:
-                raise UsageError(f"{exc}; every record written before it is kept (--resume continues)") from None
-            raise
-        except BaseException:
-            sink.abandon()  # every record written so far stays; a failing process never waits for the others
-            raise
-        merged = sink.finish(resolution.items)
-    reporter.summary(stats, output, merged if ranks.distributed and ranks.rank == 0 else None)
-    if stats.stopped:
-        raise typer.Exit(130)
-    merged_failed = ranks.distributed and any(not record.ok for record in merged)
-    if stats.failed or merged_failed:
-        raise typer.Exit(1)
-
-
-def _run(todo, engine, sink, reporter, job, settings, batch_size, read, ranks, stop):
-    """The run itself: this process's share of the items, through the model (or, when no item
-    needs one, straight to their error records)."""
-    from . import pipeline
-
-    if ranks.distributed:
-        todo = _my_share(todo, engine, ranks, read, settings.max_new_tokens)
-    if stop.is_set():
-        return pipeline.Stats(total=len(todo), started=time.monotonic(), stopped=True)
-    with reporter.progress(len(todo)) as progress:
-        if engine is None:
-            stats = pipeline.record_failures(todo, sink, job, progress)
-        else:
-            stats = pipeline.caption(
-                todo, engine, sink, job=job, settings=settings, batch_size=batch_size, read=read,
-                on_record=progress, stop=stop,
-            )  # fmt: skip
-    stats.stopped |= stop.is_set()
-    return stats
-
-
-def _report_resolution(reporter: Reporter, resolution) -> None:
-    for name in resolution.unmatched:
-        reporter.warn(f"{name}: matched no supported file")
-    if resolution.skipped:
-        reporter.note(f"skipped {resolution.skipped} file(s) of unsupported type inside folders")
-    if resolution.special:
-        reporter.note(f"skipped {resolution.special} pipe(s), socket(s) or device(s) met in folders or globs")
-    if resolution.duplicates:
-        reporter.note(f"{resolution.duplicates} picture(s) named more than once: each is captioned once")
-
-
-def _model_id(ctx: typer.Context, model: str, revision: str | None) -> str:
-    """The checked model name, the error saying where a bad one came from; a --revision given
-    with a local folder is pointless, and said so."""
-    from .engine import model_name
-
-    from_env = getattr(ctx.get_parameter_source("model"), "name", None) == "ENVIRONMENT"  # (typer vendors click)
-    name = model_name(model, "$GRANITE_VISION_MODEL" if from_env else "--model")
-    if revision is not None and os.path.isdir(name):
-        console.print(f"[yellow]warning:[/] --revision {escape(revision)} is ignored: {escape(name)} is a local folder")
-    return name
-
-
-def _my_share(items, engine, ranks, read, max_new_tokens: int):
-    """This process's items: a cost-balanced share, decided alike by every process."""
-    from . import distributed
-    from .documents import probe_size
-
-    if engine is None:  # only failures left: the cost is the same for each
-        return items[ranks.rank :: ranks.world]
-    costs = [
-        distributed.item_cost(
-            probe_size(item.origin, item.page, read) if item.origin is not None else None,
-            engine.image_tokens,
-            max_new_tokens,
-        )
-        for item in items
-    ]
-    return [items[index] for index in distributed.split(costs, ranks.world)[ranks.rank]]
+    options = {key: value for key, value in locals().items() if key != "ctx"}
+    job = CaptionJob(**options | {"output": output or "-"}, model_origin=_model_origin(ctx))
+    with graceful_stop() as stop:  # Ctrl-C and SIGTERM: at once while loading, after the batch once running
+        result = run_caption(job, reporter=Reporter(), stop=stop, stdin=sys.stdin.buffer)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -383,28 +214,26 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSO
     """Versions, devices and dtypes, default model, model cache and PDF renderers."""
     from .info import collect, render
 
-    facts = collect(default_model=DEFAULT_MODEL)
-    _print_stdout(render(facts, as_json=json_output))
+    _print_stdout(render(collect(default_model=DEFAULT_MODEL), as_json=json_output))
 
 
-def _read_options(renderer: str, dpi: int, password: str | None, max_pixels: int):
-    from .documents import ReadOptions
-
-    if renderer not in RENDERERS:
-        raise UsageError(f"--pdf-renderer {renderer!r}: expected one of {'|'.join(RENDERERS)}")
-    return ReadOptions(renderer=renderer, dpi=dpi, password=password, max_pixels=max_pixels)
+def _model_origin(ctx: typer.Context) -> str:
+    """Where --model's value came from, for its error line (typer vendors click: compare names)."""
+    from_env = getattr(ctx.get_parameter_source("model"), "name", None) == "ENVIRONMENT"
+    return "$GRANITE_VISION_MODEL" if from_env else "--model"
 
 
 @contextlib.contextmanager
-def graceful_stop() -> Iterator[threading.Event]:
-    """The first Ctrl-C or SIGTERM asks the run to stop after the current batch (finished
-    records are kept); a second one stops at once. Outside it, either stops at once."""
-    stop = threading.Event()
+def graceful_stop() -> Iterator[Stop]:
+    """While the run is not yet `running` (inputs, model loading), Ctrl-C or SIGTERM stops at once:
+    nothing has been written. Once it runs, the first one asks it to stop after the current batch
+    (finished records are kept); a second one stops at once."""
+    stop = Stop()
 
     def handler(signum, frame) -> None:
-        if stop.is_set():
+        if not stop.running or stop.event.is_set():
             raise KeyboardInterrupt
-        stop.set()
+        stop.event.set()
         console.print("stopping after the current batch (Ctrl-C again to stop now)")
 
     if threading.current_thread() is not threading.main_thread():
@@ -418,46 +247,10 @@ def graceful_stop() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def _schema(spec: str | None, json_object: bool):
-    from . import schema
-
-    return schema.load(spec, json_object)
-
-
-def _settings(max_new_tokens: int, temperature: float, seed: int | None, structured=None):
-    from .engine import GenerationSettings
-
-    if seed is not None:
-        from transformers import set_seed
-
-        set_seed(seed)
-    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, schema=structured)
-
-
-def _engine_options(max_tiles: int | None, cache: str, compile: bool):
-    from .engine import CACHES, EngineOptions
-
-    if cache not in CACHES:
-        raise UsageError(f"--cache {cache!r}: expected one of {'|'.join(CACHES)}")
-    return EngineOptions(max_tiles=max_tiles, cache=cache, compile=compile)
-
-
-def _load_engine(model: str, revision: str | None, device: str, dtype: str, options=None):
-    from .engine import Engine
-
-    with console.status(f"loading {model}") if console.is_terminal else ExitStack():
-        return Engine.load(model, revision=revision, device=device, dtype=dtype, options=options)
-
-
-def _fail_item(record: Record, json_output: bool) -> None:
-    console.print(error_line(record), soft_wrap=True)
-    if json_output:
-        _print_stdout(record.to_json())
-    raise typer.Exit(1)
-
-
-def _print_stdout(text: str) -> None:
+def _print_stdout(text: str | None) -> None:
     """A line of data on stdout; a failure to write it is the output's failure."""
+    if text is None:
+        return
     try:
         print(text, flush=True)
     except OSError as exc:

@@ -10,56 +10,27 @@ would otherwise leave some GPUs idle while others still work through pages.
 from __future__ import annotations
 
 import heapq
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
-
-#: A rank may wait for slower ones for this long at the end of a run before giving up.
-BARRIER_TIMEOUT = timedelta(days=7)
 
 
 @dataclass
 class Ranks:
-    """This process's place in the run: rank `rank` of `world` processes."""
+    """This process's place in the run: rank `rank` of `world` processes. `barrier` waits for
+    every process; `broadcast` gives every process rank 0's value (the engine's process group
+    provides both: see `granite_cli.engine.ranks`)."""
 
     rank: int = 0
     world: int = 1
     device: str | None = None
-    """The device accelerate assigns this process (cuda:LOCAL_RANK, or cpu); None when single."""
-    _state: Any = None
+    """The device this process was given (cuda:LOCAL_RANK, or cpu); None when single."""
+    barrier: Callable[[], None] = lambda: None
+    broadcast: Callable[[Any], Any] = lambda value: value
 
     @property
     def distributed(self) -> bool:
         return self.world > 1
-
-    def barrier(self) -> None:
-        if self._state is not None:
-            self._state.wait_for_everyone()
-
-    def broadcast(self, value: Any) -> Any:
-        """`value` of rank 0, on every rank."""
-        if self._state is None:
-            return value
-        import torch.distributed as dist
-
-        box = [value if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def current(device: str = "auto") -> Ranks:
-    """This process's rank, initialising the process group when launched as several processes
-    (gloo on the CPU, nccl on GPUs); a plain single-process run touches nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Ranks()
-    import torch
-    from accelerate import PartialState
-
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
-    return Ranks(state.process_index, state.num_processes, str(state.device), state)
 
 
 def split(costs: Sequence[float], world: int) -> list[list[int]]:

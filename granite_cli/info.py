@@ -7,12 +7,11 @@ is refused or which PDF renderers will work.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 from importlib import metadata
 
 from . import __version__
-from .documents import poppler_available
+from .readers import poppler_available
 
 PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "pillow", "pypdfium2", "pdf2image", "typer", "rich")
 
@@ -20,26 +19,11 @@ PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "pillow", "pyp
 def collect(default_model: str) -> dict:
     import os
 
-    import torch
     from huggingface_hub import constants
 
-    from .engine import supported_dtypes
+    from .engine.devices import describe_devices
 
-    cpu = torch.device("cpu")
-    devices = [{"device": "cpu", "name": platform.processor() or platform.machine(), "dtypes": supported_dtypes(cpu)}]
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            properties = torch.cuda.get_device_properties(index)
-            devices.append(
-                {
-                    "device": f"cuda:{index}",
-                    "name": properties.name,
-                    "memory_gib": round(properties.total_memory / 2**30, 1),
-                    "dtypes": supported_dtypes(torch.device("cuda", index)),
-                }
-            )
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        devices.append({"device": "mps", "name": "Apple Metal", "dtypes": supported_dtypes(torch.device("mps"))})
+    devices = describe_devices()
     versions = {"granite-vision": __version__, "python": sys.version.split()[0]}
     for package in PACKAGES:
         try:

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from . import DEFAULT_MODEL  # noqa: F401 - re-exported for the CLI
-
-DEFAULT_PROMPT = "Describe this image in detail."
+from .api import DEFAULT_PROMPT
+from .readers import RENDERERS
+from .writers import formats_help
 
 # Options shared by `ask` and `caption`, declared once so they read the same everywhere.
 ModelOpt = Annotated[
@@ -76,7 +77,9 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling."
 RendererOpt = Annotated[
     str,
     typer.Option(
-        "--pdf-renderer", help="pypdfium2 (default, no system package) or poppler (pdf2image).", rich_help_panel="Input"
+        "--pdf-renderer",
+        help=f"{' or '.join(RENDERERS)}: pypdfium2 needs no system package, poppler needs poppler-utils.",
+        rich_help_panel="Input",
     ),
 ]
 PasswordOpt = Annotated[
@@ -90,3 +93,39 @@ MaxPixelsOpt = Annotated[
     ),
 ]
 DpiOpt = Annotated[int, typer.Option(min=36, max=1200, help="PDF rendering resolution.", rich_help_panel="Input")]
+
+# Options of `caption` alone.
+PromptOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help=f"What to ask about every picture [default: {DEFAULT_PROMPT!r}; with --schema, a request for its fields]"
+    ),
+]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help=formats_help() + ".")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write here instead of stdout (- is stdout).")]
+PagesOpt = Annotated[
+    Optional[str], typer.Option(help="Pages of PDFs and multi-page TIFFs, e.g. 1-3,7,10-.", rich_help_panel="Input")
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Skip every item already answered in --output, retry the failed ones, append the rest"
+        " (the same job only: same prompt, model and schema)."
+    ),
+]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Pictures per model call.", rich_help_panel="Model")]
+SourcesArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Files, folders (walked recursively), globs (quoted: the tool expands them, ** too),"
+        " or - for paths on stdin."
+    ),
+]
+
+# Options of `ask` alone.
+SourceArg = Annotated[str, typer.Argument(help="Image or PDF file, - for image/PDF bytes on stdin, or an http(s) URL.")]
+QuestionArg = Annotated[str, typer.Argument(help="The question to ask about the picture.")]
+PageOpt = Annotated[
+    int, typer.Option(min=1, help="Page of a PDF or multi-page TIFF (1-based).", rich_help_panel="Input")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")]

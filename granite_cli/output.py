@@ -27,159 +27,20 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .errors import OutputError, UsageError
-from .records import REPORT_FORMATS, REPORT_TITLE, Job, JsonlWriter, Record, Writer, open_writer, render
+from .distributed import Ranks
+from .errors import UsageError
+from .journal import Identities, Previous, in_input_order, jsonl_text, merge, sniff, write_atomic, writing
+from .records import Job, Record
 from .sources import Item
+from .writers import WRITERS, JsonlWriter, Writer, open_writer, render
 
 #: A markdown report is rebuilt at most this often while a run goes on (and always at the end).
 REPORT_INTERVAL_S = 2.0
-#: How much of an existing output is read to tell whether it is ours (all of it with --resume).
-SNIFF_BYTES = 64 * 1024
 STDOUT = "-"
-
-
-@dataclass
-class Previous:
-    """What an earlier run left in the output file."""
-
-    answered: dict[tuple, Record] = field(default_factory=dict)
-    failed: int = 0
-    torn: bool = False
-    """The last line was cut short by a crash; it was dropped."""
-
-
-# --------------------------------------------------------------------------- reading back
-def read_records(path: Path) -> tuple[list[Record], bool]:
-    """Records of a JSONL file, and whether a torn (partial) last line was dropped."""
-    if not path.exists():
-        return [], False
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    torn = False
-    records: list[Record] = []
-    for number, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        last = number == len(lines) - 1  # no newline after it: written partly, or not at all
-        try:
-            records.append(Record.from_json(raw.decode("utf-8")))
-        except (ValueError, TypeError, UnicodeDecodeError):
-            if last:
-                torn = True
-                continue
-            raise UsageError(f"{path}: line {number + 1} is not a granite-vision record; refusing to touch it") from None
-        if last:  # parsed, but unterminated: keep it, the rewrite terminates it
-            torn = True
-    return records, torn
-
-
-class Identities:
-    """The identity of a record's item, `Item.identity`'s twin: the file (device, inode) when
-    its source is a local file, else its name; so `a.png`, `./a.png` and a hard link to it are
-    one item across runs too. One `stat` per source name, remembered."""
-
-    def __init__(self) -> None:
-        self.known: dict[str, object] = {}
-
-    def of(self, record: Record) -> tuple:
-        if record.source not in self.known:
-            try:
-                info = os.stat(record.source)
-                self.known[record.source] = (info.st_dev, info.st_ino) if stat.S_ISREG(info.st_mode) else record.source
-            except (OSError, ValueError):
-                self.known[record.source] = record.source
-        return (self.known[record.source], record.page)
-
-
-def merge(paths: Iterable[Path], identities: Identities | None = None) -> tuple[list[Record], bool]:
-    """One record per item over these files: its answer if any file has one, else its latest
-    failure; and whether a torn last line was dropped on the way."""
-    identities = identities or Identities()
-    answered: dict[tuple, Record] = {}
-    failed: dict[tuple, Record] = {}
-    torn = False
-    for path in paths:
-        records, cut = read_records(path)
-        torn |= cut
-        for record in records:
-            (answered if record.ok else failed)[identities.of(record)] = record
-    return [*answered.values(), *(r for key, r in failed.items() if key not in answered)], torn
-
-
-def in_input_order(records: Iterable[Record], items: Sequence[Item], identities: Identities) -> list[Record]:
-    """Records sorted by the position of their item in this run's input; others keep their
-    relative order after them (from an earlier run over more inputs)."""
-    position = {item.identity: index for index, item in enumerate(items)}
-    return sorted(records, key=lambda record: position.get(identities.of(record), len(position)))
-
-
-def sniff(path: Path, whole: bool = False) -> str | None:
-    """What an existing file reads as: "empty", "jsonl", "markdown", "csv", or None (not a
-    granite-vision output). Only the start is read unless `whole`."""
-    with open(path, "rb") as handle:
-        data = handle.read() if whole else handle.read(SNIFF_BYTES)
-    if not data.strip():
-        return "empty"
-    text = data.decode("utf-8", errors="replace")
-    first = text.split("\n", 1)[0].rstrip("\r")
-    if first == f"# {REPORT_TITLE}":
-        return "markdown"
-    if first.startswith("source,page,"):
-        return "csv"
-    lines = text.split("\n")
-    complete = lines[:-1] if not whole or not text.endswith("\n") else lines
-    complete = [line for line in complete if line.strip()]
-    if not complete:  # one unterminated line: a record torn by a crash, or not ours
-        return "jsonl" if lines[0].startswith('{"source": ') else None
-    try:
-        for line in complete:
-            Record.from_json(line)
-    except (ValueError, TypeError):
-        return None
-    return "jsonl"
-
-
-# --------------------------------------------------------------------------- safe writing
-@contextlib.contextmanager
-def writing(where: str) -> Iterator[None]:
-    """Any failure to write is an `OutputError` naming the output: one line for the user."""
-    try:
-        yield
-    except OSError as exc:
-        raise OutputError(where, exc) from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new file, never a mix."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; the output keeps normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode(path: Path) -> int:
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def jsonl_text(records: Iterable[Record]) -> str:
-    return "".join(record.to_json() + "\n" for record in records)
 
 
 def _probe_folder(path: Path, label: str) -> None:
@@ -201,21 +62,17 @@ def _probe_folder(path: Path, label: str) -> None:
 
 # --------------------------------------------------------------------------- choosing the output
 def open_output(
-    name: str | None,
-    fmt: str,
-    resume: bool,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    barrier: Callable[[], None] = lambda: None,
-    columns: Sequence[str] = (),
-    run_id: str = "",
+    name: str | None, fmt: str, resume: bool, *, ranks: Ranks = Ranks(), columns: Sequence[str] = (), run_id: str = ""
 ):
-    """Where records go, checked now (before the model loads) and written to only later:
-    stdout (`-o -` or no -o), a pipe or device named by -o (streamed like stdout), or a file
-    (appended, resumable, rewritten atomically; through a symlink, the file it points to)."""
+    """Where records go, checked now (before the model loads) and written to only later: nowhere
+    (None: a library caller keeps them in memory), stdout (`-`), a pipe or device (streamed like
+    stdout), or a file (appended, resumable, rewritten atomically; through a symlink, the file it
+    points to). `ranks`: this process's place in a run of several."""
     label = f"--output {name}"
-    if name is None or name == STDOUT or _is_stdout(name):
+    world = ranks.world
+    if name is None:
+        return NoOutput()
+    if name == STDOUT or _is_stdout(name):
         if resume or world > 1:
             raise UsageError(f"{'--resume' if resume else 'a run of several processes'} needs --output FILE")
         return StreamOutput(None, fmt, columns, "stdout")
@@ -232,9 +89,10 @@ def open_output(
     if not path.parent.is_dir():
         raise UsageError(f"{label}: folder {path.parent} does not exist")
     output = FileOutput(
-        path, fmt, resume, rank=rank, world=world, barrier=barrier, columns=columns, label=label, run_id=run_id
-    )
-    if rank == 0:
+        path, fmt, resume, rank=ranks.rank, world=world, barrier=ranks.barrier, columns=columns, label=label,
+        run_id=run_id,
+    )  # fmt: skip
+    if ranks.rank == 0:
         _probe_folder(path, label)
     return output
 
@@ -290,7 +148,8 @@ class FileOutput:
         self.world = world
         self.barrier = barrier
         self.label = label or f"--output {path}"
-        self.journal = path.with_name(path.name + ".jsonl") if fmt in REPORT_FORMATS else path
+        self.report = WRITERS[fmt].report
+        self.journal = path.with_name(path.name + ".jsonl") if self.report else path
         self.parts = self.journal.with_name(self.journal.name + ".parts")
         self.run_id = run_id
         self.target = self.journal if world == 1 else self._part(rank)
@@ -323,7 +182,7 @@ class FileOutput:
     def _check_ours(self) -> None:
         """Refuse unless every existing file this output would write is ours, in this format."""
         if self.parts.exists() and not self.parts.is_dir():
-            raise UsageError(f"{self.label}: {self.parts} exists and is not a folder of part files; refusing to touch it")
+            raise UsageError(f"{self.label}: {self.parts} is not a folder of part files; refusing to touch it")
         for path in self._files():
             info = _stat_or_none(path)
             if info is None:
@@ -398,13 +257,13 @@ class FileOutput:
         self.writer = JsonlWriter(self.stream)
 
     def write(self, record: Record) -> None:
-        with writing(self.label):
+        with writing(self.label, resumable=True):
             if self.writer is None:
                 self._start()
             assert self.writer is not None
             self.writer.write(record)
             self.records.append(record)
-            if self.fmt in REPORT_FORMATS and self.world == 1:
+            if self.report and self.world == 1:
                 self._report()
 
     def close(self) -> None:
@@ -426,7 +285,7 @@ class FileOutput:
         """Close; once every process is done, rank 0 puts every record in input order, each
         item once, and rebuilds the report (atomically). Returns the merged records (rank 0).
         A run that wrote nothing new leaves every file as it was."""
-        with writing(self.label):
+        with writing(self.label, resumable=True):
             self.close()
             if self.world == 1 and self.writer is not None:
                 merged = self.records
@@ -436,13 +295,14 @@ class FileOutput:
                     return []
                 # A fresh run merges what its own processes wrote; --resume also the journal and
                 # the part files of runs that died before merging them.
-                sources = self._sources() if self.resume else [p for p in map(self._part, range(self.world)) if p.exists()]
+                ours = [part for part in map(self._part, range(self.world)) if part.exists()]
+                sources = self._sources() if self.resume else ours
                 if not self._part_files() or not (self.resume or sources):  # nothing new anywhere
                     return []
                 merged, _ = merge(sources, self.identities)
             ordered = in_input_order(merged, items, self.identities)
             write_atomic(self.journal, jsonl_text(ordered))
-            if self.fmt in REPORT_FORMATS:
+            if self.report:
                 write_atomic(self.path, render(self.fmt, ordered, self.path, self.columns))
             self._remove_parts()
             return ordered
@@ -509,3 +369,13 @@ class StreamOutput:
     def finish(self, items: Sequence[Item]) -> list[Record]:
         self.close()
         return []
+
+
+class NoOutput(StreamOutput):
+    """No output at all: a library caller gets the records in the result."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "jsonl")
+
+    def write(self, record: Record) -> None:
+        pass

@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import documents
-from .documents import Fit, ReadOptions
 from .errors import OutputError, describe
-from .records import Job, Record, Writer
+from .pictures import Fit
+from .readers import OpenDocuments, ReadOptions
+from .records import Job, Record
 from .sources import Item
+from .writers import Writer
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,11 +75,12 @@ class Batch:
     error: str | None = None
 
 
-def load_item(index: int, item: Item, read: ReadOptions = ReadOptions(), fit: Fit | None = None) -> Loaded:
+def load_item(index: int, item: Item, documents: OpenDocuments, fit: Fit | None = None) -> Loaded:
+    """An item's picture, at the size the model uses (`fit`), or the reason it has none."""
     if item.error is not None or item.origin is None:
         return Loaded(index, item, error=item.error or "no input")
     try:
-        return Loaded(index, item, documents.load(item.origin, item.page, read, fit))
+        return Loaded(index, item, documents.render(item.origin, item.reader, item.page, fit))
     except Exception as exc:  # noqa: BLE001 - a bad input becomes its record, never the end of the run
         return Loaded(index, item, error=describe(exc))
 
@@ -109,6 +111,7 @@ def make_record(
         finish_reason=answer.finish_reason if answer else None,
         data=data,
         schema=job.schema,
+        token_ids=answer.token_ids if answer else (),
     )
 
 
@@ -242,6 +245,7 @@ class _Producer:
         self.max_new_tokens = settings.max_new_tokens
         self.batch_size = batch_size
         self.read = read
+        self.documents = OpenDocuments(read)
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="granite-load")
@@ -259,6 +263,7 @@ class _Producer:
             except queue.Empty:
                 pass
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.documents.close()
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -292,7 +297,7 @@ class _Producer:
     def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
         loaded = list(
             self.pool.map(
-                lambda pair: load_item(start + pair[0], pair[1], self.read, self.engine.fit), enumerate(items)
+                lambda pair: load_item(start + pair[0], pair[1], self.documents, self.engine.fit), enumerate(items)
             )
         )
         for entry in loaded:  # a picture whose prompt cannot fit the context fails here, not in generate
@@ -330,7 +335,7 @@ def _answer_batch(
         answers = engine.run(batch.inputs, settings)
     except Exception as exc:  # noqa: BLE001 - isolate the failing item, keep the rest
         batch.inputs = None
-        _release_memory()
+        engine.release()
         entries = batch.entries
         if len(entries) == 1:
             reason = batch.error or f"generation failed: {describe(exc)}"
@@ -342,10 +347,3 @@ def _answer_batch(
         return
     for entry, answer in zip(batch.entries, answers, strict=True):
         yield entry, make_record(job, entry, answer, settings=settings)
-
-
-def _release_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import documents
-from .documents import Blob, ReadOptions, Source
+from . import readers
 from .errors import InputError, UsageError, describe
+from .pictures import Blob, Source, sniff
+from .readers import ReadOptions
 
 URL_PREFIXES = ("http://", "https://")
 STDIN = "-"
@@ -51,6 +52,8 @@ class Item:
     file_id: FileId | None = None
     """The file behind `source`, when it is a local file: one file is one item however it is
     named, and an output may never be one of the inputs."""
+    reader: str | None = None
+    """The reader of its kind (see `readers.READERS`), decided once from its content."""
 
     @property
     def identity(self) -> tuple:
@@ -160,16 +163,16 @@ def resolve_single(source: str, page: int, *, read: ReadOptions = ReadOptions(),
             if stat.S_ISDIR(info.st_mode):
                 return Item(source, error="is a directory (ask takes one image; use caption for folders)")
             origin = Path(source) if stat.S_ISREG(info.st_mode) else read_stream(source, info)
-        count = documents.page_count(origin, read)
+        reader, count = _inspect(origin, read)
     except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
         return Item(source, page if page != 1 else None, error=describe(exc))
     if count is None:
         if page != 1:
             return Item(source, page, error=f"page {page} requested, but this is a single image")
-        return Item(source, None, origin)
+        return Item(source, None, origin, reader=reader)
     if not 1 <= page <= count:
         return Item(source, page, error=f"page {page} out of range (the document has {count} page(s))")
-    return Item(source, page, origin)
+    return Item(source, page, origin, reader=reader)
 
 
 def fetch_url(url: str, timeout: float = 60.0) -> Blob:
@@ -240,7 +243,7 @@ def _read_path_list(stream: BinaryIO) -> list[str]:
     """Paths from stdin: one per line (a trailing CR dropped), or NUL-separated (`find -print0`)
     when NULs are present. Only these separators: a name may hold any other character."""
     data = stream.read()
-    kind = documents.sniff(data)
+    kind = sniff(data)
     if kind is not None:
         raise UsageError(
             f"caption -: stdin holds {kind} data, not a list of paths."
@@ -291,7 +294,7 @@ def _add_found(
         _add_directory(result, Path(name), pages, read)
     elif isinstance(info, os.stat_result) and not stat.S_ISREG(info.st_mode):
         result.special += 1
-    elif check_suffix and Path(name).suffix.lower() not in documents.DOCUMENT_SUFFIXES:
+    elif check_suffix and Path(name).suffix.lower() not in readers.DOCUMENT_SUFFIXES:
         result.skipped += 1
     else:
         _add_file(result, name, info, pages, read)
@@ -368,15 +371,25 @@ def _document_items(
 ) -> list[Item]:
     """One item for an image, one per selected page for a PDF or multi-page TIFF."""
     try:
-        count = documents.page_count(origin, read)
+        reader, count = _inspect(origin, read)
     except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
         return [Item(name, error=describe(exc), file_id=file_id)]
     if count is None:
-        return [Item(name, None, origin, file_id=file_id)]
+        return [Item(name, None, origin, file_id=file_id, reader=reader)]
     if count == 0:
         return [Item(name, error="PDF has no pages", file_id=file_id)]
     chosen = pages.select(count) if pages else list(range(1, count + 1))
     if not chosen:
         text = f"--pages {pages.text} selects no page (the document has {count} page(s))"
         return [Item(name, error=text, file_id=file_id)]
-    return [Item(name, page, origin, file_id=file_id) for page in chosen]
+    return [Item(name, page, origin, file_id=file_id, reader=reader) for page in chosen]
+
+
+def _inspect(origin: Source, read: ReadOptions) -> tuple[str, int | None]:
+    """The reader an input needs and its page count (None: a single picture), opening it once."""
+    reader = readers.detect(origin, read)
+    document = readers.open_document(origin, read, reader)
+    try:
+        return reader, document.page_count()
+    finally:
+        document.close()

@@ -115,20 +115,29 @@ def _spread_weights(model) -> None:
 
 def build_llava_next(out_dir: Path, seed: int = 0) -> Path:
     """Write a tiny Granite Vision 3.x (LLaVA-NeXT) model folder to `out_dir` and return it."""
-    import torch
-    from transformers import (
-        GenerationConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     pinpoints = [[h * TILE, w * TILE] for h, w in GRID_TILES]
-    config = LlavaNextConfig(
+    _save_model(LlavaNextForConditionalGeneration, _llava_next_config(tokenizer, pinpoints), out_dir, seed)
+    LlavaNextProcessor(
+        image_processor=_image_processor(TILE, pinpoints, {"shortest_edge": TILE}, resample=3, do_convert_rgb=True),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="full",
+        chat_template=chat_template(),
+        image_token="<image>",
+        num_additional_image_tokens=0,
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def _llava_next_config(tokenizer, pinpoints):
+    """Granite Vision 3.x's layout (SigLIP + Granite, 3 feature layers, anyres) at toy width."""
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(
         vision_config={
             "model_type": "siglip_vision_model",
             "hidden_size": 32,
@@ -151,7 +160,7 @@ def build_llava_next(out_dir: Path, seed: int = 0) -> Path:
             "residual_multiplier": 1.0,
             "attention_multiplier": 0.25,
         },
-        image_token_index=image_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="full",
         vision_feature_layer=[-3, -2, -1],
@@ -159,55 +168,38 @@ def build_llava_next(out_dir: Path, seed: int = 0) -> Path:
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    _spread_weights(model)
-    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model.save_pretrained(out_dir)
-
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": TILE},
-        crop_size={"height": TILE, "width": TILE},
-        image_grid_pinpoints=pinpoints,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        resample=3,
-        do_pad=True,
-        do_convert_rgb=True,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="full",
-        chat_template=chat_template(),
-        image_token="<image>",
-        num_additional_image_tokens=0,
-    )
-    processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def build_granite4_vision(out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny Granite Vision 4.x (`granite4_vision`) model folder to `out_dir` and return it.
-
-    The constraints below come from the model code: the Window Q-Former needs a downsample rate
-    of exactly 1/2 and a vision width that is a multiple of 64 (its heads are width // 64), and
-    every deepstack/spatial injection layer must be a distinct layer of the language model.
-    """
-    import torch
-    from transformers import GenerationConfig
-    from transformers.models.granite4_vision import (
-        Granite4VisionConfig,
-        Granite4VisionForConditionalGeneration,
-        Granite4VisionProcessor,
-    )
-    from transformers.models.llava_next import LlavaNextImageProcessor
+    """Write a tiny Granite Vision 4.x (`granite4_vision`) model folder to `out_dir` and return it."""
+    from transformers.models.granite4_vision import Granite4VisionForConditionalGeneration, Granite4VisionProcessor
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     tile, patch, rate = 32, 4, "2/4"
     pinpoints = [[tile * h, tile * w] for h, w in [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]]
+    config = _granite4_vision_config(tokenizer, pinpoints, tile, patch, rate)
+    _save_model(Granite4VisionForConditionalGeneration, config, out_dir, seed)
+    Granite4VisionProcessor(
+        image_processor=_image_processor(tile, pinpoints, {"height": tile, "width": tile}),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="full",
+        chat_template=chat_template(),
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        downsample_rate=rate,
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def _granite4_vision_config(tokenizer, pinpoints, tile: int, patch: int, rate: str):
+    """Granite Vision 4.x's layout at toy width. The constraints come from the model code: the
+    Window Q-Former needs a downsample rate of exactly 1/2 and a vision width that is a multiple
+    of 64 (its heads are width // 64), and every deepstack/spatial injection layer must be a
+    distinct layer of the language model."""
+    from transformers.models.granite4_vision import Granite4VisionConfig
+
     config = Granite4VisionConfig(
         vision_config={
             "model_type": "siglip_vision_model",
@@ -246,30 +238,35 @@ def build_granite4_vision(out_dir: Path, seed: int = 0) -> Path:
         tie_word_embeddings=False,
     )
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    return config
+
+
+def _save_model(model_class, config, out_dir: Path, seed: int) -> None:
+    """Random weights (seeded, spread so answers depend on the picture), Granite's generation
+    config (eos = pad = 0, greedy), saved as safetensors."""
+    import torch
+    from transformers import GenerationConfig
+
     torch.manual_seed(seed)
-    model = Granite4VisionForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     _spread_weights(model)
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model.save_pretrained(out_dir)
-    image_processor = LlavaNextImageProcessor(
-        size={"height": tile, "width": tile},
+
+
+def _image_processor(tile: int, pinpoints, size: dict, **extra):
+    """LLaVA-NeXT tiling with Granite's normalisation (mean = std = 0.5) at `tile` pixels."""
+    from transformers import LlavaNextImageProcessor
+
+    return LlavaNextImageProcessor(
+        size=size,
         crop_size={"height": tile, "width": tile},
         image_grid_pinpoints=pinpoints,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         do_pad=True,
+        **extra,
     )
-    Granite4VisionProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch,
-        vision_feature_select_strategy="full",
-        chat_template=chat_template(),
-        image_token="<image>",
-        num_additional_image_tokens=0,
-        downsample_rate=rate,
-    ).save_pretrained(out_dir)
-    return out_dir
 
 
 BUILDERS = {"llava_next": build_llava_next, "granite4_vision": build_granite4_vision}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -16,8 +15,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 if TYPE_CHECKING:
-    from .pipeline import Stats
+    from .api import CaptionResult
+    from .journal import Previous
     from .records import Record
+    from .sources import Resolution
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line: never wrapped
 
@@ -34,25 +35,51 @@ def printable(text: str) -> str:
 
 
 class Reporter:
-    """Progress, per-item error lines and the closing summary of a `caption` run."""
+    """What a `caption` run tells its user on stderr: warnings about the inputs, progress and
+    per-item error lines, the closing summary. `quiet` (a library caller): nothing at all."""
 
-    def __init__(self, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, quiet: bool = False) -> None:
         self.errors = 0
         self.rank = rank
         self.world = world
-        self.prefix = f"rank {rank}/{world}: " if world > 1 else ""
+        self.quiet = quiet
+
+    @property
+    def prefix(self) -> str:
+        return f"rank {self.rank}/{self.world}: " if self.world > 1 else ""
 
     def warn(self, text: str) -> None:
-        if self.rank == 0:
+        if self.rank == 0 and not self.quiet:
             console.print(f"[yellow]warning:[/] {escape(text)}")
 
     def note(self, text: str) -> None:
-        if self.rank == 0:
+        if self.rank == 0 and not self.quiet:
             console.print(escape(text))
+
+    def resolution(self, resolution: Resolution) -> None:
+        """What resolving the inputs left out, and why."""
+        for name in resolution.unmatched:
+            self.warn(f"{name}: matched no supported file")
+        if resolution.skipped:
+            self.note(f"skipped {resolution.skipped} file(s) of unsupported type inside folders")
+        if resolution.special:
+            self.note(f"skipped {resolution.special} pipe(s), socket(s) or device(s) met in folders or globs")
+        if resolution.duplicates:
+            self.note(f"{resolution.duplicates} picture(s) named more than once: each is captioned once")
+
+    def resumed(self, output: str | None, previous: Previous, todo: int) -> None:
+        self.note(
+            f"resuming {output}: {len(previous.answered)} answered before, {todo} to run"
+            + (f" ({previous.failed} failed before: retried)" if previous.failed else "")
+            + (" (a torn last line was dropped)" if previous.torn else "")
+        )
 
     @contextlib.contextmanager
     def progress(self, total: int) -> Iterator[Callable[[Record], None]]:
         """A callback for each finished record: prints its error, advances the bar on a TTY."""
+        if self.quiet:
+            yield lambda record: None
+            return
         if not console.is_terminal or self.rank != 0:
 
             def plain(record: Record) -> None:
@@ -93,9 +120,10 @@ class Reporter:
 
             yield advance
 
-    def summary(self, stats: Stats, output: str | None, merged: list[Record] | None = None) -> None:
+    def summary(self, stats: CaptionResult, seconds: float, output: str | None, merged: list | None = None) -> None:
         """The closing line: this process's work; on rank 0 of several, also the merged output."""
-        seconds = stats.seconds
+        if self.quiet:
+            return
         rate = (stats.answered + stats.failed) / seconds if seconds > 0 else 0.0
         where = f" -> {output}" if output and output != "-" else ""
         failed = f", [red]{stats.failed} failed[/]" if stats.failed else ""
@@ -103,10 +131,10 @@ class Reporter:
             f"{stats.answered} of {stats.total} answered{failed} in {seconds:.1f} s ({rate:.2f} items/s){escape(where)}"
         )
         if stats.stopped:
-            hint = "; run the same command with --resume to finish" if output else ""
+            hint = "; run the same command with --resume to finish" if output and output != "-" else ""
             line = f"interrupted: {line}{hint}"
         console.print(self.prefix + line, soft_wrap=True)
-        if merged is not None:
+        if merged is not None and self.rank == 0:
             failed = sum(not record.ok for record in merged)
             console.print(
                 f"merged {len(merged)} records from {self.world} processes ({failed} failed) -> {escape(str(output))}"

@@ -1,20 +1,18 @@
-"""Fixtures: tiny random Granite Vision models on disk, sample inputs, and a CLI runner.
+"""Fixtures: tiny random Granite Vision models on disk, sample inputs, a CLI runner, and the
+session's loaded engines. Helpers that are not fixtures live in helpers.py.
 
-The models are built once per session by `granite_cli.tiny_model` and loaded by the CLI through
-`from_pretrained`, exactly as a downloaded checkpoint would be.
+The models are built once per session by `granite_cli.tiny_model` and loaded through
+`from_pretrained`, exactly as a downloaded checkpoint would be. In-process runs share one loaded
+engine per model and options (loading is what the loading tests test, not every test).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from helpers import MAX_NEW, Result, make_pdf, noise
 from typer.testing import CliRunner
 
 from granite_cli.cli import app
@@ -24,7 +22,20 @@ from granite_cli.tiny_model import build_granite4_vision, build_llava_next
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("GRANITE_VISION_MODEL", None)
 
-MAX_NEW = "6"
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu` tests run where CUDA is; elsewhere they are skipped, saying why."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -37,20 +48,38 @@ def tiny_g4(tmp_path_factory) -> Path:
     return build_granite4_vision(tmp_path_factory.mktemp("tiny-granite4"))
 
 
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A picture with content (so the model sees something different for each seed)."""
-    import random
+@pytest.fixture(scope="session")
+def loaded_engines():
+    """`load_engine`, remembering what it loaded: one engine per model, device, dtype and options."""
+    from granite_cli import engine
 
-    rng = random.Random(seed)
-    image = Image.effect_noise((width, height), 20 + rng.randint(0, 80)).convert("RGB")
-    tint = Image.new("RGB", (width, height), (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255)))
-    return Image.blend(image, tint, 0.5)
+    real, cache = engine.load_engine, {}
+
+    def load(model: str, **options):
+        key = (model, *sorted((name, repr(value)) for name, value in options.items()))
+        if key not in cache:
+            cache[key] = real(model, **options)
+        return cache[key]
+
+    load.real = real
+    return load
 
 
-def make_pdf(path: Path, pages: int, seed: int = 0) -> Path:
-    images = [noise(612, 792, seed + i) for i in range(pages)]
-    images[0].save(path, save_all=True, append_images=images[1:], resolution=72)
-    return path
+@pytest.fixture(autouse=True)
+def _share_loaded_engines(loaded_engines, monkeypatch):
+    monkeypatch.setattr("granite_cli.engine.load_engine", loaded_engines)
+
+
+@pytest.fixture
+def real_loading(loaded_engines, monkeypatch):
+    """For tests about loading itself: every load reads the model folder again."""
+    monkeypatch.setattr("granite_cli.engine.load_engine", loaded_engines.real)
+
+
+@pytest.fixture
+def tiny_engine(loaded_engines, tiny_model):
+    """The tiny LLaVA-NeXT model, loaded on the CPU (float32)."""
+    return loaded_engines(str(tiny_model), device="cpu")
 
 
 @pytest.fixture
@@ -68,46 +97,6 @@ def inputs(tmp_path) -> Path:
     noise(50, 50, 4).save(root / ".hidden.png")
     (root / "notes.txt").write_text("not a picture")
     return root
-
-
-class Collect(list):
-    """A writer that keeps the records it is given, for driving `pipeline.caption` directly."""
-
-    def write(self, record) -> None:
-        self.append(record)
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class Result:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
-
-    def answered(self, count: int) -> list[dict]:
-        """The records of a run that must have succeeded: exit 0, `count` records, each answered.
-        Every comparison between runs starts here, so that two failed runs never compare equal."""
-        assert self.exit_code == 0, self.stderr
-        records = self.records()
-        assert len(records) == count and all(r["answer"] is not None for r in records), records
-        return records
-
-    def ok(self) -> Result:
-        """A run that must have succeeded (exit 0), whatever it wrote where."""
-        assert self.exit_code == 0, self.stderr
-        return self
-
-    def record(self) -> dict:
-        """The one JSON record of a successful `ask --json`."""
-        assert self.exit_code == 0, self.stderr
-        record = json.loads(self.stdout)
-        assert record["answer"] is not None and record["error"] is None, record
-        return record
 
 
 @pytest.fixture
@@ -141,16 +130,3 @@ def http_root(tmp_path):
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
     server.shutdown()
-
-
-def run_process(*args: str, input: bytes | None = None, env: dict | None = None, cwd: Path | None = None):
-    """Run `python -m granite_cli ...` as a real subprocess (real stdin/stdout pipes, no TTY)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "granite_cli", *args],
-        input=input,
-        capture_output=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=600,
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_pdf, noise
+from helpers import make_pdf, noise
 
 
 def test_streamed_answer_equals_the_json_answer(cli, inputs):

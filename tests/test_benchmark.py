@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_runs_and_paths_agree(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(

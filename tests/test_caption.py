@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_pdf, noise
+from helpers import make_pdf, noise
 
-from granite_cli.documents import poppler_available
+from granite_cli.readers import poppler_available
 
 EXPECTED_ORDER = [
     ("a.png", None),
@@ -89,9 +89,9 @@ def test_page_selection(cli, inputs):
 
 
 def test_pdf_pages_render_at_the_size_the_model_uses(cli, inputs, tiny_model):
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = load_engine(str(tiny_model), device="cpu")
     record = cli("caption", str(inputs / "doc.pdf"), "--pages", "1").records()[0]
     fitted = (record["width"], record["height"])
     expected = engine.fit(1224, 1584)  # letter at 144 dpi, shrunk to the grid the model uses

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MAX_NEW, make_pdf, noise
+from helpers import MAX_NEW, make_pdf, noise
 
 from granite_cli.distributed import split
 
@@ -86,6 +86,7 @@ def test_split_is_deterministic_complete_and_balanced_by_cost():
     assert split([], 4) == [[], [], [], []]
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_records_as_one(workload, tiny_model, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     first = single(str(workload), "-o", str(one), model=tiny_model)
@@ -98,6 +99,7 @@ def test_two_processes_write_the_same_records_as_one(workload, tiny_model, tmp_p
     assert not (tmp_path / "two.jsonl.parts").exists()
 
 
+@pytest.mark.slow
 def test_markdown_and_stdin_with_two_processes(workload, tiny_model, tmp_path):
     listing = "\n".join(str(p) for p in sorted(workload.glob("p*.png"))).encode()
     report = tmp_path / "report.md"
@@ -108,11 +110,13 @@ def test_markdown_and_stdin_with_two_processes(workload, tiny_model, tmp_path):
     assert len((tmp_path / "report.md.jsonl").read_text().splitlines()) == 9
 
 
+@pytest.mark.slow
 def test_several_processes_need_an_output_file(workload, tiny_model):
     result = launch(2, str(workload), model=tiny_model)
     assert result.returncode != 0 and b"needs --output FILE" in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_number_of_processes(workload, tiny_model, tmp_path):
     out = tmp_path / "out.jsonl"
     pngs = sorted(str(p) for p in workload.glob("p*.png"))
@@ -125,6 +129,7 @@ def test_resume_with_a_different_number_of_processes(workload, tiny_model, tmp_p
     assert out.read_text() == reference.read_text()
 
 
+@pytest.mark.slow
 def test_a_dead_run_keeps_every_finished_record_of_every_rank(tiny_model, tmp_path):
     root = tmp_path / "many"
     root.mkdir()

@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from conftest import Collect, make_pdf, noise
+from helpers import Collect, make_pdf, noise
 from PIL import Image
 
 
@@ -51,7 +51,7 @@ def test_a_run_that_cannot_start_leaves_the_output_alone(cli, inputs, tmp_path):
     assert not fresh.exists()
 
 
-def test_resume_with_nothing_left_does_not_load_the_model(cli, inputs, tmp_path, tiny_model, monkeypatch):
+def test_resume_with_nothing_left_does_not_load_the_model(cli, inputs, tmp_path, tiny_model, monkeypatch, real_loading):
     import shutil
 
     model = tmp_path / "models" / "tiny"
@@ -61,14 +61,16 @@ def test_resume_with_nothing_left_does_not_load_the_model(cli, inputs, tmp_path,
     before = out.read_bytes()
     (model / "model.safetensors").unlink()  # from now on, loading this model fails
     monkeypatch.chdir(model.parent)  # the same model folder, spelled differently
-    relative = cli("caption", str(inputs / "a.png"), str(inputs / "b.jpg"), "-o", str(out), "--resume", model=Path("tiny"))
+    relative = cli(
+        "caption", str(inputs / "a.png"), str(inputs / "b.jpg"), "-o", str(out), "--resume", model=Path("tiny")
+    )
     assert relative.exit_code == 0 and "2 answered before, 0 to run" in relative.stderr
     assert out.read_bytes() == before
 
 
 def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkeypatch):
     from granite_cli import pipeline
-    from granite_cli.engine import Engine, GenerationSettings
+    from granite_cli.engine import GenerationSettings, load_engine
     from granite_cli.records import Job
     from granite_cli.sources import resolve
 
@@ -76,7 +78,7 @@ def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkey
     for i, size in enumerate([(64, 48), (99, 77), (50, 90), (70, 70)]):
         noise(*size, seed=i).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = load_engine(str(tiny_model), device="cpu")
     real_prepare = engine.prepare
 
     def prepare(images, questions):  # the 99x77 picture breaks any batch it is in
@@ -87,19 +89,21 @@ def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkey
     monkeypatch.setattr(engine, "prepare", prepare)
     records = Collect()
     settings = GenerationSettings(max_new_tokens=3)
-    pipeline.caption(resolve(paths).items, engine, records, job=Job("Describe", engine.name), settings=settings, batch_size=4)
+    pipeline.caption(
+        resolve(paths).items, engine, records, job=Job("Describe", engine.name), settings=settings, batch_size=4
+    )
     assert [r.ok for r in records] == [True, False, True, True]
     assert "preprocessing failed" in records[1].error
 
 
 def test_huge_portrait_photo_keeps_its_orientation(cli, tmp_path, tiny_model):
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait
     Image.new("RGB", (6000, 4000), (200, 100, 50)).save(tmp_path / "portrait.jpg", exif=exif, quality=70)
     record = cli("caption", str(tmp_path / "portrait.jpg")).records()[0]
-    assert (record["width"], record["height"]) == Engine.load(str(tiny_model), device="cpu").fit(4000, 6000)
+    assert (record["width"], record["height"]) == load_engine(str(tiny_model), device="cpu").fit(4000, 6000)
     assert record["height"] > record["width"]
 
 

@@ -7,35 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import Collect, make_pdf, noise
-
-MIXED_SIZES = [(640, 480), (300, 900), (1000, 250), (56, 56), (1275, 1650), (800, 600), (120, 1200)]
-
-
-def model_card_answers(model_dir, image_paths, question, max_new_tokens, token_ids=False):
-    """The model card's sample, one image per `generate`, as a user would run it by hand: the
-    answers' text, or (`token_ids`) their token ids up to the end-of-text token."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    answers = []
-    for path in image_paths:
-        conversation = [
-            {"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": question}]}
-        ]
-        inputs = processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = output[0][inputs["input_ids"].shape[1] :].tolist()
-        if token_ids:
-            eos = model.generation_config.eos_token_id
-            answers.append(tuple(new[: new.index(eos)] if eos in new else new))
-        else:
-            answers.append(processor.decode(new, skip_special_tokens=True).strip())
-    return answers
+from helpers import MIXED_SIZES, Collect, make_pdf, model_card_answers, noise
 
 
 @pytest.fixture
@@ -89,10 +61,10 @@ def test_granite4_vision_pdf_and_ask(cli, tiny_g4, tmp_path):
 def test_engine_sets_left_padding_and_loads_through_auto_classes(tiny_model):
     from transformers import AutoProcessor
 
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
     assert AutoProcessor.from_pretrained(tiny_model).tokenizer.padding_side == "right"  # as shipped
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = load_engine(str(tiny_model), device="cpu")
     assert engine.processor.tokenizer.padding_side == "left"
     assert type(engine.model).__name__ == "LlavaNextForConditionalGeneration"
     assert str(engine.dtype) == "torch.float32"  # auto on CPU
@@ -126,9 +98,9 @@ def test_sampling_with_a_seed_is_reproducible(cli, mixed_images):
 
 
 def test_max_tiles_limits_the_grid_in_processor_and_model(cli, mixed_images, tiny_model):
-    from granite_cli.engine import Engine, EngineOptions
+    from granite_cli.engine import EngineOptions, load_engine
 
-    engine = Engine.load(str(tiny_model), device="cpu", options=EngineOptions(max_tiles=4))
+    engine = load_engine(str(tiny_model), device="cpu", options=EngineOptions(max_tiles=4))
     tile = engine.model.config.vision_config.image_size
     grids = engine.model.config.image_grid_pinpoints
     assert grids == engine.processor.image_processor.image_grid_pinpoints
@@ -163,11 +135,11 @@ def test_static_cache_gives_the_same_answers(cli, mixed_images, monkeypatch):
 
 def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_images, monkeypatch):
     from granite_cli import pipeline
-    from granite_cli.engine import Engine, GenerationSettings
+    from granite_cli.engine import GenerationSettings, load_engine
     from granite_cli.records import Job
     from granite_cli.sources import resolve
 
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = load_engine(str(tiny_model), device="cpu")
     real_run = engine.run
 
     def run(inputs, settings, stream=None):  # the 1275x1650 page "runs out of memory" in any batch
@@ -179,7 +151,12 @@ def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_i
     records = Collect()
     items = resolve([str(p) for p in mixed_images]).items
     stats = pipeline.caption(
-        items, engine, records, job=Job("Describe", engine.name), settings=GenerationSettings(max_new_tokens=4), batch_size=7
+        items,
+        engine,
+        records,
+        job=Job("Describe", engine.name),
+        settings=GenerationSettings(max_new_tokens=4),
+        batch_size=7,
     )
     assert [r.source for r in records] == [str(p) for p in mixed_images]
     assert [r.ok for r in records] == [True, True, True, True, False, True, True]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import run_process
+import pytest
+from helpers import run_process
 
 
+@pytest.mark.slow
 def test_help_answers_without_importing_torch_or_transformers():
     code = (
         "import sys\n"
@@ -28,6 +30,7 @@ def test_help_answers_without_importing_torch_or_transformers():
     assert "HEAVY=\n" in result.stdout or result.stdout.rstrip().endswith("HEAVY="), result.stdout[-300:]
 
 
+@pytest.mark.slow
 def test_help_shows_commands_and_examples():
     result = run_process("--help")
     out = result.stdout.decode()
@@ -40,6 +43,7 @@ def test_help_shows_commands_and_examples():
     assert "Examples" in caption_help
 
 
+@pytest.mark.slow
 def test_version_and_module_entry_point():
     from granite_cli import __version__
 

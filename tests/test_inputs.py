@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import noise
+from helpers import noise
 from PIL import Image
 
-from granite_cli import documents
+from granite_cli import readers
 from granite_cli.errors import InputError, UsageError
 from granite_cli.sources import PageSelection, resolve
 
@@ -16,7 +16,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     image.save(tmp_path / "rotated.jpg", exif=exif)
-    loaded = documents.load(tmp_path / "rotated.jpg", None)
+    loaded = readers.load(tmp_path / "rotated.jpg", None)
     assert loaded.size == (100, 200) and loaded.mode == "RGB"
 
 
@@ -24,7 +24,7 @@ def test_transparency_is_composited_on_white(tmp_path):
     image = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
     image.putpixel((0, 0), (255, 0, 0, 255))
     image.save(tmp_path / "alpha.png")
-    loaded = documents.load(tmp_path / "alpha.png", None)
+    loaded = readers.load(tmp_path / "alpha.png", None)
     assert loaded.mode == "RGB"
     assert loaded.getpixel((5, 5)) == (255, 255, 255)
     assert loaded.getpixel((0, 0)) == (255, 0, 0)
@@ -44,7 +44,7 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
         image = base.convert(mode)
         path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
     image.save(path)
-    loaded = documents.load(path, None)
+    loaded = readers.load(path, None)
     assert loaded.mode == "RGB" and loaded.size == (40, 30)
     if mode == "I;16":  # 16-bit data is scaled to 8 bits, not clipped to white
         assert len(set(loaded.convert("L").tobytes())) > 100
@@ -55,28 +55,28 @@ def test_palette_transparency(tmp_path):
     image.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
     image.info["transparency"] = 1
     image.save(tmp_path / "p.png", transparency=1)
-    assert documents.load(tmp_path / "p.png", None).getpixel((3, 3)) == (255, 255, 255)
+    assert readers.load(tmp_path / "p.png", None).getpixel((3, 3)) == (255, 255, 255)
 
 
 def test_kind_is_detected_by_content_not_name(tmp_path):
     noise(64, 48).save(tmp_path / "really-a-png.jpg", format="PNG")
-    assert documents.load(tmp_path / "really-a-png.jpg", None).size == (64, 48)
+    assert readers.load(tmp_path / "really-a-png.jpg", None).size == (64, 48)
     pages = [noise(100, 100, i) for i in range(2)]
     pages[0].save(tmp_path / "named.png.bin", format="PDF", save_all=True, append_images=pages[1:])
-    assert documents.page_count(tmp_path / "named.png.bin") == 2
+    assert readers.open_document(tmp_path / "named.png.bin").page_count() == 2
     (tmp_path / "fake.png").write_bytes(b"\x00\x01binary junk" * 10)
     with pytest.raises(InputError, match="not an image"):
-        documents.load(tmp_path / "fake.png", None)
+        readers.load(tmp_path / "fake.png", None)
 
 
 def test_multipage_tiff_frames_and_animated_gif(tmp_path):
     frames = [noise(30 + 10 * i, 20, i) for i in range(3)]
     frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
-    assert documents.page_count(tmp_path / "scan.tif") == 3
-    assert documents.load(tmp_path / "scan.tif", 3).size == (50, 20)
+    assert readers.open_document(tmp_path / "scan.tif").page_count() == 3
+    assert readers.load(tmp_path / "scan.tif", 3).size == (50, 20)
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    assert documents.page_count(tmp_path / "anim.gif") is None  # a GIF is one picture: its first frame
-    assert documents.load(tmp_path / "anim.gif", None).size == (30, 20)
+    assert readers.open_document(tmp_path / "anim.gif").page_count() is None  # a GIF is one picture: its first frame
+    assert readers.load(tmp_path / "anim.gif", None).size == (30, 20)
 
 
 def test_page_selection_parsing():

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
-from conftest import MAX_NEW, run_process
+import pytest
+from helpers import MAX_NEW, run_process
 
 
+@pytest.mark.slow
 def test_find_pipe_caption_pipe_jq(inputs, tiny_model):
     listing = "\n".join(str(p) for p in sorted(inputs.rglob("*.png")) + sorted(inputs.rglob("*.jpg"))) + "\n"
     result = run_process(
@@ -30,6 +32,7 @@ def test_find_pipe_caption_pipe_jq(inputs, tiny_model):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_console_script_and_bad_input_exit_codes(inputs, tiny_model, tmp_path):
     (tmp_path / "bad.png").write_text("nope")
     result = run_process(
@@ -50,6 +53,7 @@ def test_console_script_and_bad_input_exit_codes(inputs, tiny_model, tmp_path):
     assert len(missing.stderr.decode().strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_tiny_model_builder_is_a_command(tmp_path):
     built = subprocess.run(
         [sys.executable, "-m", "granite_cli.tiny_model", str(tmp_path / "m")], capture_output=True, timeout=300
@@ -58,6 +62,7 @@ def test_tiny_model_builder_is_a_command(tmp_path):
     assert built.stdout.decode() == f"{tmp_path / 'm'}\n"  # `--model "$(python3 -m granite_cli.tiny_model DIR)"`
 
 
+@pytest.mark.slow
 def test_unreachable_hub_and_uncached_model_is_one_line(inputs, tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"))  # port 9: nothing listens

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import Collect, make_pdf, noise
+from helpers import Collect, make_pdf, noise
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -46,9 +46,9 @@ def test_caption_of_urls(cli, http_root):
 
 
 def test_the_error_line_names_the_file_and_page(cli, tmp_path, tiny_model):
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = load_engine(str(tiny_model), device="cpu")
     pdf = make_pdf(tmp_path / "doc.pdf", 2)
     words = 1
     while engine.check_fits("word " * words, 40, 40, 6) is None:  # a prompt no page can take
@@ -98,7 +98,15 @@ def _drain(fd: int) -> bytes:
 @pytest.mark.slow
 def test_progress_bar_and_colours_on_a_terminal_only(inputs, tiny_model, tmp_path):
     (tmp_path / "bad.png").write_text("not a picture")
-    args = ("caption", str(inputs / "a.png"), str(tmp_path / "bad.png"), "--model", str(tiny_model), "--max-new-tokens", "4")
+    args = (
+        "caption",
+        str(inputs / "a.png"),
+        str(tmp_path / "bad.png"),
+        "--model",
+        str(tiny_model),
+        "--max-new-tokens",
+        "4",
+    )
     code, stdout, shown = run_on_a_terminal(*args)
     assert code == 1
     assert [json.loads(line)["source"] for line in stdout.decode().splitlines()] == [
@@ -219,9 +227,9 @@ def caption_files(engine, paths, batch_size: int):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
-    return Engine.load(str(tiny_model), device="cpu")
+    return load_engine(str(tiny_model), device="cpu")
 
 
 def test_pictures_are_prepared_while_the_model_runs(engine, tmp_path, monkeypatch):
@@ -290,10 +298,10 @@ def test_a_report_is_rebuilt_every_few_seconds_and_never_more_than_a_tenth_of_th
 
 def test_a_report_is_whole_whenever_it_is_read(tmp_path, monkeypatch):
     """A rebuild that fails half-way (disk full) leaves the previous report, whole."""
-    from granite_cli import output
+    from granite_cli import journal
 
     report = tmp_path / "report.md"
-    output.write_atomic(report, "# granite-vision report\n\nthe old, whole report\n")
+    journal.write_atomic(report, "# granite-vision report\n\nthe old, whole report\n")
     real_open = os.fdopen
 
     class Full:
@@ -311,9 +319,9 @@ def test_a_report_is_whole_whenever_it_is_read(tmp_path, monkeypatch):
             self.handle.flush()
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(output.os, "fdopen", lambda *a, **k: Full(real_open(*a, **k)))
+    monkeypatch.setattr(journal.os, "fdopen", lambda *a, **k: Full(real_open(*a, **k)))
     with pytest.raises(OSError):
-        output.write_atomic(report, "# granite-vision report\n\n" + "new " * 10_000)
+        journal.write_atomic(report, "# granite-vision report\n\n" + "new " * 10_000)
     assert report.read_text() == "# granite-vision report\n\nthe old, whole report\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left
 
@@ -324,7 +332,7 @@ def test_the_max_tiles_table_in_the_readme(tiny_model):
     preprocessor config and pinpoints), at --max-tiles 10, 5 and 3."""
     from transformers import AutoConfig, LlavaNextImageProcessor, LlavaNextProcessor
 
-    from granite_cli.engine import limit_tiles
+    from granite_cli.engine.hf import limit_tiles
     from granite_cli.tiny_model import build_tokenizer
 
     folder = ROOT / "benchmarks" / "configs" / "granite-vision-3.2-2b"
@@ -347,7 +355,7 @@ def test_the_max_tiles_table_in_the_readme(tiny_model):
 
 
 def test_batched_answers_equal_the_model_card_loop_token_for_token(engine, tmp_path, tiny_model):
-    from test_engine import MIXED_SIZES, model_card_answers
+    from helpers import MIXED_SIZES, model_card_answers
 
     paths = []
     for i, size in enumerate(MIXED_SIZES):
@@ -407,11 +415,25 @@ def test_a_cached_model_loads_at_once_without_a_network(inputs, tiny_model, tmp_
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_HOME=str(home), HF_ENDPOINT="http://127.0.0.1:9")  # port 9: nothing listens
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "granite_cli", "ask", str(inputs / "a.png"), "Describe", "--json", "--max-new-tokens", "4"],
-        capture_output=True, env=env, timeout=300,
-    )  # fmt: skip
+    command = ["ask", str(inputs / "a.png"), "Describe", "--json", "--max-new-tokens", "4"]
+    result = subprocess.run([sys.executable, "-m", "granite_cli", *command], capture_output=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr.decode()
     record = json.loads(result.stdout)
     assert record["model"] == "ibm-granite/granite-vision-3.3-2b" and record["answer"] is not None
     assert time.monotonic() - started < 60 and b"Retrying" not in result.stderr
+
+
+def test_the_readme_python_example_runs(tiny_model, monkeypatch):
+    """The README's Python section, run as written (its model folder pointed at the tiny model)."""
+    text = (ROOT / "README.md").read_text()
+    example = text.split("## Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    example = example.replace('"/tmp/granite-vision-tiny"', repr(str(tiny_model)))
+    monkeypatch.chdir(ROOT)
+    printed: list[tuple] = []
+    exec(compile(example, "README.md", "exec"), {"print": lambda *args: printed.append(args)})
+    assert printed[-2][-1] == 0 and printed[-1][-1] == 0  # exit codes: all answered
+    assert [(Path(row[0]).name, row[1]) for row in printed[:-2]] == [
+        ("chart.png", None),
+        ("invoice.pdf", 1),
+        ("invoice.pdf", 2),
+    ]

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import make_pdf, noise
-from test_safety import tree_hashes
+from helpers import make_pdf, noise, tree_hashes
 
 from granite_cli.sources import PageSelection, resolve
 

@@ -11,49 +11,16 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
-from conftest import MAX_NEW, make_pdf, noise
+from helpers import MAX_NEW, bomb_png, make_pdf, many_images, minimal_pdf, noise, read_jsonl
 from PIL import Image
 
 DATA = Path(__file__).parent / "data"
-
-
-def minimal_pdf(page_sizes: list[tuple[float, float]]) -> bytes:
-    """A valid PDF with empty pages of the given sizes in points (zero pages allowed)."""
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>"]
-    kids = " ".join(f"{3 + i} 0 R" for i in range(len(page_sizes)))
-    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(page_sizes)} >>".encode())
-    for width, height in page_sizes:
-        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {width} {height}] >>".encode())
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return bytes(out)
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims `width` x `height` pixels, with almost no data behind it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def caption_records(cli, *args, **kwargs):
@@ -83,7 +50,7 @@ def test_legitimately_large_image_is_shrunk_while_decoding(cli, tmp_path, tiny_m
     """*While* decoding: the JPEG decoder is asked for a reduced scale (draft mode), so the full
     24-megapixel bitmap is never in memory; only that smaller bitmap is resized to the size the
     model uses."""
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
     Image.new("RGB", (6000, 4000), (20, 120, 200)).save(tmp_path / "huge.jpg", quality=80)
     resized_from: list[tuple[int, int]] = []
@@ -96,7 +63,7 @@ def test_legitimately_large_image_is_shrunk_while_decoding(cli, tmp_path, tiny_m
     monkeypatch.setattr(Image.Image, "resize", resize)
     _, records = caption_records(cli, str(tmp_path / "huge.jpg"))
     assert records[0]["answer"] is not None
-    fitted = Engine.load(str(tiny_model), device="cpu").fit(6000, 4000)
+    fitted = load_engine(str(tiny_model), device="cpu").fit(6000, 4000)
     assert (records[0]["width"], records[0]["height"]) == fitted
     decoded = [size for size in resized_from if size[0] > fitted[0]]  # the decoded bitmap, then resized
     assert decoded and max(w * h for w, h in decoded) <= 6000 * 4000 // 4  # at half scale or less
@@ -145,9 +112,9 @@ def test_zero_page_pdf_and_huge_media_box(cli, tmp_path):
     assert [r["page"] for r in records[1:]] == [1, 2] and all(r["answer"] for r in records[1:])
     assert records[1]["width"] * records[1]["height"] < 10_000_000
     # a media box rendered at the user's dpi is capped by --max-pixels, not refused
-    from granite_cli.documents import ReadOptions, render_pdf_page
+    from granite_cli.readers import ReadOptions, open_document
 
-    page = render_pdf_page(tmp_path / "huge.pdf", 1, ReadOptions(dpi=600, max_pixels=4_000_000))
+    page = open_document(tmp_path / "huge.pdf", ReadOptions(dpi=600, max_pixels=4_000_000)).render(1, None)
     assert page.width * page.height <= 4_000_000 and page.width > 1500
 
 
@@ -168,6 +135,7 @@ def test_awkward_file_names(cli, tmp_path, tiny_model, monkeypatch):
     assert [r["source"] for r in piped] == [str(root / n) for n in names]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("setpriv") is None and os.geteuid() == 0, reason="needs setpriv to test as root")
 def test_unreadable_file_is_permission_denied(tmp_path, tiny_model):
     noise(40, 40).save(tmp_path / "locked.png")
@@ -224,20 +192,6 @@ def test_random_bytes_under_image_and_pdf_names(cli, tmp_path):
 
 
 # --------------------------------------------------------------------------- output and resume
-def many_images(root: Path, count: int) -> list[str]:
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = root / f"img{i:04d}.png"
-        Image.new("RGB", (24 + i % 40, 24 + (i * 7) % 40), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(path)
-        paths.append(str(path))
-    return paths
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_resume_retries_failures_repairs_a_torn_line_and_keeps_each_item_once(cli, tmp_path):
     paths = many_images(tmp_path / "in", 6)
     missing = str(tmp_path / "in" / "later.png")
@@ -304,6 +258,7 @@ def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: f
     raise AssertionError(f"fewer than {count} records after {timeout} s")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_over_200_items(tmp_path, tiny_model):
     paths = many_images(tmp_path / "in", 200)
     out = tmp_path / "out.jsonl"
@@ -325,6 +280,7 @@ def test_kill_9_then_resume_over_200_items(tmp_path, tiny_model):
     assert records[: len(complete)] == complete  # the survivors themselves, kept (not answered again)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_batch_keeps_records_and_exits_130(tmp_path, tiny_model):
     paths = many_images(tmp_path / "in", 200)
     out = tmp_path / "out.jsonl"

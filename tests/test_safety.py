@@ -3,14 +3,12 @@ traceback. One test (or a few) per promise of the README's "Your files are safe"
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import json
 import os
 import resource
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -18,48 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MAX_NEW, make_pdf, noise, run_process
+from helpers import MAX_NEW, deadline, make_pdf, many_images, noise, one_error_line, run_process, tree_hashes
 
 from granite_cli.tiny_model import build_tokenizer
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """Every entry under `root` with what it is: a file's bytes, a link's target, a special
-    file's type. Equal before and after a run means the run touched none of them."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        if stat.S_ISLNK(info.st_mode):
-            found[str(path)] = "link:" + os.readlink(path)
-        elif stat.S_ISREG(info.st_mode):
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif not stat.S_ISDIR(info.st_mode):
-            found[str(path)] = f"special:{stat.S_IFMT(info.st_mode)}"
-    return found
-
-
-class deadline:
-    """Fail the test, instead of hanging it, if the block takes longer than `seconds`."""
-
-    def __init__(self, seconds: int) -> None:
-        self.seconds = seconds
-
-    def __enter__(self) -> None:
-        def expired(signum, frame):
-            raise TimeoutError(f"blocked for {self.seconds} s")
-
-        self.previous = signal.signal(signal.SIGALRM, expired)
-        signal.alarm(self.seconds)
-
-    def __exit__(self, *exc_info) -> None:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, self.previous)
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -251,7 +210,9 @@ def test_the_schema_is_part_of_an_items_identity(cli, photos, tmp_path):
     cli("caption", str(photos / "img00.png"), "-o", str(output), "--schema", "paid:boolean", "--prompt", "Fields?")
     record = json.loads(output.read_text())
     assert record["schema"].startswith("sha256:") and record["answer"] is not None
-    result = cli("caption", str(photos / "img00.png"), "-o", str(output), "--resume", "--json-object", "--prompt", "Fields?")
+    result = cli(
+        "caption", str(photos / "img00.png"), "-o", str(output), "--resume", "--json-object", "--prompt", "Fields?"
+    )
     assert result.exit_code == 2 and "another schema" in result.stderr
 
 
@@ -313,8 +274,6 @@ def test_a_full_disk_is_one_line_exit_2(photos, tiny_model):
 
 @pytest.mark.slow
 def test_a_file_size_limit_keeps_every_record_before_it_and_resume_finishes(tmp_path, tiny_model):
-    from test_reliability import many_images
-
     paths = many_images(tmp_path / "in", 30)
     out = tmp_path / "out.jsonl"
     args = ("caption", str(tmp_path / "in"), "-o", str(out), "--model", str(tiny_model), "--max-new-tokens", MAX_NEW)
@@ -339,8 +298,6 @@ def test_a_file_size_limit_keeps_every_record_before_it_and_resume_finishes(tmp_
 
 @pytest.mark.slow
 def test_a_closed_pipe_is_exit_141_and_silent(photos, tiny_model, tmp_path):
-    from test_reliability import many_images
-
     many_images(tmp_path / "many", 40)
     args = ("--model", str(tiny_model), "--max-new-tokens", "200")
     for command in (("caption", str(tmp_path / "many"), "--batch-size", "1"), ("ask", str(photos / "img00.png"), "Hi")):
@@ -423,15 +380,15 @@ SPECIAL_TEXT = "<image> <|end_of_text|> <|start_of_role|>user<|end_of_role|>"
 
 
 def test_special_token_text_in_a_prompt_reaches_the_model_as_text(cli, photos, tiny_model):
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = load_engine(str(tiny_model), device="cpu")
     question = f"What is this? {SPECIAL_TEXT}"
-    head, tail = engine._prompt_ids(question)
-    as_text = engine.tokenizer(SPECIAL_TEXT, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    special_ids = {engine.tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|start_of_role|>")}
-    assert not special_ids & {*head, *tail} and engine.image_token_id not in head + tail
-    plain = len(engine._prompt_ids("What is this?")[0]) + len(engine._prompt_ids("What is this?")[1])
+    head, tail = engine.prompts.ids(question)
+    as_text = engine.prompts.tokenizer(SPECIAL_TEXT, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    special_ids = {engine.prompts.tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|start_of_role|>")}
+    assert not special_ids & {*head, *tail} and engine.prompts.image_token_id not in head + tail
+    plain = len(engine.prompts.ids("What is this?")[0]) + len(engine.prompts.ids("What is this?")[1])
     assert len(head) + len(tail) >= plain + len(as_text)  # every character of it is in the prompt
     for command in (
         ("caption", str(photos / "img00.png"), "--prompt", question),
@@ -442,32 +399,34 @@ def test_special_token_text_in_a_prompt_reaches_the_model_as_text(cli, photos, t
         record = json.loads(result.stdout.splitlines()[0])
         assert record["answer"] is not None and record["prompt"] == question
         width, height = record["width"], record["height"]
-        assert record["prompt_tokens"] == engine.prompt_tokens(question, width, height)
-        assert record["prompt_tokens"] >= engine.prompt_tokens("What is this?", width, height) + len(as_text)
+        assert record["prompt_tokens"] == engine.prompts.tokens(question, width, height)
+        assert record["prompt_tokens"] >= engine.prompts.tokens("What is this?", width, height) + len(as_text)
 
 
 def test_a_plain_prompt_is_tokenized_exactly_as_the_processor_does(tiny_model, photos):
     from PIL import Image
     from transformers import AutoProcessor
 
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = load_engine(str(tiny_model), device="cpu")
     processor = AutoProcessor.from_pretrained(tiny_model)
     processor.tokenizer.padding_side = "left"
     images = [Image.open(photos / f"img0{i}.png").convert("RGB") for i in range(3)]
     questions = ["Describe this image in detail.", "\n\nx", "ünï 😀 trail "]
     ours = engine.prepare(images, questions)
-    theirs = processor(images=images, text=[engine.prompt(q) for q in questions], return_tensors="pt", padding=True)
+    theirs = processor(
+        images=images, text=[engine.prompts.text(q) for q in questions], return_tensors="pt", padding=True
+    )
     assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
     assert ours["attention_mask"].tolist() == theirs["attention_mask"].tolist()
 
 
 # --------------------------------------------------------------------------- 8. the context window
 def test_prompts_beyond_the_context_window(cli, photos, tmp_path, tiny_model):
-    from granite_cli.engine import Engine
+    from granite_cli.engine import load_engine
 
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = load_engine(str(tiny_model), device="cpu")
     small, large = (40, 40), (1275, 1650)
     noise(*large).save(tmp_path / "page.png")
     low, high = 1, 4000  # the shortest prompt of repeated words that is too long for the page
@@ -493,7 +452,13 @@ def test_one_file_one_record_however_it_is_named(cli, photos, tmp_path, monkeypa
     os.link(photos / "img00.png", tmp_path / "hard.png")
     (tmp_path / "soft.png").symlink_to(photos / "img00.png")
     monkeypatch.chdir(photos)
-    names = ["img00.png", "./img00.png", str(photos / "img00.png"), str(tmp_path / "hard.png"), str(tmp_path / "soft.png")]
+    names = [
+        "img00.png",
+        "./img00.png",
+        str(photos / "img00.png"),
+        str(tmp_path / "hard.png"),
+        str(tmp_path / "soft.png"),
+    ]
     result = cli("caption", *names, "img01.png")
     assert [r["source"] for r in result.records()] == ["img00.png", "img01.png"]
     assert "4 picture(s) named more than once" in result.stderr
@@ -526,7 +491,9 @@ def test_every_format_streams_to_a_pipe_and_dev_stdout(photos, tiny_model, fmt):
 def test_no_model_is_loaded_when_no_item_needs_one(cli, tmp_path, broken_model):
     (tmp_path / "text.png").write_text("not a picture")
     out = tmp_path / "out.jsonl"
-    result = cli("caption", str(tmp_path / "missing.png"), str(tmp_path / "text.png"), "-o", str(out), model=broken_model)
+    result = cli(
+        "caption", str(tmp_path / "missing.png"), str(tmp_path / "text.png"), "-o", str(out), model=broken_model
+    )
     assert result.exit_code == 1, result.stderr  # 2 had the broken model been loaded
     assert [r["error"] for r in map(json.loads, out.read_text().splitlines())] == [
         "no such file",
@@ -534,6 +501,7 @@ def test_no_model_is_loaded_when_no_item_needs_one(cli, tmp_path, broken_model):
     ]
 
 
+@pytest.mark.slow
 def test_tiny_model_help_prints_help(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "granite_cli.tiny_model", "--help"], capture_output=True, cwd=tmp_path, timeout=120

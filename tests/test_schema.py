@@ -8,7 +8,7 @@ import json
 
 import jsonschema
 import pytest
-from conftest import make_pdf, noise
+from helpers import make_pdf, noise
 
 from granite_cli.errors import UsageError
 from granite_cli.schema import compact, load

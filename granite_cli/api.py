@@ -1,0 +1,346 @@
+"""granite-vision as a library: `ask` and `caption` do everything the commands do — inputs of
+every kind, outputs that keep the user's files safe, `--resume`, sharing the work between
+processes — and return what happened as data. The CLI is a thin layer over them.
+
+    import granite_cli
+
+    record = granite_cli.ask("chart.png", "What is shown?", model="ibm-granite/granite-vision-3.3-2b")
+    result = granite_cli.caption(["photos/"], output="captions.jsonl", resume=True)
+    print(result.answered, result.failed, result.exit_code)
+
+Problems with how a job is asked for (a bad option, a model that does not load, an output that
+is not ours) raise `UsageError`; an output that fails mid-run raises `OutputError`. Problems with
+one input are that item's record (`error`), never an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO, TextIO
+
+from . import DEFAULT_MODEL
+from .distributed import Ranks, item_cost, split
+from .errors import UsageError, describe
+from .pictures import DEFAULT_MAX_PIXELS
+from .readers import DEFAULT_DPI, RENDERERS, OpenDocuments, ReadOptions, open_document
+from .records import Job, Record
+from .sources import Item, PageSelection, expand_stdin, resolve, resolve_single
+from .ui import Reporter
+from .writers import writer_class
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+DEFAULT_PROMPT = "Describe this image in detail."
+
+
+@dataclass(kw_only=True)
+class Options:
+    """What `ask` and `caption` share: the model, how it runs and answers, how inputs are read.
+    Every field is the command-line option of the same name."""
+
+    model: str = DEFAULT_MODEL
+    """A Hugging Face id or a local model folder."""
+    model_origin: str = "--model"
+    """Where `model` came from, for error lines ("--model", "$GRANITE_VISION_MODEL")."""
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_tiles: int | None = None
+    cache: str = "auto"
+    compile: bool = False
+    max_new_tokens: int = 256
+    min_new_tokens: int | None = None
+    """Library only: force answers of this length (benchmarks, where random weights would stop early)."""
+    temperature: float = 0.0
+    seed: int | None = None
+    schema: str | None = None
+    """A JSON Schema (file, inline JSON or compact `'title, total:number'`) answers must fit."""
+    json_object: bool = False
+    pdf_renderer: str = "pypdfium2"
+    dpi: int = DEFAULT_DPI
+    pdf_password: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def read_options(self) -> ReadOptions:
+        if self.pdf_renderer not in RENDERERS:
+            raise UsageError(f"--pdf-renderer {self.pdf_renderer!r}: expected one of {'|'.join(RENDERERS)}")
+        return ReadOptions(self.pdf_renderer, self.dpi, self.pdf_password, self.max_pixels)
+
+    def load(self, model: str, device: str | None = None):
+        """The engine, loaded (the only step that imports torch)."""
+        from .engine import CACHES, EngineOptions, load_engine
+
+        if self.cache not in CACHES:
+            raise UsageError(f"--cache {self.cache!r}: expected one of {'|'.join(CACHES)}")
+        options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache, compile=self.compile)
+        device = device or self.device
+        return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)
+
+    def settings(self, structured):
+        from .engine import GenerationSettings
+
+        return GenerationSettings(self.max_new_tokens, self.temperature, self.seed, self.min_new_tokens, structured)
+
+
+@dataclass(kw_only=True)
+class AskJob(Options):
+    """One question about one picture: a file, a PDF page (`page`), `-` (bytes on stdin), a URL."""
+
+    source: str
+    question: str
+    page: int = 1
+
+
+@dataclass(kw_only=True)
+class CaptionJob(Options):
+    """The same question about every picture named: files, folders, globs, URLs, `-` (paths on
+    stdin). `output` None keeps the records in the result only; "-" writes them to stdout."""
+
+    sources: list[str]
+    prompt: str | None = None
+    """Default: DEFAULT_PROMPT, or with a schema, a request for its fields."""
+    format: str = "jsonl"
+    output: str | None = None
+    pages: str | None = None
+    resume: bool = False
+    batch_size: int = 8
+
+
+@dataclass
+class CaptionResult:
+    """What a `caption` run did. `records`: this run's records (all of them, merged, on rank 0
+    of several processes)."""
+
+    total: int = 0
+    answered: int = 0
+    failed: int = 0
+    stopped: bool = False
+    """Interrupted (Ctrl-C, SIGTERM, `Stop`) before every item was done; `--resume` finishes."""
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """The command's exit code: 130 interrupted, 1 some items failed, 0 all answered."""
+        return 130 if self.stopped else 1 if self.failed else 0
+
+
+@dataclass
+class AskResult:
+    record: Record
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.record.ok else 1
+
+
+class Stop:
+    """A request to stop a run, from a signal handler or another thread. `running` says whether
+    records may flow yet: before that, nothing would be lost by stopping at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.running = False
+
+
+def ask(source: str, question: str, **options) -> AskResult:
+    """Answer `question` about one picture; `options` are `AskJob`'s fields."""
+    return run_ask(AskJob(source=source, question=question, **options))
+
+
+def caption(sources: Sequence[str], **options) -> CaptionResult:
+    """Caption every picture `sources` name; `options` are `CaptionJob`'s fields."""
+    return run_caption(CaptionJob(sources=list(sources), **options))
+
+
+def run_ask(
+    job: AskJob, *, stream: TextIO | None = None, reporter: Reporter | None = None, engine: Engine | None = None
+) -> AskResult:
+    """`ask`: the answer streams to `stream` while it is generated, if one is given. `engine`:
+    one already loaded (for the same model), to ask many questions without loading it again."""
+    from . import engine as engines
+    from . import pipeline, schema
+
+    reporter = reporter or Reporter(quiet=True)
+    structured = schema.load(job.schema, job.json_object)
+    read = job.read_options()
+    model = _model(job, reporter)
+    todo = Job(job.question, model, structured.fingerprint if structured else None)
+    item = resolve_single(job.source, job.page, read=read)
+    if item.error is not None:  # a known-bad input fails before the model loads
+        return AskResult(pipeline.make_record(todo, pipeline.Loaded(0, item), error=item.error))
+    engine = engine or job.load(model)
+    loaded = pipeline.load_item(0, item, OpenDocuments(read), engine.fit)  # as caption loads it
+    if loaded.image is None:
+        return AskResult(pipeline.make_record(todo, loaded, error=loaded.error))
+    too_long = engine.check_fits(job.question, loaded.image.width, loaded.image.height, job.max_new_tokens)
+    if too_long is not None:
+        raise UsageError(f"{job.source}: {too_long}")
+    settings = job.settings(structured)
+    try:
+        answer = engines.generate(engine, [loaded.image], [job.question], settings, stream)[0]
+    except Exception as exc:  # noqa: BLE001 - the item's record says why
+        from .errors import OutputError
+
+        if isinstance(exc, OutputError):
+            raise
+        return AskResult(pipeline.make_record(todo, loaded, error=f"generation failed: {describe(exc)}"))
+    return AskResult(pipeline.make_record(todo, loaded, answer, settings=settings))
+
+
+def run_caption(
+    job: CaptionJob,
+    *,
+    reporter: Reporter | None = None,
+    stop: Stop | None = None,
+    stdin: BinaryIO | None = None,
+    engine: Engine | None = None,
+) -> CaptionResult:
+    """`caption`: plan (inputs, output, what is left to do), load the model if any item needs
+    it, run, and put the output in order. `stop` ends the run early; `stdin` feeds `-`;
+    `engine`: one already loaded (for the same model), to run many jobs on one model."""
+    stop = stop or Stop()
+    plan = _plan(job, reporter, stdin)
+    if engine is None and any(item.error is None for item in plan.todo):  # a model only when needed
+        device = plan.ranks.device if plan.ranks.distributed and job.device in ("auto", "cuda") else job.device
+        engine = job.load(plan.job.model, device)  # each process on its own GPU
+    return _execute(plan, engine, job, stop)
+
+
+@dataclass
+class _Plan:
+    """A caption run, checked and ready: everything decided before the model loads."""
+
+    job: Job
+    items: list[Item]
+    todo: list[Item]
+    sink: object
+    ranks: Ranks
+    reporter: Reporter
+    read: ReadOptions
+    structured: object
+
+
+def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) -> _Plan:
+    from . import schema
+    from .engine.ranks import current
+    from .output import open_output
+
+    structured = schema.load(job.schema, job.json_object)
+    columns = structured.columns if structured is not None else []
+    writer_class(job.format, columns)
+    if job.resume and job.output in (None, "-"):
+        raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
+    prompt = job.prompt or (structured.default_prompt() if structured is not None else DEFAULT_PROMPT)
+    read, selection = job.read_options(), PageSelection.parse(job.pages) if job.pages else None
+    ranks = current(job.device)
+    reporter = _reporter(reporter, ranks)
+    todo_job = Job(prompt, _model(job, reporter), structured.fingerprint if structured else None)
+    sources, run_id = _shared_sources(job, ranks, stdin)
+    sink = open_output(job.output, job.format, job.resume, ranks=ranks, columns=columns, run_id=run_id)
+    resolution = resolve(sources, pages=selection, read=read, stdin=stdin)
+    reporter.resolution(resolution)
+    if not resolution.items:
+        raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
+    sink.check(resolution.items)
+    todo = sink.plan(resolution.items, todo_job)
+    if job.resume:
+        reporter.resumed(job.output, sink.previous, len(todo))
+    return _Plan(todo_job, resolution.items, todo, sink, ranks, reporter, read, structured)
+
+
+def _shared_sources(job: CaptionJob, ranks: Ranks, stdin: BinaryIO | None) -> tuple[list[str], str]:
+    """The sources, with `-` read once (by rank 0) when several processes share the run, and
+    the run's id, the same on every process (it names their part files)."""
+    if not ranks.distributed:
+        return job.sources, ""
+    if job.output in (None, "-"):
+        raise UsageError("a run of several processes needs --output FILE, on a filesystem all of them share")
+    sources = ranks.broadcast(expand_stdin(job.sources, stdin) if ranks.rank == 0 else None)
+    return sources, ranks.broadcast(os.urandom(4).hex() if ranks.rank == 0 else None)
+
+
+def _execute(plan: _Plan, engine, job: CaptionJob, stop: Stop) -> CaptionResult:
+    """Run this process's share and put the output in order; the records written so far stay
+    whatever happens (a failing process never waits for the others)."""
+    from . import pipeline
+
+    result = CaptionResult()
+    todo = _share(plan, engine, job.max_new_tokens)
+    settings = job.settings(plan.structured)
+    started = time.monotonic()
+    stop.running = True
+    try:
+        with plan.reporter.progress(len(todo)) as progress:
+
+            def on_record(record: Record) -> None:
+                result.records.append(record)
+                progress(record)
+
+            if stop.event.is_set():
+                stats = pipeline.Stats(total=len(todo), stopped=True)
+            elif engine is None:
+                stats = pipeline.record_failures(todo, plan.sink, plan.job, on_record)
+            else:
+                stats = pipeline.caption(
+                    todo, engine, plan.sink, job=plan.job, settings=settings, batch_size=job.batch_size,
+                    read=plan.read, on_record=on_record, stop=stop.event,
+                )  # fmt: skip
+    except BaseException:
+        plan.sink.abandon()
+        raise
+    finally:
+        stop.running = False
+    merged = plan.sink.finish(plan.items)
+    result.total, result.answered, result.failed = stats.total, stats.answered, stats.failed
+    result.stopped = stats.stopped or stop.event.is_set()
+    plan.reporter.summary(result, time.monotonic() - started, job.output, merged if plan.ranks.distributed else None)
+    if plan.ranks.distributed and plan.ranks.rank == 0:
+        result.records, result.failed = merged, sum(not record.ok for record in merged)
+    return result
+
+
+def _share(plan: _Plan, engine, max_new_tokens: int) -> list[Item]:
+    """This process's items: a cost-balanced share, decided alike by every process."""
+    ranks = plan.ranks
+    if not ranks.distributed:
+        return plan.todo
+    if engine is None:  # only failures left: each costs the same
+        return plan.todo[ranks.rank :: ranks.world]
+    costs = [item_cost(_size(item, plan.read), engine.image_tokens, max_new_tokens) for item in plan.todo]
+    return [plan.todo[index] for index in split(costs, ranks.world)[ranks.rank]]
+
+
+def _size(item: Item, read: ReadOptions) -> tuple[int, int] | None:
+    """An item's pixel size, read cheaply (image header, PDF page box); None if unreadable."""
+    if item.origin is None:
+        return None
+    try:
+        document = open_document(item.origin, read, item.reader)
+        try:
+            return document.page_size(item.page)
+        finally:
+            document.close()
+    except Exception:  # noqa: BLE001 - only an estimate: the item fails fast anyway
+        return None
+
+
+def _model(job: Options, reporter: Reporter) -> str:
+    """The checked model name; a --revision given with a local folder is pointless, and said so."""
+    from .engine.hub import model_name
+
+    name = model_name(job.model, job.model_origin)
+    if job.revision is not None and os.path.isdir(name):
+        reporter.warn(f"--revision {job.revision} is ignored: {name} is a local folder")
+    return name
+
+
+def _reporter(reporter: Reporter | None, ranks: Ranks) -> Reporter:
+    if reporter is None:
+        return Reporter(quiet=True)
+    reporter.rank, reporter.world = ranks.rank, ranks.world
+    return reporter

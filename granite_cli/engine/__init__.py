@@ -1,0 +1,106 @@
+"""The engine boundary: what the rest of granite-vision asks of a model, and the one function
+that loads one.
+
+Nothing outside this package (and the tiny-model builder) imports torch or transformers, so that
+`--help`, input handling and output stay instant and testable without a model. The pipeline
+depends on the small `Engine` protocol below, not on a class; `load_engine` picks the backend, so a
+second one (say vLLM) would be one new module here and one line in `BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..schema import OutputSchema
+
+DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+CACHES = ("auto", "static", "dynamic")
+#: Backends by name: the module that provides `load(model, ...)`.
+BACKENDS = {"transformers": "granite_cli.engine.hf"}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How answers are decoded. temperature 0 means greedy (deterministic)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = None
+    """Seed of the sampler, set once before the first answer (with --temperature above 0)."""
+    min_new_tokens: int | None = None
+    """Benchmarks only: force answers of a fixed length, so random weights cannot stop early."""
+    schema: OutputSchema | None = None
+    """Constrain decoding to this JSON Schema (--schema, --json-object)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the model runs, beyond device and dtype."""
+
+    max_tiles: int | None = None
+    """Restrict the image grid to at most this many vision tiles, overview tile included."""
+    cache: str = "auto"
+    """KV cache: "static" (preallocated, no per-step concatenation), "dynamic", or "auto"
+    (static on a GPU, where decode is memory-bound, dynamic on the CPU)."""
+    compile: bool = False
+    """Compile the decode step (static cache only). Faster steps, but the first batch of each
+    shape pays a compilation of tens of seconds: for long runs only."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    prompt_tokens: int
+    answer_tokens: int
+    finish_reason: str
+    token_ids: tuple[int, ...] = ()
+
+
+class Engine(Protocol):
+    """What the pipeline needs of a loaded model. `Prepared` is whatever the backend's `prepare`
+    returns; the pipeline only hands it back to `run` (possibly on another thread)."""
+
+    name: str
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """The size a picture of this size is shrunk to for the model (never larger)."""
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Tokens the model spends on a picture of this size."""
+
+    def check_fits(self, question: str, width: int, height: int, max_new_tokens: int) -> str | None:
+        """Why an item cannot be answered within the context window, or None."""
+
+    def prepare(self, images: list[Image.Image], questions: list[str]) -> Any:
+        """CPU side of a batch (tokenising, tiling): safe on a worker thread."""
+
+    def run(self, prepared: Any, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
+        """Answer a prepared batch; `stream` (a batch of one) receives the answer as it comes."""
+
+    def release(self) -> None:
+        """Give back what a failed batch held (device memory caches)."""
+
+
+def load_engine(
+    model: str,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    options: EngineOptions | None = None,
+    backend: str = "transformers",
+) -> Engine:
+    """Load `model` (a Hugging Face id or a local folder) with the named backend."""
+    module = importlib.import_module(BACKENDS[backend])
+    return module.load(model, revision=revision, device=device, dtype=dtype, options=options or EngineOptions())
+
+
+def generate(engine: Engine, images: list, questions: list[str], settings: GenerationSettings, stream=None):
+    """Answer `questions[i]` about `images[i]` for every i, in one batch."""
+    return engine.run(engine.prepare(images, questions), settings, stream)

@@ -1,0 +1,162 @@
+"""The transformers backend: Granite Vision through `from_pretrained`, with the Auto classes, so
+3.x (LLaVA-NeXT) and 4.x (`granite4_vision`) checkpoints load alike, from a Hugging Face id or a
+local folder. `HfEngine` is the `Engine` the pipeline talks to; each concern lives in its own
+part (`prompts`, `batches`, `generation`, `grammar`), and this module only loads and wires them.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, TextIO
+
+from .. import DEFAULT_MODEL
+from ..errors import UsageError
+from . import Answer, EngineOptions, GenerationSettings, batches, devices, hub
+from .generation import Generator
+from .prompts import Prompts
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class HfEngine:
+    """A loaded processor + model pair: token arithmetic from `Prompts`, batches from `batches`,
+    answers from `Generator`."""
+
+    def __init__(self, processor, model, name: str, options: EngineOptions):
+        self.name = name
+        self.processor = processor
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.prompts = Prompts(processor, context, name)
+        self.generator = Generator(model, processor.tokenizer, options)
+        self.pad_id = model.generation_config.pad_token_id
+        # With the model on a GPU, the torchvision image processor resizes there too.
+        self.prepare_device = self.device if self.device.type == "cuda" and _torchvision_backend(processor) else None
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        return self.prompts.fit(width, height)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        return self.prompts.image_tokens(width, height)
+
+    def check_fits(self, question: str, width: int, height: int, max_new_tokens: int) -> str | None:
+        return self.prompts.check_fits(question, width, height, max_new_tokens)
+
+    def prepare(self, images: list[Image.Image], questions: list[str]):
+        return batches.prepare(self.processor, self.prompts, images, questions, self.pad_id, self.prepare_device)
+
+    def run(self, prepared, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
+        return self.generator.run(prepared, settings, stream)
+
+    def release(self) -> None:
+        devices.release_memory()
+
+
+def load(model: str, *, revision: str | None, device: str, dtype: str, options: EngineOptions) -> HfEngine:
+    """Load processor and model with `from_pretrained`, as for any Hugging Face checkpoint."""
+    torch_device = devices.resolve_device(device)
+    torch_dtype = devices.resolve_dtype(dtype, torch_device)
+    _quiet_transformers()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    local_only = hub.load_locally(model, revision)
+    _check_vision_model(model, revision, local_only)
+    try:
+        processor = AutoProcessor.from_pretrained(model, revision=revision, local_files_only=local_only)
+        kwargs = {"revision": revision, "dtype": torch_dtype, "local_files_only": local_only}
+        if torch_device.type != "cpu":
+            kwargs["device_map"] = str(torch_device)
+        network = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        raise hub.model_load_error(model, exc) from exc
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise UsageError(f"model {model!r} has no image processor: it is not a vision-language model")
+    network.eval()
+    _check_pinpoints(model, processor, network)
+    # Batched generation with a decoder-only model needs left padding; the shipped
+    # tokenizer files do not all say so, and transformers defaults to right.
+    processor.tokenizer.padding_side = "left"
+    config = network.generation_config
+    if config.pad_token_id is None:
+        config.pad_token_id = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
+    if options.max_tiles is not None:
+        limit_tiles(processor, network, options.max_tiles)
+    return HfEngine(processor, network, model, options)
+
+
+def limit_tiles(processor, network, max_tiles: int) -> None:
+    """Keep only the grid pinpoints of at most `max_tiles` vision tiles (the overview tile
+    counts as one), in the processor and in the model config alike, so both keep agreeing.
+
+    A letter page uses 10 tiles (about 5,900 tokens); fewer tiles cost proportionally less
+    prefill, for CPUs and small GPUs, at the price of detail.
+    """
+    tile = _tile_size(processor, network)
+    pinpoints = network.config.image_grid_pinpoints
+    kept = [list(p) for p in pinpoints if (p[0] // tile) * (p[1] // tile) + 1 <= max_tiles]
+    if not kept:
+        smallest = min((p[0] // tile) * (p[1] // tile) + 1 for p in pinpoints)
+        raise UsageError(f"--max-tiles {max_tiles}: this model's smallest grid needs {smallest} tiles")
+    network.config.image_grid_pinpoints = kept
+    processor.image_processor.image_grid_pinpoints = kept
+
+
+def _tile_size(processor, network) -> int:
+    vision = getattr(network.config, "vision_config", None)
+    if vision is not None and getattr(vision, "image_size", None):
+        return int(vision.image_size)
+    crop = getattr(processor.image_processor, "crop_size", None) or {}
+    return int(crop.get("height") if isinstance(crop, dict) else crop.height)
+
+
+def _torchvision_backend(processor) -> bool:
+    return "Pil" not in type(processor.image_processor).__name__
+
+
+def _check_vision_model(model: str, revision: str | None, local_only: bool) -> None:
+    """A text-only checkpoint would load and then fail on the first picture: say so now, from
+    its config alone, before any weight is read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=local_only)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        raise hub.model_load_error(model, exc) from exc
+    if getattr(config, "vision_config", None) is None:
+        raise UsageError(
+            f"model {model!r} is a text-only model (model_type {config.model_type});"
+            f" granite-vision needs a vision-language model such as {DEFAULT_MODEL}"
+        )
+
+
+def _check_pinpoints(model: str, processor, network) -> None:
+    """The processor counts image tokens from its pinpoints, the model makes features from its
+    own; a checkpoint whose two lists differ fails later with "Image features and image tokens
+    do not match". Say so at load, in words."""
+    ours = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    theirs = getattr(network.config, "image_grid_pinpoints", None)
+    if ours is None or theirs is None:
+        return
+    if {tuple(p) for p in ours} != {tuple(p) for p in theirs}:
+        extra = sorted({tuple(p) for p in ours} ^ {tuple(p) for p in theirs})
+        raise UsageError(
+            f"model {model!r}: the processor's image_grid_pinpoints differ from the model config's"
+            f" (differing entries: {extra}); this checkpoint cannot answer correctly."
+            " Hint: use another --revision, or make preprocessor_config.json's list equal config.json's"
+        )
+
+
+def _quiet_transformers() -> None:
+    """Library progress bars and advice are noise in a CLI whose stderr is for its user."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="torch")

@@ -1,0 +1,124 @@
+"""Which model to load, and from where: a local folder or the Hugging Face Hub (or its cache).
+
+Checked before anything heavy is imported, and turned into one line when it fails: a malformed
+id, a folder that does not exist, a Hub that cannot be reached without a cached copy, a gated or
+missing repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import DEFAULT_MODEL
+from ..errors import UsageError
+
+
+def model_name(value: str, where: str = "--model") -> str:
+    """The model to load, checked before anything heavy: a local folder by its absolute path (so
+    records and --resume know it however it was spelled), or a well-formed Hub id as given.
+    `where` says which option or variable the value came from, for the error line."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1:
+        raise UsageError(
+            f"{where} {value!r}: model folder does not exist."
+            f" Hint: pass a folder holding config.json, or a Hub id like {DEFAULT_MODEL}"
+        )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise UsageError(
+            f"{where} {value!r}: not a model folder, nor a Hugging Face model id (owner/name, like {DEFAULT_MODEL})"
+        ) from None
+    return value
+
+
+def load_locally(model: str, revision: str | None) -> bool:
+    """Whether to load from local files only, deciding fast, and failing fast where nothing can work.
+
+    Without a network, the Hub client retries every file for half a minute with a warning per
+    try; a user with a cached model deserves the cached model at once, and a user with neither
+    network nor cache deserves one line. So: a folder loads as a folder; otherwise one quick
+    probe of the Hub decides between a normal load, a cache-only load, or a clear error.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model folder {model!r} has no config.json: it is not a Hugging Face model folder")
+        return True
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+        raise UsageError(
+            f"model folder {model!r} does not exist."
+            f" Hint: pass --model a folder holding config.json, or a Hub id like {DEFAULT_MODEL}"
+        )
+    cached = isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        get_session().head(f"{constants.ENDPOINT}/api/models/{model}", timeout=5.0)
+        return False
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "offline" here
+        if cached:
+            return True
+        raise UsageError(
+            f"model {model!r} is not in the local cache ({constants.HF_HUB_CACHE}) and the Hugging Face Hub"
+            f" cannot be reached ({type(exc).__name__}). Hint: connect once to download it, or pass --model PATH"
+            " to a downloaded model folder"
+        ) from None
+
+
+def model_load_error(model: str, exc: BaseException) -> UsageError:
+    """Turn a `from_pretrained` failure into one line with a hint.
+
+    The hub client raises several exception types for "not there" (invalid id, repository not
+    found, offline, no connection, local folder lacking files); to a user they all mean the
+    model could not be found, so they share one message and differ only in the hint.
+    """
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if name in {"RepositoryNotFoundError", "HFValidationError", "GatedRepoError", "RevisionNotFoundError"} or (
+        isinstance(exc, (OSError, ValueError))
+        and any(
+            key in lowered
+            for key in (
+                "not a valid model identifier",
+                "is not a local folder",
+                "does not appear to have a file",
+                "couldn't connect",
+                "offline mode",
+                "repo id must",
+                "repo_id",
+                "we couldn't connect",
+                "can't load",
+                "cannot find the requested files",
+                "not found",
+            )
+        )
+    ):
+        hint = (
+            "check the id or pass --model PATH to a downloaded model folder"
+            " (offline? set HF_HUB_OFFLINE=1 and use a cached id or a local folder)"
+        )
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            hint = "HF_HUB_OFFLINE is set, so only cached ids and local folders load; check the id or unset it"
+        if name == "GatedRepoError":
+            hint = "the repository is gated: accept its licence on the Hub and log in with `hf auth login`"
+        elif name == "RevisionNotFoundError":
+            hint = "check --revision"
+        return UsageError(f"model {model!r} not found or not loadable: {_short(text)}. Hint: {hint}")
+    return UsageError(f"could not load model {model!r}: {name}: {_short(text)}")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    first = text.split(". ")[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."

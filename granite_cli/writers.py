@@ -1,0 +1,230 @@
+"""One writer per output format. A writer receives records in input order, one at a time, and
+makes each one durable at once (write + flush), so a pipeline downstream sees answers as they come
+and an interrupted run keeps every record it finished.
+
+Adding a format is one class with this shape and one line in `WRITERS`; `--format`'s choices, its
+help and its checks all come from there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TextIO
+from urllib.parse import quote
+
+from .errors import UsageError
+from .records import Record
+
+REPORT_TITLE = "granite-vision report"
+"""The first heading of every markdown report: how an existing report is known to be ours."""
+
+
+class Writer(Protocol):
+    name: ClassVar[str]
+    help: ClassVar[str]
+    report: ClassVar[bool]
+    """A whole document: written to a file, it is rebuilt from a JSONL journal (see `output`)."""
+
+    def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()) -> None:
+        """`path`: where the document will live (for relative links); `columns`: schema fields."""
+
+    def write(self, record: Record) -> None: ...
+
+    def close(self) -> None: ...
+
+    @staticmethod
+    def check(columns: Sequence[str]) -> None:
+        """Raise `UsageError` if this format cannot be written for such a job."""
+
+    @staticmethod
+    def recognizes(text: str, whole: bool) -> bool:
+        """Whether `text` (a file's start, or all of it if `whole`) is this writer's output."""
+
+
+class _StreamWriter:
+    """What every writer does alike: hold its stream, flush it on close, take any job."""
+
+    def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
+        self.stream = stream
+
+    def close(self) -> None:
+        self.stream.flush()
+
+    @staticmethod
+    def check(columns: Sequence[str]) -> None:
+        pass
+
+
+class JsonlWriter(_StreamWriter):
+    """One JSON object per line, flushed per record."""
+
+    name = "jsonl"
+    help = "one JSON record per line (the default)"
+    report = False
+
+    def write(self, record: Record) -> None:
+        self.stream.write(record.to_json() + "\n")
+        self.stream.flush()
+
+    @staticmethod
+    def recognizes(text: str, whole: bool) -> bool:
+        """Every complete line a record; the last one may be torn by a crash."""
+        lines = text.split("\n")
+        complete = [line for line in (lines if whole and text.endswith("\n") else lines[:-1]) if line.strip()]
+        if not complete:  # one unterminated line: a record torn by a crash, or not ours
+            return lines[0].startswith('{"source": ')
+        try:
+            for line in complete:
+                Record.from_json(line)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+
+class MarkdownWriter(_StreamWriter):
+    """A readable report: a heading per source, a sub-heading per page, the answer as text.
+
+    When the report is a file, each picture is embedded (PDF pages are linked) with a path
+    relative to the report, so the report and its images can be moved together.
+    """
+
+    name = "markdown"
+    help = "a report: a heading per file, the answer or error, schema data as tables"
+    report = True
+
+    def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
+        super().__init__(stream)
+        self.base = path.resolve().parent if path else None
+        self.current: str | None = None
+        self.stream.write(f"# {REPORT_TITLE}\n")
+        self.stream.flush()
+
+    def write(self, record: Record) -> None:
+        parts: list[str] = []
+        if record.source != self.current:
+            self.current = record.source
+            parts.append(f"\n## {_code(record.source)}\n")
+            if record.page is None and (link := self._link(record.source)):
+                parts.append(f"\n![{_escape(Path(record.source).name)}]({link})\n")
+        if record.page is not None:
+            parts.append(f"\n### Page {record.page}\n")
+            if (link := self._link(record.source)) and record.source.lower().endswith(".pdf"):
+                parts.append(
+                    f"\n[page {record.page} of {_escape(Path(record.source).name)}]({link}#page={record.page})\n"
+                )
+        if record.error is not None:
+            parts.append(f"\n> **Error:** {_escape(record.error)}\n")
+        elif isinstance(record.data, dict):
+            parts.append("\n| field | value |\n|---|---|\n")
+            parts += [f"| {_escape(str(key))} | {_cell(value)} |\n" for key, value in record.data.items()]
+        else:
+            parts.append(f"\n{(record.answer or '').strip()}\n")
+        self.stream.write("".join(parts))
+        self.stream.flush()
+
+    @staticmethod
+    def recognizes(text: str, whole: bool) -> bool:
+        return text.split("\n", 1)[0].rstrip("\r") == f"# {REPORT_TITLE}"
+
+    def _link(self, source: str) -> str | None:
+        if source.startswith(("http://", "https://")):
+            return source
+        if self.base is None or source == "-" or not Path(source).exists():
+            return None
+        target = Path(source).resolve()
+        relative = os.path.relpath(target, self.base)
+        return quote(Path(relative).as_posix())
+
+
+def _code(text: str) -> str:
+    """A file name as an inline code span: shown verbatim, whatever characters it holds."""
+    text = text.replace("\n", " ")
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+
+
+def _cell(value: Any) -> str:
+    """A table cell: plain values as text, nested objects and lists as inline JSON."""
+    if isinstance(value, (dict, list)):
+        return _code(json.dumps(value, ensure_ascii=False))
+    text = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+    return _escape(text)
+
+
+def _escape(text: str) -> str:
+    """Keep file names and error text from being read as markdown markup."""
+    return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in text.replace("\n", " "))
+
+
+class CsvWriter(_StreamWriter):
+    """One row per item: source and page first, one column per top-level schema property, then
+    the error. Nested values are written as JSON; a failed item has empty fields and its error."""
+
+    name = "csv"
+    help = "a spreadsheet: one row per item, a column per --schema field"
+    report = True
+
+    def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
+        super().__init__(stream)
+        self.columns = list(columns)
+        self.csv = csv.writer(stream)
+        self.csv.writerow(["source", "page", *self.columns, "error"])
+        self.stream.flush()
+
+    def write(self, record: Record) -> None:
+        data = record.data if isinstance(record.data, dict) else {}
+        values = [_csv_value(data.get(column)) for column in self.columns]
+        self.csv.writerow([record.source, "" if record.page is None else record.page, *values, record.error or ""])
+        self.stream.flush()
+
+    @staticmethod
+    def check(columns: Sequence[str]) -> None:
+        if not columns:
+            raise UsageError("--format csv needs --schema with named fields: they are the columns")
+
+    @staticmethod
+    def recognizes(text: str, whole: bool) -> bool:
+        return text.startswith("source,page,")
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, bool)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+#: Every output format, by its --format name.
+WRITERS: dict[str, type[Writer]] = {writer.name: writer for writer in (JsonlWriter, MarkdownWriter, CsvWriter)}
+FORMATS = tuple(WRITERS)
+
+
+def writer_class(fmt: str, columns: Sequence[str] = ()) -> type[Writer]:
+    """The writer of `--format fmt`, checked against the job (`columns`: the schema fields)."""
+    if fmt not in WRITERS:
+        raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
+    WRITERS[fmt].check(columns)
+    return WRITERS[fmt]
+
+
+def formats_help() -> str:
+    return "; ".join(f"{name}: {writer.help}" for name, writer in WRITERS.items())
+
+
+def open_writer(fmt: str, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()) -> Writer:
+    return WRITERS[fmt](stream, path, columns)
+
+
+def render(fmt: str, records: Iterable[Record], path: Path | None = None, columns: Sequence[str] = ()) -> str:
+    """The whole document for these records, as its writer would stream it."""
+    buffer = io.StringIO(newline="")
+    writer = open_writer(fmt, buffer, path, columns)
+    for record in records:
+        writer.write(record)
+    return buffer.getvalue()
