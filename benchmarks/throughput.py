@@ -48,16 +48,16 @@ READ = ReadOptions(dpi=PAGE_DPI)
 
 
 # --------------------------------------------------------------------------- workload
-def build_workload(root: Path, count: int, seed: int = 0) -> list[Path]:
+def build_workload(root: Path, count: int, seed: int = 0, pages_only: bool = False) -> list[Path]:
     """`count` items, alternating letter-size PDF pages (1-3 page documents) and photos of
-    assorted sizes and aspect ratios; returns the files in input order."""
+    assorted sizes and aspect ratios (or pages only); returns the files in input order."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     made = 0
     while made < count:
         index = len(files)
-        if index % 2 == 0:
+        if pages_only or index % 2 == 0:
             pages = min(rng.randint(1, 3), count - made)
             path = root / f"{index:04d}-doc.pdf"
             letter = [_page(rng) for _ in range(pages)]
@@ -219,13 +219,20 @@ class FirstRecord(Reporter):
 
 
 def run_engine(
-    engine: Engine, files: list[Path], new_tokens: int, batch_size: int, schema: str | None = None
+    engine: Engine,
+    files: list[Path],
+    new_tokens: int,
+    batch_size: int | None = None,
+    schema: str | None = None,
+    max_batch_tokens: int | None = None,
 ) -> tuple[dict, list[list[int]], list[Record]]:
     """(c) `granite-vision caption`'s own path, through the library (`run_caption`) with the
-    engine already loaded. With a schema, answers end when the JSON closes (no forced length)."""
+    engine already loaded; `batch_size` None: its default limits (on a GPU, its memory budget).
+    With a schema, answers end when the JSON closes (no forced length)."""
     job = CaptionJob(
         sources=[str(f) for f in files], output=None, model=engine.name, batch_size=batch_size, dpi=PAGE_DPI,
         max_new_tokens=new_tokens, min_new_tokens=None if schema else new_tokens, schema=schema,
+        max_batch_tokens=max_batch_tokens,
     )  # fmt: skip
     timer = Timer(engine.device)
     records = run_caption(job, engine=engine, reporter=FirstRecord(timer)).records
@@ -249,21 +256,23 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
 
 
 # --------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="Hugging Face id or folder of a real Granite Vision model")
     source.add_argument("--random-weights", metavar="CONFIG", help="architecture config in benchmarks/configs/")
     source.add_argument("--tiny", action="store_true", help="tiny random model on CPU, seconds (used by the tests)")
     parser.add_argument("--layers", type=int, help="with --random-weights: reduce depth (CPU checks)")
+    parser.add_argument("--workload", choices=("mixed", "pages"), default="mixed", help="pages and photos, or pages")
     parser.add_argument("--items", type=int, help="workload size (default 64; tiny 12)")
     parser.add_argument("--card-items", type=int, help="items for the slow model-card loop (default 8; tiny 4)")
-    parser.add_argument("--batch-size", type=int, help="batch size for (b) and (c) (default 32; tiny 4)")
+    parser.add_argument("--baseline-batch", type=int, help="batch size of plain generate, (b) (default 32; tiny 4)")
+    parser.add_argument("--batch-size", type=int, help="(c): rows at most (default: the engine's own limits)")
     parser.add_argument("--new-tokens", type=int, help="forced answer length (default 64; tiny 8)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--cache", default="auto", help="engine KV cache: auto|static|dynamic")
-    parser.add_argument("--compile", action="store_true", help="engine: compile the decode step")
+    parser.add_argument("--variants", action="store_true", help="also (c) with a static cache, without prefill"
+                        " chunks, and with a budget forced too large (out-of-memory back-off)")  # fmt: skip
     parser.add_argument("--max-tiles-sweep", default="", help="also run (c) with these --max-tiles values, e.g. 3,5,10")
     parser.add_argument(
         "--schema",
@@ -271,15 +280,17 @@ def main(argv: list[str] | None = None) -> dict:
         " slowdown per generated token against free text at the same batch size",
     )
     parser.add_argument("--json", type=Path, help="write the result here (default benchmarks/results/<time>.json)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = arguments(argv)
     tiny = args.tiny or not (args.model or args.random_weights)
     items_n = args.items or (12 if tiny else 64)
-    card_n = min(args.card_items or (4 if tiny else 8), items_n)
-    batch_size = args.batch_size or (4 if tiny else 32)
     new_tokens = args.new_tokens or (8 if tiny else 64)
+    baseline = args.baseline_batch or (4 if tiny else 32)
     device = "cpu" if tiny and args.device == "auto" else args.device
-
     with tempfile.TemporaryDirectory(prefix="granite-bench-") as tmp:
         tmp_path = Path(tmp)
         if args.model:
@@ -290,119 +301,164 @@ def main(argv: list[str] | None = None) -> dict:
             )
         else:
             model_dir = str(tiny_model.build_llava_next(tmp_path / "model"))
-        options = EngineOptions(cache=args.cache, compile=args.compile)
-        engine = load_engine(model_dir, device=device, dtype=args.dtype, options=options)
-        files = build_workload(tmp_path / "inputs", items_n)
+        engine = load_engine(model_dir, device=device, dtype=args.dtype)
+        files = build_workload(tmp_path / "inputs", items_n, pages_only=args.workload == "pages")
         items = resolve([str(f) for f in files], read=READ).items
         # (a) and (b) get exactly the pictures (c) renders, loaded before their clocks start.
         documents = OpenDocuments(READ)
         images = [pipeline.load_item(i, item, documents, engine.fit).image for i, item in enumerate(items)]
         documents.close()
 
-        run_engine(engine, files[:batch_size], new_tokens, batch_size)  # warm-up
-        card, card_tokens = run_card(engine, model_dir, images[:card_n], new_tokens)
-        batched, batched_tokens = run_batched(engine, model_dir, images, new_tokens, batch_size)
-        ours, our_tokens, records = run_engine(engine, files, new_tokens, batch_size)
+        run_engine(engine, files[:baseline], new_tokens, args.batch_size)  # warm-up
+        card, card_tokens = run_card(
+            engine, model_dir, images[: min(args.card_items or (4 if tiny else 8), items_n)], new_tokens
+        )
+        batched, batched_tokens = run_batched(engine, model_dir, images, new_tokens, baseline)
+        ours, our_tokens, records = run_engine(engine, files, new_tokens, args.batch_size)
+        report = {
+            "setup": setup(args, engine, records, baseline, new_tokens),
+            "card": card,
+            "batched": batched,
+            "engine": ours,
+            "ratio_engine_vs_card": round(ours["images_per_s"] / card["images_per_s"], 2),
+            "ratio_engine_vs_batched": round(ours["images_per_s"] / batched["images_per_s"], 2),
+            "agreement_engine_vs_batched": agreement(our_tokens, batched_tokens),
+            "agreement_engine_vs_card": agreement(our_tokens[: len(card_tokens)], card_tokens),
+            "variants": variants(engine, files, new_tokens, args, batched_tokens) if args.variants else [],
+            "schema": schema_row(engine, files, new_tokens, args) if args.schema else None,
+            "max_tiles_sweep": sweep(model_dir, device, args, files, new_tokens),
+        }
+    return write(report, args)
 
-        pages = [r for r in records if r.page is not None]
-        structured = None
-        if args.schema:
-            structured, _, schema_records = run_engine(engine, files, new_tokens, batch_size, args.schema)
-            structured["valid"] = sum(r.data is not None for r in schema_records)
-            # Free text of the same length, same batch size: the cost of the constraint alone.
-            length = max(1, round(sum(r.answer_tokens or 0 for r in schema_records) / len(schema_records)))
-            free, _, _ = run_engine(engine, files, length, batch_size)
-            structured["free_text_same_length"] = free
-            structured["answer_tokens_mean"] = length
-            structured["slowdown"] = round(free["images_per_s"] / structured["images_per_s"] - 1, 3)
-        sweep = []
-        for value in [int(v) for v in args.max_tiles_sweep.split(",") if v.strip()]:
-            limited = load_engine(model_dir, device=device, dtype=args.dtype, options=replace(options, max_tiles=value))
-            result, _, swept = run_engine(limited, files, new_tokens, batch_size)
-            del limited
-            swept_pages = [r for r in swept if r.page is not None]
-            result["max_tiles"] = value
-            result["prompt_tokens_per_page"] = round(
-                sum(r.prompt_tokens for r in swept_pages) / max(len(swept_pages), 1)
-            )
-            sweep.append(result)
 
+def setup(args, engine, records: list[Record], baseline: int, new_tokens: int) -> dict:
     import torch
     import transformers
 
-    report = {
-        "setup": {
-            "model": args.model or args.random_weights or "tiny",
-            "layers": args.layers,
-            "device": str(engine.device),
-            "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
-            "dtype": str(engine.dtype).replace("torch.", ""),
-            "cache": args.cache,
-            "compile": args.compile,
-            "items": len(items),
-            "pages": len(pages),
-            "photos": len(items) - len(pages),
-            "batch_size": batch_size,
-            "new_tokens": new_tokens,
-            "prompt_tokens_per_page": round(sum(r.prompt_tokens for r in pages) / max(len(pages), 1)),
-            "prompt_tokens_per_item": round(sum(r.prompt_tokens for r in records) / max(len(records), 1)),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        "card": card,
-        "batched": batched,
-        "engine": ours,
-        "ratio_engine_vs_card": round(ours["images_per_s"] / card["images_per_s"], 2),
-        "ratio_engine_vs_batched": round(ours["images_per_s"] / batched["images_per_s"], 2),
-        "agreement_engine_vs_batched": agreement(our_tokens, batched_tokens),
-        "agreement_engine_vs_card": agreement(our_tokens[:card_n], card_tokens),
-        "max_tiles_sweep": sweep,
-        "schema": structured,
+    pages = [r for r in records if r.page is not None]
+    limits = engine.limits(args.batch_size)
+    return {
+        "model": args.model or args.random_weights or "tiny",
+        "layers": args.layers,
+        "device": str(engine.device),
+        "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "items": len(records),
+        "pages": len(pages),
+        "photos": len(records) - len(pages),
+        "baseline_batch": baseline,
+        "engine_rows": limits.rows,
+        "engine_tokens": limits.tokens,
+        "new_tokens": new_tokens,
+        "prompt_tokens_per_page": round(sum(r.prompt_tokens for r in pages) / max(len(pages), 1)),
+        "prompt_tokens_per_item": round(sum(r.prompt_tokens for r in records) / max(len(records), 1)),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
     }
+
+
+def variants(engine, files: list[Path], new_tokens: int, args, batched_tokens) -> list[dict]:
+    """(c) run other ways on the same loaded model: what each engine choice is worth."""
+    options = engine.generator.options
+    rows = []
+    for label, variant, extra in [
+        ("static cache (sized per batch)", engine.with_options(replace(options, cache="static")), {}),
+        ("prefill in one piece (no chunks)", engine.with_options(replace(options, prefill_chunk=0)), {}),
+        ("budget forced too large: out-of-memory back-off", engine, {"max_batch_tokens": 10**9, "batch_size": 10**6}),
+    ]:
+        squeeze(engine, "max_batch_tokens" in extra)
+        result, tokens, records = run_engine(variant, files, new_tokens, extra.get("batch_size", args.batch_size),
+                                             max_batch_tokens=extra.get("max_batch_tokens"))  # fmt: skip
+        result.update(
+            label=label, answered=sum(r.ok for r in records), agreement_vs_batched=agreement(tokens, batched_tokens)
+        )
+        rows.append(result)
+    squeeze(engine, False)
+    return rows
+
+
+def squeeze(engine, on: bool) -> None:
+    """On a GPU, let this process use a third of the card during the out-of-memory stress, so the
+    forced batch runs out of memory even on a 141 GB card (and the back-off is what is measured)."""
+    if engine.device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(0.33 if on else 1.0, engine.device)
+
+
+def schema_row(engine, files: list[Path], new_tokens: int, args) -> dict:
+    structured, _, records = run_engine(engine, files, new_tokens, args.batch_size, args.schema)
+    structured["valid"] = sum(r.data is not None for r in records)
+    # Free text of the same length, same limits: the cost of the constraint alone.
+    length = max(1, round(sum(r.answer_tokens or 0 for r in records) / len(records)))
+    free, _, _ = run_engine(engine, files, length, args.batch_size)
+    structured.update(free_text_same_length=free, answer_tokens_mean=length)
+    structured["slowdown"] = round(free["images_per_s"] / structured["images_per_s"] - 1, 3)
+    return structured
+
+
+def sweep(model_dir: str, device: str, args, files: list[Path], new_tokens: int) -> list[dict]:
+    rows = []
+    for value in [int(v) for v in args.max_tiles_sweep.split(",") if v.strip()]:
+        limited = load_engine(model_dir, device=device, dtype=args.dtype, options=EngineOptions(max_tiles=value))
+        result, _, swept = run_engine(limited, files, new_tokens, args.batch_size)
+        del limited
+        pages = [r for r in swept if r.page is not None]
+        result["max_tiles"] = value
+        result["prompt_tokens_per_page"] = round(sum(r.prompt_tokens for r in pages) / max(len(pages), 1))
+        rows.append(result)
+    return rows
+
+
+def write(report: dict, args) -> dict:
     out = args.json or ROOT / "results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(render(report))
+    table = render(report)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    print(table)
     print(f"\nwrote {out}", file=sys.stderr)
     return report
 
 
+def _row(label: str, row: dict) -> str:
+    peak = "-" if row["peak_gpu_gib"] is None else row["peak_gpu_gib"]
+    return (
+        f"| {label} | {row['items']} | {row['images_per_s']} | {row['new_tokens_per_s']} | {row['first_result_s']}"
+        f" | {peak} |"
+    )
+
+
 def render(report: dict) -> str:
     setup = report["setup"]
+    budget = f", engine rows <= {setup['engine_rows']}" + (
+        f", <= {setup['engine_tokens']:,} tokens" if setup["engine_tokens"] else ""
+    )
     lines = [
         f"model {setup['model']} ({setup['dtype']}, {setup['device']}{', ' + setup['gpu'] if setup['gpu'] else ''}),"
-        f" {setup['items']} items ({setup['pages']} pages, {setup['photos']} photos),"
-        f" batch {setup['batch_size']}, {setup['new_tokens']} new tokens,"
-        f" ~{setup['prompt_tokens_per_page']} prompt tokens/page",
+        f" {setup['items']} items ({setup['pages']} pages, {setup['photos']} photos), (b) batch"
+        f" {setup['baseline_batch']}{budget}, {setup['new_tokens']} new tokens, ~{setup['prompt_tokens_per_page']}"
+        " prompt tokens/page",
         "",
         "| path | items | images/s | new tokens/s | first result s | peak GPU GiB |",
         "|---|---|---|---|---|---|",
+        _row("(a) model card loop", report["card"]),
+        _row("(b) batched generate", report["batched"]),
+        _row("(c) granite-vision", report["engine"]),
     ]
-    for key, label in (
-        ("card", "(a) model card loop"),
-        ("batched", "(b) batched generate"),
-        ("engine", "(c) granite-vision"),
-    ):
-        row = report[key]
-        peak = "-" if row["peak_gpu_gib"] is None else row["peak_gpu_gib"]
+    for row in report["variants"]:
+        first = row["agreement_vs_batched"]["first_token"]
         lines.append(
-            f"| {label} | {row['items']} | {row['images_per_s']} | {row['new_tokens_per_s']} |"
-            f" {row['first_result_s']} | {peak} |"
+            _row(f"(c) {row['label']} ({row['answered']}/{row['items']} answered, first tokens {first:.0%})", row)
         )
     for row in report["max_tiles_sweep"]:
-        peak = "-" if row["peak_gpu_gib"] is None else row["peak_gpu_gib"]
-        lines.append(
-            f"| (c) --max-tiles {row['max_tiles']} (~{row['prompt_tokens_per_page']} tok/page) | {row['items']} |"
-            f" {row['images_per_s']} | {row['new_tokens_per_s']} | {row['first_result_s']} | {peak} |"
-        )
+        lines.append(_row(f"(c) --max-tiles {row['max_tiles']} (~{row['prompt_tokens_per_page']} tok/page)", row))
     if report.get("schema"):
         row = report["schema"]
-        peak = "-" if row["peak_gpu_gib"] is None else row["peak_gpu_gib"]
-        lines.append(
-            f"| (c) --schema ({row['valid']}/{row['items']} valid) | {row['items']} | {row['images_per_s']} |"
-            f" {row['new_tokens_per_s']} | {row['first_result_s']} | {peak} |"
-        )
+        lines.append(_row(f"(c) --schema ({row['valid']}/{row['items']} valid)", row))
     lines += [
         "",
         f"c/a = {report['ratio_engine_vs_card']}x, c/b = {report['ratio_engine_vs_batched']}x",
@@ -414,7 +470,7 @@ def render(report: dict) -> str:
     if report.get("schema"):
         row = report["schema"]
         lines.append(
-            f"schema slowdown vs free text of the same length ({row['answer_tokens_mean']} tokens, same batch size):"
+            f"schema slowdown vs free text of the same length ({row['answer_tokens_mean']} tokens, same limits):"
             f" {row['slowdown']:.1%} ({row['free_text_same_length']['images_per_s']} -> {row['images_per_s']} images/s)"
         )
     return "\n".join(lines)

@@ -52,7 +52,6 @@ class Options:
     dtype: str = "auto"
     max_tiles: int | None = None
     cache: str = "auto"
-    compile: bool = False
     max_new_tokens: int = 256
     min_new_tokens: int | None = None
     """Library only: force answers of this length (benchmarks, where random weights would stop early)."""
@@ -77,7 +76,7 @@ class Options:
 
         if self.cache not in CACHES:
             raise UsageError(f"--cache {self.cache!r}: expected one of {'|'.join(CACHES)}")
-        options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache, compile=self.compile)
+        options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache)
         device = device or self.device
         return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)
 
@@ -108,7 +107,10 @@ class CaptionJob(Options):
     output: str | None = None
     pages: str | None = None
     resume: bool = False
-    batch_size: int = 8
+    batch_size: int | None = None
+    """Pictures per batch at most (None: 8 on the CPU, 128 on a GPU; the token budget decides below)."""
+    max_batch_tokens: int | None = None
+    """Tokens per batch at most, rows x (longest prompt + answer); None: what the GPU's memory allows."""
 
 
 @dataclass
@@ -287,7 +289,8 @@ def _execute(plan: _Plan, engine, job: CaptionJob, stop: Stop) -> CaptionResult:
                 stats = pipeline.record_failures(todo, plan.sink, plan.job, on_record)
             else:
                 stats = pipeline.caption(
-                    todo, engine, plan.sink, job=plan.job, settings=settings, batch_size=job.batch_size,
+                    todo, engine, plan.sink, job=plan.job, settings=settings,
+                    limits=engine.limits(job.batch_size, job.max_batch_tokens),
                     read=plan.read, on_record=on_record, stop=stop.event,
                 )  # fmt: skip
     except BaseException:

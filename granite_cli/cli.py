@@ -30,18 +30,18 @@ from rich.markup import escape
 
 from . import __version__
 from .api import AskJob, CaptionJob, Stop, run_ask, run_caption
-from .errors import OutputError, UsageError
+from .errors import DeviceError, OutputError, UsageError
 from .options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
     CacheOpt,
-    CompileOpt,
     DeviceOpt,
     DpiOpt,
     DtypeOpt,
     FormatOpt,
     JsonObjectOpt,
     JsonOpt,
+    MaxBatchTokensOpt,
     MaxNewTokensOpt,
     MaxPixelsOpt,
     MaxTilesOpt,
@@ -92,6 +92,10 @@ def _command(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except UsageError as exc:
             console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except DeviceError as exc:
+            kept = "every record written before it is kept; --resume continues once the device is well"
+            console.print(f"[red]error:[/] the run stopped, {escape(str(exc))}; {kept}", soft_wrap=True)
             raise typer.Exit(2) from None
         except OutputError as exc:
             if exc.where == "stdout":
@@ -146,7 +150,6 @@ def ask(
     dtype: DtypeOpt = "auto",
     max_tiles: MaxTilesOpt = None,
     cache: CacheOpt = "auto",
-    compile: CompileOpt = False,
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
@@ -192,10 +195,10 @@ def caption(
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    batch_size: BatchSizeOpt = 8,
+    batch_size: BatchSizeOpt = None,
+    max_batch_tokens: MaxBatchTokensOpt = None,
     max_tiles: MaxTilesOpt = None,
     cache: CacheOpt = "auto",
-    compile: CompileOpt = False,
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,

@@ -20,6 +20,11 @@ class InputError(Exception):
     """A problem with one input item; the message names the reason, the caller adds the source."""
 
 
+class DeviceError(Exception):
+    """The device failed in a way that leaves it unusable (a device-side assert, an illegal
+    memory access): the run stops; every record written before stays, `--resume` continues."""
+
+
 class OutputError(Exception):
     """Writing an output failed (disk full, file too large, I/O error, reader gone): the run
     cannot go on, but every record written before stays. The message names the output."""

@@ -8,7 +8,9 @@ import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,3 +145,75 @@ def _file_mode(path: Path) -> int:
 
 def jsonl_text(records: Iterable[Record]) -> str:
     return "".join(record.to_json() + "\n" for record in records)
+
+
+#: A report is rebuilt at most this often while a run goes on (and always at the end).
+REPORT_INTERVAL_S = 2.0
+
+
+class Cadence:
+    """When to rebuild a report: at once the first time, then every few seconds, and never
+    spending more than a tenth of the run on it (a report of 100,000 items takes a while)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.next = 0.0
+
+    def wait(self) -> float:
+        """Seconds until the next rebuild is due."""
+        return max(0.0, self.next - self.clock())
+
+    def done(self, took: float) -> None:
+        self.next = self.clock() + max(REPORT_INTERVAL_S, 10 * took)
+
+
+class Rebuilder:
+    """Rebuilds a report from its records on a thread of its own, on `Cadence`'s schedule: the
+    thread that runs the model only hands records over, and never waits for a report."""
+
+    def __init__(self, write: Callable[[list[Record]], None], where: str, cadence: Cadence | None = None) -> None:
+        self.write = write
+        self.where = where
+        self.cadence = cadence or Cadence()
+        self.records: list[Record] = []
+        self.lock = threading.Lock()
+        self.changed = threading.Event()
+        self.closing = threading.Event()
+        self.error: OutputError | None = None
+        self.thread: threading.Thread | None = None
+
+    def add(self, record: Record) -> None:
+        """Hand a record over (raises the rebuilds' own failure, once it happened)."""
+        if self.error is not None:
+            raise self.error
+        with self.lock:
+            self.records.append(record)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="granite-report", daemon=True)
+            self.thread.start()
+        self.changed.set()
+
+    def close(self) -> None:
+        """Stop the thread (a rebuild under way finishes first)."""
+        self.closing.set()
+        self.changed.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        while True:
+            self.changed.wait()
+            if self.closing.wait(self.cadence.wait()):
+                return
+            self.changed.clear()
+            with self.lock:
+                records = list(self.records)
+            started = time.monotonic()
+            try:
+                self.write(records)
+            except OSError as exc:
+                self.error = OutputError(self.where, exc, resumable=True)
+                return
+            self.cadence.done(time.monotonic() - started)

@@ -59,12 +59,9 @@ MaxTilesOpt = Annotated[
 ]
 CacheOpt = Annotated[
     str,
-    typer.Option(help="KV cache: auto (static on GPU, dynamic on CPU), static or dynamic.", rich_help_panel="Model"),
-]
-CompileOpt = Annotated[
-    bool,
     typer.Option(
-        help="Compile the decode step (static cache): faster for long runs, tens of seconds to compile first.",
+        help="KV cache: dynamic, static (preallocated for each batch, at its size) or auto (dynamic, until a GPU"
+        " measurement shows static faster).",
         rich_help_panel="Model",
     ),
 ]
@@ -113,7 +110,23 @@ ResumeOpt = Annotated[
         " (the same job only: same prompt, model and schema)."
     ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Pictures per model call.", rich_help_panel="Model")]
+BatchSizeOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        help="Pictures per batch at most [default: 8 on the CPU, 128 on a GPU, where the memory budget decides below].",
+        rich_help_panel="Model",
+    ),
+]
+MaxBatchTokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        help="Tokens per batch at most: rows x (longest prompt + --max-new-tokens), what its KV cache holds"
+        " [default: on a GPU, what its free memory allows; on the CPU, no limit].",
+        rich_help_panel="Model",
+    ),
+]
 SourcesArg = Annotated[
     list[str],
     typer.Argument(

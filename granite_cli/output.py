@@ -26,20 +26,17 @@ import os
 import stat
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from .distributed import Ranks
-from .errors import UsageError
-from .journal import Identities, Previous, in_input_order, jsonl_text, merge, sniff, write_atomic, writing
+from .errors import OutputError, UsageError
+from .journal import Identities, Previous, Rebuilder, in_input_order, jsonl_text, merge, sniff, write_atomic, writing
 from .records import Job, Record
 from .sources import Item
 from .writers import WRITERS, JsonlWriter, Writer, open_writer, render
 
-#: A markdown report is rebuilt at most this often while a run goes on (and always at the end).
-REPORT_INTERVAL_S = 2.0
 STDOUT = "-"
 
 
@@ -159,7 +156,8 @@ class FileOutput:
         self.writer: JsonlWriter | None = None
         self.records: list[Record] = []
         """What this process's target file holds, mirrored in memory to rebuild the report from."""
-        self.next_report = 0.0
+        self.rebuilder = Rebuilder(self._rebuild, self.label) if self.report and world == 1 else None
+        """Rebuilds the report while the run goes on, off the thread that runs the model."""
 
     # ---------------------------------------------------------------- before the model loads
     def _part(self, rank: int) -> Path:
@@ -250,6 +248,8 @@ class FileOutput:
             # The output keeps only answers (failed items are retried, a torn line is dropped).
             write_atomic(self.journal, jsonl_text(self.previous.answered.values()))
             self.records = list(self.previous.answered.values())
+            if self.rebuilder is not None:
+                self.rebuilder.records.extend(self.records)
             self._remove_parts()  # merged into the journal above (with --resume), stale otherwise
         else:
             self.parts.mkdir(exist_ok=True)
@@ -263,8 +263,8 @@ class FileOutput:
             assert self.writer is not None
             self.writer.write(record)
             self.records.append(record)
-            if self.report and self.world == 1:
-                self._report()
+            if self.rebuilder is not None:
+                self.rebuilder.add(record)
 
     def close(self) -> None:
         if self.stream is not None:
@@ -278,8 +278,10 @@ class FileOutput:
 
     def abandon(self) -> None:
         """After a failed write: close without another write (records already written stay)."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, OutputError):
             self.close()
+            if self.rebuilder is not None:
+                self.rebuilder.close()
 
     def finish(self, items: Sequence[Item]) -> list[Record]:
         """Close; once every process is done, rank 0 puts every record in input order, each
@@ -287,6 +289,8 @@ class FileOutput:
         A run that wrote nothing new leaves every file as it was."""
         with writing(self.label, resumable=True):
             self.close()
+            if self.rebuilder is not None:
+                self.rebuilder.close()  # the last rebuild below, from every record
             if self.world == 1 and self.writer is not None:
                 merged = self.records
             else:
@@ -315,15 +319,8 @@ class FileOutput:
         with contextlib.suppress(OSError):
             self.parts.rmdir()
 
-    def _report(self, force: bool = False) -> None:
-        """Rebuild the report, at most every few seconds, and never spending more than a tenth
-        of the run on it (a report of 100,000 items takes a while to render)."""
-        now = time.monotonic()
-        if not force and now < self.next_report:
-            return
-        write_atomic(self.path, render(self.fmt, self.records, self.path, self.columns))
-        took = time.monotonic() - now
-        self.next_report = time.monotonic() + max(REPORT_INTERVAL_S, 10 * took)
+    def _rebuild(self, records: list[Record]) -> None:
+        write_atomic(self.path, render(self.fmt, records, self.path, self.columns))
 
 
 class StreamOutput:

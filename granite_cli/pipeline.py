@@ -3,17 +3,18 @@
 Two stages with a bounded queue between them, so CPU work overlaps the model:
 
 - the *producer* (a background thread) takes a window of items, decodes and renders them on a
-  small pool of loader threads, sorts the window by image-token count so that a batch holds
-  items of similar prompt length (little compute lost to padding), and runs the processor
+  small pool of loader threads, groups the window into batches of similar prompt length within
+  the batch limits (little compute lost to padding; see `batching`), and runs the processor
   (tokenising, tiling, normalising) on each batch;
-- the *consumer* (the calling thread) runs `generate` on each prepared batch and hands the
-  records to an emitter that releases them in input order, each as soon as every item before
-  it is done.
+- the *consumer* (the calling thread) runs `generate` on each prepared batch (splitting and
+  retrying those that fail, per `batching`) and hands the records to an emitter that releases
+  them in input order, each as soon as every item before it is done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import signal
@@ -22,8 +23,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from . import batching
+from .batching import Batch, Sizer
 from .errors import OutputError, describe
 from .pictures import Fit
 from .readers import OpenDocuments, ReadOptions
@@ -34,10 +37,12 @@ from .writers import Writer
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .engine import Answer, Engine, GenerationSettings
+    from .engine import Answer, BatchLimits, Engine, GenerationSettings
 
 #: Batches per grouping window: a larger window groups better, a smaller one reports sooner.
 WINDOW_BATCHES = 4
+#: Rows of a batch counted for the window, at most: a window of decoded pictures lives in memory.
+WINDOW_ROWS = 32
 #: Prepared batches waiting for the model: enough to never starve it, few enough to bound memory.
 QUEUE_BATCHES = 2
 
@@ -63,15 +68,6 @@ class Loaded:
     index: int
     item: Item
     image: Image.Image | None = None
-    error: str | None = None
-
-
-@dataclass
-class Batch:
-    """Items ready for the model (`inputs` prepared), or items that already failed."""
-
-    entries: list[Loaded]
-    inputs: Any = None
     error: str | None = None
 
 
@@ -168,7 +164,7 @@ def caption(
     *,
     job: Job,
     settings: GenerationSettings,
-    batch_size: int,
+    limits: BatchLimits,
     read: ReadOptions = ReadOptions(),
     on_record: Callable[[Record], None] = lambda record: None,
     workers: int | None = None,
@@ -176,8 +172,9 @@ def caption(
 ) -> Stats:
     """Answer `job.prompt` about every item and write one record per item, in input order.
 
-    When `stop` is set, no new batch starts: the run ends after the current one, with every
-    finished record written (`Stats.stopped`). A KeyboardInterrupt ends it at once, the same way.
+    Batches keep to `limits` (see `batching`). When `stop` is set, no new batch starts: the run
+    ends after the current one, with every finished record written (`Stats.stopped`). A
+    KeyboardInterrupt ends it at once, the same way.
     """
     stats = Stats(total=len(items), started=time.monotonic())
 
@@ -189,7 +186,8 @@ def caption(
         on_record(record)
 
     emitter = OrderedEmitter(writer, count)
-    producer = _Producer(items, engine, job.prompt, settings, max(1, batch_size), read, workers or _default_workers())
+    sizer = Sizer(limits, settings.max_new_tokens)
+    producer = _Producer(items, engine, job.prompt, sizer, read, workers or _default_workers())
     with producer:
         try:
             _consume(producer, engine, emitter, job, settings, stop, stats)
@@ -210,8 +208,9 @@ def _consume(producer, engine, emitter, job, settings, stop, stats) -> None:
             for entry in batch.entries:
                 emitter.add(entry.index, make_record(job, entry, error=entry.error))
             continue
-        for entry, record in _answer_batch(engine, batch, job, settings):
-            emitter.add(entry.index, record)
+        prepare = functools.partial(prepare_batch, engine, prompt=job.prompt)
+        for entry, answer, error in batching.answer(engine, batch, settings, prepare, producer.tokens, producer.sizer):
+            emitter.add(entry.index, make_record(job, entry, answer, error, settings))
 
 
 @contextlib.contextmanager
@@ -238,12 +237,12 @@ class _Producer:
 
     _DONE = object()
 
-    def __init__(self, items, engine, prompt, settings, batch_size, read, workers):
+    def __init__(self, items, engine, prompt, sizer: Sizer, read, workers):
         self.items = items
         self.engine = engine
         self.prompt = prompt
-        self.max_new_tokens = settings.max_new_tokens
-        self.batch_size = batch_size
+        self.sizer = sizer
+        self.max_new_tokens = sizer.max_new_tokens
         self.read = read
         self.documents = OpenDocuments(read)
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
@@ -285,7 +284,7 @@ class _Producer:
 
     def _run(self) -> None:
         try:
-            window = self.batch_size * WINDOW_BATCHES
+            window = min(self.sizer.limits.rows, WINDOW_ROWS) * WINDOW_BATCHES
             for start in range(0, len(self.items), window):
                 for batch in self._window(start, self.items[start : start + window]):
                     if not self._put(batch):
@@ -293,6 +292,10 @@ class _Producer:
             self._put(self._DONE)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
             self._put(exc)
+
+    def tokens(self, entry: Loaded) -> int:
+        """An entry's prompt tokens (its picture's tokens and the prompt's)."""
+        return self.engine.tokens(self.prompt, entry.image.width, entry.image.height)
 
     def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
         loaded = list(
@@ -309,41 +312,13 @@ class _Producer:
         failed = [entry for entry in loaded if entry.image is None]
         if failed:
             yield Batch(failed)
-        ready = sorted(
-            (entry for entry in loaded if entry.image is not None),
-            key=lambda entry: self.engine.image_tokens(entry.image.width, entry.image.height),
-        )
-        for offset in range(0, len(ready), self.batch_size):
-            yield prepare_batch(self.engine, ready[offset : offset + self.batch_size], self.prompt)
+        ready = [entry for entry in loaded if entry.image is not None]
+        for entries in batching.group(ready, self.tokens, self.sizer):  # similar lengths together
+            yield prepare_batch(self.engine, entries, self.prompt)
 
 
 def prepare_batch(engine: Engine, entries: list[Loaded], prompt: str) -> Batch:
     try:
         return Batch(entries, engine.prepare([entry.image for entry in entries], [prompt] * len(entries)))
-    except Exception as exc:  # noqa: BLE001 - the batch is split and retried by the consumer
+    except Exception as exc:  # noqa: BLE001 - the consumer finds the item that fails (`batching`)
         return Batch(entries, error=f"preprocessing failed: {describe(exc)}")
-
-
-def _answer_batch(
-    engine: Engine, batch: Batch, job: Job, settings: GenerationSettings
-) -> Iterator[tuple[Loaded, Record]]:
-    """Run one batch; if it fails, split it and retry the halves, so only an item that fails
-    on its own gets an error record (out-of-memory on a big batch costs time, not answers)."""
-    try:
-        if batch.inputs is None:
-            raise RuntimeError(batch.error or "batch not prepared")
-        answers = engine.run(batch.inputs, settings)
-    except Exception as exc:  # noqa: BLE001 - isolate the failing item, keep the rest
-        batch.inputs = None
-        engine.release()
-        entries = batch.entries
-        if len(entries) == 1:
-            reason = batch.error or f"generation failed: {describe(exc)}"
-            yield entries[0], make_record(job, entries[0], error=reason)
-            return
-        middle = len(entries) // 2
-        for half in (entries[:middle], entries[middle:]):
-            yield from _answer_batch(engine, prepare_batch(engine, half, job.prompt), job, settings)
-        return
-    for entry, answer in zip(batch.entries, answers, strict=True):
-        yield entry, make_record(job, entry, answer, settings=settings)

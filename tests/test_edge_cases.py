@@ -70,7 +70,7 @@ def test_resume_with_nothing_left_does_not_load_the_model(cli, inputs, tmp_path,
 
 def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkeypatch):
     from granite_cli import pipeline
-    from granite_cli.engine import GenerationSettings, load_engine
+    from granite_cli.engine import BatchLimits, GenerationSettings, load_engine
     from granite_cli.records import Job
     from granite_cli.sources import resolve
 
@@ -90,7 +90,12 @@ def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkey
     records = Collect()
     settings = GenerationSettings(max_new_tokens=3)
     pipeline.caption(
-        resolve(paths).items, engine, records, job=Job("Describe", engine.name), settings=settings, batch_size=4
+        resolve(paths).items,
+        engine,
+        records,
+        job=Job("Describe", engine.name),
+        settings=settings,
+        limits=BatchLimits(4),
     )
     assert [r.ok for r in records] == [True, False, True, True]
     assert "preprocessing failed" in records[1].error

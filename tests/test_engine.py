@@ -113,29 +113,41 @@ def test_max_tiles_limits_the_grid_in_processor_and_model(cli, mixed_images, tin
 
 
 def test_static_cache_gives_the_same_answers(cli, mixed_images, monkeypatch):
-    from transformers import GenerationMixin
+    """--cache static preallocates each batch's cache at that batch's own size (a small batch
+    after a big one gets a small cache: nothing grows over a run), and answers do not change."""
+    from transformers import GenerationMixin, StaticCache
 
-    caches: list[str | None] = []
+    caches: list[tuple[str, int | None, int]] = []
     real_generate = GenerationMixin.generate
 
-    def generate(self, *args, **kwargs):  # which KV cache each batch asked for
-        caches.append(kwargs.get("cache_implementation"))
+    def generate(self, *args, **kwargs):  # which KV cache each batch got, and for how many tokens
+        cache = kwargs.get("cache")
+        size = cache.get_max_length() if isinstance(cache, StaticCache) else None
+        caches.append((type(cache).__name__, size, kwargs["input_ids"].shape[1] + kwargs["max_new_tokens"]))
         return real_generate(self, *args, **kwargs)
 
     monkeypatch.setattr(GenerationMixin, "generate", generate)
-    args = ("caption", *map(str, mixed_images[:4]), "--batch-size", "4", "--max-new-tokens", "10")
-    dynamic = [r["answer"] for r in cli(*args, "--cache", "dynamic").answered(4)]
-    assert caches and set(caches) == {None}
+    page, thumbnail = str(mixed_images[4]), str(mixed_images[3])  # a long prompt, then a short one
+    options = ("--max-new-tokens", "10")
+    dynamic = [
+        cli("caption", picture, *options, "--cache", "dynamic").answered(1)[0]["answer"]
+        for picture in (page, thumbnail)
+    ]
+    assert [kind for kind, _, _ in caches] == ["NoneType", "NoneType"]  # generate makes its dynamic cache
     caches.clear()
-    static = [r["answer"] for r in cli(*args, "--cache", "static").answered(4)]
-    assert caches and set(caches) == {"static"}
+    static = [
+        cli("caption", picture, *options, "--cache", "static").answered(1)[0]["answer"] for picture in (page, thumbnail)
+    ]
+    assert [kind for kind, _, _ in caches] == ["StaticCache", "StaticCache"]  # the same loaded model, twice
+    assert all(size == needed for _, size, needed in caches) and caches[0][1] > caches[1][1]  # no ratchet
     assert dynamic == static
+    args = ("caption", page, *options)
     assert cli(*args, "--cache", "paged").exit_code == 2
 
 
 def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_images, monkeypatch):
     from granite_cli import pipeline
-    from granite_cli.engine import GenerationSettings, load_engine
+    from granite_cli.engine import BatchLimits, GenerationSettings, load_engine
     from granite_cli.records import Job
     from granite_cli.sources import resolve
 
@@ -156,7 +168,7 @@ def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_i
         records,
         job=Job("Describe", engine.name),
         settings=GenerationSettings(max_new_tokens=4),
-        batch_size=7,
+        limits=BatchLimits(7),
     )
     assert [r.source for r in records] == [str(p) for p in mixed_images]
     assert [r.ok for r in records] == [True, True, True, True, False, True, True]

@@ -194,9 +194,9 @@ class Recorder:
 
         def run(inputs, settings, stream=None):
             start = time.monotonic()
+            sizes = [(int(w), int(h)) for h, w in inputs["image_sizes"].tolist()]  # (run takes the inputs)
             answers = real_run(inputs, settings, stream)
             time.sleep(run_seconds)  # a model that takes a while, as on a real checkpoint
-            sizes = [(int(w), int(h)) for h, w in inputs["image_sizes"].tolist()]
             self.events.append(("run", start, time.monotonic(), sizes))
             return answers
 
@@ -208,7 +208,7 @@ class Recorder:
 
 def caption_files(engine, paths, batch_size: int):
     from granite_cli import pipeline
-    from granite_cli.engine import GenerationSettings
+    from granite_cli.engine import BatchLimits, GenerationSettings
     from granite_cli.records import Job
     from granite_cli.sources import resolve
 
@@ -219,7 +219,7 @@ def caption_files(engine, paths, batch_size: int):
         records,
         job=Job("Describe", engine.name),
         settings=GenerationSettings(max_new_tokens=3),
-        batch_size=batch_size,
+        limits=BatchLimits(batch_size),
     )
     assert stats.answered == len(paths) and [r.source for r in records] == [str(p) for p in paths]
     return records
@@ -265,35 +265,53 @@ def test_a_batch_holds_pictures_of_similar_token_counts(engine, tmp_path):
 
 
 # --------------------------------------------------------------------------- reports
-def test_a_report_is_rebuilt_every_few_seconds_and_never_more_than_a_tenth_of_the_time(tmp_path, monkeypatch):
+def test_a_report_is_rebuilt_every_few_seconds_and_never_more_than_a_tenth_of_the_time():
+    from granite_cli.journal import REPORT_INTERVAL_S, Cadence
+
+    clock = [1000.0]
+    cadence = Cadence(clock=lambda: clock[0])
+    rebuilt: list[float] = []
+
+    def run(seconds: float, render_cost: float) -> None:  # a record every 0.1 s
+        end = clock[0] + seconds
+        while clock[0] < end:
+            if cadence.wait() == 0:
+                rebuilt.append(clock[0])
+                clock[0] += render_cost
+                cadence.done(render_cost)
+            clock[0] += 0.1
+
+    run(10, render_cost=0.01)  # a small report: every 2 s
+    gaps = [b - a for a, b in zip(rebuilt, rebuilt[1:], strict=False)]
+    assert len(rebuilt) in (5, 6) and all(gap >= REPORT_INTERVAL_S for gap in gaps)
+    rebuilt.clear()
+    run(20, render_cost=1.0)  # a big one: a rebuild takes a second
+    assert rebuilt and len(rebuilt) * 1.0 <= 0.1 * 20 + 1.0  # at most a tenth of those 20 s (+ the first)
+
+
+def test_reports_are_rebuilt_off_the_thread_that_runs_the_model(tmp_path, monkeypatch):
+    """A slow rebuild (a huge report) never holds up the thread that hands records over."""
+    import threading
+
     from granite_cli import output
     from granite_cli.records import Record
 
-    clock = [1000.0]
-    render_cost = [0.01]
-    monkeypatch.setattr(output.time, "monotonic", lambda: clock[0])
-    rendered: list[float] = []
+    rebuilt_on: list[int] = []
 
-    def render(*args, **kwargs):
-        rendered.append(clock[0])
-        clock[0] += render_cost[0]
+    def slow_render(*args, **kwargs):
+        rebuilt_on.append(threading.get_ident())
+        time.sleep(1.0)
         return "# granite-vision report\n"
 
-    monkeypatch.setattr(output, "render", render)
+    monkeypatch.setattr(output, "render", slow_render)
     sink = output.FileOutput(tmp_path / "report.md", "markdown", resume=False)
-    record = Record("a.png", None, "p", "answer", None, "m")
-    for _ in range(100):  # a record every 0.1 s for 10 s: rebuilt every 2 s
-        sink.write(record)
-        clock[0] += 0.1
-    gaps = [b - a for a, b in zip(rendered, rendered[1:], strict=False)]
-    assert len(rendered) in (5, 6) and all(gap >= output.REPORT_INTERVAL_S for gap in gaps)
-    render_cost[0] = 1.0  # a big report: one rebuild takes a second
-    rendered.clear()
-    for _ in range(200):
-        sink.write(record)
-        clock[0] += 0.1
-    spent = len(rendered) * render_cost[0]
-    assert rendered and spent <= 0.1 * 20 + render_cost[0]  # at most a tenth of those 20 s (+ the first)
+    started = time.monotonic()
+    for index in range(20):
+        sink.write(Record(f"{index}.png", None, "p", "answer", None, "m"))
+    handed_over = time.monotonic() - started
+    sink.finish([])
+    assert handed_over < 0.5  # a rebuild takes a second: the writes did not wait for one
+    assert rebuilt_on and threading.get_ident() not in rebuilt_on[:-1]  # (the final one is the caller's)
 
 
 def test_a_report_is_whole_whenever_it_is_read(tmp_path, monkeypatch):
@@ -366,15 +384,16 @@ def test_batched_answers_equal_the_model_card_loop_token_for_token(engine, tmp_p
     real_run = engine.run
 
     def run(inputs, settings, stream=None):
+        sizes = inputs["image_sizes"].tolist()  # (run takes the inputs)
         answers = real_run(inputs, settings, stream)
-        for (height, width), answer in zip(inputs["image_sizes"].tolist(), answers, strict=True):
+        for (height, width), answer in zip(sizes, answers, strict=True):
             captured[(width, height)] = answer.token_ids
         return answers
 
     engine.run = run
     try:
         from granite_cli import pipeline
-        from granite_cli.engine import GenerationSettings
+        from granite_cli.engine import BatchLimits, GenerationSettings
         from granite_cli.records import Job
         from granite_cli.sources import resolve
 
@@ -383,7 +402,7 @@ def test_batched_answers_equal_the_model_card_loop_token_for_token(engine, tmp_p
             records = Collect()
             items = resolve([str(p) for p in paths]).items
             job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=12)
-            stats = pipeline.caption(items, engine, records, job=job, settings=settings, batch_size=batch_size)
+            stats = pipeline.caption(items, engine, records, job=job, settings=settings, limits=BatchLimits(batch_size))
             assert stats.answered == len(paths)
             assert [captured[size] for size in MIXED_SIZES] == expected, batch_size
     finally:

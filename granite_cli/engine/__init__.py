@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-CACHES = ("auto", "static", "dynamic")
+CACHES = ("auto", "dynamic", "static")
 #: Backends by name: the module that provides `load(model, ...)`.
 BACKENDS = {"transformers": "granite_cli.engine.hf"}
 
@@ -46,11 +46,22 @@ class EngineOptions:
     max_tiles: int | None = None
     """Restrict the image grid to at most this many vision tiles, overview tile included."""
     cache: str = "auto"
-    """KV cache: "static" (preallocated, no per-step concatenation), "dynamic", or "auto"
-    (static on a GPU, where decode is memory-bound, dynamic on the CPU)."""
-    compile: bool = False
-    """Compile the decode step (static cache only). Faster steps, but the first batch of each
-    shape pays a compilation of tens of seconds: for long runs only."""
+    """KV cache: "dynamic", "static" (preallocated for each batch, its own size), or "auto": the
+    dynamic cache, until a GPU measurement shows the static one faster."""
+    prefill_chunk: int | None = None
+    """Tokens per prefill chunk (0: whole prompts). None: 2048 on a GPU, whole prompts on the CPU."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How big a batch may be: `rows` pictures at most, and (on a GPU) `tokens` at most, counted
+    as rows x the longest prompt plus the answer length: what its KV cache will hold."""
+
+    rows: int
+    tokens: int | None = None
+
+    def allows(self, rows: int, longest_prompt: int, max_new_tokens: int) -> bool:
+        return rows <= self.rows and (self.tokens is None or rows * (longest_prompt + max_new_tokens) <= self.tokens)
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,9 @@ class Engine(Protocol):
     def image_tokens(self, width: int, height: int) -> int:
         """Tokens the model spends on a picture of this size."""
 
+    def tokens(self, question: str, width: int, height: int) -> int:
+        """Prompt tokens (template, question and picture) for a picture of this size."""
+
     def check_fits(self, question: str, width: int, height: int, max_new_tokens: int) -> str | None:
         """Why an item cannot be answered within the context window, or None."""
 
@@ -82,6 +96,13 @@ class Engine(Protocol):
 
     def run(self, prepared: Any, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
         """Answer a prepared batch; `stream` (a batch of one) receives the answer as it comes."""
+
+    def limits(self, rows: int | None = None, tokens: int | None = None) -> BatchLimits:
+        """Batch limits on this device: `rows` (--batch-size) or the device's default, `tokens`
+        (--max-batch-tokens) or the budget its free memory and the model's KV size allow."""
+
+    def failure(self, exc: BaseException) -> str:
+        """What a failed batch means: "oom" (split it), "device" (stop the run), "item" (find it)."""
 
     def release(self) -> None:
         """Give back what a failed batch held (device memory caches)."""

@@ -1,5 +1,6 @@
 """Where and how a model runs: device and dtype choices, what each device supports (what
-`granite-vision info` lists), seeding, and giving memory back."""
+`granite-vision info` lists), how much of a GPU a batch may take, telling an out-of-memory error
+from one that broke the device, seeding, and giving memory back."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def resolve_device(spec: str) -> torch.device:
             raise UsageError(
                 f"--device {spec}: this machine has {found}. Hint: see `granite-vision info`, or use --device cpu"
             )
+        torch.cuda.set_device(index)  # kernels, streams and libraries that ask "which GPU" agree
         return torch.device(f"cuda:{index}")
     raise UsageError(f"--device {spec!r}: expected one of {DEVICE_CHOICES}")
 
@@ -106,8 +108,68 @@ def seed(value: int) -> None:
 
 
 def release_memory() -> None:
-    """Return cached device memory after a batch failed, so the next attempt can use it."""
+    """Free what a failed batch held, so the next attempt can use it: reference cycles through
+    the failure's frames (collected only by the cycle collector), then the allocator's cache."""
+    import gc
+
     import torch
 
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+#: Share of a GPU's memory the KV cache of a batch may take: weights (~6 GiB for a 2B model),
+#: prepared batches waiting in the queue and prefill activations (bounded by chunking) take the
+#: rest, and a run peaks at about half the card (40 GiB on an 80 GiB one).
+KV_SHARE = 0.35
+#: Rows per batch at most on a GPU unless --batch-size says otherwise: decode steps are bound by
+#: kernel launches, so rows are nearly free until the memory budget says stop.
+GPU_ROWS = 128
+CPU_ROWS = 8
+#: Tokens per prefill chunk on a GPU: prefill activations no longer grow with the batch's prompts.
+GPU_PREFILL_CHUNK = 2048
+
+
+def kv_bytes_per_token(text_config, dtype_bytes: int) -> int:
+    """KV cache bytes one token takes: layers x KV heads x head dim x 2 (K and V) x dtype bytes
+    (Granite Vision 3.x: 40 x 8 x 64 x 2 x 2 = 80 KiB)."""
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return text_config.num_hidden_layers * kv_heads * head_dim * 2 * dtype_bytes
+
+
+def token_budget(total_bytes: int, free_bytes: int, kv_bytes: int) -> int:
+    """Tokens (rows x padded length, prompts and answers) a batch's KV cache may hold: a share of
+    the card, and never more than most of what is free once the model is loaded."""
+    return max(1, int(min(KV_SHARE * total_bytes, 0.8 * free_bytes) // kv_bytes))
+
+
+def memory(device: torch.device) -> tuple[int, int] | None:
+    """(total, free) bytes of a GPU; None elsewhere (no budget: the CPU runs by rows)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return total, free
+
+
+#: Messages of CUDA errors after which the device is unusable until the process ends.
+_STICKY = ("device-side assert", "illegal memory access", "illegal instruction", "misaligned address",
+           "unspecified launch failure", "cuda error: an illegal", "cublas_status_execution_failed",
+           "cudnn_status_execution_failed", "nccl error")  # fmt: skip
+
+
+def failure(exc: BaseException) -> str:
+    """ "oom" (the batch was too big: split it), "device" (the GPU is broken: stop the run), or
+    "item" (something in the batch: find the item)."""
+    import torch
+
+    text = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
+        return "oom"
+    if any(marker in text for marker in _STICKY):
+        return "device"
+    return "item"

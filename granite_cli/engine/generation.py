@@ -1,5 +1,15 @@
 """The device side of a batch: one `generate` call over prepared inputs, and its tokens turned
-into answers (or streamed as text while they come)."""
+into answers (or streamed as text while they come).
+
+What keeps a GPU full and its memory for the KV cache:
+- the pictures are encoded before `generate`, and only what the language model reads (the
+  projected features) goes in; the vision tower's hidden states (all its layers, ~47 MB a tile in
+  bf16) are gone before the first decode step, and the features themselves once the prefill
+  has read them (`FreeAfterPrefill`);
+- the prefill runs in chunks of `prefill_chunk` tokens where the model allows it, so its
+  activations do not grow with the batch's prompt length (tokens stay identical);
+- a static cache, when asked for, is sized to this batch: no cache grows over a run.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +22,11 @@ from . import Answer, EngineOptions, GenerationSettings, devices, grammar
 class Generator:
     """Runs `generate` on a model with the decoding, cache and grammar each batch asks for."""
 
-    def __init__(self, model, tokenizer, options: EngineOptions):
+    def __init__(self, model, tokenizer, options: EngineOptions, prefill_chunk: int | None):
         self.model = model
         self.tokenizer = tokenizer
         self.options = options
+        self.prefill_chunk = prefill_chunk
         self.device = model.device
         self.dtype = model.dtype
         eos = model.generation_config.eos_token_id
@@ -26,30 +37,45 @@ class Generator:
         self.seeded_for: GenerationSettings | None = None
 
     def run(self, inputs, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
-        """One `generate` over prepared inputs; answers in the order of their rows."""
+        """One `generate` over prepared inputs, which it takes (empties): the pixels are freed as
+        soon as the vision tower has read them. Answers come in the order of the rows."""
         import torch
 
-        inputs = inputs.to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         if settings.seed is not None and settings is not self.seeded_for:  # once per run (its settings)
             devices.seed(settings.seed)
             self.seeded_for = settings
-        kwargs = self._decoding(settings, rows=inputs["input_ids"].shape[0])
-        if stream is not None:
-            kwargs["streamer"] = TextStream(self.tokenizer, stream)
+        input_ids = inputs.pop("input_ids").to(self.device)
+        attention_mask = inputs.pop("attention_mask").to(self.device)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **kwargs)
-        prompt_length = inputs["input_ids"].shape[1]
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        rows = output[:, prompt_length:].tolist()
+            features = self.encode(inputs)
+            kwargs = self._decoding(settings, input_ids.shape, features)
+            if stream is not None:
+                kwargs["streamer"] = TextStream(self.tokenizer, stream)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        prompt_tokens = attention_mask.sum(dim=1).tolist()
+        rows = output[:, input_ids.shape[1] :].tolist()
         return [self._answer(row, tokens) for row, tokens in zip(rows, prompt_tokens, strict=True)]
 
-    def _decoding(self, settings: GenerationSettings, rows: int) -> dict:
-        """`generate`'s keyword arguments for these settings."""
+    def encode(self, inputs):
+        """The pictures (taken out of `inputs`) through the vision tower and projector, keeping
+        only what the language model reads (projected features; deepstack features for Granite
+        Vision 4): the tower's hidden states die here, before any decode step."""
+        outputs = self.model.base_model.get_image_features(
+            pixel_values=inputs.pop("pixel_values").to(self.device, self.dtype),
+            image_sizes=inputs.pop("image_sizes").to(self.device),
+            return_dict=True,
+        )
+        kept = {name: outputs.get(name) for name in ("pooler_output", "deepstack_features")}
+        return type(outputs)(**{name: value for name, value in kept.items() if value is not None})
+
+    def _decoding(self, settings: GenerationSettings, shape, features) -> dict:
+        """`generate`'s keyword arguments for these settings and this batch."""
+        rows, length = shape
         kwargs: dict = {
             "max_new_tokens": settings.max_new_tokens,
             "pad_token_id": self.model.generation_config.pad_token_id,
+            "mm_encoder_outputs": {"image": features},
+            "logits_processor": [FreeAfterPrefill(features)],
         }
         if settings.min_new_tokens:
             kwargs["min_new_tokens"] = settings.min_new_tokens
@@ -57,12 +83,15 @@ class Generator:
             kwargs.update(do_sample=True, temperature=settings.temperature)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self._static_cache():
-            # A preallocated cache: no per-step concatenation of the whole KV cache, and the
-            # grouped K/V heads are read in place (transformers packs GQA for one-token steps).
-            kwargs.update(cache_implementation="static", disable_compile=not self.options.compile)
+        if self.prefill_chunk and features.get("pooler_output") is not None:  # what transformers can chunk
+            kwargs["prefill_chunk_size"] = self.prefill_chunk
+        if self.options.cache == "static":
+            from transformers import StaticCache
+
+            text = self.model.config.get_text_config(decoder=True)
+            kwargs["cache"] = StaticCache(config=text, max_cache_len=length + settings.max_new_tokens)
         if settings.schema is not None:
-            kwargs["logits_processor"] = [grammar.GrammarMask(self._grammar(settings.schema.text), rows)]
+            kwargs["logits_processor"].insert(0, grammar.GrammarMask(self._grammar(settings.schema.text), rows))
         return kwargs
 
     def _grammar(self, schema_text: str):
@@ -73,16 +102,39 @@ class Generator:
             self.grammars[schema_text] = grammar.compile_schema(info, schema_text)
         return self.grammars[schema_text]
 
-    def _static_cache(self) -> bool:
-        if self.options.cache == "auto":
-            return self.device.type == "cuda"
-        return self.options.cache == "static"
-
     def _answer(self, tokens: list[int], prompt_tokens: int) -> Answer:
         end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
         kept = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         return Answer(text.strip(), int(prompt_tokens), len(kept), "length" if end is None else "stop", tuple(kept))
+
+
+class FreeAfterPrefill:
+    """A `generate` logits processor that frees the picture features once the prefill has read
+    them: `generate` keeps them in its arguments until it returns, but never reads them again."""
+
+    def __init__(self, features) -> None:
+        self.tensors = [value for value in _tensors(features)]
+
+    def __call__(self, input_ids, scores):
+        for tensor in self.tensors:
+            tensor.untyped_storage().resize_(0)
+        self.tensors.clear()
+        return scores
+
+
+def _tensors(value):
+    """Every tensor in a (nested) model output, list or tuple."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
 
 
 class TextStream:

@@ -26,8 +26,8 @@ class GrammarMask:
 
     Each step: the rows still inside their grammar accept the token they just produced, their
     allowed-token bitmasks are filled in one multi-threaded call, and the masks are applied to
-    the logits in place (a fused kernel on CUDA). Rows whose JSON is complete end with the
-    end-of-text token, which the grammar then only allows.
+    the logits in place (`apply_bitmask`). Rows whose JSON is complete end with the end-of-text
+    token, which the grammar then only allows.
     """
 
     def __init__(self, compiled, rows: int):
@@ -52,8 +52,27 @@ class GrammarMask:
         if not live:
             return scores
         self.batch.batch_fill_next_token_bitmask([self.matchers[i] for i in live], self.bitmask, indices=live)
-        masked = scores if scores.device.type in ("cuda", "cpu") else scores.to("cpu")
-        self.xgrammar.apply_token_bitmask_inplace(
-            masked, self.bitmask.to(masked.device, non_blocking=True), vocab_size=self.vocab_size, indices=live
-        )
-        return masked.to(scores.device)
+        apply_bitmask(scores, self.bitmask.to(scores.device, non_blocking=True), self.vocab_size, live)
+        return scores
+
+
+def apply_bitmask(scores, bitmask, vocab_size: int, rows: list[int]) -> None:
+    """Set to -inf, in place, the logits of every token a row's bitmask forbids (bit i of word
+    j allows token 32 j + i), and of every logit beyond the vocabulary.
+
+    Plain tensor operations on the logits' own device: xgrammar's fused kernels need Triton or
+    nvcc, and a C compiler on the host at first use, and Triton reads the properties of GPU 0
+    whatever the device; this needs nothing and takes microseconds against a decode step.
+    """
+    import torch
+
+    index = torch.tensor(rows, device=scores.device)
+    shifts = torch.arange(32, device=scores.device, dtype=torch.int32)
+    words = bitmask.index_select(0, index).to(torch.int32)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
+    if allowed.shape[1] < vocab_size:  # (a vocabulary that is not a multiple of 32 is padded)
+        raise ValueError(f"bitmask covers {allowed.shape[1]} tokens, vocabulary has {vocab_size}")
+    selected = scores.index_select(0, index)
+    selected[:, :vocab_size].masked_fill_(~allowed, float("-inf"))
+    selected[:, vocab_size:] = float("-inf")
+    scores.index_copy_(0, index, selected)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from .. import DEFAULT_MODEL
 from ..errors import UsageError
-from . import Answer, EngineOptions, GenerationSettings, batches, devices, hub
+from . import Answer, BatchLimits, EngineOptions, GenerationSettings, batches, devices, hub
 from .generation import Generator
 from .prompts import Prompts
 
@@ -30,10 +30,15 @@ class HfEngine:
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
-        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.prompts = Prompts(processor, context, name)
-        self.generator = Generator(model, processor.tokenizer, options)
+        text_config = model.config.get_text_config()
+        self.prompts = Prompts(processor, getattr(text_config, "max_position_embeddings", None), name)
+        chunk = options.prefill_chunk
+        if chunk is None:
+            chunk = devices.GPU_PREFILL_CHUNK if self.device.type == "cuda" else 0
+        self.generator = Generator(model, processor.tokenizer, options, chunk or None)
         self.pad_id = model.generation_config.pad_token_id
+        self.kv_bytes = devices.kv_bytes_per_token(text_config, model.dtype.itemsize)
+        self.memory = devices.memory(self.device)  # measured once loaded: what the weights left
         # With the model on a GPU, the torchvision image processor resizes there too.
         self.prepare_device = self.device if self.device.type == "cuda" and _torchvision_backend(processor) else None
 
@@ -42,6 +47,9 @@ class HfEngine:
 
     def image_tokens(self, width: int, height: int) -> int:
         return self.prompts.image_tokens(width, height)
+
+    def tokens(self, question: str, width: int, height: int) -> int:
+        return self.prompts.tokens(question, width, height)
 
     def check_fits(self, question: str, width: int, height: int, max_new_tokens: int) -> str | None:
         return self.prompts.check_fits(question, width, height, max_new_tokens)
@@ -52,8 +60,25 @@ class HfEngine:
     def run(self, prepared, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
         return self.generator.run(prepared, settings, stream)
 
+    def limits(self, rows: int | None = None, tokens: int | None = None) -> BatchLimits:
+        if rows is None:
+            rows = devices.GPU_ROWS if self.memory is not None else devices.CPU_ROWS
+        if tokens is None and self.memory is not None:
+            tokens = devices.token_budget(*self.memory, self.kv_bytes)
+        return BatchLimits(rows, tokens)
+
+    def failure(self, exc: BaseException) -> str:
+        return devices.failure(exc)
+
     def release(self) -> None:
         devices.release_memory()
+
+    def with_options(self, options: EngineOptions) -> HfEngine:
+        """The same loaded model run another way (cache, prefill chunks): for benchmarks that
+        compare them without loading the weights again. The image grid (max_tiles) cannot change."""
+        if options.max_tiles != self.generator.options.max_tiles:
+            raise ValueError("max_tiles changes the processor: load the model again")
+        return HfEngine(self.processor, self.model, self.name, options)
 
 
 def load(model: str, *, revision: str | None, device: str, dtype: str, options: EngineOptions) -> HfEngine:

@@ -1,0 +1,278 @@
+"""Keeping a GPU full, proved on the CPU: batches by token budget, out-of-memory handled right,
+vision outputs freed before decode, chunked prefill and per-batch caches that change no token."""
+
+from __future__ import annotations
+
+import gc
+import json
+import warnings
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import MIXED_SIZES, Collect, model_card_answers, noise, one_error_line
+
+from granite_cli import pipeline
+from granite_cli.engine import BatchLimits, EngineOptions, GenerationSettings, load_engine
+from granite_cli.records import Job
+from granite_cli.sources import resolve
+
+
+@pytest.fixture
+def pictures(tmp_path) -> list[Path]:
+    paths = []
+    for i in range(12):
+        noise(40 + i, 40, seed=i).save(tmp_path / f"{i:02d}.png")
+        paths.append(tmp_path / f"{i:02d}.png")
+    return paths
+
+
+def caption(engine, paths, limits: BatchLimits, max_new_tokens: int = 4) -> list:
+    records = Collect()
+    job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=max_new_tokens)
+    pipeline.caption(resolve([str(p) for p in paths]).items, engine, records, job=job, settings=settings, limits=limits)
+    assert [r.source for r in records] == [str(p) for p in paths]  # every item once, in input order
+    return records
+
+
+class Injector:
+    """Wraps the engine's model.generate: `fail(rows, kwargs)` returns an exception to raise (after
+    holding a tensor, as a failed attempt holds its activations) or None to run it for real."""
+
+    def __init__(self, engine, monkeypatch, fail) -> None:
+        model_class = type(engine.generator.model)  # every engine of this model class (the CLI's too)
+        real = model_class.generate
+        self.fail = fail
+        self.calls: list[int] = []
+        self.held: list[weakref.ref] = []
+
+        def generate(model, *args, **kwargs):
+            rows = kwargs["input_ids"].shape[0]
+            self.calls.append(rows)
+            error = self.fail(rows, kwargs)
+            if error is not None:
+                activations = torch.empty(rows, 1 << 20)  # what a failed attempt holds
+                self.held.append(weakref.ref(activations))
+                raise error  # (this frame holds `error`: a cycle, as real code makes too)
+            return real(model, *args, **kwargs)
+
+        monkeypatch.setattr(model_class, "generate", generate)
+
+
+# --------------------------------------------------------------------------- out of memory
+def test_a_retry_starts_only_after_the_failed_attempt_is_gone(tiny_engine, pictures, monkeypatch):
+    alive_at_retry: list[int] = []
+    failed_inputs: list[weakref.ref] = []
+    real_run = tiny_engine.run
+
+    def run(inputs, settings, stream=None):  # each attempt: what the earlier failed ones left alive
+        alive_at_retry.append(sum(ref() is not None for ref in injector.held + failed_inputs))
+        failed_inputs.append(weakref.ref(inputs["pixel_values"]))
+        return real_run(inputs, settings, stream)
+
+    injector = Injector(
+        tiny_engine,
+        monkeypatch,
+        lambda rows, _: torch.OutOfMemoryError("CUDA out of memory (simulated)") if rows > 2 else None,
+    )
+    monkeypatch.setattr(tiny_engine, "run", run)
+    records = caption(tiny_engine, pictures[:8], BatchLimits(8))
+    assert all(r.ok for r in records) and injector.held
+    assert len(alive_at_retry) > 1 and not any(alive_at_retry)  # nothing of a failed attempt survived to its retry
+
+
+def test_only_out_of_memory_splits_and_what_fitted_is_remembered(tiny_engine, pictures, monkeypatch):
+    injector = Injector(
+        tiny_engine, monkeypatch, lambda rows, _: torch.OutOfMemoryError("out of memory") if rows > 2 else None
+    )
+    records = caption(tiny_engine, pictures, BatchLimits(8))
+    assert all(r.ok for r in records)
+    assert injector.calls[:3] == [8, 4, 2]  # halves until it fits ...
+    assert sum(rows > 2 for rows in injector.calls) == 2  # ... and no later batch runs out again
+    assert max(injector.calls[3:]) == 2
+
+
+def test_an_item_error_is_found_running_each_item_alone_once(tiny_engine, pictures, monkeypatch):
+    bad = (48, 40)  # pictures[8]
+    runs: dict[tuple, int] = {}
+
+    def fail(rows, kwargs):
+        return None  # (counted below, at prepare time)
+
+    real_prepare = tiny_engine.prepare
+
+    def prepare(images, questions):
+        for image in images:
+            runs[image.size] = runs.get(image.size, 0) + 1
+        if bad in [image.size for image in images]:
+            raise ValueError("an unreadable picture (simulated)")
+        return real_prepare(images, questions)
+
+    monkeypatch.setattr(tiny_engine, "prepare", prepare)
+    records = caption(tiny_engine, pictures, BatchLimits(4))
+    assert [r.ok for r in records] == [i != 8 for i in range(12)]
+    assert "preprocessing failed" in records[8].error
+    batch_of_bad = [size for size, count in runs.items() if count == 2]
+    assert bad in batch_of_bad and len(batch_of_bad) == 4  # its batch: each of the four run once more, no more
+    assert all(count in (1, 2) for count in runs.values())
+
+
+def test_a_broken_device_stops_the_run_and_resume_finishes_it(cli, tiny_engine, pictures, tmp_path, monkeypatch):
+    broken = RuntimeError("CUDA error: an illegal memory access was encountered")
+    seen = []
+    Injector(tiny_engine, monkeypatch, lambda rows, _: seen.append(rows) or (broken if len(seen) == 2 else None))
+    out = tmp_path / "out.jsonl"
+    result = cli("caption", *map(str, pictures), "-o", str(out), "--batch-size", "4", "--device", "cpu")
+    assert result.exit_code == 2
+    line = one_error_line(result.stderr)
+    assert "the device failed: RuntimeError: CUDA error: an illegal memory access" in line and "--resume" in line
+    assert len(seen) == 2  # not 2N-1 attempts: the first broken batch ends the run
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(kept) == 4 and all(r["answer"] for r in kept)
+    monkeypatch.undo()
+    resumed = cli("caption", *map(str, pictures), "-o", str(out), "--resume", "--device", "cpu")
+    assert resumed.exit_code == 0 and "4 answered before, 8 to run" in resumed.stderr
+
+
+# --------------------------------------------------------------------------- batches by budget
+def test_batches_follow_the_token_budget(tiny_engine, tmp_path, monkeypatch):
+    sizes = [(40, 40)] * 6 + [(1275, 1650)] * 6  # thumbnails and pages
+    paths = []
+    for i, size in enumerate(sizes):
+        noise(*size, seed=i).save(tmp_path / f"{i:02d}.png")
+        paths.append(tmp_path / f"{i:02d}.png")
+    shapes: list[tuple[int, int]] = []
+    injector = Injector(tiny_engine, monkeypatch, lambda rows, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)))
+    limits = BatchLimits(rows=6, tokens=1000)
+    caption(tiny_engine, paths, limits)
+    assert injector.calls and all(rows * (length + 4) <= 1000 and rows <= 6 for rows, length in shapes)
+    thumbnails = [rows for rows, length in shapes if length < 150]
+    pages = [rows for rows, length in shapes if length >= 150]
+    assert min(thumbnails) > max(pages)  # short prompts travel in more rows
+
+
+def test_the_budget_comes_from_memory_and_the_model_config(tiny_engine):
+    from transformers import AutoConfig
+
+    from granite_cli.engine import devices
+
+    config = AutoConfig.from_pretrained(
+        Path(__file__).parent.parent / "benchmarks" / "configs" / "granite-vision-3.2-2b"
+    )
+    per_token = devices.kv_bytes_per_token(config.get_text_config(), dtype_bytes=2)
+    assert per_token == 40 * 8 * 64 * 2 * 2 == 80 * 1024  # layers x KV heads x head dim x K,V x bf16
+    gib = 1 << 30
+    assert devices.token_budget(80 * gib, 73 * gib, per_token) == int(0.35 * 80 * gib) // per_token  # ~358k tokens
+    assert devices.token_budget(80 * gib, 10 * gib, per_token) == int(0.8 * 10 * gib) // per_token  # never past free
+    assert tiny_engine.limits() == BatchLimits(rows=8, tokens=None)  # the CPU: today's 8 rows, no budget
+    assert tiny_engine.limits(3, 500) == BatchLimits(rows=3, tokens=500)  # --batch-size, --max-batch-tokens
+
+
+@pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])
+def test_answers_stay_token_for_token_under_budgets_chunked_prefill_and_static_caches(
+    family, tiny_model, tiny_g4, tmp_path
+):
+    model = str(tiny_model if family == "llava_next" else tiny_g4)
+    paths = []
+    for i, size in enumerate(MIXED_SIZES):
+        noise(*size, seed=100 + i).save(tmp_path / f"img{i}.png")
+        paths.append(tmp_path / f"img{i}.png")
+    expected = model_card_answers(model, paths, "Describe", max_new_tokens=10, token_ids=True)
+    for options, limits in [
+        (EngineOptions(prefill_chunk=16), BatchLimits(7)),  # prefill in chunks of 16 tokens
+        (EngineOptions(cache="static"), BatchLimits(7, tokens=900)),  # a budget: several small batches
+    ]:
+        engine = load_engine(model, device="cpu", options=options)
+        assert [r.token_ids for r in caption(engine, paths, limits, max_new_tokens=10)] == expected, options
+
+
+# --------------------------------------------------------------------------- memory during decode
+def test_no_vision_hidden_state_is_alive_during_a_decode_step(tiny_engine, pictures, monkeypatch):
+    from PIL import Image
+
+    vision = tiny_engine.model.config.vision_config
+    per_tile = (vision.image_size // vision.patch_size) ** 2
+    width = tiny_engine.model.config.text_config.hidden_size
+    feature_shapes = {(tiny_engine.image_tokens(*Image.open(p).size), width) for p in pictures[:4]}
+    seen: list[tuple[int, int, int]] = []
+
+    class Look:  # a logits processor: called after the prefill, then after every decode step
+        def __call__(self, input_ids, scores):
+            gc.collect()
+            with warnings.catch_warnings():  # (isinstance wakes a deprecated torch.distributed name)
+                warnings.simplefilter("ignore", FutureWarning)
+                tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]
+            hidden = [t for t in tensors if t.dim() == 3 and tuple(t.shape[1:]) == (per_tile, vision.hidden_size)]
+            features = [t for t in tensors if tuple(t.shape) in feature_shapes]
+            seen.append((len(hidden), len(features), sum(t.untyped_storage().nbytes() for t in features)))
+            return scores
+
+    real = type(tiny_engine.generator.model).generate
+
+    def generate(model, *args, **kwargs):
+        kwargs["logits_processor"].append(Look())
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_engine.generator.model), "generate", generate)
+    caption(tiny_engine, pictures[:4], BatchLimits(4))
+    assert len(seen) == 4  # after the prefill, then three decode steps
+    assert all(hidden == 0 for hidden, _, _ in seen)  # the vision tower's hidden states: gone before decoding
+    assert all(count > 0 and stored == 0 for _, count, stored in seen)  # the features: emptied once read
+
+
+# --------------------------------------------------------------------------- the grammar mask
+def test_the_grammar_mask_needs_no_compiler_and_matches_xgrammar():
+    import xgrammar
+
+    from granite_cli.engine.grammar import apply_bitmask
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 49156
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (6, (vocab + 31) // 32), dtype=torch.int32, generator=generator)
+    scores = torch.randn(6, vocab, generator=generator)
+    ours, theirs = scores.clone(), scores.clone()
+    apply_bitmask(ours, bitmask, vocab, [0, 2, 5])
+    xgrammar.apply_token_bitmask_inplace(theirs, bitmask, vocab_size=vocab, indices=[0, 2, 5])
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[1], scores[1])  # rows outside the grammar are untouched
+
+
+# --------------------------------------------------------------------------- several GPUs
+@pytest.mark.gpu
+def test_a_cuda_index_becomes_the_current_device():
+    from granite_cli.engine.devices import resolve_device
+
+    last = torch.cuda.device_count() - 1
+    assert resolve_device(f"cuda:{last}") == torch.device(f"cuda:{last}")
+    assert torch.cuda.current_device() == last
+
+
+def test_the_prefill_is_chunked_where_the_model_allows_it(tiny_model, tiny_g4, pictures, monkeypatch):
+    chunks: dict[str, object] = {}
+    for family, model in (("llava_next", tiny_model), ("granite4_vision", tiny_g4)):
+        engine = load_engine(str(model), device="cpu", options=EngineOptions(prefill_chunk=16))
+        real = type(engine.generator.model).generate
+
+        def generate(model, *args, real=real, family=family, **kwargs):
+            chunks[family] = kwargs.get("prefill_chunk_size")
+            return real(model, *args, **kwargs)
+
+        monkeypatch.setattr(type(engine.generator.model), "generate", generate)
+        assert all(r.ok for r in caption(engine, pictures[:2], BatchLimits(2)))
+    assert chunks == {"llava_next": 16, "granite4_vision": None}  # (transformers cannot chunk deepstack features)
+    assert load_engine(str(tiny_model), device="cpu").generator.prefill_chunk is None  # the CPU: whole prompts
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_batches_have_a_token_budget_and_answers_match_the_cpu(tiny_model, pictures):
+    gpu = load_engine(str(tiny_model), device="cuda", dtype="float32")
+    cpu = load_engine(str(tiny_model), device="cpu")
+    limits = gpu.limits()
+    assert limits.rows == 128 and limits.tokens and limits.tokens > 10_000
+    assert gpu.prepare_device is not None and gpu.generator.prefill_chunk == 2048
+    on_gpu = caption(gpu, pictures, limits)
+    on_cpu = caption(cpu, pictures, BatchLimits(8))
+    assert all(r.ok for r in on_gpu)
+    same = sum(a.token_ids[:1] == b.token_ids[:1] for a, b in zip(on_gpu, on_cpu, strict=True))
+    assert same >= len(pictures) - 1  # first tokens: kernels differ, answers should not
