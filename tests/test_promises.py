@@ -123,15 +123,16 @@ def test_progress_bar_and_colours_on_a_terminal_only(inputs, tiny_model, tmp_pat
 
 # --------------------------------------------------------------------------- Ctrl-C during a run
 def long_run(tmp_path: Path, model: Path) -> tuple[subprocess.Popen, Path]:
-    """24 alike pictures in batches of 8, each answer 600 tokens long (random weights never
-    stop early): a batch takes seconds, so where a signal lands is clear from the record count."""
+    """24 alike pictures in batches of 8, each answer 2,400 tokens long (random weights never
+    stop early): a batch takes several seconds even on a fast CPU (600 tokens took under a
+    second on CI), so where a signal lands is clear from the record count."""
     root = tmp_path / "in"
     root.mkdir()
     for i in range(24):
         noise(40, 40, i).save(root / f"{i:02d}.png")
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "granite_cli", "caption", str(root), "-o", str(out)]
-    command += ["--model", str(model), "--batch-size", "8", "--max-new-tokens", "600"]
+    command += ["--model", str(model), "--batch-size", "8", "--max-new-tokens", "2400"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return process, out
 
