@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from . import DEFAULT_MODEL
@@ -28,6 +29,7 @@ from .errors import UsageError, describe
 from .pictures import DEFAULT_MAX_PIXELS
 from .readers import DEFAULT_DPI, RENDERERS, OpenDocuments, ReadOptions, open_document
 from .records import Job, Record
+from .sidecars import SidecarOutput, Sidecars
 from .sources import Item, PageSelection, expand_stdin, resolve, resolve_single
 from .ui import Reporter
 from .writers import writer_class
@@ -107,6 +109,10 @@ class CaptionJob(Options):
     output: str | None = None
     pages: str | None = None
     resume: bool = False
+    sidecar: str | None = None
+    """Also write each answer to a file beside its picture, with this ending (".txt")."""
+    overwrite: bool = False
+    """With `sidecar`: answer pictures whose sidecar exists too (else they are skipped)."""
     batch_size: int | None = None
     """Pictures per batch at most (None: 8 on the CPU, 128 on a GPU; the token budget decides below)."""
     max_batch_tokens: int | None = None
@@ -234,7 +240,7 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
 
     structured = schema.load(job.schema, job.json_object)
     columns = structured.columns if structured is not None else []
-    writer_class(job.format, columns)
+    writer = writer_class(job.format, columns)
     if job.resume and job.output in (None, "-"):
         raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
     prompt = job.prompt or (structured.default_prompt() if structured is not None else DEFAULT_PROMPT)
@@ -244,14 +250,19 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
     todo_job = Job(prompt, _model(job, reporter), structured.fingerprint if structured else None)
     sources, run_id = _shared_sources(job, ranks, stdin)
     sink = open_output(job.output, job.format, job.resume, ranks=ranks, columns=columns, run_id=run_id)
+    if job.sidecar is not None:
+        sink = SidecarOutput(sink, Sidecars(job.sidecar, job.overwrite))
     resolution = resolve(sources, pages=selection, read=read, stdin=stdin)
     reporter.resolution(resolution)
     if not resolution.items:
         raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
     sink.check(resolution.items)
+    writer.check_output(Path(job.output) if job.output not in (None, "-") else None, resolution.items)
     todo = sink.plan(resolution.items, todo_job)
     if job.resume:
         reporter.resumed(job.output, sink.previous, len(todo))
+    elif job.sidecar is not None and len(todo) < len(resolution.items):
+        reporter.note(f"{len(resolution.items) - len(todo)} picture(s) have their {job.sidecar} already: skipped")
     return _Plan(todo_job, resolution.items, todo, sink, ranks, reporter, read, structured)
 
 

@@ -31,6 +31,7 @@ from rich.markup import escape
 from . import __version__
 from .api import AskJob, CaptionJob, Stop, run_ask, run_caption
 from .errors import DeviceError, OutputError, UsageError
+from .helptext import Command, Group
 from .options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
@@ -47,6 +48,7 @@ from .options import (
     MaxTilesOpt,
     ModelOpt,
     OutputOpt,
+    OverwriteOpt,
     PageOpt,
     PagesOpt,
     PasswordOpt,
@@ -57,6 +59,7 @@ from .options import (
     RevisionOpt,
     SchemaOpt,
     SeedOpt,
+    SidecarOpt,
     SourceArg,
     SourcesArg,
     TemperatureOpt,
@@ -67,17 +70,20 @@ from .ui import Reporter, console, error_line
 
 app = typer.Typer(
     name="granite-vision",
+    cls=Group,
     help="Ask questions about images and PDF pages, and caption whole folders, with IBM Granite Vision.",
     epilog=(
         "Examples:\n\n"
         "  granite-vision ask photo.jpg 'What is shown?'\n\n"
         "  granite-vision caption photos/ 'scans/*.pdf' --format markdown -o report.md\n\n"
-        "  find . -name '*.jpg' | granite-vision caption - | jq .answer"
+        "  find . -name '*.jpg' | granite-vision caption - | jq .answer\n\n"
+        "Shell completion: granite-vision --install-completion (bash, zsh, fish, PowerShell)."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -128,12 +134,13 @@ def main_options(
 
 
 @app.command(
+    cls=Command,
     epilog=(
         "Examples:\n\n"
         "  granite-vision ask photo.jpg 'What is shown?'\n\n"
         "  granite-vision ask invoice.pdf --page 2 'What is the total?' --json\n\n"
         "  curl -s https://example.com/a.png | granite-vision ask - 'Describe it.'"
-    )
+    ),
 )
 @_command
 def ask(
@@ -159,7 +166,7 @@ def ask(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Answer one question about one image or PDF page; the answer streams to stdout."""
-    options = {key: value for key, value in locals().items() if key not in ("ctx", "json_output")}
+    options = _plain({key: value for key, value in locals().items() if key not in ("ctx", "json_output")})
     job = AskJob(**options, model_origin=_model_origin(ctx))
     record = run_ask(job, stream=None if json_output else sys.stdout, reporter=Reporter()).record
     if not record.ok:
@@ -169,12 +176,13 @@ def ask(
 
 
 @app.command(
+    cls=Command,
     epilog=(
         "Examples:\n\n"
         "  granite-vision caption photos/ scans/*.pdf --format markdown -o report.md\n\n"
         "  granite-vision caption 'archive/**/*.tif' --pages 1-3 -o captions.jsonl\n\n"
         "  find . -name '*.jpg' | granite-vision caption - | jq .answer"
-    )
+    ),
 )
 @_command
 def caption(
@@ -191,6 +199,8 @@ def caption(
     pdf_password: PasswordOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     resume: ResumeOpt = False,
+    sidecar: SidecarOpt = None,
+    overwrite: OverwriteOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -204,20 +214,27 @@ def caption(
     seed: SeedOpt = None,
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
-    options = {key: value for key, value in locals().items() if key != "ctx"}
+    options = _plain({key: value for key, value in locals().items() if key != "ctx"})
     job = CaptionJob(**options | {"output": output or "-"}, model_origin=_model_origin(ctx))
     with graceful_stop() as stop:  # Ctrl-C and SIGTERM: at once while loading, after the batch once running
         result = run_caption(job, reporter=Reporter(), stop=stop, stdin=sys.stdin.buffer)
     raise typer.Exit(result.exit_code)
 
 
-@app.command()
+@app.command(cls=Command)
 @_command
 def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """Versions, devices and dtypes, default model, model cache and PDF renderers."""
     from .info import collect, render
 
     _print_stdout(render(collect(default_model=DEFAULT_MODEL), as_json=json_output))
+
+
+def _plain(options: dict) -> dict:
+    """Option values as the library takes them: a choice's value, the device in lower case."""
+    options = {key: getattr(value, "value", value) for key, value in options.items()}
+    options["device"] = options["device"].strip().lower()
+    return options
 
 
 def _model_origin(ctx: typer.Context) -> str:

@@ -3,14 +3,28 @@ everywhere (the pattern of huggingface_hub's CLI), with the defaults they show i
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from . import DEFAULT_MODEL  # noqa: F401 - re-exported for the CLI
 from .api import DEFAULT_PROMPT
+from .engine import CACHES, DTYPES
 from .readers import RENDERERS
-from .writers import formats_help
+from .writers import FORMATS, formats_help
+
+
+def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """An option's choices from a registry, as the Enum that makes typer list them in --help and
+    accept them in any case (`-f MARKDOWN`)."""
+    return Enum(name, {value: value for value in values}, type=str)
+
+
+Format = choices("Format", FORMATS)
+Renderer = choices("Renderer", RENDERERS)
+Cache = choices("Cache", CACHES)
+Dtype = choices("Dtype", DTYPES)
 
 # Options shared by `ask` and `caption`, declared once so they read the same everywhere.
 ModelOpt = Annotated[
@@ -18,27 +32,32 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
+        metavar="ID|FOLDER",
         envvar="GRANITE_VISION_MODEL",
         help="Hugging Face model id or local model folder.",
         rich_help_panel="Model",
     ),
 ]
 RevisionOpt = Annotated[
-    Optional[str], typer.Option(help="Model revision (branch, tag or commit) on the Hub.", rich_help_panel="Model")
+    Optional[str],
+    typer.Option(metavar="REV", help="Model revision (branch, tag or commit) on the Hub.", rich_help_panel="Model"),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option(help="auto|cpu|cuda|cuda:N|mps (auto: cuda, then mps, then cpu).", rich_help_panel="Model")
+    str,
+    typer.Option(metavar="[auto|cpu|cuda|cuda:N|mps]", help="auto: cuda, then mps, then cpu.", rich_help_panel="Model"),
 ]
 DtypeOpt = Annotated[
-    str,
+    Dtype,
     typer.Option(
-        help="auto|bfloat16|float16|float32 (auto: bfloat16 where supported, float16 on other GPUs, float32 on CPU).",
+        case_sensitive=False,
+        help="auto: bfloat16 where supported, float16 on other GPUs, float32 on the CPU.",
         rich_help_panel="Model",
     ),
 ]
 SchemaOpt = Annotated[
     Optional[str],
     typer.Option(
+        metavar="SCHEMA",
         help="Answer with JSON valid against this schema: a JSON Schema file, inline JSON, or fields like"
         " 'title, total:number, paid:boolean' (string by default). Decoding is constrained to it.",
         rich_help_panel="Structured output",
@@ -58,10 +77,11 @@ MaxTilesOpt = Annotated[
     ),
 ]
 CacheOpt = Annotated[
-    str,
+    Cache,
     typer.Option(
-        help="KV cache: dynamic, static (preallocated for each batch, at its size) or auto (dynamic, until a GPU"
-        " measurement shows static faster).",
+        case_sensitive=False,
+        help="KV cache: auto (dynamic, until a GPU measurement shows static faster), dynamic, or static"
+        " (preallocated for each batch, at its size).",
         rich_help_panel="Model",
     ),
 ]
@@ -72,16 +92,22 @@ TemperatureOpt = Annotated[
 ]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel="Generation")]
 RendererOpt = Annotated[
-    str,
+    Renderer,
     typer.Option(
         "--pdf-renderer",
-        help=f"{' or '.join(RENDERERS)}: pypdfium2 needs no system package, poppler needs poppler-utils.",
+        case_sensitive=False,
+        help="pypdfium2 needs no system package; poppler needs poppler-utils.",
         rich_help_panel="Input",
     ),
 ]
 PasswordOpt = Annotated[
     Optional[str],
-    typer.Option(help="Password of encrypted PDFs.", rich_help_panel="Input", envvar="GRANITE_VISION_PDF_PASSWORD"),
+    typer.Option(
+        metavar="PASSWORD",
+        help="Password of encrypted PDFs.",
+        rich_help_panel="Input",
+        envvar="GRANITE_VISION_PDF_PASSWORD",
+    ),
 ]
 MaxPixelsOpt = Annotated[
     int,
@@ -95,26 +121,42 @@ DpiOpt = Annotated[int, typer.Option(min=36, max=1200, help="PDF rendering resol
 PromptOpt = Annotated[
     Optional[str],
     typer.Option(
-        help=f"What to ask about every picture [default: {DEFAULT_PROMPT!r}; with --schema, a request for its fields]"
+        metavar="TEXT",
+        help="What to ask about every picture.",
+        show_default=f"{DEFAULT_PROMPT!r}, or with --schema, a request for its fields",
     ),
 ]
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help=formats_help() + ".")]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write here instead of stdout (- is stdout).")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", case_sensitive=False, help=formats_help() + ".")]
+OutputOpt = Annotated[
+    Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write here instead of stdout (- is stdout).")
+]
 PagesOpt = Annotated[
-    Optional[str], typer.Option(help="Pages of PDFs and multi-page TIFFs, e.g. 1-3,7,10-.", rich_help_panel="Input")
+    Optional[str],
+    typer.Option(metavar="PAGES", help="Pages of PDFs and multi-page TIFFs, e.g. 1-3,7,10-.", rich_help_panel="Input"),
 ]
 ResumeOpt = Annotated[
     bool,
     typer.Option(
+        "--resume",
         help="Skip every item already answered in --output, retry the failed ones, append the rest"
-        " (the same job only: same prompt, model and schema)."
+        " (the same job only: same prompt, model and schema).",
     ),
 ]
+SidecarOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="EXT",
+        help="Also write each answer to a text file beside its picture: photo.jpg -> photo.txt, a PDF or TIFF"
+        " page -> scan.page-3.txt. Pictures whose sidecar exists are skipped.",
+    ),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="With --sidecar: answer those pictures again too.")]
 BatchSizeOpt = Annotated[
     Optional[int],
     typer.Option(
         min=1,
-        help="Pictures per batch at most [default: 8 on the CPU, 128 on a GPU, where the memory budget decides below].",
+        help="Pictures per batch at most.",
+        show_default="8 on the CPU, 128 on a GPU (where the memory budget decides below)",
         rich_help_panel="Model",
     ),
 ]
@@ -122,22 +164,25 @@ MaxBatchTokensOpt = Annotated[
     Optional[int],
     typer.Option(
         min=1,
-        help="Tokens per batch at most: rows x (longest prompt + --max-new-tokens), what its KV cache holds"
-        " [default: on a GPU, what its free memory allows; on the CPU, no limit].",
+        help="Tokens per batch at most: rows x (longest prompt + --max-new-tokens), what its KV cache holds.",
+        show_default="on a GPU, what its free memory allows; on the CPU, no limit",
         rich_help_panel="Model",
     ),
 ]
 SourcesArg = Annotated[
     list[str],
     typer.Argument(
+        metavar="SOURCE",
         help="Files, folders (walked recursively), globs (quoted: the tool expands them, ** too),"
-        " or - for paths on stdin."
+        " or - for paths on stdin.",
     ),
 ]
 
 # Options of `ask` alone.
-SourceArg = Annotated[str, typer.Argument(help="Image or PDF file, - for image/PDF bytes on stdin, or an http(s) URL.")]
-QuestionArg = Annotated[str, typer.Argument(help="The question to ask about the picture.")]
+SourceArg = Annotated[
+    str, typer.Argument(metavar="SOURCE", help="Image or PDF file, - for image/PDF bytes on stdin, or an http(s) URL.")
+]
+QuestionArg = Annotated[str, typer.Argument(metavar="QUESTION", help="The question to ask about the picture.")]
 PageOpt = Annotated[
     int, typer.Option(min=1, help="Page of a PDF or multi-page TIFF (1-based).", rich_help_panel="Input")
 ]

@@ -19,7 +19,8 @@ from typing import Any
 from .errors import UsageError
 
 COMPACT_TYPES = {"string", "number", "integer", "boolean"}
-_COMPACT_FIELD = re.compile(r"^(?P<name>[A-Za-z_][\w\- ]*?)\s*(?::\s*(?P<type>[a-z]+)(?P<array>\[\])?)?$")
+#: A field of the compact form: a name in any script (`émetteur`, `名前`), then `:type` or `:type[]`.
+_COMPACT_FIELD = re.compile(r"^(?P<name>[^\W\d][\w\- ]*?)\s*(?::\s*(?P<type>[a-z]+)(?P<array>\[\])?)?$")
 #: Whitespace-free JSON: no tokens spent on layout.
 SEPARATORS = (",", ":")
 

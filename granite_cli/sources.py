@@ -66,8 +66,11 @@ class Resolution:
     """The items, in input order, and what was left out on the way."""
 
     items: list[Item] = field(default_factory=list)
+    unsupported: set[FileId] = field(default_factory=set)
+    """Files of unsupported type found inside directories, each once however many links lead to
+    it (named files are never skipped; a link to nothing is no file)."""
     skipped: int = 0
-    """Files of unsupported type found inside directories (named files are never skipped)."""
+    """How many files of unsupported type were skipped inside directories."""
     special: int = 0
     """Pipes, sockets and devices met in a folder walk or a glob: never opened (they can block)."""
     unmatched: list[str] = field(default_factory=list)
@@ -133,6 +136,7 @@ def resolve(
             seen.add(item.identity)
             unique.append(item)
     result.duplicates += len(result.items) - len(unique)
+    result.skipped = len(result.unsupported)
     result.items = unique
     return result
 
@@ -295,7 +299,8 @@ def _add_found(
     elif isinstance(info, os.stat_result) and not stat.S_ISREG(info.st_mode):
         result.special += 1
     elif check_suffix and Path(name).suffix.lower() not in readers.DOCUMENT_SUFFIXES:
-        result.skipped += 1
+        if isinstance(info, os.stat_result):
+            result.unsupported.add((info.st_dev, info.st_ino))
     else:
         _add_file(result, name, info, pages, read)
 

@@ -14,11 +14,15 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TextIO
 from urllib.parse import quote
 
 from .errors import UsageError
+from .htmlreport import HtmlWriter
 from .records import Record
+
+if TYPE_CHECKING:
+    from .sources import Item
 
 REPORT_TITLE = "granite-vision report"
 """The first heading of every markdown report: how an existing report is known to be ours."""
@@ -42,6 +46,10 @@ class Writer(Protocol):
         """Raise `UsageError` if this format cannot be written for such a job."""
 
     @staticmethod
+    def check_output(path: Path | None, items: Sequence[Item]) -> None:
+        """Raise `UsageError` if these items cannot go to `path` (None: stdout) in this format."""
+
+    @staticmethod
     def recognizes(text: str, whole: bool) -> bool:
         """Whether `text` (a file's start, or all of it if `whole`) is this writer's output."""
 
@@ -57,6 +65,10 @@ class _StreamWriter:
 
     @staticmethod
     def check(columns: Sequence[str]) -> None:
+        pass
+
+    @staticmethod
+    def check_output(path: Path | None, items: Sequence[Item]) -> None:
         pass
 
 
@@ -106,17 +118,18 @@ class MarkdownWriter(_StreamWriter):
 
     def write(self, record: Record) -> None:
         parts: list[str] = []
+        name = _escape(Path(record.source).name)
+        link = self._link(record.source)
         if record.source != self.current:
             self.current = record.source
             parts.append(f"\n## {_code(record.source)}\n")
-            if record.page is None and (link := self._link(record.source)):
-                parts.append(f"\n![{_escape(Path(record.source).name)}]({link})\n")
+            if record.page is None and link and record.ok:  # a picture that failed may not display at all
+                parts.append(f"\n![{name}]({link})\n")
         if record.page is not None:
             parts.append(f"\n### Page {record.page}\n")
-            if (link := self._link(record.source)) and record.source.lower().endswith(".pdf"):
-                parts.append(
-                    f"\n[page {record.page} of {_escape(Path(record.source).name)}]({link}#page={record.page})\n"
-                )
+            if link:  # a PDF opens at its page; a multi-page TIFF as a whole
+                anchor = f"#page={record.page}" if record.source.lower().endswith(".pdf") else ""
+                parts.append(f"\n[page {record.page} of {name}]({link}{anchor})\n")
         if record.error is not None:
             parts.append(f"\n> **Error:** {_escape(record.error)}\n")
         elif isinstance(record.data, dict):
@@ -162,30 +175,28 @@ def _escape(text: str) -> str:
 
 
 class CsvWriter(_StreamWriter):
-    """One row per item: source and page first, one column per top-level schema property, then
-    the error. Nested values are written as JSON; a failed item has empty fields and its error."""
+    """A spreadsheet: one row per item, `source,page,prompt,answer,error`, and with --schema a
+    column per top-level field before `error` (nested values as JSON). UTF-8 without a byte-order
+    mark; fields holding commas, quotes or newlines are quoted (RFC 4180), so an answer of several
+    lines stays in its cell."""
 
     name = "csv"
-    help = "a spreadsheet: one row per item, a column per --schema field"
+    help = "a spreadsheet: one row per item (source, page, prompt, answer, error; a column per --schema field)"
     report = True
 
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
         super().__init__(stream)
         self.columns = list(columns)
         self.csv = csv.writer(stream)
-        self.csv.writerow(["source", "page", *self.columns, "error"])
+        self.csv.writerow(["source", "page", "prompt", "answer", *self.columns, "error"])
         self.stream.flush()
 
     def write(self, record: Record) -> None:
         data = record.data if isinstance(record.data, dict) else {}
         values = [_csv_value(data.get(column)) for column in self.columns]
-        self.csv.writerow([record.source, "" if record.page is None else record.page, *values, record.error or ""])
+        page = "" if record.page is None else record.page
+        self.csv.writerow([record.source, page, record.prompt, record.answer or "", *values, record.error or ""])
         self.stream.flush()
-
-    @staticmethod
-    def check(columns: Sequence[str]) -> None:
-        if not columns:
-            raise UsageError("--format csv needs --schema with named fields: they are the columns")
 
     @staticmethod
     def recognizes(text: str, whole: bool) -> bool:
@@ -200,8 +211,61 @@ def _csv_value(value: Any) -> str:
     return str(value)
 
 
+class ImagefolderWriter(_StreamWriter):
+    """The metadata of a Hugging Face `imagefolder` dataset (`-o DIR/metadata.jsonl`): for each
+    answered picture, its `file_name` relative to DIR and its caption as `text`, with `page` and
+    the schema's fields; `datasets.load_dataset("imagefolder", data_dir=DIR)` reads pictures and
+    captions together. A picture without a caption has no row (its error is in the journal)."""
+
+    name = "imagefolder"
+    help = "a Hugging Face imagefolder dataset: -o DIR/metadata.jsonl, a file_name and its text per picture"
+    report = True
+    METADATA = "metadata.jsonl"
+
+    def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
+        super().__init__(stream)
+        self.base = path.resolve().parent if path else Path.cwd()
+
+    def write(self, record: Record) -> None:
+        if not record.ok:
+            return
+        relative = Path(os.path.relpath(Path(record.source).resolve(), self.base)).as_posix()
+        row = {"file_name": relative, "text": record.answer, "page": record.page}
+        if isinstance(record.data, dict):
+            row |= {key: value for key, value in record.data.items() if key not in row}
+        self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+    @classmethod
+    def check_output(cls, path: Path | None, items: Sequence[Item]) -> None:
+        """Every picture must be an image file inside DIR, which the loader reads whole."""
+        if path is None or path.name != cls.METADATA:
+            raise UsageError(
+                f"--format imagefolder writes the {cls.METADATA} Hugging Face's loader reads:"
+                f" give -o DIR/{cls.METADATA}"
+            )
+        base = path.resolve().parent
+        for item in items:
+            where = Path(item.source).resolve() if item.file_id is not None else None
+            if where is None or base not in where.parents:
+                raise UsageError(f"--format imagefolder: {item.source} is not a file inside {base}, the dataset folder")
+            if item.page is not None:
+                raise UsageError(
+                    f"--format imagefolder: {item.source} has pages (PDF or TIFF); the loader reads pictures whole"
+                )
+
+    @staticmethod
+    def recognizes(text: str, whole: bool) -> bool:
+        try:
+            return "file_name" in json.loads(text.split("\n", 1)[0])
+        except (ValueError, TypeError):
+            return False
+
+
 #: Every output format, by its --format name.
-WRITERS: dict[str, type[Writer]] = {writer.name: writer for writer in (JsonlWriter, MarkdownWriter, CsvWriter)}
+WRITERS: dict[str, type[Writer]] = {
+    writer.name: writer for writer in (JsonlWriter, MarkdownWriter, CsvWriter, ImagefolderWriter, HtmlWriter)
+}
 FORMATS = tuple(WRITERS)
 
 
@@ -227,4 +291,5 @@ def render(fmt: str, records: Iterable[Record], path: Path | None = None, column
     writer = open_writer(fmt, buffer, path, columns)
     for record in records:
         writer.write(record)
+    writer.close()
     return buffer.getvalue()

@@ -83,6 +83,16 @@ def tiny_engine(loaded_engines, tiny_model):
 
 
 @pytest.fixture
+def broken_model(tmp_path) -> Path:
+    """A model folder that passes every check before loading and fails to load: a run that
+    says anything about it has tried to load a model."""
+    folder = tmp_path / "broken-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{ this is not json")
+    return folder
+
+
+@pytest.fixture
 def inputs(tmp_path) -> Path:
     """A folder of mixed inputs: photos of several sizes, a 2-page PDF, a 3-page TIFF,
     a nested folder, a hidden file, and a file of unsupported type."""

@@ -231,3 +231,17 @@ def test_model_from_environment(cli, inputs, tiny_model):
     result = cli("caption", str(inputs / "a.png"), model=None, env={"GRANITE_VISION_MODEL": str(tiny_model)})
     assert result.exit_code == 0, result.stderr
     assert result.records()[0]["model"] == str(tiny_model)
+
+
+def test_the_skipped_count_counts_files_not_links(cli, tmp_path):
+    root = tmp_path / "folder"
+    (root / "elsewhere").mkdir(parents=True)
+    noise(30, 30).save(root / "photo.png")
+    (root / "notes.txt").write_text("unsupported")
+    (root / "link-to-notes.txt").symlink_to(root / "notes.txt")  # the same file again
+    (root / "elsewhere" / "also.txt").symlink_to(root / "notes.txt")
+    (root / "dangling.txt").symlink_to(root / "gone.txt")  # no file at all
+    (root / "up").symlink_to(root)  # a loop
+    result = cli("caption", str(root))
+    assert result.exit_code == 0 and len(result.records()) == 1
+    assert "skipped 1 file(s) of unsupported type" in result.stderr

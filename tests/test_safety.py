@@ -30,16 +30,6 @@ def photos(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture
-def broken_model(tmp_path) -> Path:
-    """A model folder that passes every check before loading and fails to load: a run that
-    says anything about it has tried to load a model."""
-    folder = tmp_path / "broken-model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{ this is not json")
-    return folder
-
-
 # --------------------------------------------------------------------------- 1. never an input, never a foreign file
 def test_an_output_that_is_an_input_is_refused_by_identity(cli, photos, tmp_path, monkeypatch, broken_model):
     before = tree_hashes(photos)

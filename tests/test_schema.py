@@ -174,13 +174,24 @@ def test_markdown_table_and_csv(cli, pictures, tmp_path):
     result = cli("caption", *args, "-f", "csv", "-o", str(out))
     assert result.exit_code == 1
     rows = list(csv.reader(io.StringIO(out.read_text())))
-    assert rows[0] == ["source", "page", "vendor", "lines", "error"]
+    assert rows[0] == ["source", "page", "prompt", "answer", "vendor", "lines", "error"]
     assert [row[0] for row in rows[1:]] == [pictures[0], pictures[1], str(tmp_path / "missing.png")]
-    assert json.loads(rows[1][2])["name"] is not None and rows[1][4] == ""
-    assert rows[3][4] == "no such file"
+    assert json.loads(rows[1][4])["name"] is not None and rows[1][6] == ""
+    assert json.loads(rows[1][3]) == {"vendor": json.loads(rows[1][4]), "lines": json.loads(rows[1][5])}
+    assert rows[3][6] == "no such file"
     streamed = cli("caption", *args, "-f", "csv").stdout
     assert streamed.replace("\r\n", "\n") == out.read_text().replace("\r\n", "\n")
     resumed = cli("caption", *args, "-f", "csv", "-o", str(out), "--resume")
     assert "2 answered before, 1 to run" in resumed.stderr
     assert out.read_text() == streamed
-    assert cli("caption", pictures[0], "-f", "csv").exit_code == 2
+    plain = cli("caption", pictures[0], "-f", "csv")  # without a schema: the plain columns
+    assert plain.exit_code == 0 and plain.stdout.startswith("source,page,prompt,answer,error")
+
+
+def test_compact_field_names_in_any_script(cli, pictures):
+    schema = compact("émetteur, 名前, Größe:integer")
+    assert list(schema["properties"]) == ["émetteur", "名前", "Größe"]
+    record = cli(
+        "caption", pictures[0], "--schema", "émetteur:boolean, 名前:boolean", "--max-new-tokens", "60"
+    ).answered(1)[0]
+    assert set(record["data"]) == {"émetteur", "名前"}

@@ -1,0 +1,198 @@
+"""How the command line looks: plain help that is never cut (piped, it wraps at 100 columns, and
+every option name, choice, default and environment variable is shown whole), flags shown as
+flags, arguments by name (`SOURCE QUESTION`), and one style for every usage error: one line,
+`error: --dpi 20: ...`, exit code 2 — the library's own messages and the parser's alike.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from enum import Enum
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+#: Width of help that goes to a pipe or a file: wide enough that little wraps, and nothing is cut.
+PIPED_WIDTH = 100
+
+
+class Command(TyperCommand):
+    """A command whose help lists arguments, then options by panel, then its examples."""
+
+    def format_usage(self, ctx, formatter) -> None:
+        arguments = [_argument_name(param) for param in self.get_params(ctx) if param.param_type_name == "argument"]
+        formatter.write_usage(ctx.command_path, " ".join(["[OPTIONS]", *arguments]))
+
+    def format_help(self, ctx, formatter) -> None:
+        formatter.width = _width()
+        self.format_usage(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text(self.help or "")
+        params = self.get_params(ctx)
+        arguments = [(_argument_name(p), _describe(p)) for p in params if p.param_type_name == "argument"]
+        if arguments:
+            _section(formatter, "Arguments", arguments)
+        for panel, rows in _panels(params):
+            _section(formatter, panel, rows)
+        if self.epilog:
+            formatter.write_paragraph()
+            for line in self.epilog.split("\n\n"):
+                formatter.write_text(line)
+
+
+class Group(TyperGroup):
+    """The `granite-vision` group: the same plain help, and usage errors as one line."""
+
+    def format_help(self, ctx, formatter) -> None:
+        formatter.width = _width()
+        formatter.write_usage(ctx.command_path, "[OPTIONS] COMMAND [ARGS]...")
+        formatter.write_paragraph()
+        formatter.write_text(self.help or "")
+        commands = [(name, (self.get_command(ctx, name).help or "").split("\n")[0]) for name in self.list_commands(ctx)]
+        _section(formatter, "Commands", commands)
+        for panel, rows in _panels(self.get_params(ctx)):
+            _section(formatter, panel, rows)
+        if self.epilog:
+            formatter.write_paragraph()
+            for line in self.epilog.split("\n\n"):
+                formatter.write_text(line)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # the parser's errors: one line, like the library's
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                print(exc.format_message())
+            else:
+                print(f"error: {_one_line(exc, args)}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code or 0)
+
+
+def _width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else PIPED_WIDTH
+
+
+def _section(formatter, title: str, rows: list[tuple[str, str]]) -> None:
+    """A titled list of terms and their help, wrapped between words only: an option name, a model
+    id or an environment variable is never split (so `--help | grep` finds it)."""
+    import textwrap
+
+    formatter.write_paragraph()
+    formatter.write(f"{title}:\n")
+    column = min(max(len(term) for term, _ in rows) + 4, 36)
+    for term, text in rows:
+        lines = textwrap.wrap(
+            text, max(40, formatter.width - column), break_on_hyphens=False, break_long_words=False
+        ) or [""]
+        if len(term) + 4 > column:  # a long term: its help starts on the next line
+            formatter.write(f"  {term}\n")
+            lines = [f"{' ' * column}{line}" for line in lines]
+        else:
+            lines = [f"  {term.ljust(column - 2)}{lines[0]}", *(f"{' ' * column}{line}" for line in lines[1:])]
+        formatter.write("\n".join(lines) + "\n")
+
+
+def _argument_name(param) -> str:
+    name = (param.metavar or param.name).upper()
+    return f"{name}..." if param.nargs == -1 and not name.endswith("...") else name
+
+
+def _panels(params) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Options by help panel, in the order panels first appear ("Options" for those in none)."""
+    panels: dict[str, list[tuple[str, str]]] = {}
+    for param in params:
+        if param.param_type_name != "option" or getattr(param, "hidden", False):
+            continue
+        names = ", ".join(sorted(param.opts, key=len)) + "".join(f" / {name}" for name in param.secondary_opts)
+        metavar = "" if param.is_flag else f" {_metavar(param)}"
+        panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(
+            (names + metavar, _describe(param))
+        )
+    return list(panels.items())
+
+
+def _metavar(param) -> str:
+    if param.metavar:
+        return param.metavar
+    kind = _annotation(param)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return "[" + "|".join(member.value for member in kind) + "]"
+    return {int: "N", float: "X"}.get(kind, "TEXT")
+
+
+def _annotation(param):
+    """The parameter's Python type, without Optional."""
+    annotation = param.type_descriptor.annotation
+    arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
+    return (
+        arguments[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and arguments else annotation
+    )
+
+
+def _describe(param) -> str:
+    """A parameter's help with its default, range and environment variable, whole."""
+    extras = []
+    default = param.default
+    if isinstance(param.show_default, str):
+        extras.append(f"default: {param.show_default}")
+    elif param.show_default is not False and default is not None and default is not False and default != ():
+        extras.append(f"default: {getattr(default, 'value', default)}")
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    if low is not None or high is not None:
+        extras.append(
+            f"{low}<=x<={high}"
+            if low is not None and high is not None
+            else f"x>={low}"
+            if low is not None
+            else f"x<={high}"
+        )
+    if getattr(param, "envvar", None):
+        extras.append(f"env var: {param.envvar}")
+    if getattr(param, "required", False) and param.param_type_name == "argument":
+        extras.append("required")
+    help_text = (getattr(param, "help", None) or "").strip()
+    return " ".join(filter(None, [help_text, f"[{'; '.join(extras)}]" if extras else ""]))
+
+
+def _one_line(exc, args) -> str:
+    """The parser's message as `--option VALUE: reason` (the option and what was given first)."""
+    message = " ".join(exc.format_message().split())
+    param = getattr(exc, "param", None)
+    if param is None or param.param_type_name != "option":
+        return message.rstrip(".") + " (see --help)"
+    option = max(param.opts, key=len)
+    given = _given(param, list(args if args is not None else sys.argv[1:]))
+    return f"{option}{' ' + given if given is not None else ''}: {_reason(param, message)}"
+
+
+def _reason(param, message: str) -> str:
+    """What was expected, in the words the library's own errors use."""
+    kind = _annotation(param)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return "expected one of " + "|".join(member.value for member in kind)
+    if kind in (int, float):
+        expected = "a whole number" if kind is int else "a number"
+        low, high = getattr(param, "min", None), getattr(param, "max", None)
+        bounds = [f"at least {low}" if low is not None else "", f"at most {high}" if high is not None else ""]
+        return " ".join(["expected", expected, " and ".join(filter(None, bounds))]).strip()
+    return message.split(": ", 1)[-1] if message.startswith("Invalid value") else message
+
+
+def _given(param, argv: list[str]) -> str | None:
+    for index, token in enumerate(argv):
+        for name in param.opts:
+            if token == name and index + 1 < len(argv):
+                return argv[index + 1]
+            if token.startswith(name + "="):
+                return token.split("=", 1)[1]
+    return None

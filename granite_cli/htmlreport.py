@@ -1,0 +1,163 @@
+"""The HTML report: one page to look through many captions — a card per picture (the picture,
+its answer or its error in red, schema data as a table), a summary, and a filter box.
+
+The file carries its own styles and script (no network needed, nothing fetched) and shows the
+pictures by relative links, as the markdown report does: a report of thousands of pictures stays
+small and quick to rebuild every few seconds during a run, and pictures open at full size; the
+price is that the report keeps its place beside the pictures. PDF pages and TIFF pages, which
+browsers cannot show inline, are links that open the document (a PDF at its page).
+
+Every string that comes from a file name, a prompt, an answer or an error is escaped: a file named
+`<img src=x onerror=alert(1)>.png` shows as that text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from html import escape
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import quote
+
+from .records import Record
+
+#: What browsers show inline; anything else (PDF, TIFF) is a link.
+INLINE = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".webp", ".bmp", ".ico", ".avif"}
+GENERATOR = '<meta name="generator" content="granite-vision">'
+
+_STYLE = """
+body{font:15px/1.45 system-ui,sans-serif;margin:0;background:#f4f4f5;color:#18181b}
+header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:12px 20px;z-index:1}
+h1{font-size:20px;margin:0 0 4px}.summary{color:#52525b;margin:0 0 8px}
+#filter{font:inherit;padding:6px 10px;width:min(480px,70vw);border:1px solid #bbb;border-radius:6px}
+main{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:14px;padding:16px 20px}
+.card{background:#fff;border:1px solid #ddd;border-radius:10px;overflow:hidden;display:flex;flex-direction:column}
+.card.error{border:2px solid #dc2626;background:#fef2f2}
+.picture{display:flex;align-items:center;justify-content:center;height:180px;background:#e4e4e7;color:#3f3f46}
+.picture img{max-width:100%;max-height:180px;object-fit:contain}
+.body{padding:10px 12px}.name{font-weight:600;word-break:break-all;margin:0 0 6px;font-size:14px}
+.answer{white-space:pre-wrap;margin:0}.failure{color:#b91c1c;font-weight:600;margin:0;white-space:pre-wrap}
+table{border-collapse:collapse;margin-top:8px;width:100%;font-size:13px}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top;word-break:break-word}
+.hidden{display:none}
+"""
+
+_SCRIPT = """
+const cards = [...document.querySelectorAll('.card')];
+const filter = document.getElementById('filter'), only = document.getElementById('errors-only');
+document.getElementById('total').textContent = cards.length;
+document.getElementById('failed').textContent = cards.filter(c => c.classList.contains('error')).length;
+function apply() {
+  const words = filter.value.toLowerCase().split(/\\s+/).filter(Boolean);
+  let shown = 0;
+  for (const card of cards) {
+    const hit = words.every(w => card.dataset.text.includes(w)) && (!only.checked || card.classList.contains('error'));
+    card.classList.toggle('hidden', !hit);
+    shown += hit;
+  }
+  document.getElementById('shown').textContent = shown === cards.length ? '' : `${shown} shown`;
+}
+const asked = new URLSearchParams(location.hash.slice(1));
+filter.value = asked.get('q') || '';
+only.checked = asked.get('errors') === '1';
+filter.addEventListener('input', apply);
+only.addEventListener('change', apply);
+apply();
+"""
+
+
+class HtmlWriter:
+    """A web page with one card per record (see the module's docstring)."""
+
+    name = "html"
+    help = "a web page to look through: a card per picture, errors in red, a filter box"
+    report = True
+
+    def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
+        self.stream = stream
+        self.base = path.resolve().parent if path else None
+        self.started = False
+
+    def write(self, record: Record) -> None:
+        if not self.started:
+            self._head(record.model)
+        self.stream.write(self._card(record))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if not self.started:
+            self._head(None)
+        self.stream.write(f"</main>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n")
+        self.stream.flush()
+
+    @staticmethod
+    def check(columns: Sequence[str]) -> None:
+        pass
+
+    @staticmethod
+    def check_output(path: Path | None, items) -> None:
+        pass
+
+    @staticmethod
+    def recognizes(text: str, whole: bool) -> bool:
+        return text.lstrip().lower().startswith("<!doctype html>") and GENERATOR in text[:2000]
+
+    def _head(self, model: str | None) -> None:
+        self.started = True
+        made = time.strftime("%Y-%m-%d %H:%M")
+        about = f"model <code>{escape(model)}</code> · " if model else ""
+        self.stream.write(
+            f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n{GENERATOR}\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>granite-vision report</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n<header>\n"
+            "<h1>granite-vision report</h1>\n"
+            f'<p class="summary">{about}<span id="total">0</span> pictures, <span id="failed">0</span> failed'
+            f" · made {escape(made)}</p>\n"
+            '<input id="filter" type="search" placeholder="Filter by name, answer or error" autofocus>\n'
+            '<label><input id="errors-only" type="checkbox"> errors only</label> <span id="shown"></span>\n'
+            "</header>\n<main>\n"
+        )
+
+    def _card(self, record: Record) -> str:
+        name = record.source if record.page is None else f"{record.source} (page {record.page})"
+        text = " ".join(filter(None, [name, record.answer, record.error])).lower()
+        if record.ok:
+            body = f'<p class="answer">{escape(record.answer or "")}</p>'
+            if isinstance(record.data, dict):
+                rows = "".join(
+                    f"<tr><th>{escape(str(key))}</th><td>{escape(_value(value))}</td></tr>"
+                    for key, value in record.data.items()
+                )
+                body += f"<table>{rows}</table>"
+        else:
+            body = f'<p class="failure">Error: {escape(record.error or "")}</p>'
+        return (
+            f'<article class="card{"" if record.ok else " error"}" data-text="{escape(text)}">'
+            f"{self._picture(record)}"
+            f'<div class="body"><p class="name">{escape(name)}</p>{body}</div></article>\n'
+        )
+
+    def _picture(self, record: Record) -> str:
+        link = self._link(record.source)
+        if link is None:
+            return '<div class="picture">no picture</div>'
+        suffix = Path(record.source).suffix.lower()
+        if record.ok and record.page is None and suffix in INLINE:
+            return f'<a class="picture" href="{escape(link)}"><img src="{escape(link)}" loading="lazy" alt=""></a>'
+        anchor = f"#page={record.page}" if suffix == ".pdf" and record.page else ""
+        label = f"open page {record.page}" if record.page else "open the file"
+        return f'<a class="picture" href="{escape(link + anchor)}">{label}</a>'
+
+    def _link(self, source: str) -> str | None:
+        if source.startswith(("http://", "https://")):
+            return source
+        if self.base is None or source == "-" or not Path(source).exists():
+            return None
+        return quote(Path(os.path.relpath(Path(source).resolve(), self.base)).as_posix())
+
+
+def _value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,116 @@
+"""`--sidecar EXT`: each answer also in a text file beside its picture, the convention of training
+tools (kohya_ss, OneTrainer, taggui): `photo.jpg` -> `photo.txt`; a page of a PDF or multi-page
+TIFF -> `scan.page-3.txt`.
+
+Sidecars follow the rules of every file the tool writes: each is written whole (temp file +
+rename) once its picture is answered; a failed item writes none; a sidecar that would be one of
+the inputs, or that exists and is not a text file, is refused before the model loads. An existing
+sidecar means the picture is done: it is skipped, so running the same command again finishes
+what a stopped run left, unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import UsageError
+from .journal import write_atomic, writing
+from .readers import DOCUMENT_SUFFIXES
+from .records import Job, Record
+from .sources import Item
+
+
+class Sidecars:
+    """Where each item's sidecar goes, and whether it may be written."""
+
+    def __init__(self, extension: str, overwrite: bool = False):
+        if not extension.startswith(".") or len(extension) < 2 or "/" in extension:
+            raise UsageError(f"--sidecar {extension!r}: expected a file name ending, like .txt or .caption")
+        if extension.lower() in DOCUMENT_SUFFIXES:
+            raise UsageError(f"--sidecar {extension}: that is a picture's ending; captions go in text files (.txt)")
+        self.extension = extension
+        self.overwrite = overwrite
+
+    def path(self, source: str, page: int | None) -> Path:
+        base = Path(source)
+        stem = base.stem if page is None else f"{base.stem}.page-{page}"
+        return base.with_name(stem + self.extension)
+
+    def check(self, items: Sequence[Item]) -> None:
+        """Refuse, before any model work, every sidecar that could not or must not be written."""
+        inputs = {item.file_id: item.source for item in items if item.file_id is not None}
+        claimed: dict[Path, str] = {}
+        for item in items:
+            if item.file_id is None:
+                raise UsageError(f"--sidecar: {item.source} is not a local file, so nothing can sit beside it")
+            path = self.path(item.source, item.page)
+            if path.resolve() in claimed:
+                raise UsageError(f"--sidecar: {claimed[path.resolve()]} and {item.source} would both write {path}")
+            claimed[path.resolve()] = item.source
+            _check_one(path, inputs)
+
+    def plan(self, items: Sequence[Item]) -> list[Item]:
+        """The items still without a sidecar (all of them with --overwrite)."""
+        if self.overwrite:
+            return list(items)
+        return [item for item in items if not self.path(item.source, item.page).exists()]
+
+    def write(self, record: Record) -> None:
+        if record.ok and record.answer is not None:
+            path = self.path(record.source, record.page)
+            with writing(f"--sidecar {path}"):
+                write_atomic(path, record.answer + "\n")
+
+
+def _check_one(path: Path, inputs: dict) -> None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--sidecar: cannot write in {path.parent} (permission denied)") from None
+        return
+    if (info.st_dev, info.st_ino) in inputs:
+        raise UsageError(
+            f"--sidecar: {path} is one of the inputs ({inputs[(info.st_dev, info.st_ino)]}); not touching it"
+        )
+    with open(path, "rb") as handle:
+        head = handle.read(8192)
+    if not _is_text(head):
+        raise UsageError(f"--sidecar: {path} exists and is not a text file; not touching it")
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 without NUL bytes (a character cut at the end of the block read is still text)."""
+    if b"\0" in head:
+        return False
+    for cut in range(4):
+        try:
+            head[: len(head) - cut].decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            continue
+    return False
+
+
+class SidecarOutput:
+    """An output that also writes each answer's sidecar; everything else is the main output's."""
+
+    def __init__(self, main, sidecars: Sidecars):
+        self.main = main
+        self.sidecars = sidecars
+
+    def __getattr__(self, name: str):
+        return getattr(self.main, name)  # previous, resumable, finish, close, abandon: the main output's
+
+    def check(self, items: Sequence[Item]) -> None:
+        self.main.check(items)
+        self.sidecars.check(items)
+
+    def plan(self, items: Sequence[Item], job: Job) -> list[Item]:
+        return self.sidecars.plan(self.main.plan(items, job))
+
+    def write(self, record: Record) -> None:
+        self.main.write(record)
+        self.sidecars.write(record)

@@ -1,0 +1,241 @@
+"""Captions where users need them: sidecar files, an imagefolder dataset, plain CSV, an HTML
+report (parsed, and once in a real browser)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from helpers import make_pdf, noise, one_error_line
+
+from granite_cli.records import Record
+from granite_cli.writers import render
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTILE = "<img src=x onerror=alert(1)>.png"
+
+
+@pytest.fixture
+def album(tmp_path) -> Path:
+    """Photos (one nested), a 2-page PDF, a 2-page TIFF and a broken file."""
+    root = tmp_path / "album"
+    (root / "trip").mkdir(parents=True)
+    noise(64, 48, 1).save(root / "beach.jpg")
+    noise(48, 64, 2).save(root / "trip" / "hill.png")
+    make_pdf(root / "menu.pdf", 2)
+    frames = [noise(40, 30, 3 + i) for i in range(2)]
+    frames[0].save(root / "scan.tiff", save_all=True, append_images=frames[1:])
+    (root / "broken.png").write_text("not a picture")
+    return root
+
+
+# --------------------------------------------------------------------------- sidecars
+def test_sidecars_sit_beside_each_picture_and_a_rerun_skips_them(cli, album):
+    result = cli("caption", str(album), "--sidecar", ".txt")
+    assert result.exit_code == 1  # broken.png
+    records = {(Path(r["source"]).name, r["page"]): r for r in result.records()}
+    expected = {
+        ("beach.jpg", None): album / "beach.txt",
+        ("hill.png", None): album / "trip" / "hill.txt",
+        ("menu.pdf", 1): album / "menu.page-1.txt",
+        ("menu.pdf", 2): album / "menu.page-2.txt",
+        ("scan.tiff", 1): album / "scan.page-1.txt",
+        ("scan.tiff", 2): album / "scan.page-2.txt",
+    }
+    for key, sidecar in expected.items():
+        assert sidecar.read_text() == records[key]["answer"] + "\n"
+    assert not (album / "broken.txt").exists()  # a failure writes none
+    again = cli("caption", str(album), "--sidecar", ".txt")
+    assert "6 picture(s) have their .txt already: skipped" in again.stderr
+    assert [Path(r["source"]).name for r in again.records()] == ["broken.png"]
+    (album / "beach.txt").write_text("my own edit\n")
+    cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt").ok()
+    assert (album / "beach.txt").read_text() == "my own edit\n"  # skipped, so kept
+    cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite").ok()
+    assert (album / "beach.txt").read_text() == records[("beach.jpg", None)]["answer"] + "\n"
+
+
+def test_sidecars_never_write_over_an_input_or_a_foreign_file(cli, album, tmp_path):
+    noise(30, 30).save(tmp_path / "photo.cap", format="PNG")  # a picture named like a sidecar
+    before = (tmp_path / "photo.cap").read_bytes()
+    refused = cli("caption", str(tmp_path / "photo.cap"), "--sidecar", ".cap")
+    assert refused.exit_code == 2 and "is one of the inputs" in one_error_line(refused.stderr)
+    assert (tmp_path / "photo.cap").read_bytes() == before
+    (album / "beach.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00binary")
+    foreign = cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite")
+    assert foreign.exit_code == 2 and "is not a text file" in one_error_line(foreign.stderr)
+    assert (album / "beach.txt").read_bytes() == b"\x89PNG\r\n\x1a\n\x00binary"
+    noise(30, 30).save(album / "beach.png")
+    twins = cli("caption", str(album / "beach.jpg"), str(album / "beach.png"), "--sidecar", ".caption")
+    assert twins.exit_code == 2 and "would both write" in twins.stderr
+    picture = cli("caption", str(album / "beach.jpg"), "--sidecar", ".png")
+    assert picture.exit_code == 2 and "a picture's ending" in picture.stderr
+
+
+# --------------------------------------------------------------------------- datasets
+def test_an_imagefolder_dataset_loads_with_its_captions(cli, album, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    data = tmp_path / "data"
+    (data / "trip").mkdir(parents=True)
+    for name in ("beach.jpg", "trip/hill.png"):
+        shutil.copy(album / name, data / name)
+    metadata = data / "metadata.jsonl"
+    result = cli(
+        "caption",
+        str(data),
+        "-f",
+        "imagefolder",
+        "-o",
+        str(metadata),
+        "--schema",
+        "paid:boolean",
+        "--max-new-tokens",
+        "30",
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    assert [row["file_name"] for row in rows] == ["beach.jpg", "trip/hill.png"]
+    assert all(set(row) == {"file_name", "text", "page", "paid"} for row in rows)
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(data), split="train")
+    assert len(loaded) == 2 and set(loaded.column_names) >= {"image", "text", "paid"}
+    assert sorted(loaded["text"]) == sorted(row["text"] for row in rows)
+    assert {image.size for image in loaded["image"]} == {(64, 48), (48, 64)}
+
+
+def test_imagefolder_refuses_what_its_loader_could_not_read(cli, album, tmp_path, broken_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    noise(30, 30).save(data / "in.png")
+    outside = cli(
+        "caption", str(data), str(album / "beach.jpg"), "-f", "imagefolder", "-o", str(data / "metadata.jsonl")
+    )
+    assert outside.exit_code == 2 and "is not a file inside" in one_error_line(outside.stderr)
+    shutil.copy(album / "menu.pdf", data)
+    paged = cli("caption", str(data), "-f", "imagefolder", "-o", str(data / "metadata.jsonl"), model=broken_model)
+    assert paged.exit_code == 2 and "has pages" in one_error_line(paged.stderr)  # before any model loads
+    named = cli("caption", str(data / "in.png"), "-f", "imagefolder", "-o", str(data / "captions.jsonl"))
+    assert named.exit_code == 2 and "give -o DIR/metadata.jsonl" in named.stderr
+    assert not (data / "metadata.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- csv
+def test_plain_csv_opens_in_a_spreadsheet(cli, album, tmp_path):
+    out = tmp_path / "out.csv"
+    result = cli("caption", str(album / "beach.jpg"), str(album / "missing.png"), "-f", "csv", "-o", str(out))
+    assert result.exit_code == 1
+    data = out.read_bytes()
+    assert not data.startswith(b"\xef\xbb\xbf")  # UTF-8, no byte-order mark
+    rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    assert rows[0] == ["source", "page", "prompt", "answer", "error"]
+    assert rows[1][0] == str(album / "beach.jpg") and rows[1][3] and rows[1][4] == ""
+    assert rows[2][4] == "no such file" and rows[2][3] == ""
+    tricky = Record('a, "b".png', 2, 'Say, "hi"\nthen more', 'line one,\nline "two"', None, "m")
+    parsed = list(csv.reader(io.StringIO(render("csv", [tricky]), newline="")))
+    assert parsed[1] == ['a, "b".png', "2", 'Say, "hi"\nthen more', 'line one,\nline "two"', ""]
+    with_schema = list(csv.reader(io.StringIO(render("csv", [tricky], columns=["total", "paid"]), newline="")))
+    assert with_schema[0] == ["source", "page", "prompt", "answer", "total", "paid", "error"]
+
+
+# --------------------------------------------------------------------------- html
+class Cards(HTMLParser):
+    """The cards of an HTML report: their classes, text, and every image source."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cards: list[dict] = []
+        self.images: list[str] = []
+        self.scripts = 0
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "article":
+            self.cards.append({"class": attrs.get("class", ""), "text": ""})
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "script":
+            self.scripts += 1
+        for name in ("src", "href"):
+            if attrs.get(name, "").startswith(("http:", "https:", "//")):
+                self.external.append(attrs[name])
+
+    def handle_data(self, data):
+        if self.cards:
+            self.cards[-1]["text"] += data
+
+
+def test_the_html_report_has_a_card_per_item_and_escapes_everything(cli, album, tmp_path):
+    noise(40, 40).save(album / HOSTILE)
+    report = tmp_path / "report.html"
+    result = cli(
+        "caption", str(album), "-f", "html", "-o", str(report), "--schema", "paid:boolean", "--max-new-tokens", "30"
+    )
+    assert result.exit_code == 1
+    text = report.read_text()
+    parser = Cards()
+    parser.feed(text)
+    records = [json.loads(line) for line in (tmp_path / "report.html.jsonl").read_text().splitlines()]
+    assert len(parser.cards) == len(records) == 8
+    errors = [card for card in parser.cards if "error" in card["class"]]
+    assert len(errors) == 1 and "not an image or PDF" in errors[0]["text"]
+    assert any(HOSTILE in card["text"] for card in parser.cards)  # shown as text ...
+    assert "<img src=x" not in text  # ... never as markup
+    assert any("%3Cimg%20src%3Dx" in src for src in parser.images)  # and linked by its escaped name
+    assert parser.scripts == 1 and not parser.external  # self-contained: nothing fetched
+    assert "model <code>" in text and "<th>paid</th>" in text
+    resumed = cli("caption", str(album), "-f", "html", "-o", str(report), "--schema", "paid:boolean", "--resume")
+    assert resumed.exit_code == 1 and "7 answered before, 1 to run" in resumed.stderr
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def browse(page: Path, *options: str, fragment: str = "") -> str:
+    """Headless Chromium on a local file: what it printed (the DOM after the page's script ran)."""
+    command = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={page.parent / 'profile'}",
+        *options, page.as_uri() + fragment,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="Chromium not installed (.ci/setup installs it)")
+def test_the_html_report_in_a_real_browser(cli, album, tmp_path):
+    noise(40, 40).save(album / HOSTILE)
+    report = album / "report.html"
+    cli("caption", str(album), "-f", "html", "-o", str(report), "--max-new-tokens", "12")
+    shot = Path(os.environ.get("GRANITE_HTML_SCREENSHOT", tmp_path / "report.png"))
+    browse(report, "--window-size=1200,900", f"--screenshot={shot}")
+    assert shot.stat().st_size > 10_000  # a page was drawn
+
+    def visible(dom: str) -> int:
+        parser = Cards()
+        parser.feed(dom)
+        return sum("hidden" not in card["class"] for card in parser.cards)
+
+    everything = browse(report, "--dump-dom")
+    assert visible(everything) == 8 and 'id="total">8<' in everything and 'id="failed">1<' in everything
+    assert visible(browse(report, "--dump-dom", fragment="#q=menu.pdf")) == 2  # the filter box, filled
+    assert visible(browse(report, "--dump-dom", fragment="#errors=1")) == 1
+    assert visible(browse(report, "--dump-dom", fragment="#q=no+such+thing")) == 0
+
+
+# --------------------------------------------------------------------------- markdown
+def test_markdown_links_every_tiff_page_and_embeds_no_failed_picture(cli, album, tmp_path):
+    report = album / "report.md"
+    cli("caption", str(album), "-f", "markdown", "-o", str(report))
+    text = report.read_text()
+    assert "[page 1 of scan.tiff](scan.tiff)" in text and "[page 2 of scan.tiff](scan.tiff)" in text
+    assert "[page 2 of menu.pdf](menu.pdf#page=2)" in text
+    assert "![beach.jpg](beach.jpg)" in text
+    assert "broken.png" in text and "![broken.png]" not in text  # an error is not shown as a picture
