@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from . import DEFAULT_MODEL
@@ -240,7 +239,7 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
 
     structured = schema.load(job.schema, job.json_object)
     columns = structured.columns if structured is not None else []
-    writer = writer_class(job.format, columns)
+    writer_class(job.format, columns)
     if job.resume and job.output in (None, "-"):
         raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
     prompt = job.prompt or (structured.default_prompt() if structured is not None else DEFAULT_PROMPT)
@@ -257,7 +256,6 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
     if not resolution.items:
         raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
     sink.check(resolution.items)
-    writer.check_output(Path(job.output) if job.output not in (None, "-") else None, resolution.items)
     todo = sink.plan(resolution.items, todo_job)
     if job.resume:
         reporter.resumed(job.output, sink.previous, len(todo))

@@ -22,42 +22,26 @@ class Command(TyperCommand):
     """A command whose help lists arguments, then options by panel, then its examples."""
 
     def format_usage(self, ctx, formatter) -> None:
+        formatter.write_usage(ctx.command_path, self._usage(ctx))
+
+    def _usage(self, ctx) -> str:
         arguments = [_argument_name(param) for param in self.get_params(ctx) if param.param_type_name == "argument"]
-        formatter.write_usage(ctx.command_path, " ".join(["[OPTIONS]", *arguments]))
+        return " ".join(["[OPTIONS]", *arguments])
 
     def format_help(self, ctx, formatter) -> None:
-        formatter.width = _width()
-        self.format_usage(ctx, formatter)
-        formatter.write_paragraph()
-        formatter.write_text(self.help or "")
         params = self.get_params(ctx)
         arguments = [(_argument_name(p), _describe(p)) for p in params if p.param_type_name == "argument"]
-        if arguments:
-            _section(formatter, "Arguments", arguments)
-        for panel, rows in _panels(params):
-            _section(formatter, panel, rows)
-        if self.epilog:
-            formatter.write_paragraph()
-            for line in self.epilog.split("\n\n"):
-                formatter.write_text(line)
+        sections = ([("Arguments", arguments)] if arguments else []) + _panels(params)
+        _write_help(formatter, ctx, self._usage(ctx), sections)
 
 
 class Group(TyperGroup):
     """The `granite-vision` group: the same plain help, and usage errors as one line."""
 
     def format_help(self, ctx, formatter) -> None:
-        formatter.width = _width()
-        formatter.write_usage(ctx.command_path, "[OPTIONS] COMMAND [ARGS]...")
-        formatter.write_paragraph()
-        formatter.write_text(self.help or "")
         commands = [(name, (self.get_command(ctx, name).help or "").split("\n")[0]) for name in self.list_commands(ctx)]
-        _section(formatter, "Commands", commands)
-        for panel, rows in _panels(self.get_params(ctx)):
-            _section(formatter, panel, rows)
-        if self.epilog:
-            formatter.write_paragraph()
-            for line in self.epilog.split("\n\n"):
-                formatter.write_text(line)
+        sections = [("Commands", commands), *_panels(self.get_params(ctx))]
+        _write_help(formatter, ctx, "[OPTIONS] COMMAND [ARGS]...", sections)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -74,6 +58,22 @@ class Group(TyperGroup):
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         sys.exit(code or 0)
+
+
+def _write_help(formatter, ctx, usage: str, sections: list[tuple[str, list[tuple[str, str]]]]) -> None:
+    """Help in one layout for the group and each command: usage, what it does, its sections of
+    terms (arguments, commands, options by panel), then its examples."""
+    command = ctx.command
+    formatter.width = _width()
+    formatter.write_usage(ctx.command_path, usage)
+    formatter.write_paragraph()
+    formatter.write_text(command.help or "")
+    for title, rows in sections:
+        _section(formatter, title, rows)
+    if command.epilog:
+        formatter.write_paragraph()
+        for line in command.epilog.split("\n\n"):
+            formatter.write_text(line)
 
 
 def _width() -> int:

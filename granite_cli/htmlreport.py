@@ -14,15 +14,14 @@ Every string that comes from a file name, a prompt, an answer or an error is esc
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 from typing import TextIO
-from urllib.parse import quote
 
 from .records import Record
+from .writer_base import StreamWriter
 
 #: What browsers show inline; anything else (PDF, TIFF) is a link.
 INLINE = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".webp", ".bmp", ".ico", ".avif"}
@@ -69,7 +68,7 @@ apply();
 """
 
 
-class HtmlWriter:
+class HtmlWriter(StreamWriter):
     """A web page with one card per record (see the module's docstring)."""
 
     name = "html"
@@ -77,8 +76,7 @@ class HtmlWriter:
     report = True
 
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
-        self.stream = stream
-        self.base = path.resolve().parent if path else None
+        super().__init__(stream, path)
         self.started = False
 
     def write(self, record: Record) -> None:
@@ -92,14 +90,6 @@ class HtmlWriter:
             self._head(None)
         self.stream.write(f"</main>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n")
         self.stream.flush()
-
-    @staticmethod
-    def check(columns: Sequence[str]) -> None:
-        pass
-
-    @staticmethod
-    def check_output(path: Path | None, items) -> None:
-        pass
 
     @staticmethod
     def recognizes(text: str, whole: bool) -> bool:
@@ -141,22 +131,13 @@ class HtmlWriter:
         )
 
     def _picture(self, record: Record) -> str:
-        link = self._link(record.source)
+        link = self.link(record.source, record.page)
         if link is None:
             return '<div class="picture">no picture</div>'
-        suffix = Path(record.source).suffix.lower()
-        if record.ok and record.page is None and suffix in INLINE:
+        if record.ok and record.page is None and Path(record.source).suffix.lower() in INLINE:
             return f'<a class="picture" href="{escape(link)}"><img src="{escape(link)}" loading="lazy" alt=""></a>'
-        anchor = f"#page={record.page}" if suffix == ".pdf" and record.page else ""
         label = f"open page {record.page}" if record.page else "open the file"
-        return f'<a class="picture" href="{escape(link + anchor)}">{label}</a>'
-
-    def _link(self, source: str) -> str | None:
-        if source.startswith(("http://", "https://")):
-            return source
-        if self.base is None or source == "-" or not Path(source).exists():
-            return None
-        return quote(Path(os.path.relpath(Path(source).resolve(), self.base)).as_posix())
+        return f'<a class="picture" href="{escape(link)}">{label}</a>'
 
 
 def _value(value) -> str:

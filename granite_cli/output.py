@@ -34,10 +34,15 @@ from .distributed import Ranks
 from .errors import OutputError, UsageError
 from .journal import Identities, Previous, Rebuilder, in_input_order, jsonl_text, merge, sniff, write_atomic, writing
 from .records import Job, Record
-from .sources import Item
+from .sources import FileId, Item
 from .writers import WRITERS, JsonlWriter, Writer, open_writer, render
 
 STDOUT = "-"
+
+
+def input_files(items: Sequence[Item]) -> dict[FileId, str]:
+    """Each input file's identity and the name it was given by: what no file we write may be."""
+    return {item.file_id: item.source for item in items if item.file_id is not None}
 
 
 def _probe_folder(path: Path, label: str) -> None:
@@ -173,9 +178,10 @@ class FileOutput:
 
     def check(self, items: Sequence[Item]) -> None:
         """Refuse, before anything is written, to write any file that is one of the inputs or
-        that is not ours, in this format."""
+        that is not ours, in this format, or items this format cannot hold here."""
         self._check_inputs(items)
         self._check_ours()
+        WRITERS[self.fmt].check_output(self.path, items)
 
     def _check_ours(self) -> None:
         """Refuse unless every existing file this output would write is ours, in this format."""
@@ -208,7 +214,7 @@ class FileOutput:
 
     def _check_inputs(self, items: Sequence[Item]) -> None:
         """Refuse if any file this output would write is one of the inputs (by file identity)."""
-        inputs = {item.file_id: item.source for item in items if item.file_id is not None}
+        inputs = input_files(items)
         for path in self._files():
             info = _stat_or_none(path)
             if info is not None and (info.st_dev, info.st_ino) in inputs:
@@ -339,7 +345,7 @@ class StreamOutput:
         self.previous = Previous()
 
     def check(self, items: Sequence[Item]) -> None:
-        pass
+        WRITERS[self.fmt].check_output(Path(self.name) if self.name is not None else None, items)
 
     def plan(self, items: Sequence[Item], job: Job) -> list[Item]:
         return list(items)

@@ -200,6 +200,7 @@ def caption(
 
 
 def _consume(producer, engine, emitter, job, settings, stop, stats) -> None:
+    prepare = functools.partial(prepare_batch, engine, prompt=job.prompt)  # to re-prepare split batches
     for batch in producer:
         if stop is not None and stop.is_set():
             stats.stopped = True
@@ -208,7 +209,6 @@ def _consume(producer, engine, emitter, job, settings, stop, stats) -> None:
             for entry in batch.entries:
                 emitter.add(entry.index, make_record(job, entry, error=entry.error))
             continue
-        prepare = functools.partial(prepare_batch, engine, prompt=job.prompt)
         for entry, answer, error in batching.answer(engine, batch, settings, prepare, producer.tokens, producer.sizer):
             emitter.add(entry.index, make_record(job, entry, answer, error, settings))
 
@@ -242,7 +242,6 @@ class _Producer:
         self.engine = engine
         self.prompt = prompt
         self.sizer = sizer
-        self.max_new_tokens = sizer.max_new_tokens
         self.read = read
         self.documents = OpenDocuments(read)
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
@@ -306,7 +305,7 @@ class _Producer:
         for entry in loaded:  # a picture whose prompt cannot fit the context fails here, not in generate
             if entry.image is not None:
                 width, height = entry.image.size
-                entry.error = self.engine.check_fits(self.prompt, width, height, self.max_new_tokens)
+                entry.error = self.engine.check_fits(self.prompt, width, height, self.sizer.max_new_tokens)
                 if entry.error is not None:
                     entry.image = None
         failed = [entry for entry in loaded if entry.image is None]

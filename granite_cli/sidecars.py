@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .journal import write_atomic, writing
+from .output import input_files
 from .readers import DOCUMENT_SUFFIXES
 from .records import Job, Record
 from .sources import Item
@@ -40,7 +41,7 @@ class Sidecars:
 
     def check(self, items: Sequence[Item]) -> None:
         """Refuse, before any model work, every sidecar that could not or must not be written."""
-        inputs = {item.file_id: item.source for item in items if item.file_id is not None}
+        inputs = input_files(items)
         claimed: dict[Path, str] = {}
         for item in items:
             if item.file_id is None:

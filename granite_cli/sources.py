@@ -69,8 +69,6 @@ class Resolution:
     unsupported: set[FileId] = field(default_factory=set)
     """Files of unsupported type found inside directories, each once however many links lead to
     it (named files are never skipped; a link to nothing is no file)."""
-    skipped: int = 0
-    """How many files of unsupported type were skipped inside directories."""
     special: int = 0
     """Pipes, sockets and devices met in a folder walk or a glob: never opened (they can block)."""
     unmatched: list[str] = field(default_factory=list)
@@ -136,7 +134,6 @@ def resolve(
             seen.add(item.identity)
             unique.append(item)
     result.duplicates += len(result.items) - len(unique)
-    result.skipped = len(result.unsupported)
     result.items = unique
     return result
 

@@ -60,8 +60,8 @@ class Reporter:
         """What resolving the inputs left out, and why."""
         for name in resolution.unmatched:
             self.warn(f"{name}: matched no supported file")
-        if resolution.skipped:
-            self.note(f"skipped {resolution.skipped} file(s) of unsupported type inside folders")
+        if resolution.unsupported:
+            self.note(f"skipped {len(resolution.unsupported)} file(s) of unsupported type inside folders")
         if resolution.special:
             self.note(f"skipped {resolution.special} pipe(s), socket(s) or device(s) met in folders or globs")
         if resolution.duplicates:

@@ -15,11 +15,11 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TextIO
-from urllib.parse import quote
 
 from .errors import UsageError
 from .htmlreport import HtmlWriter
 from .records import Record
+from .writer_base import StreamWriter
 
 if TYPE_CHECKING:
     from .sources import Item
@@ -54,25 +54,7 @@ class Writer(Protocol):
         """Whether `text` (a file's start, or all of it if `whole`) is this writer's output."""
 
 
-class _StreamWriter:
-    """What every writer does alike: hold its stream, flush it on close, take any job."""
-
-    def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
-        self.stream = stream
-
-    def close(self) -> None:
-        self.stream.flush()
-
-    @staticmethod
-    def check(columns: Sequence[str]) -> None:
-        pass
-
-    @staticmethod
-    def check_output(path: Path | None, items: Sequence[Item]) -> None:
-        pass
-
-
-class JsonlWriter(_StreamWriter):
+class JsonlWriter(StreamWriter):
     """One JSON object per line, flushed per record."""
 
     name = "jsonl"
@@ -98,7 +80,7 @@ class JsonlWriter(_StreamWriter):
         return True
 
 
-class MarkdownWriter(_StreamWriter):
+class MarkdownWriter(StreamWriter):
     """A readable report: a heading per source, a sub-heading per page, the answer as text.
 
     When the report is a file, each picture is embedded (PDF pages are linked) with a path
@@ -110,8 +92,7 @@ class MarkdownWriter(_StreamWriter):
     report = True
 
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
-        super().__init__(stream)
-        self.base = path.resolve().parent if path else None
+        super().__init__(stream, path)
         self.current: str | None = None
         self.stream.write(f"# {REPORT_TITLE}\n")
         self.stream.flush()
@@ -119,7 +100,7 @@ class MarkdownWriter(_StreamWriter):
     def write(self, record: Record) -> None:
         parts: list[str] = []
         name = _escape(Path(record.source).name)
-        link = self._link(record.source)
+        link = self.link(record.source)
         if record.source != self.current:
             self.current = record.source
             parts.append(f"\n## {_code(record.source)}\n")
@@ -128,8 +109,7 @@ class MarkdownWriter(_StreamWriter):
         if record.page is not None:
             parts.append(f"\n### Page {record.page}\n")
             if link:  # a PDF opens at its page; a multi-page TIFF as a whole
-                anchor = f"#page={record.page}" if record.source.lower().endswith(".pdf") else ""
-                parts.append(f"\n[page {record.page} of {name}]({link}{anchor})\n")
+                parts.append(f"\n[page {record.page} of {name}]({self.link(record.source, record.page)})\n")
         if record.error is not None:
             parts.append(f"\n> **Error:** {_escape(record.error)}\n")
         elif isinstance(record.data, dict):
@@ -143,15 +123,6 @@ class MarkdownWriter(_StreamWriter):
     @staticmethod
     def recognizes(text: str, whole: bool) -> bool:
         return text.split("\n", 1)[0].rstrip("\r") == f"# {REPORT_TITLE}"
-
-    def _link(self, source: str) -> str | None:
-        if source.startswith(("http://", "https://")):
-            return source
-        if self.base is None or source == "-" or not Path(source).exists():
-            return None
-        target = Path(source).resolve()
-        relative = os.path.relpath(target, self.base)
-        return quote(Path(relative).as_posix())
 
 
 def _code(text: str) -> str:
@@ -174,7 +145,7 @@ def _escape(text: str) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in text.replace("\n", " "))
 
 
-class CsvWriter(_StreamWriter):
+class CsvWriter(StreamWriter):
     """A spreadsheet: one row per item, `source,page,prompt,answer,error`, and with --schema a
     column per top-level field before `error` (nested values as JSON). UTF-8 without a byte-order
     mark; fields holding commas, quotes or newlines are quoted (RFC 4180), so an answer of several
@@ -211,7 +182,7 @@ def _csv_value(value: Any) -> str:
     return str(value)
 
 
-class ImagefolderWriter(_StreamWriter):
+class ImagefolderWriter(StreamWriter):
     """The metadata of a Hugging Face `imagefolder` dataset (`-o DIR/metadata.jsonl`): for each
     answered picture, its `file_name` relative to DIR and its caption as `text`, with `page` and
     the schema's fields; `datasets.load_dataset("imagefolder", data_dir=DIR)` reads pictures and
@@ -223,8 +194,8 @@ class ImagefolderWriter(_StreamWriter):
     METADATA = "metadata.jsonl"
 
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
-        super().__init__(stream)
-        self.base = path.resolve().parent if path else Path.cwd()
+        super().__init__(stream, path)
+        self.base = self.base or Path.cwd()
 
     def write(self, record: Record) -> None:
         if not record.ok:

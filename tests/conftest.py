@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import MAX_NEW, Result, make_pdf, noise
+from helpers import MAX_NEW, MIXED_SIZES, Result, make_pdf, noise
 from typer.testing import CliRunner
 
 from granite_cli.cli import app
@@ -123,6 +123,17 @@ def cli(tiny_model):
         return Result(result.exit_code, result.stdout, result.stderr)
 
     return run
+
+
+@pytest.fixture
+def mixed_images(tmp_path):
+    """Pictures of every shape the processor tiles differently (MIXED_SIZES, in that order)."""
+    paths = []
+    for i, (width, height) in enumerate(MIXED_SIZES):
+        path = tmp_path / f"img{i}.png"
+        noise(width, height, seed=100 + i).save(path)
+        paths.append(path)
+    return paths
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MIXED_SIZES, Collect, model_card_answers, noise, one_error_line
+from helpers import Collect, model_card_answers, noise, one_error_line
 
 from granite_cli import pipeline
 from granite_cli.engine import BatchLimits, EngineOptions, GenerationSettings, load_engine
@@ -171,13 +171,10 @@ def test_the_budget_comes_from_memory_and_the_model_config(tiny_engine):
 
 @pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])
 def test_answers_stay_token_for_token_under_budgets_chunked_prefill_and_static_caches(
-    family, tiny_model, tiny_g4, tmp_path
+    family, tiny_model, tiny_g4, mixed_images
 ):
     model = str(tiny_model if family == "llava_next" else tiny_g4)
-    paths = []
-    for i, size in enumerate(MIXED_SIZES):
-        noise(*size, seed=100 + i).save(tmp_path / f"img{i}.png")
-        paths.append(tmp_path / f"img{i}.png")
+    paths = mixed_images
     expected = model_card_answers(model, paths, "Describe", max_new_tokens=10, token_ids=True)
     for options, limits in [
         (EngineOptions(prefill_chunk=16), BatchLimits(7)),  # prefill in chunks of 16 tokens

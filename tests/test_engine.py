@@ -7,17 +7,7 @@ import json
 import shutil
 
 import pytest
-from helpers import MIXED_SIZES, Collect, make_pdf, model_card_answers, noise
-
-
-@pytest.fixture
-def mixed_images(tmp_path):
-    paths = []
-    for i, (width, height) in enumerate(MIXED_SIZES):
-        path = tmp_path / f"img{i}.png"
-        noise(width, height, seed=100 + i).save(path)
-        paths.append(path)
-    return paths
+from helpers import Collect, make_pdf, model_card_answers, noise
 
 
 @pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])

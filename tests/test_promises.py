@@ -373,13 +373,10 @@ def test_the_max_tiles_table_in_the_readme(tiny_model):
     assert max(overheads) - min(overheads) <= 10, overheads  # the same text on every row
 
 
-def test_batched_answers_equal_the_model_card_loop_token_for_token(engine, tmp_path, tiny_model):
+def test_batched_answers_equal_the_model_card_loop_token_for_token(engine, mixed_images, tiny_model):
     from helpers import MIXED_SIZES, model_card_answers
 
-    paths = []
-    for i, size in enumerate(MIXED_SIZES):
-        noise(*size, seed=100 + i).save(tmp_path / f"img{i}.png")
-        paths.append(tmp_path / f"img{i}.png")
+    paths = mixed_images
     expected = model_card_answers(tiny_model, paths, "Describe", max_new_tokens=12, token_ids=True)
     captured: dict[tuple[int, int], tuple[int, ...]] = {}
     real_run = engine.run

@@ -50,7 +50,7 @@ class Generator:
             features = self.encode(inputs)
             kwargs = self._decoding(settings, input_ids.shape, features)
             if stream is not None:
-                kwargs["streamer"] = TextStream(self.tokenizer, stream)
+                kwargs["streamer"] = TextStream(self.tokenizer, stream, self.eos_ids)
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         prompt_tokens = attention_mask.sum(dim=1).tolist()
         rows = output[:, input_ids.shape[1] :].tolist()
@@ -114,7 +114,7 @@ class FreeAfterPrefill:
     them: `generate` keeps them in its arguments until it returns, but never reads them again."""
 
     def __init__(self, features) -> None:
-        self.tensors = [value for value in _tensors(features)]
+        self.tensors = list(_tensors(features))
 
     def __call__(self, input_ids, scores):
         for tensor in self.tensors:
@@ -142,12 +142,13 @@ class TextStream:
 
     Decodes the whole answer so far and writes only the new suffix, holding back an incomplete
     UTF-8 sequence, which is what transformers' TextStreamer does; unlike it, this one writes
-    to any stream and stops at the end-of-text token.
+    to any stream and stops at the first of `eos_ids`, where the stored answer ends too.
     """
 
-    def __init__(self, tokenizer, out: TextIO, label: str = "stdout"):
+    def __init__(self, tokenizer, out: TextIO, eos_ids: set[int], label: str = "stdout"):
         self.tokenizer = tokenizer
         self.out = out
+        self.eos_ids = eos_ids
         self.label = label
         self.tokens: list[int] = []
         self.written = 0
@@ -161,7 +162,7 @@ class TextStream:
         if self.done:
             return
         for token in value.reshape(-1).tolist():
-            if token == self.tokenizer.eos_token_id:
+            if token in self.eos_ids:
                 self.done = True
                 break
             self.tokens.append(token)

@@ -20,7 +20,7 @@ def model_name(value: str, where: str = "--model") -> str:
     path = Path(value).expanduser()
     if path.is_dir():
         return str(path.resolve())
-    if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1:
+    if _names_a_folder(value):
         raise UsageError(
             f"{where} {value!r}: model folder does not exist."
             f" Hint: pass a folder holding config.json, or a Hub id like {DEFAULT_MODEL}"
@@ -35,6 +35,11 @@ def model_name(value: str, where: str = "--model") -> str:
             f"{where} {value!r}: not a model folder, nor a Hugging Face model id (owner/name, like {DEFAULT_MODEL})"
         ) from None
     return value
+
+
+def _names_a_folder(value: str) -> bool:
+    """A path, not a Hub id (`owner/name`): it can only mean a local folder."""
+    return value.startswith(("/", "./", "../", "~")) or value.count("/") > 1
 
 
 def load_locally(model: str, revision: str | None) -> bool:
@@ -53,7 +58,7 @@ def load_locally(model: str, revision: str | None) -> bool:
         if not (path / "config.json").is_file():
             raise UsageError(f"model folder {model!r} has no config.json: it is not a Hugging Face model folder")
         return True
-    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+    if _names_a_folder(model):
         raise UsageError(
             f"model folder {model!r} does not exist."
             f" Hint: pass --model a folder holding config.json, or a Hub id like {DEFAULT_MODEL}"
