@@ -66,6 +66,17 @@ class Options:
     pdf_password: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
 
+    def check_environment(self) -> None:
+        """Refuse, in one line, an environment this job cannot run right in (see `environment`)."""
+        from . import environment
+
+        features = []
+        if self.schema is not None or self.json_object:
+            features.append("schema")
+        if self.pdf_renderer == "poppler":
+            features.append("poppler")
+        environment.check(tuple(features))
+
     def read_options(self) -> ReadOptions:
         if self.pdf_renderer not in RENDERERS:
             raise UsageError(f"--pdf-renderer {self.pdf_renderer!r}: expected one of {'|'.join(RENDERERS)}")
@@ -172,6 +183,7 @@ def run_ask(
     from . import engine as engines
     from . import pipeline, schema
 
+    job.check_environment()
     reporter = reporter or Reporter(quiet=True)
     structured = schema.load(job.schema, job.json_object)
     read = job.read_options()
@@ -237,6 +249,7 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
     from .engine.ranks import current
     from .output import open_output
 
+    job.check_environment()
     structured = schema.load(job.schema, job.json_object)
     columns = structured.columns if structured is not None else []
     writer_class(job.format, columns)

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
@@ -30,7 +31,7 @@ from rich.markup import escape
 
 from . import __version__
 from .api import AskJob, CaptionJob, Stop, run_ask, run_caption
-from .errors import DeviceError, OutputError, UsageError
+from .errors import DeviceError, OutputError, UsageError, debug, print_traceback
 from .helptext import Command, Group
 from .options import (
     DEFAULT_MODEL,
@@ -97,9 +98,11 @@ def _command(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except UsageError as exc:
+            print_traceback(exc)
             console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except DeviceError as exc:
+            print_traceback(exc)
             kept = "every record written before it is kept; --resume continues once the device is well"
             console.print(f"[red]error:[/] the run stopped, {escape(str(exc))}; {kept}", soft_wrap=True)
             raise typer.Exit(2) from None
@@ -108,6 +111,7 @@ def _command(func: Callable) -> Callable:
                 _silence_stdout()  # whatever Python still holds for stdout must not fail again at exit
             if exc.broken_pipe:
                 raise typer.Exit(141) from None
+            print_traceback(exc)
             kept = "; every record written before it is kept (--resume continues)" if exc.resumable else ""
             console.print(f"[red]error:[/] {escape(str(exc))}{kept}", soft_wrap=True)
             raise typer.Exit(2) from None
@@ -131,6 +135,21 @@ def main_options(
     ] = False,
 ) -> None:
     """Ask questions about images and PDF pages, and caption whole folders, with IBM Granite Vision."""
+    _configure_process()
+
+
+def _configure_process() -> None:
+    """The command line owns its process, so it sets what the library never does: PIL's own pixel
+    limit off (`--max-pixels` is the limit, checked from each header), and the warnings of the
+    libraries underneath (a damaged file's, a deprecation's) kept off stderr, whose lines are the
+    user's. Under GRANITE_VISION_DEBUG those warnings stay."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    if debug():
+        return
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    warnings.filterwarnings("ignore", module=r"(transformers|torch|torchvision|accelerate|huggingface_hub)(\.|$)")
 
 
 @app.command(
@@ -225,9 +244,15 @@ def caption(
 @_command
 def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """Versions, devices and dtypes, default model, model cache and PDF renderers."""
+    from . import environment
     from .info import collect, render
 
-    _print_stdout(render(collect(default_model=DEFAULT_MODEL), as_json=json_output))
+    facts = collect(default_model=DEFAULT_MODEL)
+    _print_stdout(render(facts, as_json=json_output))
+    environment.check()  # what every run checks first: one line and exit code 2 here too
+    problem = next((entry["problem"] for entry in facts["environment"] if entry["name"] == "torchvision"), None)
+    if problem is not None:
+        raise UsageError(problem)
 
 
 def _plain(options: dict) -> dict:

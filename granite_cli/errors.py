@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+import traceback
 
 
 class UsageError(Exception):
@@ -42,8 +44,22 @@ class OutputError(Exception):
         return isinstance(self.error, BrokenPipeError) or self.error.errno == errno.EPIPE
 
 
+def debug() -> bool:
+    """GRANITE_VISION_DEBUG=1: every one-line error also prints the full traceback behind it,
+    and the libraries underneath speak as they would (for bug reports)."""
+    return os.environ.get("GRANITE_VISION_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def print_traceback(exc: BaseException) -> None:
+    """The traceback behind a one-line error, with its causes, on stderr, under GRANITE_VISION_DEBUG."""
+    if debug():
+        traceback.print_exception(exc, file=sys.stderr)
+
+
 def describe(exc: BaseException) -> str:
-    """One line for an exception raised while reading or running one item."""
+    """One line for an exception raised while reading or running one item (and, under
+    GRANITE_VISION_DEBUG, its traceback on stderr)."""
+    print_traceback(exc)
     if isinstance(exc, InputError):
         return str(exc)
     if isinstance(exc, FileNotFoundError):

@@ -7,31 +7,30 @@ is refused or which PDF renderers will work.
 from __future__ import annotations
 
 import json
-import sys
-from importlib import metadata
 
-from . import __version__
+from . import __version__, environment
 from .readers import poppler_available
-
-PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "pillow", "pypdfium2", "pdf2image", "typer", "rich")
 
 
 def collect(default_model: str) -> dict:
+    """Every fact `info` shows; `environment` is the check every run makes first (see
+    `environment.report`)."""
     import os
 
     from huggingface_hub import constants
 
-    from .engine.devices import describe_devices
+    from .engine.devices import describe_devices, torchvision_problem
 
     devices = describe_devices()
-    versions = {"granite-vision": __version__, "python": sys.version.split()[0]}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
+    checked = environment.report()
+    for entry in checked:  # a build that does not fit shows only on import
+        if entry["name"] == "torchvision" and entry["supported"] and entry["installed"]:
+            problem = torchvision_problem()
+            entry.update(supported=problem is None, problem=problem)
+    versions = {"granite-vision": __version__} | {entry["name"]: entry["installed"] for entry in checked}
     return {
         "versions": versions,
+        "environment": checked,
         "devices": devices,
         "default_device": devices[1]["device"] if len(devices) > 1 else "cpu",
         "default_model": os.environ.get("GRANITE_VISION_MODEL") or default_model,
@@ -44,8 +43,12 @@ def collect(default_model: str) -> dict:
 def render(facts: dict, as_json: bool = False) -> str:
     if as_json:
         return json.dumps(facts, indent=2)
-    lines = ["versions:"]
-    lines += [f"  {name}: {version or 'not installed'}" for name, version in facts["versions"].items()]
+    lines = [f"granite-vision {facts['versions']['granite-vision']}", "environment:"]
+    for entry in facts["environment"]:
+        verdict = "ok" if entry["supported"] else "NOT SUPPORTED"
+        only = f", for {entry['only_for']}" if "only_for" in entry else ""
+        installed = entry["installed"] or "not installed"
+        lines.append(f"  {entry['name']}: {installed} (needs >= {entry['needed']}{only}: {verdict})")
     lines.append("devices:")
     for device in facts["devices"]:
         memory = f", {device['memory_gib']} GiB" if "memory_gib" in device else ""

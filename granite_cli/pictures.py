@@ -5,17 +5,22 @@ Everything here raises `InputError` with a short reason for a bad input, so that
 turn it into that item's error record and go on. Hostile inputs are refused from their headers
 (an image that claims more pixels than `--max-pixels`), and legitimately huge pictures are shrunk
 while decoding, so one input can never take the machine's memory.
+
+Nothing here changes PIL's process-wide settings: a library must not take its host's
+decompression-bomb guard away. The command line, which owns its process, switches PIL's own
+limit off (`cli`), so that `--max-pixels` alone decides; used as a library, PIL's limit
+(`Image.MAX_IMAGE_PIXELS`, whatever the application set) applies as well, and so does its
+`ImageFile.LOAD_TRUNCATED_IMAGES` (False, PIL's default: a truncated file is an error).
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, one_line
 
@@ -87,7 +92,9 @@ def open_image(source: Source, max_pixels: int) -> Image.Image:
         raise InputError("not an image or PDF (unrecognised content)") from exc
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # header present but damaged
+    except Image.DecompressionBombError as exc:  # PIL's own limit: the application's, process-wide
+        raise InputError(f"{one_line(exc)} (PIL.Image.MAX_IMAGE_PIXELS applies too, set by the application)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # header present but damaged
         raise InputError(f"corrupt or truncated image ({one_line(exc)})") from exc
     width, height = image.size
     if width * height > max_pixels:
@@ -157,12 +164,3 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     low, high = float(array.min()), float(array.max())
     scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
     return Image.fromarray(scaled.astype(np.uint8))
-
-
-# Truncated files are an error, not silently grey pixels. Pixel limits are ours (max_pixels),
-# checked from the header before any decoding, so PIL's own warning/limit is switched off.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.MAX_IMAGE_PIXELS = None
-# Damaged files make PIL warn ("Tag data larger than file") before it fails or copes; the item's
-# record already says what went wrong, so these warnings would only be noise on stderr.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")

@@ -237,12 +237,16 @@ def test_the_grammar_mask_needs_no_compiler_and_matches_xgrammar():
 
 # --------------------------------------------------------------------------- several GPUs
 @pytest.mark.gpu
-def test_a_cuda_index_becomes_the_current_device():
-    from granite_cli.engine.devices import resolve_device
+def test_a_cuda_index_is_the_current_device_while_the_engine_works_and_only_then():
+    from granite_cli.engine import devices
 
     last = torch.cuda.device_count() - 1
-    assert resolve_device(f"cuda:{last}") == torch.device(f"cuda:{last}")
-    assert torch.cuda.current_device() == last
+    before = torch.cuda.current_device()
+    device = devices.resolve_device(f"cuda:{last}")
+    assert device == torch.device(f"cuda:{last}") and torch.cuda.current_device() == before
+    with devices.current(device):
+        assert torch.cuda.current_device() == last
+    assert torch.cuda.current_device() == before  # the process's own choice, as it was
 
 
 def test_the_prefill_is_chunked_where_the_model_allows_it(tiny_model, tiny_g4, pictures, monkeypatch):

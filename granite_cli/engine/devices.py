@@ -1,13 +1,16 @@
 """Where and how a model runs: device and dtype choices, what each device supports (what
 `granite-vision info` lists), how much of a GPU a batch may take, telling an out-of-memory error
-from one that broke the device, seeding, and giving memory back."""
+from one that broke the device, a seeded stream and the current GPU scoped to our calls, and giving
+memory back."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from . import DEVICE_CHOICES, DTYPES
 
 if TYPE_CHECKING:
@@ -39,9 +42,26 @@ def resolve_device(spec: str) -> torch.device:
             raise UsageError(
                 f"--device {spec}: this machine has {found}. Hint: see `granite-vision info`, or use --device cpu"
             )
-        torch.cuda.set_device(index)  # kernels, streams and libraries that ask "which GPU" agree
         return torch.device(f"cuda:{index}")
     raise UsageError(f"--device {spec!r}: expected one of {DEVICE_CHOICES}")
+
+
+def torchvision_problem() -> str | None:
+    """Why torchvision cannot be used beside this torch, or None. Its version may say it fits
+    and its build still not (a CPU torch beside a CUDA torchvision): it fails on import
+    (`operator torchvision::nms does not exist`)."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return None  # not installed: the environment check says so
+    except Exception as exc:  # noqa: BLE001 - RuntimeError from its C++ operators
+        import torch
+
+        return (
+            f"torchvision does not load beside torch {torch.__version__} ({one_line(exc)}); install the"
+            " torchvision built for this torch (see `granite-vision info`)"
+        )
+    return None
 
 
 def supported_dtypes(device: torch.device) -> list[str]:
@@ -100,11 +120,48 @@ def describe_devices() -> list[dict]:
     return devices
 
 
-def seed(value: int) -> None:
-    """Seed every random generator sampling uses."""
-    from transformers import set_seed
+@contextlib.contextmanager
+def current(device: torch.device) -> Iterator[None]:
+    """`device` as torch's current CUDA device while the model works, the caller's put back
+    after: kernels and libraries that ask "which GPU" (Triton asks GPU 0 otherwise) agree with
+    the model's, and the process's current device is not changed behind its back."""
+    import torch
 
-    set_seed(value)
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
+
+
+class SeededStream:
+    """A random stream of our own for `--seed`: each call runs with it as torch's generator state
+    (CPU, and the model's GPU) and puts the caller's state back after, so a seeded run samples
+    reproducibly, batch after batch, without reseeding the rest of the process."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed = seed
+        self.device = device
+        self.states: tuple | None = None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        import torch
+
+        gpu = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpu):
+            if self.states is None:
+                torch.default_generator.manual_seed(self.seed)
+                for index in gpu:
+                    torch.cuda.default_generators[index].manual_seed(self.seed)
+            else:
+                torch.set_rng_state(self.states[0])
+                for index, state in zip(gpu, self.states[1:], strict=True):
+                    torch.cuda.set_rng_state(state, index)
+            try:
+                yield
+            finally:
+                self.states = (torch.get_rng_state(), *(torch.cuda.get_rng_state(index) for index in gpu))
 
 
 def release_memory() -> None:

@@ -13,6 +13,7 @@ What keeps a GPU full and its memory for the KV cache:
 
 from __future__ import annotations
 
+import contextlib
 from typing import TextIO
 
 from ..errors import OutputError
@@ -35,18 +36,16 @@ class Generator:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.grammars: dict[str, object] = {}
         self.seeded_for: GenerationSettings | None = None
+        self.sampler: devices.SeededStream | None = None
 
     def run(self, inputs, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
         """One `generate` over prepared inputs, which it takes (empties): the pixels are freed as
         soon as the vision tower has read them. Answers come in the order of the rows."""
         import torch
 
-        if settings.seed is not None and settings is not self.seeded_for:  # once per run (its settings)
-            devices.seed(settings.seed)
-            self.seeded_for = settings
-        input_ids = inputs.pop("input_ids").to(self.device)
-        attention_mask = inputs.pop("attention_mask").to(self.device)
-        with torch.inference_mode():
+        with devices.current(self.device), self._random(settings), torch.inference_mode():
+            input_ids = inputs.pop("input_ids").to(self.device)
+            attention_mask = inputs.pop("attention_mask").to(self.device)
             features = self.encode(inputs)
             kwargs = self._decoding(settings, input_ids.shape, features)
             if stream is not None:
@@ -55,6 +54,15 @@ class Generator:
         prompt_tokens = attention_mask.sum(dim=1).tolist()
         rows = output[:, input_ids.shape[1] :].tolist()
         return [self._answer(row, tokens) for row, tokens in zip(rows, prompt_tokens, strict=True)]
+
+    def _random(self, settings: GenerationSettings):
+        """The random stream a batch samples from: with --seed, one seeded once per run (its
+        settings) and continued batch after batch; else the process's own."""
+        if settings.seed is None or settings.temperature <= 0:
+            return contextlib.nullcontext()
+        if settings is not self.seeded_for:
+            self.seeded_for, self.sampler = settings, devices.SeededStream(settings.seed, self.device)
+        return self.sampler.active()
 
     def encode(self, inputs):
         """The pictures (taken out of `inputs`) through the vision tower and projector, keeping

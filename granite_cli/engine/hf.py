@@ -6,12 +6,12 @@ part (`prompts`, `batches`, `generation`, `grammar`), and this module only loads
 
 from __future__ import annotations
 
-import logging
-import warnings
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from .. import DEFAULT_MODEL
-from ..errors import UsageError
+from ..errors import UsageError, debug
 from . import Answer, BatchLimits, EngineOptions, GenerationSettings, batches, devices, hub
 from .generation import Generator
 from .prompts import Prompts
@@ -85,19 +85,20 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
     """Load processor and model with `from_pretrained`, as for any Hugging Face checkpoint."""
     torch_device = devices.resolve_device(device)
     torch_dtype = devices.resolve_dtype(dtype, torch_device)
-    _quiet_transformers()
+    _check_torchvision()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     local_only = hub.load_locally(model, revision)
-    _check_vision_model(model, revision, local_only)
-    try:
-        processor = AutoProcessor.from_pretrained(model, revision=revision, local_files_only=local_only)
-        kwargs = {"revision": revision, "dtype": torch_dtype, "local_files_only": local_only}
-        if torch_device.type != "cpu":
-            kwargs["device_map"] = str(torch_device)
-        network = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
-        raise hub.model_load_error(model, exc) from exc
+    with _quiet_loading(), devices.current(torch_device):
+        _check_vision_model(model, revision, local_only)
+        try:
+            processor = AutoProcessor.from_pretrained(model, revision=revision, local_files_only=local_only)
+            kwargs = {"revision": revision, "dtype": torch_dtype, "local_files_only": local_only}
+            if torch_device.type != "cpu":
+                kwargs["device_map"] = str(torch_device)
+            network = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
+        except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+            raise hub.model_load_error(model, exc) from exc
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise UsageError(f"model {model!r} has no image processor: it is not a vision-language model")
     network.eval()
@@ -175,13 +176,30 @@ def _check_pinpoints(model: str, processor, network) -> None:
         )
 
 
-def _quiet_transformers() -> None:
-    """Library progress bars and advice are noise in a CLI whose stderr is for its user."""
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Loading draws no progress bars and gives no advice on stderr (a CLI's stderr is its
+    user's, a library's its host's): transformers is quiet for this call only, and as it was
+    after it. GRANITE_VISION_DEBUG=1 leaves it as it is."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+    if debug():
+        yield
+        return
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", module="torch")
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_torchvision() -> None:
+    """A torchvision built for another torch build fails on import, deep inside the processor's
+    loading: say so first, in one line."""
+    problem = devices.torchvision_problem()
+    if problem is not None:
+        raise UsageError(problem)

@@ -24,15 +24,19 @@ class Prompts:
         self.special_texts = tuple(token.content for token in self.tokenizer.added_tokens_decoder.values())
         """Texts the tokenizer would read as control tokens: a question holding one is tokenized
         as plain text instead (see `ids`)."""
+        # Memoised per instance, not per class: a class-level cache would keep every processor
+        # it ever saw alive for the life of the process.
+        self.text = lru_cache(maxsize=64)(self.text)
+        self.ids = lru_cache(maxsize=64)(self.ids)
+        self.image_tokens = lru_cache(maxsize=4096)(self.image_tokens)
+        self.fit = lru_cache(maxsize=4096)(self.fit)
 
-    @lru_cache(maxsize=64)
     def text(self, question: str) -> str:
         """The model's own chat template over a user turn holding the image and the question,
         exactly as the model card builds it."""
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
-    @lru_cache(maxsize=64)
     def ids(self, question: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Token ids of the chat-formatted prompt before and after its image.
 
@@ -74,7 +78,6 @@ class Prompts:
             f" {self.context_window:,} tokens"
         )
 
-    @lru_cache(maxsize=4096)
     def image_tokens(self, width: int, height: int) -> int:
         """Image tokens the processor will emit for a picture of this size (used to group batches
         so that items of similar length share one, and little compute goes to padding)."""
@@ -84,7 +87,6 @@ class Prompts:
         except Exception:  # noqa: BLE001 - processors without the helper: area is a fair proxy
             return width * height // 196
 
-    @lru_cache(maxsize=4096)
     def fit(self, width: int, height: int) -> tuple[int, int]:
         """The size the processor will shrink a picture of this size to (its best grid, aspect
         kept); a larger picture carries no detail the model sees. Used to render PDF pages at
