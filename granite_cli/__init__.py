@@ -13,7 +13,20 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = "ibm-granite/granite-vision-3.3-2b"
 """The newest Granite Vision 2B; overridable with --model or $GRANITE_VISION_MODEL."""
 
-__all__ = ["DEFAULT_MODEL", "AskResult", "CaptionResult", "ask", "caption"]
+from .errors import DeviceError, InputError, OutputError, UsageError  # noqa: E402 - light, no third-party imports
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "AskResult",
+    "CaptionResult",
+    "DeviceError",
+    "InputError",
+    "OutputError",
+    "Record",
+    "UsageError",
+    "ask",
+    "caption",
+]
 
 
 def __getattr__(name: str):
@@ -23,4 +36,8 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name == "Record":
+        from .records import Record
+
+        return Record
     raise AttributeError(f"module 'granite_cli' has no attribute {name!r}")

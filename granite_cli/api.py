@@ -15,118 +15,29 @@ one input are that item's record (`error`), never an exception.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
+import shlex
+import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from . import DEFAULT_MODEL
 from .distributed import Ranks, item_cost, split
 from .errors import UsageError, describe
-from .pictures import DEFAULT_MAX_PIXELS
-from .readers import DEFAULT_DPI, RENDERERS, OpenDocuments, ReadOptions, open_document
+from .jobs import DEFAULT_PROMPT, AskJob, CaptionJob, Options
+from .readers import OpenDocuments, ReadOptions, open_document
 from .records import Job, Record
 from .sidecars import SidecarOutput, Sidecars
-from .sources import Item, PageSelection, expand_stdin, resolve, resolve_single
+from .sources import MADE_BY_US, URL_PREFIXES, Item, PageSelection, expand_stdin, resolve, resolve_single
 from .ui import Reporter
 from .writers import writer_class
 
 if TYPE_CHECKING:
     from .engine import Engine
-
-DEFAULT_PROMPT = "Describe this image in detail."
-
-
-@dataclass(kw_only=True)
-class Options:
-    """What `ask` and `caption` share: the model, how it runs and answers, how inputs are read.
-    Every field is the command-line option of the same name."""
-
-    model: str = DEFAULT_MODEL
-    """A Hugging Face id or a local model folder."""
-    model_origin: str = "--model"
-    """Where `model` came from, for error lines ("--model", "$GRANITE_VISION_MODEL")."""
-    revision: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_tiles: int | None = None
-    cache: str = "auto"
-    max_new_tokens: int = 256
-    min_new_tokens: int | None = None
-    """Library only: force answers of this length (benchmarks, where random weights would stop early)."""
-    temperature: float = 0.0
-    seed: int | None = None
-    schema: str | None = None
-    """A JSON Schema (file, inline JSON or compact `'title, total:number'`) answers must fit."""
-    json_object: bool = False
-    pdf_renderer: str = "pypdfium2"
-    dpi: int = DEFAULT_DPI
-    pdf_password: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def check_environment(self) -> None:
-        """Refuse, in one line, an environment this job cannot run right in (see `environment`)."""
-        from . import environment
-
-        features = []
-        if self.schema is not None or self.json_object:
-            features.append("schema")
-        if self.pdf_renderer == "poppler":
-            features.append("poppler")
-        environment.check(tuple(features))
-
-    def read_options(self) -> ReadOptions:
-        if self.pdf_renderer not in RENDERERS:
-            raise UsageError(f"--pdf-renderer {self.pdf_renderer!r}: expected one of {'|'.join(RENDERERS)}")
-        return ReadOptions(self.pdf_renderer, self.dpi, self.pdf_password, self.max_pixels)
-
-    def load(self, model: str, device: str | None = None):
-        """The engine, loaded (the only step that imports torch)."""
-        from .engine import CACHES, EngineOptions, load_engine
-
-        if self.cache not in CACHES:
-            raise UsageError(f"--cache {self.cache!r}: expected one of {'|'.join(CACHES)}")
-        options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache)
-        device = device or self.device
-        return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)
-
-    def settings(self, structured):
-        from .engine import GenerationSettings
-
-        return GenerationSettings(self.max_new_tokens, self.temperature, self.seed, self.min_new_tokens, structured)
-
-
-@dataclass(kw_only=True)
-class AskJob(Options):
-    """One question about one picture: a file, a PDF page (`page`), `-` (bytes on stdin), a URL."""
-
-    source: str
-    question: str
-    page: int = 1
-
-
-@dataclass(kw_only=True)
-class CaptionJob(Options):
-    """The same question about every picture named: files, folders, globs, URLs, `-` (paths on
-    stdin). `output` None keeps the records in the result only; "-" writes them to stdout."""
-
-    sources: list[str]
-    prompt: str | None = None
-    """Default: DEFAULT_PROMPT, or with a schema, a request for its fields."""
-    format: str = "jsonl"
-    output: str | None = None
-    pages: str | None = None
-    resume: bool = False
-    sidecar: str | None = None
-    """Also write each answer to a file beside its picture, with this ending (".txt")."""
-    overwrite: bool = False
-    """With `sidecar`: answer pictures whose sidecar exists too (else they are skipped)."""
-    batch_size: int | None = None
-    """Pictures per batch at most (None: 8 on the CPU, 128 on a GPU; the token budget decides below)."""
-    max_batch_tokens: int | None = None
-    """Tokens per batch at most, rows x (longest prompt + answer); None: what the GPU's memory allows."""
 
 
 @dataclass
@@ -165,14 +76,52 @@ class Stop:
         self.running = False
 
 
-def ask(source: str, question: str, **options) -> AskResult:
-    """Answer `question` about one picture; `options` are `AskJob`'s fields."""
-    return run_ask(AskJob(source=source, question=question, **options))
+def ask(source, question: str, **options) -> AskResult:
+    """Answer `question` about one picture: a path, an http(s) URL, `-` (bytes on stdin) or a PIL
+    image. The keywords are the options of `granite-vision ask` (see the signature: `model`,
+    `device`, `max_new_tokens`, `schema`, ...). Raises `UsageError` for a bad value; a bad
+    picture is the record's `error`."""
+    return run_ask(_make(AskJob, source=source, question=question, **options))
 
 
-def caption(sources: Sequence[str], **options) -> CaptionResult:
-    """Caption every picture `sources` name; `options` are `CaptionJob`'s fields."""
-    return run_caption(CaptionJob(sources=list(sources), **options))
+def caption(sources, **options) -> CaptionResult:
+    """Caption every picture `sources` name: a list of paths, folders, globs, URLs, `-` or PIL
+    images (a single path is one source). The keywords are the options of `granite-vision
+    caption` (see the signature: `output`, `format`, `resume`, `prompt`, `schema`, ...); without
+    `output` the records stay in the result. Raises `UsageError` for a bad value, `OutputError`
+    when the output fails mid-run; a bad picture is its record's `error`."""
+    return run_caption(_make(CaptionJob, sources=sources, **options))
+
+
+def _make(kind: type[Options], **options) -> Options:
+    """The job, or a `UsageError` naming a keyword it does not take."""
+    names = {entry.name for entry in fields(kind)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"{kind.__name__}: no option {unknown[0]!r}{hint}")
+    return kind(**options)
+
+
+def _signature(kind: type[Options], *first: str) -> inspect.Signature:
+    """`help(granite_cli.caption)` shows every keyword with its type and default: the job's fields."""
+    hints = typing.get_type_hints(kind)
+    entries = [entry for entry in fields(kind) if entry.name != "model_origin"]
+    positional = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[name]) for name in first
+    ]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    keywords = [
+        inspect.Parameter(entry.name, keyword, default=entry.default, annotation=hints[entry.name])
+        for entry in entries
+        if entry.name not in first
+    ]
+    return inspect.Signature([*positional, *keywords])
+
+
+ask.__signature__ = _signature(AskJob, "source", "question")
+caption.__signature__ = _signature(CaptionJob, "sources")
 
 
 def run_ask(
@@ -188,11 +137,20 @@ def run_ask(
     structured = schema.load(job.schema, job.json_object)
     read = job.read_options()
     model = _model(job, reporter)
-    todo = Job(job.question, model, structured.fingerprint if structured else None)
+    _check_order(job)
+    if job.source == "-" and (sys.stdin is None or sys.stdin.isatty()):
+        raise UsageError(
+            "ask -: stdin is " + ("closed" if sys.stdin is None else "a terminal")
+            + "; pipe a picture in: cat photo.jpg | granite-vision ask - 'What is shown?'"
+        )  # fmt: skip
+    _notes(job, reporter)
+    todo = _job(job, job.question, model, structured)
     item = resolve_single(job.source, job.page, read=read)
     if item.error is not None:  # a known-bad input fails before the model loads
         return AskResult(pipeline.make_record(todo, pipeline.Loaded(0, item), error=item.error))
-    engine = engine or job.load(model)
+    if engine is None:
+        reporter.loading(model, job.device)
+        engine = job.load(model)
     loaded = pipeline.load_item(0, item, OpenDocuments(read), engine.fit)  # as caption loads it
     if loaded.image is None:
         return AskResult(pipeline.make_record(todo, loaded, error=loaded.error))
@@ -224,10 +182,14 @@ def run_caption(
     `engine`: one already loaded (for the same model), to run many jobs on one model."""
     stop = stop or Stop()
     plan = _plan(job, reporter, stdin)
-    if engine is None and any(item.error is None for item in plan.todo):  # a model only when needed
-        device = plan.ranks.device if plan.ranks.distributed and job.device in ("auto", "cuda") else job.device
-        engine = job.load(plan.job.model, device)  # each process on its own GPU
-    return _execute(plan, engine, job, stop)
+    try:
+        if engine is None and any(item.error is None for item in plan.todo):  # a model only when needed
+            device = plan.ranks.device if plan.ranks.distributed and job.device in ("auto", "cuda") else job.device
+            plan.reporter.loading(plan.job.model, device)
+            engine = job.load(plan.job.model, device)  # each process on its own GPU
+        return _execute(plan, engine, job, stop)
+    finally:
+        plan.sink.release()  # another run may write this output now
 
 
 @dataclass
@@ -256,25 +218,70 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
     if job.resume and job.output in (None, "-"):
         raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
     prompt = job.prompt or (structured.default_prompt() if structured is not None else DEFAULT_PROMPT)
-    read, selection = job.read_options(), PageSelection.parse(job.pages) if job.pages else None
+    read, selection = job.read_options(), PageSelection.parse(job.pages) if job.pages is not None else None
+    sidecars = Sidecars(job.sidecar, job.overwrite) if job.sidecar is not None else None
     ranks = current(job.device)
     reporter = _reporter(reporter, ranks)
-    todo_job = Job(prompt, _model(job, reporter), structured.fingerprint if structured else None)
+    _notes(job, reporter)
+    todo_job = _job(job, prompt, _model(job, reporter), structured)
+    if "-" in job.sources:
+        stdin = _stdin(stdin, reporter)
     sources, run_id = _shared_sources(job, ranks, stdin)
-    sink = open_output(job.output, job.format, job.resume, ranks=ranks, columns=columns, run_id=run_id)
-    if job.sidecar is not None:
-        sink = SidecarOutput(sink, Sidecars(job.sidecar, job.overwrite))
-    resolution = resolve(sources, pages=selection, read=read, stdin=stdin)
-    reporter.resolution(resolution)
-    if not resolution.items:
-        raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
-    sink.check(resolution.items)
-    todo = sink.plan(resolution.items, todo_job)
+    sink = open_output(
+        job.output, job.format, job.resume, overwrite=job.overwrite, ranks=ranks, columns=columns, run_id=run_id,
+        notify=reporter.note,
+    )  # fmt: skip
+    try:
+        if sidecars is not None:
+            sink = SidecarOutput(sink, sidecars)
+        resolution = resolve(sources, pages=selection, read=read, stdin=stdin, ignore=_made_by_us(job))
+        reporter.resolution(resolution, verbose=job.verbose)
+        if not resolution.items:
+            raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
+        sink.check(resolution.items)
+        todo = sink.plan(resolution.items, todo_job)
+    except BaseException:
+        sink.release()
+        raise
     if job.resume:
         reporter.resumed(job.output, sink.previous, len(todo))
     elif job.sidecar is not None and len(todo) < len(resolution.items):
         reporter.note(f"{len(resolution.items) - len(todo)} picture(s) have their {job.sidecar} already: skipped")
     return _Plan(todo_job, resolution.items, todo, sink, ranks, reporter, read, structured)
+
+
+def _stdin(stdin: BinaryIO | None, reporter: Reporter) -> BinaryIO:
+    """Where `caption -` reads its paths; on a terminal it says so, since it then waits for them."""
+    if stdin is None:
+        if sys.stdin is None:
+            raise UsageError("caption -: stdin is closed, so there are no paths to read")
+        stdin = sys.stdin.buffer
+    if stdin.isatty():
+        reporter.note("reading paths from stdin, one per line; end with Ctrl-D")
+    return stdin
+
+
+def _job(job: Options, prompt: str, model: str, structured) -> Job:
+    """What the records of this run belong to (and what --resume must find unchanged)."""
+    schema = structured.fingerprint if structured is not None else None
+    return Job(prompt, model, schema, job.answer_settings(), job.max_new_tokens)
+
+
+def _notes(job: Options, reporter: Reporter) -> None:
+    """Options that mean nothing here: said, not silently ignored."""
+    if job.seed is not None and job.temperature == 0:
+        reporter.note("note: --seed has no effect at --temperature 0 (greedy decoding is deterministic)")
+    if getattr(job, "format", None) == "html" and getattr(job, "output", None) == "-":
+        reporter.warn(
+            "an HTML report on stdout shows no pictures: they are linked from the report's own folder;"
+            " write it to a file (-o report.html) to see them"
+        )
+
+
+def _made_by_us(job: CaptionJob) -> tuple[str, ...]:
+    """File name endings a folder walk passes over without counting them as unsupported: the
+    files granite-vision itself writes (its sidecars, its outputs' journals and reports)."""
+    return ((job.sidecar,) if job.sidecar else ()) + MADE_BY_US
 
 
 def _shared_sources(job: CaptionJob, ranks: Ranks, stdin: BinaryIO | None) -> tuple[list[str], str]:
@@ -313,7 +320,7 @@ def _execute(plan: _Plan, engine, job: CaptionJob, stop: Stop) -> CaptionResult:
                 stats = pipeline.caption(
                     todo, engine, plan.sink, job=plan.job, settings=settings,
                     limits=engine.limits(job.batch_size, job.max_batch_tokens),
-                    read=plan.read, on_record=on_record, stop=stop.event,
+                    read=plan.read, on_record=on_record, stop=stop.event, small=plan.sink.small_picture,
                 )  # fmt: skip
     except BaseException:
         plan.sink.abandon()
@@ -352,6 +359,19 @@ def _size(item: Item, read: ReadOptions) -> tuple[int, int] | None:
             document.close()
     except Exception:  # noqa: BLE001 - only an estimate: the item fails fast anyway
         return None
+
+
+def _check_order(job: AskJob) -> None:
+    """`ask "What is shown?" photo.png`: the question and the picture swapped; say so, not
+    "no such file"."""
+    source, question = job.source, job.question
+    if not isinstance(source, str) or source == "-" or source.startswith(URL_PREFIXES) or os.path.lexists(source):
+        return
+    if os.path.isfile(question):
+        raise UsageError(
+            f"{source}: no such file. Hint: ask takes the picture first, then the question:"
+            f" granite-vision ask {shlex.quote(question)} {shlex.quote(source)}"
+        )
 
 
 def _model(job: Options, reporter: Reporter) -> str:

@@ -30,9 +30,10 @@ import typer
 from rich.markup import escape
 
 from . import __version__
-from .api import AskJob, CaptionJob, Stop, run_ask, run_caption
+from .api import Stop, run_ask, run_caption
 from .errors import DeviceError, OutputError, UsageError, debug, print_traceback
 from .helptext import Command, Group
+from .jobs import AskJob, CaptionJob
 from .options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
@@ -64,6 +65,7 @@ from .options import (
     SourceArg,
     SourcesArg,
     TemperatureOpt,
+    VerboseOpt,
 )
 from .pictures import DEFAULT_MAX_PIXELS
 from .readers import DEFAULT_DPI
@@ -146,10 +148,33 @@ def _configure_process() -> None:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None
+    _hold_standard_streams()
     if debug():
         return
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     warnings.filterwarnings("ignore", module=r"(transformers|torch|torchvision|accelerate|huggingface_hub)(\.|$)")
+
+
+def _hold_standard_streams() -> None:
+    """A closed stdin, stdout or stderr (`>&-`) gets /dev/null in its place, so that no file we
+    open later takes its number (and our data lands in it); stdout stays None to Python, which
+    `_stdout` refuses. Data on stdout is UTF-8 whatever the locale says (JSON is UTF-8); stderr
+    shows what it cannot encode as escapes instead of failing."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free number: this one
+    for stream, errors in ((sys.stdout, "strict"), (sys.stderr, "backslashreplace")):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(encoding="utf-8", errors=errors)
+
+
+def _stdout():
+    """stdout, where data goes; closed (`>&-`), a usage error before any work."""
+    if sys.stdout is None:
+        raise UsageError("stdout is closed, so the data would go nowhere. Hint: run without >&-, or write to -o FILE")
+    return sys.stdout
 
 
 @app.command(
@@ -186,8 +211,9 @@ def ask(
 ) -> None:
     """Answer one question about one image or PDF page; the answer streams to stdout."""
     options = _plain({key: value for key, value in locals().items() if key not in ("ctx", "json_output")})
+    stdout = _stdout()
     job = AskJob(**options, model_origin=_model_origin(ctx))
-    record = run_ask(job, stream=None if json_output else sys.stdout, reporter=Reporter()).record
+    record = run_ask(job, stream=None if json_output else stdout, reporter=Reporter()).record
     if not record.ok:
         console.print(error_line(record), soft_wrap=True)
     _print_stdout(record.to_json() if json_output else "" if record.ok else None)
@@ -208,7 +234,7 @@ def caption(
     ctx: typer.Context,
     sources: SourcesArg,
     prompt: PromptOpt = None,
-    format: FormatOpt = "jsonl",
+    format: FormatOpt = None,
     schema: SchemaOpt = None,
     json_object: JsonObjectOpt = False,
     output: OutputOpt = None,
@@ -220,6 +246,7 @@ def caption(
     resume: ResumeOpt = False,
     sidecar: SidecarOpt = None,
     overwrite: OverwriteOpt = False,
+    verbose: VerboseOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -234,9 +261,11 @@ def caption(
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
     options = _plain({key: value for key, value in locals().items() if key != "ctx"})
-    job = CaptionJob(**options | {"output": output or "-"}, model_origin=_model_origin(ctx))
+    job = CaptionJob(**options | {"output": "-" if output is None else output}, model_origin=_model_origin(ctx))
+    if job.output == "-":
+        _stdout()
     with graceful_stop() as stop:  # Ctrl-C and SIGTERM: at once while loading, after the batch once running
-        result = run_caption(job, reporter=Reporter(), stop=stop, stdin=sys.stdin.buffer)
+        result = run_caption(job, reporter=Reporter(), stop=stop, stdin=sys.stdin.buffer if sys.stdin else None)
     raise typer.Exit(result.exit_code)
 
 
@@ -247,6 +276,7 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSO
     from . import environment
     from .info import collect, render
 
+    _stdout()
     facts = collect(default_model=DEFAULT_MODEL)
     _print_stdout(render(facts, as_json=json_output))
     environment.check()  # what every run checks first: one line and exit code 2 here too
@@ -256,10 +286,8 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSO
 
 
 def _plain(options: dict) -> dict:
-    """Option values as the library takes them: a choice's value, the device in lower case."""
-    options = {key: getattr(value, "value", value) for key, value in options.items()}
-    options["device"] = options["device"].strip().lower()
-    return options
+    """Option values as the library takes them: a choice's value."""
+    return {key: getattr(value, "value", value) for key, value in options.items()}
 
 
 def _model_origin(ctx: typer.Context) -> str:

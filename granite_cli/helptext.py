@@ -79,7 +79,7 @@ def _write_help(formatter, ctx, usage: str, sections: list[tuple[str, list[tuple
 def _width() -> int:
     import shutil
 
-    return shutil.get_terminal_size().columns if sys.stdout.isatty() else PIPED_WIDTH
+    return shutil.get_terminal_size().columns if sys.stdout is not None and sys.stdout.isatty() else PIPED_WIDTH
 
 
 def _section(formatter, title: str, rows: list[tuple[str, str]]) -> None:
@@ -169,10 +169,21 @@ def _one_line(exc, args) -> str:
     message = " ".join(exc.format_message().split())
     param = getattr(exc, "param", None)
     if param is None or param.param_type_name != "option":
-        return message.rstrip(".") + " (see --help)"
+        return message.rstrip(".") + _hint(exc, list(args if args is not None else sys.argv[1:]))
     option = max(param.opts, key=len)
     given = _given(param, list(args if args is not None else sys.argv[1:]))
     return f"{option}{' ' + given if given is not None else ''}: {_reason(param, message)}"
+
+
+def _hint(exc, argv: list[str]) -> str:
+    """What a wrong argument count most likely means: `ask` takes one picture, then one question."""
+    command = getattr(getattr(exc, "ctx", None), "info_name", None)
+    if command == "ask" and "unexpected extra argument" in exc.format_message().lower():
+        return (
+            ". Hint: ask takes one picture, then one question (quote it: 'What is shown?'); for several pictures:"
+            " granite-vision caption a.png b.png --prompt '...'"
+        )
+    return " (see --help)"
 
 
 def _reason(param, message: str) -> str:

@@ -4,8 +4,11 @@ its answer or its error in red, schema data as a table), a summary, and a filter
 The file carries its own styles and script (no network needed, nothing fetched) and shows the
 pictures by relative links, as the markdown report does: a report of thousands of pictures stays
 small and quick to rebuild every few seconds during a run, and pictures open at full size; the
-price is that the report keeps its place beside the pictures. PDF pages and TIFF pages, which
-browsers cannot show inline, are links that open the document (a PDF at its page).
+price is that the report keeps its place beside the pictures. What a browser cannot show from a
+link — PDF and TIFF pages, pictures from URLs (never fetched by the page), stdin or memory,
+formats browsers do not read — is shown by a small rendering made while the run had the
+picture, written once into a folder of ours beside the report (`report.html.files/`), and
+linked to the document itself where there is one (a PDF at its page).
 
 Every string that comes from a file name, a prompt, an answer or an error is escaped: a file named
 `<img src=x onerror=alert(1)>.png` shows as that text.
@@ -13,19 +16,30 @@ Every string that comes from a file name, a prompt, an answer or an error is esc
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import re
 import time
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote
+
+from PIL import Image
 
 from .records import Record
-from .writer_base import StreamWriter
+from .writer_base import StreamWriter, shown
 
-#: What browsers show inline; anything else (PDF, TIFF) is a link.
+#: What browsers show inline from a link; anything else (PDF, TIFF) gets a small rendering.
 INLINE = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".webp", ".bmp", ".ico", ".avif"}
 GENERATOR = '<meta name="generator" content="granite-vision">'
+#: Longest side of a page's small rendering, in pixels (two card widths, for sharp screens).
+THUMBNAIL_PX = 360
+#: What the report's folder of small renderings holds: our own file names, nothing else.
+THUMBNAIL_NAME = re.compile(r"[0-9a-f]{20}\.jpg")
 
 _STYLE = """
 body{font:15px/1.45 system-ui,sans-serif;margin:0;background:#f4f4f5;color:#18181b}
@@ -68,15 +82,40 @@ apply();
 """
 
 
+def files_folder(report: Path) -> Path:
+    """The folder of ours beside a report that holds its pages' small renderings."""
+    return report.with_name(report.name + ".files")
+
+
+def needs_thumbnail(source: str, page: int | None, local: bool) -> bool:
+    """Whether a browser cannot show this picture from a link to it (see the module's docstring)."""
+    return page is not None or not local or Path(source).suffix.lower() not in INLINE
+
+
+def thumbnail_name(source: str, page: int | None) -> str:
+    return hashlib.sha1(f"{source}\0{page}".encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".jpg"
+
+
+def thumbnail(image: Image.Image) -> bytes:
+    """A small JPEG of a picture, for its card."""
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buffer = io.BytesIO()
+    small.convert("RGB").save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
 class HtmlWriter(StreamWriter):
     """A web page with one card per record (see the module's docstring)."""
 
     name = "html"
     help = "a web page to look through: a card per picture, errors in red, a filter box"
+    suffixes = (".html", ".htm")
     report = True
 
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
         super().__init__(stream, path)
+        self.files = files_folder(path.resolve()) if path is not None else None
         self.started = False
 
     def write(self, record: Record) -> None:
@@ -106,14 +145,21 @@ class HtmlWriter(StreamWriter):
             "<h1>granite-vision report</h1>\n"
             f'<p class="summary">{about}<span id="total">0</span> pictures, <span id="failed">0</span> failed'
             f" · made {escape(made)}</p>\n"
-            '<input id="filter" type="search" placeholder="Filter by name, answer or error" autofocus>\n'
+            + (
+                '<p class="summary">Pictures show only in a report written to a file (-o report.html):'
+                " they are linked from its folder.</p>\n"
+                if self.files is None
+                else ""
+            )
+            + '<input id="filter" type="search" placeholder="Filter by name, answer or error" autofocus>\n'
             '<label><input id="errors-only" type="checkbox"> errors only</label> <span id="shown"></span>\n'
             "</header>\n<main>\n"
         )
 
     def _card(self, record: Record) -> str:
-        name = record.source if record.page is None else f"{record.source} (page {record.page})"
-        text = " ".join(filter(None, [name, record.answer, record.error])).lower()
+        name = shown(record.source if record.page is None else f"{record.source} (page {record.page})")
+        error = shown(record.error or "")
+        text = " ".join(filter(None, [name, record.answer, error])).lower()
         if record.ok:
             body = f'<p class="answer">{escape(record.answer or "")}</p>'
             if isinstance(record.data, dict):
@@ -123,7 +169,7 @@ class HtmlWriter(StreamWriter):
                 )
                 body += f"<table>{rows}</table>"
         else:
-            body = f'<p class="failure">Error: {escape(record.error or "")}</p>'
+            body = f'<p class="failure">Error: {escape(error)}</p>'
         return (
             f'<article class="card{"" if record.ok else " error"}" data-text="{escape(text)}">'
             f"{self._picture(record)}"
@@ -132,11 +178,16 @@ class HtmlWriter(StreamWriter):
 
     def _picture(self, record: Record) -> str:
         link = self.link(record.source, record.page)
+        local = link is not None and not record.source.startswith(("http://", "https://"))
+        picture = link if local and not needs_thumbnail(record.source, record.page, local) else None
+        if picture is None and self.files is not None:  # a small rendering of ours, if the run made one
+            small = self.files / thumbnail_name(record.source, record.page)
+            if small.exists():
+                picture = quote(os.fsencode(f"{self.files.name}/{small.name}"))
+        image = f'<img src="{escape(picture)}" loading="lazy" alt="">' if picture is not None and record.ok else ""
+        label = image or (f"open page {record.page}" if record.page else "open the file" if link else "no picture")
         if link is None:
-            return '<div class="picture">no picture</div>'
-        if record.ok and record.page is None and Path(record.source).suffix.lower() in INLINE:
-            return f'<a class="picture" href="{escape(link)}"><img src="{escape(link)}" loading="lazy" alt=""></a>'
-        label = f"open page {record.page}" if record.page else "open the file"
+            return f'<div class="picture">{label}</div>'
         return f'<a class="picture" href="{escape(link)}">{label}</a>'
 
 

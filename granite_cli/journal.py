@@ -25,10 +25,18 @@ SNIFF_BYTES = 64 * 1024
 
 @dataclass
 class Previous:
-    """What an earlier run left in the output file."""
+    """What an earlier run left in the output file, as this run's `--resume` sees it."""
 
-    answered: dict[tuple, Record] = field(default_factory=dict)
+    kept: list[Record] = field(default_factory=list)
+    """Every answer in it, in its order: written back first, whatever this run then adds."""
+    reused: set[tuple] = field(default_factory=set)
+    """Items of this run whose answer stands (not run again)."""
     failed: int = 0
+    """Items of this run that failed before: run again."""
+    rerun: int = 0
+    """Items of this run whose answer this run's --max-new-tokens changes: run again."""
+    others: int = 0
+    """Records of items this run does not name: kept as they are."""
     torn: bool = False
     """The last line was cut short by a crash; it was dropped."""
 
@@ -77,25 +85,47 @@ class Identities:
 
 
 def merge(paths: Iterable[Path], identities: Identities | None = None) -> tuple[list[Record], bool]:
-    """One record per item over these files: its answer if any file has one, else its latest
-    failure; and whether a torn last line was dropped on the way."""
-    identities = identities or Identities()
-    answered: dict[tuple, Record] = {}
-    failed: dict[tuple, Record] = {}
+    """`merge_records` over these files, read in turn; and whether a torn last line was dropped."""
+    records: list[Record] = []
     torn = False
     for path in paths:
-        records, cut = read_records(path)
+        found, cut = read_records(path)
+        records += found
         torn |= cut
-        for record in records:
-            (answered if record.ok else failed)[identities.of(record)] = record
-    return [*answered.values(), *(r for key, r in failed.items() if key not in answered)], torn
+    return merge_records(records, identities or Identities()), torn
 
 
-def in_input_order(records: Iterable[Record], items: Sequence[Item], identities: Identities) -> list[Record]:
-    """Records sorted by the position of their item in this run's input; others keep their
-    relative order after them (from an earlier run over more inputs)."""
+def merge_records(records: Iterable[Record], identities: Identities) -> list[Record]:
+    """One record per item, at the place the item first appears: its latest answer if it has
+    one, else its latest failure (a failure never replaces an answer)."""
+    chosen: dict[tuple, Record] = {}
+    for record in records:
+        key = identities.of(record)
+        if key not in chosen or record.ok or not chosen[key].ok:
+            chosen[key] = record
+    return list(chosen.values())
+
+
+def in_run_order(records: Sequence[Record], items: Sequence[Item], identities: Identities) -> list[Record]:
+    """The order an output ends in: this run's items in this run's input order, and each record
+    of an item this run does not name (from an earlier run over other inputs) right after the
+    record it followed before, so resuming with fewer or other inputs reorders nothing."""
     position = {item.identity: index for index, item in enumerate(items)}
-    return sorted(records, key=lambda record: position.get(identities.of(record), len(position)))
+    followers: dict[tuple | None, list[Record]] = {}
+    mine: list[tuple[int, tuple, Record]] = []
+    anchor: tuple | None = None
+    for record in records:
+        key = identities.of(record)
+        if key in position:
+            anchor = key
+            mine.append((position[key], key, record))
+        else:
+            followers.setdefault(anchor, []).append(record)
+    result = list(followers.get(None, []))
+    for _, key, record in sorted(mine, key=lambda entry: entry[0]):
+        result.append(record)
+        result += followers.get(key, [])
+    return result
 
 
 def sniff(path: Path, whole: bool = False) -> str | None:
@@ -109,6 +139,50 @@ def sniff(path: Path, whole: bool = False) -> str | None:
     return next((name for name, writer in WRITERS.items() if writer.recognizes(text, whole)), None)
 
 
+# --------------------------------------------------------------------------- one writer at a time
+class OutputLock:
+    """Excludes other runs from one output while this run plans, writes and merges it: two runs
+    resuming into one file at once would each rewrite it from what they read, dropping the
+    other's records. A lock file beside the output (hidden: `.NAME.lock`), held with `flock`
+    (released by the system when a process dies, however it dies), removed when the run lets go.
+
+    A second run waits for the first (saying so through `notify`), then reads what the first
+    wrote: `ls imgs/* | xargs -P2 -n1 granite-vision caption -o out.jsonl --resume` keeps every
+    record.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.path = output.with_name(f".{output.name}.lock")
+        self.fd: int | None = None
+
+    def acquire(self, notify: Callable[[str], None], label: str) -> None:
+        import fcntl
+
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    notify(f"{label}: another granite-vision run is writing it; waiting for it to finish")
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                # The holder before us may have removed the file we locked: lock the one there now.
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    self.fd, fd = fd, None
+            except FileNotFoundError:
+                pass
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still held: a waiter then sees it gone and retries
+            os.close(self.fd)
+            self.fd = None
+
+
 # --------------------------------------------------------------------------- safe writing
 @contextlib.contextmanager
 def writing(where: str, resumable: bool = False) -> Iterator[None]:
@@ -119,12 +193,13 @@ def writing(where: str, resumable: bool = False) -> Iterator[None]:
         raise OutputError(where, exc, resumable) from None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new file, never a mix."""
+def write_atomic(path: Path, text: str | bytes, binary: bool = False) -> None:
+    """Replace `path` with `text` (bytes if `binary`) so that readers see the old or the new
+    file, never a mix."""
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; the output keeps normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

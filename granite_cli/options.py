@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import DEFAULT_MODEL  # noqa: F401 - re-exported for the CLI
-from .api import DEFAULT_PROMPT
 from .engine import CACHES, DTYPES
+from .jobs import DEFAULT_PROMPT, RANGES
 from .readers import RENDERERS
 from .writers import FORMATS, formats_help
 
@@ -70,7 +70,7 @@ JsonObjectOpt = Annotated[
 MaxTilesOpt = Annotated[
     Optional[int],
     typer.Option(
-        min=2,
+        min=RANGES["max_tiles"][0],
         help="Use at most N vision tiles per picture, overview included (a page is 10; a 640x480 photo 5)."
         " Fewer tiles: faster, less detail. Default: the model's own grid.",
         rich_help_panel="Model",
@@ -85,10 +85,16 @@ CacheOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
-MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.", rich_help_panel="Generation")]
+MaxNewTokensOpt = Annotated[
+    int, typer.Option(min=RANGES["max_new_tokens"][0], help="Longest answer, in tokens.", rich_help_panel="Generation")
+]
 TemperatureOpt = Annotated[
     float,
-    typer.Option(min=0.0, help="Sampling temperature; 0 is greedy and deterministic.", rich_help_panel="Generation"),
+    typer.Option(
+        min=RANGES["temperature"][0],
+        help="Sampling temperature; 0 is greedy and deterministic.",
+        rich_help_panel="Generation",
+    ),
 ]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel="Generation")]
 RendererOpt = Annotated[
@@ -112,10 +118,15 @@ PasswordOpt = Annotated[
 MaxPixelsOpt = Annotated[
     int,
     typer.Option(
-        min=1, help="Refuse images whose header claims more pixels (decompression bombs).", rich_help_panel="Input"
+        min=RANGES["max_pixels"][0],
+        help="Refuse images whose header claims more pixels (decompression bombs).",
+        rich_help_panel="Input",
     ),
 ]
-DpiOpt = Annotated[int, typer.Option(min=36, max=1200, help="PDF rendering resolution.", rich_help_panel="Input")]
+DpiOpt = Annotated[
+    int,
+    typer.Option(min=RANGES["dpi"][0], max=RANGES["dpi"][1], help="PDF rendering resolution.", rich_help_panel="Input"),
+]
 
 # Options of `caption` alone.
 PromptOpt = Annotated[
@@ -126,7 +137,16 @@ PromptOpt = Annotated[
         show_default=f"{DEFAULT_PROMPT!r}, or with --schema, a request for its fields",
     ),
 ]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", case_sensitive=False, help=formats_help() + ".")]
+FormatOpt = Annotated[
+    Optional[Format],
+    typer.Option(
+        "--format",
+        "-f",
+        case_sensitive=False,
+        help=formats_help() + ".",
+        show_default="from --output's ending (report.md: markdown, .csv, .html), else jsonl",
+    ),
+]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write here instead of stdout (- is stdout).")
 ]
@@ -150,11 +170,21 @@ SidecarOpt = Annotated[
         " page -> scan.page-3.txt. Pictures whose sidecar exists are skipped.",
     ),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="With --sidecar: answer those pictures again too.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an --output that holds answers of an earlier run (refused otherwise: --resume continues"
+        " it); with --sidecar, answer pictures whose sidecar exists too.",
+    ),
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Name every file a folder walk skipped, not only how many.")
+]
 BatchSizeOpt = Annotated[
     Optional[int],
     typer.Option(
-        min=1,
+        min=RANGES["batch_size"][0],
         help="Pictures per batch at most.",
         show_default="8 on the CPU, 128 on a GPU (where the memory budget decides below)",
         rich_help_panel="Model",
@@ -163,7 +193,7 @@ BatchSizeOpt = Annotated[
 MaxBatchTokensOpt = Annotated[
     Optional[int],
     typer.Option(
-        min=1,
+        min=RANGES["max_batch_tokens"][0],
         help="Tokens per batch at most: rows x (longest prompt + --max-new-tokens), what its KV cache holds.",
         show_default="on a GPU, what its free memory allows; on the CPU, no limit",
         rich_help_panel="Model",
@@ -184,6 +214,7 @@ SourceArg = Annotated[
 ]
 QuestionArg = Annotated[str, typer.Argument(metavar="QUESTION", help="The question to ask about the picture.")]
 PageOpt = Annotated[
-    int, typer.Option(min=1, help="Page of a PDF or multi-page TIFF (1-based).", rich_help_panel="Input")
+    int,
+    typer.Option(min=RANGES["page"][0], help="Page of a PDF or multi-page TIFF (1-based).", rich_help_panel="Input"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")]

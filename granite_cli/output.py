@@ -32,7 +32,21 @@ from typing import TextIO
 
 from .distributed import Ranks
 from .errors import OutputError, UsageError
-from .journal import Identities, Previous, Rebuilder, in_input_order, jsonl_text, merge, sniff, write_atomic, writing
+from .htmlreport import THUMBNAIL_NAME, files_folder, needs_thumbnail, thumbnail, thumbnail_name
+from .journal import (
+    Identities,
+    OutputLock,
+    Previous,
+    Rebuilder,
+    in_run_order,
+    jsonl_text,
+    merge,
+    merge_records,
+    read_records,
+    sniff,
+    write_atomic,
+    writing,
+)
 from .records import Job, Record
 from .sources import FileId, Item
 from .writers import WRITERS, JsonlWriter, Writer, open_writer, render
@@ -64,7 +78,15 @@ def _probe_folder(path: Path, label: str) -> None:
 
 # --------------------------------------------------------------------------- choosing the output
 def open_output(
-    name: str | None, fmt: str, resume: bool, *, ranks: Ranks = Ranks(), columns: Sequence[str] = (), run_id: str = ""
+    name: str | None,
+    fmt: str,
+    resume: bool,
+    *,
+    overwrite: bool = False,
+    ranks: Ranks = Ranks(),
+    columns: Sequence[str] = (),
+    run_id: str = "",
+    notify: Callable[[str], None] = lambda text: None,
 ):
     """Where records go, checked now (before the model loads) and written to only later: nowhere
     (None: a library caller keeps them in memory), stdout (`-`), a pipe or device (streamed like
@@ -91,8 +113,8 @@ def open_output(
     if not path.parent.is_dir():
         raise UsageError(f"{label}: folder {path.parent} does not exist")
     output = FileOutput(
-        path, fmt, resume, rank=ranks.rank, world=world, barrier=ranks.barrier, columns=columns, label=label,
-        run_id=run_id,
+        path, fmt, resume, overwrite=overwrite, rank=ranks.rank, world=world, barrier=ranks.barrier,
+        columns=columns, label=label, run_id=run_id, notify=notify,
     )  # fmt: skip
     if ranks.rank == 0:
         _probe_folder(path, label)
@@ -135,17 +157,23 @@ class FileOutput:
         fmt: str,
         resume: bool,
         *,
+        overwrite: bool = False,
         rank: int = 0,
         world: int = 1,
         barrier: Callable[[], None] = lambda: None,
         columns: Sequence[str] = (),
         label: str | None = None,
         run_id: str = "",
+        notify: Callable[[str], None] = lambda text: None,
     ):
         self.path = path
         self.fmt = fmt
         self.columns = columns
         self.resume = resume
+        self.overwrite = overwrite
+        self.notify = notify
+        self.lock = OutputLock(path)
+        """Held from `check` to `finish` by the process of rank 0: one run writes an output at a time."""
         self.rank = rank
         self.world = world
         self.barrier = barrier
@@ -178,15 +206,43 @@ class FileOutput:
 
     def check(self, items: Sequence[Item]) -> None:
         """Refuse, before anything is written, to write any file that is one of the inputs or
-        that is not ours, in this format, or items this format cannot hold here."""
+        that is not ours, in this format, or items this format cannot hold here. Waits first
+        for another run writing this output to finish (see `OutputLock`)."""
+        if self.rank == 0:
+            try:
+                self.lock.acquire(self.notify, self.label)
+            except OSError as exc:
+                raise UsageError(f"{self.label}: cannot lock it ({exc.strerror})") from None
         self._check_inputs(items)
         self._check_ours()
         WRITERS[self.fmt].check_output(self.path, items)
+
+    def release(self) -> None:
+        """Let other runs write this output (after `finish`, or when the run ends otherwise)."""
+        self.lock.release()
+
+    def small_picture(self, item: Item, image) -> bytes | None:
+        """An HTML report shows what a browser cannot show from a link by a small rendering
+        (see `htmlreport`): made while the run has the picture."""
+        if self.fmt != "html" or not needs_thumbnail(item.source, item.page, item.file_id is not None):
+            return None
+        return thumbnail(image)
 
     def _check_ours(self) -> None:
         """Refuse unless every existing file this output would write is ours, in this format."""
         if self.parts.exists() and not self.parts.is_dir():
             raise UsageError(f"{self.label}: {self.parts} is not a folder of part files; refusing to touch it")
+        folder = files_folder(self.path)
+        if self.fmt == "html" and (folder.exists() or folder.is_symlink()):
+            if (
+                folder.is_symlink()
+                or not folder.is_dir()
+                or any(not THUMBNAIL_NAME.fullmatch(p.name) for p in folder.iterdir())
+            ):
+                raise UsageError(
+                    f"{self.label}: {folder} is not the report's folder of page pictures; refusing to write in it."
+                    " Hint: pick another --output"
+                )
         for path in self._files():
             info = _stat_or_none(path)
             if info is None:
@@ -195,7 +251,7 @@ class FileOutput:
                 raise UsageError(f"{self.label}: {path} is not a regular file; refusing to touch it")
             expected = self.fmt if path == self.path else "jsonl"
             try:
-                kind = sniff(path)
+                kind = sniff(path, whole=True)
             except OSError as exc:
                 raise UsageError(f"{self.label}: cannot read {path} ({exc.strerror})") from None
             if kind in (expected, "empty"):
@@ -225,24 +281,37 @@ class FileOutput:
                 )
 
     def plan(self, items: Sequence[Item], job: Job) -> list[Item]:
-        """The items still to run: all of them, unless --resume finds answers of the same job.
-        Reads only: nothing is written until the first record."""
-        if self.resume:  # (`check` has made sure the files are of this format)
-            records, torn = merge(self._sources(), self.identities)
-            for record in records:
-                if (why := job.difference(record)) is not None:
-                    raise UsageError(
-                        f"--resume: {self.journal} holds records made with {why}."
-                        " Hint: resume with the same options, or write to another --output"
-                    )
-            self.previous = Previous(torn=torn)
-            for record in records:
-                if record.ok:
-                    self.previous.answered[self.identities.of(record)] = record
-                else:
-                    self.previous.failed += 1
-        answered = self.previous.answered
-        return [item for item in items if item.identity not in answered]
+        """The items still to run: all of them, unless --resume finds answers of the same job
+        that stand (see `Job.reuses`). An output holding answers is never replaced without
+        --overwrite. Reads only: nothing is written until the first record."""
+        records, torn = merge(self._sources(), self.identities)  # (`check`: the files are ours)
+        answers = sum(record.ok for record in records)
+        if answers and not (self.resume or self.overwrite):
+            raise UsageError(
+                f"{self.label}: holds {answers} answer(s) of an earlier run; refusing to replace them."
+                " Hint: --resume continues that run, --overwrite replaces it (or pick another --output)"
+            )
+        if not self.resume:
+            return list(items)
+        for record in records:
+            if (why := job.difference(record)) is not None:
+                raise UsageError(
+                    f"--resume: {self.journal} holds records made with {why}."
+                    " Hint: resume with the same options, or write to another --output"
+                )
+        ours = {item.identity for item in items}
+        previous = self.previous = Previous(kept=[record for record in records if record.ok], torn=torn)
+        for record in records:
+            key = self.identities.of(record)
+            if key not in ours:
+                previous.others += 1
+            elif job.reuses(record):
+                previous.reused.add(key)
+            elif record.ok:
+                previous.rerun += 1
+            else:
+                previous.failed += 1
+        return [item for item in items if item.identity not in previous.reused]
 
     def _sources(self) -> list[Path]:
         return [self.journal, *self._part_files()]
@@ -252,8 +321,8 @@ class FileOutput:
         """At the first new record: keep the previous answers (with --resume) or start empty."""
         if self.world == 1:
             # The output keeps only answers (failed items are retried, a torn line is dropped).
-            write_atomic(self.journal, jsonl_text(self.previous.answered.values()))
-            self.records = list(self.previous.answered.values())
+            write_atomic(self.journal, jsonl_text(self.previous.kept))
+            self.records = list(self.previous.kept)
             if self.rebuilder is not None:
                 self.rebuilder.records.extend(self.records)
             self._remove_parts()  # merged into the journal above (with --resume), stale otherwise
@@ -267,10 +336,18 @@ class FileOutput:
             if self.writer is None:
                 self._start()
             assert self.writer is not None
+            if record.thumbnail is not None:  # before the record: a report rebuilt now shows it
+                self._keep_thumbnail(record)
             self.writer.write(record)
             self.records.append(record)
             if self.rebuilder is not None:
                 self.rebuilder.add(record)
+
+    def _keep_thumbnail(self, record: Record) -> None:
+        folder = files_folder(self.path)
+        folder.mkdir(exist_ok=True)
+        write_atomic(folder / thumbnail_name(record.source, record.page), record.thumbnail, binary=True)
+        record.thumbnail = None  # written: the record no longer holds it
 
     def close(self) -> None:
         if self.stream is not None:
@@ -298,7 +375,7 @@ class FileOutput:
             if self.rebuilder is not None:
                 self.rebuilder.close()  # the last rebuild below, from every record
             if self.world == 1 and self.writer is not None:
-                merged = self.records
+                merged = merge_records(self.records, self.identities)
             else:
                 self.barrier()
                 if self.rank != 0:
@@ -308,14 +385,28 @@ class FileOutput:
                 ours = [part for part in map(self._part, range(self.world)) if part.exists()]
                 sources = self._sources() if self.resume else ours
                 if not self._part_files() or not (self.resume or sources):  # nothing new anywhere
+                    self._restore_report()
                     return []
                 merged, _ = merge(sources, self.identities)
-            ordered = in_input_order(merged, items, self.identities)
+            ordered = in_run_order(merged, items, self.identities)
             write_atomic(self.journal, jsonl_text(ordered))
             if self.report:
                 write_atomic(self.path, render(self.fmt, ordered, self.path, self.columns))
             self._remove_parts()
             return ordered
+
+    def _restore_report(self) -> None:
+        """A resumed run with nothing left to do still leaves a whole report: one deleted or
+        emptied since is rebuilt from its journal (an intact one is left as it is)."""
+        if self.report and self.resume and self.rank == 0 and not self._whole_report():
+            records, _ = read_records(self.journal)
+            write_atomic(self.path, render(self.fmt, records, self.path, self.columns))
+
+    def _whole_report(self) -> bool:
+        try:
+            return sniff(self.path, whole=True) == self.fmt
+        except OSError:
+            return False
 
     def _remove_parts(self) -> None:
         """Remove our part files (checked to be ours before the run), and their folder if that
@@ -372,6 +463,12 @@ class StreamOutput:
     def finish(self, items: Sequence[Item]) -> list[Record]:
         self.close()
         return []
+
+    def release(self) -> None:
+        pass
+
+    def small_picture(self, item: Item, image) -> None:
+        return None  # a document on a stream links nothing: no page pictures either
 
 
 class NoOutput(StreamOutput):

@@ -35,9 +35,11 @@ Fit = Callable[[int, int], tuple[int, int]]
 
 @dataclass(frozen=True)
 class Blob:
-    """The bytes of an input that is not a local file: image data on stdin or from a URL."""
+    """The bytes of an input that is not a local file: image data on stdin, from a URL, or a
+    PIL image a library caller passed (`name` is then what its record calls it)."""
 
     data: bytes
+    name: str | None = None
 
 
 Source = Path | Blob
@@ -126,7 +128,7 @@ def decode(image: Image.Image, fit: Fit | None) -> Image.Image:
 
 
 #: EXIF orientations that turn the picture a quarter: its stored width is its shown height.
-_QUARTER_TURNS = {5, 6, 7, 8}
+QUARTER_TURNS = {5, 6, 7, 8}
 
 
 def _large_target(image: Image.Image, fit: Fit | None) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
@@ -135,7 +137,7 @@ def _large_target(image: Image.Image, fit: Fit | None) -> tuple[tuple[int, int] 
     width, height = image.size
     if fit is None or width * height <= LARGE_PIXELS:
         return None, None
-    turned = image.getexif().get(0x0112) in _QUARTER_TURNS
+    turned = image.getexif().get(0x0112) in QUARTER_TURNS
     shown = fit(height, width) if turned else fit(width, height)
     return shown, (shown[1], shown[0]) if turned else shown
 

@@ -69,14 +69,27 @@ class Loaded:
     item: Item
     image: Image.Image | None = None
     error: str | None = None
+    size: tuple[int, int] | None = None
+    """The picture's own size (see `readers.Picture`), what its record says."""
+    small: bytes | None = None
+    """A small rendering the output asked for (an HTML report's page pictures)."""
 
 
-def load_item(index: int, item: Item, documents: OpenDocuments, fit: Fit | None = None) -> Loaded:
-    """An item's picture, at the size the model uses (`fit`), or the reason it has none."""
+SmallPicture = Callable[[Item, "Image.Image"], "bytes | None"]
+"""What an output keeps of a picture while the run has it: a small rendering, or None."""
+
+
+def load_item(
+    index: int, item: Item, documents: OpenDocuments, fit: Fit | None = None, small: SmallPicture | None = None
+) -> Loaded:
+    """An item's picture, at the size the model uses (`fit`), or the reason it has none; and, if
+    the output asks (`small`), a small rendering of it, made here on a loader thread."""
     if item.error is not None or item.origin is None:
         return Loaded(index, item, error=item.error or "no input")
     try:
-        return Loaded(index, item, documents.render(item.origin, item.reader, item.page, fit))
+        picture = documents.render(item.origin, item.reader, item.page, fit)
+        kept = small(item, picture.image) if small is not None else None
+        return Loaded(index, item, picture.image, size=picture.size, small=kept)
     except Exception as exc:  # noqa: BLE001 - a bad input becomes its record, never the end of the run
         return Loaded(index, item, error=describe(exc))
 
@@ -89,7 +102,7 @@ def make_record(
     settings: GenerationSettings | None = None,
 ) -> Record:
     """The record of one item; with a schema, the answer is also parsed and validated."""
-    image = loaded.image
+    size = loaded.size if loaded.image is not None else None
     data = None
     if answer is not None and settings is not None and settings.schema is not None:
         data, error = settings.schema.check(answer.text, answer.finish_reason, settings.max_new_tokens)
@@ -100,14 +113,16 @@ def make_record(
         answer=answer.text if answer else None,
         error=error,
         model=job.model,
-        width=image.width if image else None,
-        height=image.height if image else None,
+        width=size[0] if size else None,
+        height=size[1] if size else None,
         prompt_tokens=answer.prompt_tokens if answer else None,
         answer_tokens=answer.answer_tokens if answer else None,
         finish_reason=answer.finish_reason if answer else None,
         data=data,
         schema=job.schema,
+        settings=job.settings,
         token_ids=answer.token_ids if answer else (),
+        thumbnail=loaded.small if answer is not None else None,
     )
 
 
@@ -169,8 +184,10 @@ def caption(
     on_record: Callable[[Record], None] = lambda record: None,
     workers: int | None = None,
     stop: threading.Event | None = None,
+    small: SmallPicture | None = None,
 ) -> Stats:
     """Answer `job.prompt` about every item and write one record per item, in input order.
+    `small`: what the output keeps of each picture (see `load_item`).
 
     Batches keep to `limits` (see `batching`). When `stop` is set, no new batch starts: the run
     ends after the current one, with every finished record written (`Stats.stopped`). A
@@ -187,7 +204,7 @@ def caption(
 
     emitter = OrderedEmitter(writer, count)
     sizer = Sizer(limits, settings.max_new_tokens)
-    producer = _Producer(items, engine, job.prompt, sizer, read, workers or _default_workers())
+    producer = _Producer(items, engine, job.prompt, sizer, read, workers or _default_workers(), small)
     with producer:
         try:
             _consume(producer, engine, emitter, job, settings, stop, stats)
@@ -237,8 +254,9 @@ class _Producer:
 
     _DONE = object()
 
-    def __init__(self, items, engine, prompt, sizer: Sizer, read, workers):
+    def __init__(self, items, engine, prompt, sizer: Sizer, read, workers, small: SmallPicture | None = None):
         self.items = items
+        self.small = small
         self.engine = engine
         self.prompt = prompt
         self.sizer = sizer
@@ -299,7 +317,8 @@ class _Producer:
     def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
         loaded = list(
             self.pool.map(
-                lambda pair: load_item(start + pair[0], pair[1], self.documents, self.engine.fit), enumerate(items)
+                lambda pair: load_item(start + pair[0], pair[1], self.documents, self.engine.fit, self.small),
+                enumerate(items),
             )
         )
         for entry in loaded:  # a picture whose prompt cannot fit the context fails here, not in generate

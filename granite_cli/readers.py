@@ -23,7 +23,18 @@ from typing import ClassVar, Protocol
 from PIL import Image
 
 from .errors import InputError, one_line
-from .pictures import DEFAULT_MAX_PIXELS, Blob, Fit, Source, decode, is_pdf, open_image, read_head, to_rgb
+from .pictures import (
+    DEFAULT_MAX_PIXELS,
+    QUARTER_TURNS,
+    Blob,
+    Fit,
+    Source,
+    decode,
+    is_pdf,
+    open_image,
+    read_head,
+    to_rgb,
+)
 
 DEFAULT_DPI = 144
 """A page never needs more: Granite Vision shrinks any page to fit 1152 x 1152 px (3 x 3 tiles of
@@ -98,19 +109,32 @@ class ImageReader:
         return frames if self.image.format == "TIFF" and frames > 1 else None
 
     def page_size(self, page: int | None) -> tuple[int, int]:
-        return self.image.size
+        """The picture's own size as it is shown (EXIF orientation applied)."""
+        self._at(page)
+        width, height = self.image.size
+        try:
+            turned = self.image.getexif().get(0x0112) in QUARTER_TURNS
+        except (OSError, ValueError, SyntaxError):  # a damaged file: decoding it says how
+            turned = False
+        return (height, width) if turned else (width, height)
 
     def render(self, page: int | None, fit: Fit | None) -> Image.Image:
-        if self.decoded and page is None:  # a picture decodes once (JPEG draft mode): read it anew
+        self._at(page)
+        self.decoded = True
+        return decode(self.image, fit)
+
+    def _at(self, page: int | None) -> None:
+        """The open picture at `page` (a TIFF's frame), read anew if it was decoded already (a
+        JPEG decodes once, in draft mode)."""
+        if self.decoded and page is None:
             self.image.close()
             self.image = open_image(self.source, self.max_pixels)
-        self.decoded = True
+            self.decoded = False
         if page is not None:
             frames = getattr(self.image, "n_frames", 1)
             if not 1 <= page <= frames:
                 raise InputError(f"page {page} out of range (the image has {frames} page(s))")
             self.image.seek(page - 1)
-        return decode(self.image, fit)
 
     def close(self) -> None:
         self.image.close()
@@ -146,8 +170,8 @@ class PdfiumReader(_PdfKind):
 
     def page_size(self, page: int | None) -> tuple[int, int]:
         with _PDFIUM_LOCK:
-            width, height = self.pdf[(page or 1) - 1].get_size()
-        return _pixels((width, height), self.options.dpi)
+            size = self.pdf[(page or 1) - 1].get_size()
+        return _page_pixels(size, self.options)
 
     def render(self, page: int | None, fit: Fit | None) -> Image.Image:
         import pypdfium2 as pdfium
@@ -198,7 +222,7 @@ class PopplerReader(_PdfKind):
         return self.pages
 
     def page_size(self, page: int | None) -> tuple[int, int]:
-        return _pixels(self.sizes.get(page or 1, (612.0, 792.0)), self.options.dpi)
+        return _page_pixels(self.sizes.get(page or 1, (612.0, 792.0)), self.options)
 
     def render(self, page: int | None, fit: Fit | None) -> Image.Image:
         from pdf2image import convert_from_path
@@ -250,6 +274,16 @@ def load(source: Source, page: int | None, options: ReadOptions = ReadOptions(),
         document.close()
 
 
+@dataclass(frozen=True)
+class Picture:
+    """A page as the model sees it (no larger than it uses), and its own `size`: an image's as
+    shown (EXIF orientation applied), a PDF page's at --dpi. Records give `size`, one rule
+    whatever the decoding shrank."""
+
+    image: Image.Image
+    size: tuple[int, int]
+
+
 class OpenDocuments:
     """The document each loader thread has open: consecutive pages of a PDF on one thread reuse
     it, so a document is opened once per thread, not once per page."""
@@ -260,7 +294,13 @@ class OpenDocuments:
         self.opened: list[Reader] = []
         self.lock = threading.Lock()
 
-    def render(self, source: Source, reader: str | None, page: int | None, fit: Fit | None) -> Image.Image:
+    def render(self, source: Source, reader: str | None, page: int | None, fit: Fit | None) -> Picture:
+        """A page as the model sees it, with the size records give it (see `Picture`)."""
+        document = self._document(source, reader)
+        size = document.page_size(page)
+        return Picture(document.render(page, fit), size)
+
+    def _document(self, source: Source, reader: str | None) -> Reader:
         held = getattr(self.local, "held", None)
         if held is None or held[0] is not source:
             if held is not None:
@@ -271,7 +311,7 @@ class OpenDocuments:
             with self.lock:
                 self.opened.append(document)
             self.local.held = held = (source, document)
-        return held[1].render(page, fit)
+        return held[1]
 
     def close(self) -> None:
         """Close every document still open (called once the loader threads are done)."""
@@ -284,6 +324,12 @@ class OpenDocuments:
 # --------------------------------------------------------------------------- PDF helpers
 def _pixels(size_pt: tuple[float, float], dpi: int) -> tuple[int, int]:
     return max(1, round(size_pt[0] * dpi / 72)), max(1, round(size_pt[1] * dpi / 72))
+
+
+def _page_pixels(size_pt: tuple[float, float], options: ReadOptions) -> tuple[int, int]:
+    """A page's own size in pixels: at --dpi, within --max-pixels (see `_render_scale`)."""
+    scale = _render_scale(size_pt, options, None)
+    return max(1, round(size_pt[0] * scale)), max(1, round(size_pt[1] * scale))
 
 
 def _render_scale(size_pt: tuple[float, float], options: ReadOptions, fit: Fit | None) -> float:

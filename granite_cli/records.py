@@ -4,7 +4,8 @@ find unchanged before it continues a file). Writers turn records into formats (`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -32,17 +33,22 @@ class Record:
     schema: str | None = None
     """With --schema / --json-object: a fingerprint of the schema ("sha256:..."), so that
     --resume never mixes answers to different schemas in one file."""
+    settings: dict[str, Any] | None = None
+    """What else shaped the answer (`SETTINGS`: --revision, --temperature, --seed, --dpi,
+    --max-tiles, --pdf-renderer), so that --resume never mixes answers made differently. None in
+    records written before it existed (taken to match)."""
     token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
     """The answer's token ids, for library callers (benchmarks compare them); not written out."""
+    thumbnail: bytes | None = field(default=None, repr=False, compare=False)
+    """A small JPEG of the picture, while it goes to an HTML report that shows it (not written out)."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_json(self) -> str:
-        data = asdict(self)
-        del data["token_ids"]
-        return json.dumps(data, ensure_ascii=False)
+        data = {entry.name: getattr(self, entry.name) for entry in fields(self) if entry.name not in _UNWRITTEN}
+        return dumps(data)
 
     @classmethod
     def from_json(cls, line: str) -> Record:
@@ -51,13 +57,20 @@ class Record:
         data = json.loads(line)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        names = {entry.name for entry in fields(cls)} - {"token_ids"}
+        names = {entry.name for entry in fields(cls)} - _UNWRITTEN
         record = cls(**{key: value for key, value in data.items() if key in names})
         if not all(isinstance(value, str) for value in (record.source, record.prompt, record.model)):
             raise ValueError("not a granite-vision record")
         if record.page is not None and not isinstance(record.page, int):
             raise ValueError("not a granite-vision record")
         return record
+
+
+#: Record fields for the run's own use, never written out.
+_UNWRITTEN = {"token_ids", "thumbnail"}
+#: The options besides prompt, model and schema that change answers, as records keep them.
+#: (--max-new-tokens is not one: `Job.reuses` keeps every answer it would not change.)
+SETTINGS = ("revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer")
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,9 @@ class Job:
     model: str
     schema: str | None = None
     """Fingerprint of the --schema / --json-object schema (`OutputSchema.fingerprint`)."""
+    settings: dict[str, Any] | None = None
+    """`SETTINGS` as this run has them (None: not compared, for jobs that write no file)."""
+    max_new_tokens: int | None = None
 
     def difference(self, record: Record) -> str | None:
         """How `record` was made differently from this job, in words; None if it was not."""
@@ -78,10 +94,39 @@ class Job:
         ):
             if theirs != ours:
                 return f"another {what} ({_shown(theirs)}; this run: {_shown(ours)})"
+        for name in SETTINGS if self.settings is not None and record.settings is not None else ():
+            theirs, ours = record.settings.get(name), self.settings.get(name)
+            if theirs != ours:
+                return f"another --{name.replace('_', '-')} ({_shown(theirs)}; this run: {_shown(ours)})"
         return None
 
+    def reuses(self, record: Record) -> bool:
+        """Whether an answer of an earlier run stands in this one: it is an answer, and this
+        run's --max-new-tokens would not change it (an answer that ended within the limit is the
+        same; one that was cut is the same only at the same limit)."""
+        if not record.ok:
+            return False
+        if self.max_new_tokens is None or record.answer_tokens is None:
+            return True
+        if record.finish_reason == "length":
+            return record.answer_tokens == self.max_new_tokens
+        return record.answer_tokens <= self.max_new_tokens
 
-def _shown(value: str | None) -> str:
+
+def dumps(value: Any) -> str:
+    """JSON text that is valid UTF-8 whatever the strings hold: a file name that is not valid
+    UTF-8 reaches Python with each undecodable byte as a lone surrogate (0xff -> U+DCFF), which
+    no UTF-8 encoder takes; it is written as the escape `\\udcff`, which `json.loads` turns back
+    into the same name (and `os.fsencode` into the same bytes)."""
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", json.dumps(value, ensure_ascii=False))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _shown(value: Any) -> str:
     if value is None:
         return "none"
+    if not isinstance(value, str):
+        return str(value)
     return repr(value if len(value) <= 60 else value[:57] + "...")

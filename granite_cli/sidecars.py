@@ -12,6 +12,9 @@ what a stopped run left, unless `--overwrite`.
 from __future__ import annotations
 
 import os
+import re
+import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +30,11 @@ class Sidecars:
     """Where each item's sidecar goes, and whether it may be written."""
 
     def __init__(self, extension: str, overwrite: bool = False):
-        if not extension.startswith(".") or len(extension) < 2 or "/" in extension:
+        if extension and not extension.startswith(".") and _ENDING.fullmatch("." + extension):
+            raise UsageError(
+                f"--sidecar {extension!r}: a file name ending starts with a dot; did you mean .{extension}?"
+            )
+        if not _ENDING.fullmatch(extension):
             raise UsageError(f"--sidecar {extension!r}: expected a file name ending, like .txt or .caption")
         if extension.lower() in DOCUMENT_SUFFIXES:
             raise UsageError(f"--sidecar {extension}: that is a picture's ending; captions go in text files (.txt)")
@@ -40,17 +47,27 @@ class Sidecars:
         return base.with_name(stem + self.extension)
 
     def check(self, items: Sequence[Item]) -> None:
-        """Refuse, before any model work, every sidecar that could not or must not be written."""
+        """Refuse, before any model work, every sidecar that could not or must not be written
+        (naming every clash at once, so one fix is enough)."""
         inputs = input_files(items)
         claimed: dict[Path, str] = {}
+        clashes: list[str] = []
+        folders: set[Path] = set()
         for item in items:
             if item.file_id is None:
                 raise UsageError(f"--sidecar: {item.source} is not a local file, so nothing can sit beside it")
             path = self.path(item.source, item.page)
             if path.resolve() in claimed:
-                raise UsageError(f"--sidecar: {claimed[path.resolve()]} and {item.source} would both write {path}")
+                clashes.append(f"{claimed[path.resolve()]} and {item.source} would both write {path}")
+                continue
             claimed[path.resolve()] = item.source
             _check_one(path, inputs)
+            folders.add(path.parent)
+        if clashes:
+            more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+            raise UsageError(f"--sidecar: {'; '.join(clashes[:3])}{more}")
+        for folder in sorted(folders):
+            _check_folder(folder)
 
     def plan(self, items: Sequence[Item]) -> list[Item]:
         """The items still without a sidecar (all of them with --overwrite)."""
@@ -65,21 +82,38 @@ class Sidecars:
                 write_atomic(path, record.answer + "\n")
 
 
+#: A file name ending: a dot, then anything but path separators, and not only dots.
+_ENDING = re.compile(r"\.[^/\\\x00]*[^./\\\x00]")
+
+
 def _check_one(path: Path, inputs: dict) -> None:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        if not os.access(path.parent, os.W_OK | os.X_OK):
-            raise UsageError(f"--sidecar: cannot write in {path.parent} (permission denied)") from None
         return
     if (info.st_dev, info.st_ino) in inputs:
         raise UsageError(
             f"--sidecar: {path} is one of the inputs ({inputs[(info.st_dev, info.st_ino)]}); not touching it"
         )
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"--sidecar: {path} is a directory; not touching it")
+    if not stat.S_ISREG(info.st_mode):  # a pipe would block the read below
+        raise UsageError(f"--sidecar: {path} is not a regular file; not touching it")
     with open(path, "rb") as handle:
         head = handle.read(8192)
     if not _is_text(head):
         raise UsageError(f"--sidecar: {path} exists and is not a text file; not touching it")
+
+
+def _check_folder(folder: Path) -> None:
+    """Sidecars are written as a temp file renamed into place: try that in each folder now, so
+    that a read-only filesystem says so (not "permission denied") before any model work."""
+    try:
+        fd, temp = tempfile.mkstemp(prefix=".granite-vision.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(temp)
+    except OSError as exc:
+        raise UsageError(f"--sidecar: cannot write in {folder} ({exc.strerror})") from None
 
 
 def _is_text(head: bytes) -> bool:

@@ -37,6 +37,14 @@ MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
 #: A named pipe that no program writes to within this long is an error, not a hang.
 PIPE_WRITER_WAIT_S = 5.0
 
+#: Endings of files nobody means as pictures (text and data; what granite-vision itself writes:
+#: outputs, journals, reports, sidecars): a folder walk passes over them without a word.
+MADE_BY_US = (".txt", ".caption", ".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".md", ".markdown", ".html",
+              ".htm", ".xml", ".yaml", ".yml", ".log", ".lock", ".tmp")  # fmt: skip
+#: Folders of ours beside an output (part files of several processes, a report's page pictures):
+#: a folder walk never goes in.
+OUR_FOLDERS = (".parts", ".files")
+
 FileId = tuple[int, int]
 """(device, inode): what makes two names the same file, through links and relative paths."""
 
@@ -66,9 +74,10 @@ class Resolution:
     """The items, in input order, and what was left out on the way."""
 
     items: list[Item] = field(default_factory=list)
-    unsupported: set[FileId] = field(default_factory=set)
-    """Files of unsupported type found inside directories, each once however many links lead to
-    it (named files are never skipped; a link to nothing is no file)."""
+    unsupported: dict[FileId, str] = field(default_factory=dict)
+    """Files of unsupported type found inside directories (by the first name met), each once
+    however many links lead to it (named files are never skipped; a link to nothing is no file;
+    text and data files, see MADE_BY_US, are not counted)."""
     special: int = 0
     """Pipes, sockets and devices met in a folder walk or a glob: never opened (they can block)."""
     unmatched: list[str] = field(default_factory=list)
@@ -77,6 +86,8 @@ class Resolution:
     """Items named more than once (same file and page): each is kept once, at its first place."""
     files: set[FileId] = field(default_factory=set)
     """Files already resolved: a file met again (another name, a link, a loop) is not reopened."""
+    ignore: tuple[str, ...] = MADE_BY_US
+    """Endings passed over in walks without a word."""
 
 
 @dataclass(frozen=True)
@@ -117,11 +128,15 @@ def resolve(
     pages: PageSelection | None = None,
     read: ReadOptions = ReadOptions(),
     stdin: BinaryIO | None = None,
+    ignore: tuple[str, ...] = MADE_BY_US,
 ) -> Resolution:
-    """Expand the SOURCE arguments of `caption` into items, in the order given."""
-    result = Resolution()
+    """Expand the SOURCE arguments of `caption` into items, in the order given. Files whose
+    names end in `ignore` are passed over in folder walks without being counted."""
+    result = Resolution(ignore=tuple(ending.lower() for ending in ignore))
     for source in sources:
-        if source == STDIN:
+        if isinstance(source, Blob):  # a picture handed over in memory (a PIL image)
+            result.items.extend(_document_items(source.name or "<image>", source, pages, read))
+        elif source == STDIN:
             names = _read_path_list(stdin if stdin is not None else sys.stdin.buffer)
             for name in names:
                 _add_named(result, name, pages, read, expand_globs=False)
@@ -149,31 +164,38 @@ def expand_stdin(sources: Iterable[str], stdin: BinaryIO | None = None) -> list[
     return expanded
 
 
-def resolve_single(source: str, page: int, *, read: ReadOptions = ReadOptions(), stdin: BinaryIO | None = None) -> Item:
-    """The one item of `ask`: a file, `-` (image or PDF bytes on stdin) or an http(s) URL."""
+def resolve_single(
+    source: str | Blob, page: int, *, read: ReadOptions = ReadOptions(), stdin: BinaryIO | None = None
+) -> Item:
+    """The one item of `ask`: a file, `-` (image or PDF bytes on stdin), an http(s) URL, or a
+    picture handed over in memory."""
+    name = (source.name or "<image>") if isinstance(source, Blob) else source
     try:
-        if source == STDIN:
-            data = (stdin if stdin is not None else sys.stdin.buffer).read()
-            if not data:
-                return Item(source, error="no data on stdin")
-            origin: Source = Blob(data)
-        elif source.startswith(URL_PREFIXES):
-            origin = fetch_url(source)
-        else:
-            info = os.stat(source)
-            if stat.S_ISDIR(info.st_mode):
-                return Item(source, error="is a directory (ask takes one image; use caption for folders)")
-            origin = Path(source) if stat.S_ISREG(info.st_mode) else read_stream(source, info)
+        origin = source if isinstance(source, Blob) else _single_origin(source, stdin)
         reader, count = _inspect(origin, read)
     except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
-        return Item(source, page if page != 1 else None, error=describe(exc))
+        return Item(name, page if page != 1 else None, error=describe(exc))
     if count is None:
         if page != 1:
-            return Item(source, page, error=f"page {page} requested, but this is a single image")
-        return Item(source, None, origin, reader=reader)
+            return Item(name, page, error=f"page {page} requested, but this is a single image")
+        return Item(name, None, origin, reader=reader)
     if not 1 <= page <= count:
-        return Item(source, page, error=f"page {page} out of range (the document has {count} page(s))")
-    return Item(source, page, origin, reader=reader)
+        return Item(name, page, error=f"page {page} out of range (the document has {count} page(s))")
+    return Item(name, page, origin, reader=reader)
+
+
+def _single_origin(source: str, stdin: BinaryIO | None) -> Source:
+    if source == STDIN:
+        data = (stdin if stdin is not None else sys.stdin.buffer).read()
+        if not data:
+            raise InputError("no data on stdin")
+        return Blob(data)
+    if source.startswith(URL_PREFIXES):
+        return fetch_url(source)
+    info = os.stat(source)
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError("is a directory (ask takes one image; use caption for folders)")
+    return Path(source) if stat.S_ISREG(info.st_mode) else read_stream(source, info)
 
 
 def fetch_url(url: str, timeout: float = 60.0) -> Blob:
@@ -296,8 +318,8 @@ def _add_found(
     elif isinstance(info, os.stat_result) and not stat.S_ISREG(info.st_mode):
         result.special += 1
     elif check_suffix and Path(name).suffix.lower() not in readers.DOCUMENT_SUFFIXES:
-        if isinstance(info, os.stat_result):
-            result.unsupported.add((info.st_dev, info.st_ino))
+        if isinstance(info, os.stat_result) and not name.lower().endswith(result.ignore):
+            result.unsupported.setdefault((info.st_dev, info.st_ino), name)
     else:
         _add_file(result, name, info, pages, read)
 
@@ -333,7 +355,7 @@ def walk(root: Path) -> Iterator[tuple[Path, os.stat_result | OSError]]:
         except OSError:
             return
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or _ours(entry):
                 continue
             entry_info = _stat(entry.path)
             if isinstance(entry_info, os.stat_result) and stat.S_ISDIR(entry_info.st_mode):
@@ -342,6 +364,11 @@ def walk(root: Path) -> Iterator[tuple[Path, os.stat_result | OSError]]:
                 yield Path(entry.path), entry_info
 
     yield from visit(root)
+
+
+def _ours(entry: os.DirEntry) -> bool:
+    """A folder of ours beside an output (`report.html.files`, `out.jsonl.parts`)."""
+    return entry.name.endswith(OUR_FOLDERS) and "." in entry.name[: -len(".files")] and entry.is_dir()
 
 
 def _add_file(

@@ -56,23 +56,35 @@ class Reporter:
         if self.rank == 0 and not self.quiet:
             console.print(escape(text))
 
-    def resolution(self, resolution: Resolution) -> None:
-        """What resolving the inputs left out, and why."""
+    def resolution(self, resolution: Resolution, verbose: bool = False) -> None:
+        """What resolving the inputs left out, and why (`verbose`: each skipped file by name)."""
         for name in resolution.unmatched:
             self.warn(f"{name}: matched no supported file")
         if resolution.unsupported:
-            self.note(f"skipped {len(resolution.unsupported)} file(s) of unsupported type inside folders")
+            listed = "" if verbose else " (--verbose lists them)"
+            self.note(f"skipped {len(resolution.unsupported)} file(s) of unsupported type inside folders{listed}")
+            for name in resolution.unsupported.values() if verbose else ():
+                self.note(f"  skipped: {printable(name)}")
         if resolution.special:
             self.note(f"skipped {resolution.special} pipe(s), socket(s) or device(s) met in folders or globs")
         if resolution.duplicates:
             self.note(f"{resolution.duplicates} picture(s) named more than once: each is captioned once")
 
     def resumed(self, output: str | None, previous: Previous, todo: int) -> None:
+        """What --resume found: counts of this run's items, and what else the file holds."""
         self.note(
-            f"resuming {output}: {len(previous.answered)} answered before, {todo} to run"
+            f"resuming {output}: {len(previous.reused)} answered before, {todo} to run"
             + (f" ({previous.failed} failed before: retried)" if previous.failed else "")
+            + (f" ({previous.rerun} cut by another --max-new-tokens: run again)" if previous.rerun else "")
+            + (f"; {previous.others} record(s) of pictures this run does not name are kept" if previous.others else "")
             + (" (a torn last line was dropped)" if previous.torn else "")
         )
+
+    def loading(self, model: str, device: str) -> None:
+        """On a terminal, a word before the seconds (or minutes) a model takes to load."""
+        if self.rank == 0 and not self.quiet and console.is_terminal:
+            where = "" if device == "auto" else f" on {escape(device)}"
+            console.print(f"loading {escape(model)}{where}…")
 
     @contextlib.contextmanager
     def progress(self, total: int) -> Iterator[Callable[[Record], None]]:

@@ -4,6 +4,7 @@ job, and, when its document is a file, links to pictures relative to that file's
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -40,6 +41,21 @@ class StreamWriter:
             link = source
         elif self.base is None or source == "-" or not Path(source).exists():
             return None
-        else:
-            link = quote(Path(os.path.relpath(Path(source).resolve(), self.base)).as_posix())
+        else:  # the name's own bytes, percent-encoded: a name that is not UTF-8 still opens
+            link = quote(os.fsencode(Path(os.path.relpath(Path(source).resolve(), self.base)).as_posix()))
         return f"{link}#page={page}" if page is not None and source.lower().endswith(".pdf") else link
+
+
+def shown(text: str) -> str:
+    """Text for a document a person reads (markdown, CSV, HTML), always valid UTF-8: a byte of a
+    file name that is not UTF-8 (a lone surrogate to Python) is shown as `\\xff`. The JSONL
+    journal keeps the exact name (see `records.dumps`)."""
+    return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "\ufffd"

@@ -12,14 +12,15 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TextIO
 
 from .errors import UsageError
 from .htmlreport import HtmlWriter
-from .records import Record
-from .writer_base import StreamWriter
+from .records import Record, dumps
+from .writer_base import StreamWriter, shown
 
 if TYPE_CHECKING:
     from .sources import Item
@@ -31,6 +32,8 @@ REPORT_TITLE = "granite-vision report"
 class Writer(Protocol):
     name: ClassVar[str]
     help: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]]
+    """File name endings of this format: `-o report.md` without `-f` means markdown."""
     report: ClassVar[bool]
     """A whole document: written to a file, it is rebuilt from a JSONL journal (see `output`)."""
 
@@ -59,6 +62,7 @@ class JsonlWriter(StreamWriter):
 
     name = "jsonl"
     help = "one JSON record per line (the default)"
+    suffixes = (".jsonl", ".ndjson")
     report = False
 
     def write(self, record: Record) -> None:
@@ -89,6 +93,7 @@ class MarkdownWriter(StreamWriter):
 
     name = "markdown"
     help = "a report: a heading per file, the answer or error, schema data as tables"
+    suffixes = (".md", ".markdown")
     report = True
 
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
@@ -99,11 +104,11 @@ class MarkdownWriter(StreamWriter):
 
     def write(self, record: Record) -> None:
         parts: list[str] = []
-        name = _escape(Path(record.source).name)
+        name = _escape(shown(Path(record.source).name))
         link = self.link(record.source)
         if record.source != self.current:
             self.current = record.source
-            parts.append(f"\n## {_code(record.source)}\n")
+            parts.append(f"\n## {_code(shown(record.source))}\n")
             if record.page is None and link and record.ok:  # a picture that failed may not display at all
                 parts.append(f"\n![{name}]({link})\n")
         if record.page is not None:
@@ -111,7 +116,7 @@ class MarkdownWriter(StreamWriter):
             if link:  # a PDF opens at its page; a multi-page TIFF as a whole
                 parts.append(f"\n[page {record.page} of {name}]({self.link(record.source, record.page)})\n")
         if record.error is not None:
-            parts.append(f"\n> **Error:** {_escape(record.error)}\n")
+            parts.append(f"\n> **Error:** {_escape(shown(record.error))}\n")
         elif isinstance(record.data, dict):
             parts.append("\n| field | value |\n|---|---|\n")
             parts += [f"| {_escape(str(key))} | {_cell(value)} |\n" for key, value in record.data.items()]
@@ -153,33 +158,74 @@ class CsvWriter(StreamWriter):
 
     name = "csv"
     help = "a spreadsheet: one row per item (source, page, prompt, answer, error; a column per --schema field)"
+    suffixes = (".csv",)
     report = True
+
+    OWN = ("source", "page", "prompt", "answer", "error")
+    """Columns of every row; a --schema field may not take one of their names."""
 
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
         super().__init__(stream)
         self.columns = list(columns)
         self.csv = csv.writer(stream)
-        self.csv.writerow(["source", "page", "prompt", "answer", *self.columns, "error"])
+        self.csv.writerow(["source", "page", "prompt", "answer", *map(_safe, self.columns), "error"])
         self.stream.flush()
 
     def write(self, record: Record) -> None:
         data = record.data if isinstance(record.data, dict) else {}
         values = [_csv_value(data.get(column)) for column in self.columns]
         page = "" if record.page is None else record.page
-        self.csv.writerow([record.source, page, record.prompt, record.answer or "", *values, record.error or ""])
+        texts = [shown(record.source), page, record.prompt, record.answer or "", *values, shown(record.error or "")]
+        self.csv.writerow([_safe(value) for value in texts])
         self.stream.flush()
 
-    @staticmethod
-    def recognizes(text: str, whole: bool) -> bool:
-        return text.startswith("source,page,")
+    @classmethod
+    def check(cls, columns: Sequence[str]) -> None:
+        _own_names("csv", columns, cls.OWN)
+
+    @classmethod
+    def recognizes(cls, text: str, whole: bool) -> bool:
+        """Every row: a header of ours (our columns around the schema's), then rows as wide as
+        it, each with a page that is empty or a number."""
+        lines = text if whole else text[: text.rfind("\n") + 1]
+        try:
+            rows = list(csv.reader(io.StringIO(lines, newline="")))
+        except csv.Error:
+            return False
+        if not rows or rows[0][:4] != list(cls.OWN[:4]) or rows[0][-1] != "error":
+            return False
+        width = len(rows[0])
+        return all(len(row) == width and (row[1] == "" or row[1].isdigit()) for row in rows[1:])
 
 
-def _csv_value(value: Any) -> str:
+def _own_names(fmt: str, columns: Sequence[str], own: Sequence[str]) -> None:
+    """A --schema field may not share a name with a column the format writes itself."""
+    taken = [column for column in columns if column in own]
+    if taken:
+        raise UsageError(
+            f"--format {fmt}: the --schema field(s) {', '.join(map(repr, taken))} would share a column with"
+            f" {fmt}'s own ({', '.join(own)}); rename the field(s)"
+        )
+
+
+def _csv_value(value: Any) -> Any:
+    """A schema value as a cell: numbers as numbers, nested values as JSON, strings as text."""
     if value is None:
         return ""
     if isinstance(value, (dict, list, bool)):
         return json.dumps(value, ensure_ascii=False)
-    return str(value)
+    return value
+
+
+#: Leading characters that make a spreadsheet read a cell as a formula (OWASP's list).
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe(value: Any) -> Any:
+    """A text cell a spreadsheet shows as text, never runs: one that starts like a formula
+    (`=HYPERLINK(...)`, a file named `=1+1.png`) gets a leading apostrophe, OWASP's rule. Numbers
+    (a negative total) are numbers, not formulas, and stay as they are."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA) else value
 
 
 class ImagefolderWriter(StreamWriter):
@@ -190,6 +236,7 @@ class ImagefolderWriter(StreamWriter):
 
     name = "imagefolder"
     help = "a Hugging Face imagefolder dataset: -o DIR/metadata.jsonl, a file_name and its text per picture"
+    suffixes = (".jsonl",)
     report = True
     METADATA = "metadata.jsonl"
 
@@ -197,15 +244,22 @@ class ImagefolderWriter(StreamWriter):
         super().__init__(stream, path)
         self.base = self.base or Path.cwd()
 
+    OWN = ("file_name", "text", "page")
+    """Keys of every row; a --schema field may not take one of their names."""
+
     def write(self, record: Record) -> None:
         if not record.ok:
             return
         relative = Path(os.path.relpath(Path(record.source).resolve(), self.base)).as_posix()
         row = {"file_name": relative, "text": record.answer, "page": record.page}
         if isinstance(record.data, dict):
-            row |= {key: value for key, value in record.data.items() if key not in row}
-        self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            row |= record.data
+        self.stream.write(dumps(row) + "\n")
         self.stream.flush()
+
+    @classmethod
+    def check(cls, columns: Sequence[str]) -> None:
+        _own_names("imagefolder", columns, cls.OWN)
 
     @classmethod
     def check_output(cls, path: Path | None, items: Sequence[Item]) -> None:
@@ -216,6 +270,12 @@ class ImagefolderWriter(StreamWriter):
                 f" give -o DIR/{cls.METADATA}"
             )
         base = path.resolve().parent
+        for other in sorted(base.glob("metadata.*")):
+            if other.name != cls.METADATA and other.suffix in (".csv", ".parquet", ".jsonl", ".json"):
+                raise UsageError(
+                    f"--format imagefolder: {other} is there too, and the loader reads one metadata file per"
+                    " folder (it would fail); move it away, or write the dataset elsewhere"
+                )
         for item in items:
             where = Path(item.source).resolve() if item.file_id is not None else None
             if where is None or base not in where.parents:
@@ -224,14 +284,38 @@ class ImagefolderWriter(StreamWriter):
                 raise UsageError(
                     f"--format imagefolder: {item.source} has pages (PDF or TIFF); the loader reads pictures whole"
                 )
+            split = next((part for part in where.relative_to(base).parts[:-1] if _SPLIT.search(part)), None)
+            if split is not None:
+                raise UsageError(
+                    f"--format imagefolder: {base} has split folders ({split}/): the loader wants a"
+                    f" {cls.METADATA} in each split, and would find no captions in this one; caption each"
+                    f" split into its own: -o {base / split / cls.METADATA}"
+                )
 
     @staticmethod
     def recognizes(text: str, whole: bool) -> bool:
+        """Every line a row of ours: a `file_name`, its `text` and its `page` (a hand-written
+        metadata.jsonl with a `label` column is the user's own)."""
+        lines = [line for line in (text if whole else text[: text.rfind("\n") + 1]).split("\n") if line.strip()]
         try:
-            return "file_name" in json.loads(text.split("\n", 1)[0])
-        except (ValueError, TypeError):
+            rows = [json.loads(line) for line in lines]
+        except ValueError:
             return False
+        return bool(rows) and all(
+            isinstance(row, dict)
+            and isinstance(row.get("file_name"), str)
+            and isinstance(row.get("text"), str)
+            and "page" in row
+            and (row["page"] is None or isinstance(row["page"], int))
+            for row in rows
+        )
 
+
+#: Folder names Hugging Face's loader takes for splits (datasets' SPLIT_KEYWORDS, alone or between
+#: separators: `train`, `test-2024`, `my_val`).
+_SPLIT = re.compile(
+    r"(?:^|[-._ 0-9])(?:train|training|validation|valid|dev|val|test|testing|eval|evaluation)(?:$|[-._ 0-9])", re.I
+)
 
 #: Every output format, by its --format name.
 WRITERS: dict[str, type[Writer]] = {
@@ -246,6 +330,24 @@ def writer_class(fmt: str, columns: Sequence[str] = ()) -> type[Writer]:
         raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
     WRITERS[fmt].check(columns)
     return WRITERS[fmt]
+
+
+def format_for(fmt: str | None, output: str | None) -> str:
+    """The format of a run: `fmt` as given, else the one the output's ending names (`-o
+    report.html` is an HTML report), else jsonl. A format that contradicts the ending is refused:
+    `-f markdown -o report.html` would leave a markdown file named .html."""
+    suffix = os.path.splitext(output or "")[1].lower() if output not in (None, "-") else ""
+    named = next((name for name, writer in WRITERS.items() if suffix in writer.suffixes), None)
+    if fmt is None:
+        return named or "jsonl"
+    if fmt not in WRITERS:
+        raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
+    if named is not None and suffix not in WRITERS[fmt].suffixes:
+        raise UsageError(
+            f"--format {fmt}, but --output {output} ends in {suffix}, which is {named}; leave out -f, or name"
+            f" the output *{WRITERS[fmt].suffixes[0]}"
+        )
+    return fmt
 
 
 def formats_help() -> str:

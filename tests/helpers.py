@@ -199,3 +199,16 @@ def model_card_answers(model_dir, image_paths, question, max_new_tokens, token_i
         else:
             answers.append(processor.decode(new, skip_special_tokens=True).strip())
     return answers
+
+
+def seen_size(source, engine, *, page: int | None = None, **read) -> tuple[int, int]:
+    """The size of the picture the model is handed for `source` (after shrinking while decoding,
+    or rendering a PDF page at the size the model uses), as the pipeline loads it."""
+    from granite_cli.pipeline import load_item
+    from granite_cli.readers import OpenDocuments, ReadOptions
+    from granite_cli.sources import resolve
+
+    items = [item for item in resolve([str(source)], read=ReadOptions(**read)).items if item.page == page]
+    loaded = load_item(0, items[0], OpenDocuments(ReadOptions(**read)), engine.fit)
+    assert loaded.image is not None, loaded.error
+    return loaded.image.size

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import make_pdf, noise
+from helpers import make_pdf, noise, seen_size
 
 from granite_cli.readers import poppler_available
 
@@ -35,6 +35,7 @@ FIELDS = [
     "finish_reason",
     "data",
     "schema",
+    "settings",
 ]
 
 
@@ -46,8 +47,8 @@ def test_directory_is_walked_in_order_with_every_page(cli, inputs, tiny_model):
     result = cli("caption", str(inputs), "--batch-size", "3")
     assert result.exit_code == 0, result.stderr
     records = result.records()
-    assert names(records, inputs) == EXPECTED_ORDER  # hidden file skipped, unsupported .txt skipped
-    assert "skipped 1 file(s) of unsupported type" in result.stderr
+    assert names(records, inputs) == EXPECTED_ORDER  # hidden file skipped, a text file passed over
+    assert "skipped" not in result.stderr  # notes.txt: nobody means a text file as a picture
     for record in records:
         assert list(record) == FIELDS
         assert record["answer"] is not None and record["error"] is None
@@ -92,14 +93,17 @@ def test_pdf_pages_render_at_the_size_the_model_uses(cli, inputs, tiny_model):
     from granite_cli.engine import load_engine
 
     engine = load_engine(str(tiny_model), device="cpu")
-    record = cli("caption", str(inputs / "doc.pdf"), "--pages", "1").records()[0]
-    fitted = (record["width"], record["height"])
+    fitted = seen_size(inputs / "doc.pdf", engine, page=1)
     expected = engine.fit(1224, 1584)  # letter at 144 dpi, shrunk to the grid the model uses
     assert expected[0] < 1224 and all(0 <= got - want <= 1 for got, want in zip(fitted, expected, strict=True))
     # same grid, same image tokens as the full-size render: nothing the model sees is lost
     assert engine.image_tokens(*fitted) == engine.image_tokens(1224, 1584)
+    assert abs(seen_size(inputs / "doc.pdf", engine, page=1, dpi=36)[0] - engine.fit(306, 396)[0]) <= 1
+    # the record gives the page's own size: at --dpi, whatever the model was handed
+    record = cli("caption", str(inputs / "doc.pdf"), "--pages", "1").records()[0]
+    assert (record["width"], record["height"]) == (1224, 1584)
     small = cli("caption", str(inputs / "doc.pdf"), "--pages", "1", "--dpi", "36").records()[0]
-    assert abs(small["width"] - engine.fit(306, 396)[0]) <= 1
+    assert (small["width"], small["height"]) == (306, 396)
 
 
 @pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
@@ -108,8 +112,8 @@ def test_both_pdf_renderers(cli, tmp_path):
     pdfium = cli("caption", str(pdf), "--dpi", "72").records()
     poppler = cli("caption", str(pdf), "--dpi", "72", "--pdf-renderer", "poppler").records()
     assert [r["page"] for r in pdfium] == [r["page"] for r in poppler] == [1, 2]
-    for ours, theirs in zip(pdfium, poppler, strict=True):  # both render at the size the model uses
-        assert abs(ours["width"] - theirs["width"]) <= 1 and abs(ours["height"] - theirs["height"]) <= 1
+    for ours, theirs in zip(pdfium, poppler, strict=True):  # the same page size, at --dpi
+        assert (ours["width"], ours["height"]) == (theirs["width"], theirs["height"]) == (612, 792)
     assert all(r["answer"] is not None for r in pdfium + poppler)
     broken = tmp_path / "broken.pdf"
     broken.write_bytes(b"%PDF-1.7\nnot really")
@@ -237,11 +241,14 @@ def test_the_skipped_count_counts_files_not_links(cli, tmp_path):
     root = tmp_path / "folder"
     (root / "elsewhere").mkdir(parents=True)
     noise(30, 30).save(root / "photo.png")
-    (root / "notes.txt").write_text("unsupported")
-    (root / "link-to-notes.txt").symlink_to(root / "notes.txt")  # the same file again
-    (root / "elsewhere" / "also.txt").symlink_to(root / "notes.txt")
-    (root / "dangling.txt").symlink_to(root / "gone.txt")  # no file at all
+    (root / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")  # a picture we cannot read
+    (root / "link-to-photo.heic").symlink_to(root / "photo.heic")  # the same file again
+    (root / "elsewhere" / "also.heic").symlink_to(root / "photo.heic")
+    (root / "dangling.heic").symlink_to(root / "gone.heic")  # no file at all
     (root / "up").symlink_to(root)  # a loop
+    (root / "notes.txt").write_text("a text file: nobody means it as a picture")
     result = cli("caption", str(root))
     assert result.exit_code == 0 and len(result.records()) == 1
-    assert "skipped 1 file(s) of unsupported type" in result.stderr
+    assert "skipped 1 file(s) of unsupported type inside folders (--verbose lists them)" in result.stderr
+    verbose = cli("caption", str(root), "--verbose")
+    assert f"skipped: {root / 'elsewhere' / 'also.heic'}" in verbose.stderr and "notes.txt" not in verbose.stderr

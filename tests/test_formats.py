@@ -191,7 +191,10 @@ def test_the_html_report_has_a_card_per_item_and_escapes_everything(cli, album, 
     assert any("%3Cimg%20src%3Dx" in src for src in parser.images)  # and linked by its escaped name
     assert parser.scripts == 1 and not parser.external  # self-contained: nothing fetched
     assert "model <code>" in text and "<th>paid</th>" in text
-    resumed = cli("caption", str(album), "-f", "html", "-o", str(report), "--schema", "paid:boolean", "--resume")
+    resumed = cli(
+        "caption", str(album), "-f", "html", "-o", str(report), "--schema", "paid:boolean", "--resume",
+        "--max-new-tokens", "30",
+    )  # fmt: skip
     assert resumed.exit_code == 1 and "7 answered before, 1 to run" in resumed.stderr
 
 

@@ -93,14 +93,18 @@ def test_part_files_and_their_folder_are_guarded(cli, photos, tmp_path):
 
 
 def test_our_own_output_of_another_format_is_not_replaced(cli, photos, tmp_path):
-    output = tmp_path / "results.jsonl"
+    output = tmp_path / "results.out"  # an ending of no format: -f decides
     assert cli("caption", str(photos), "-o", str(output)).exit_code == 0
     before = output.read_bytes()
-    result = cli("caption", str(photos), "-f", "markdown", "-o", str(output))
+    result = cli("caption", str(photos), "-f", "markdown", "-o", str(output), "--overwrite")
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert "is a granite-vision jsonl output, not markdown" in line and "--format jsonl" in line
     assert output.read_bytes() == before
+    named = tmp_path / "results.jsonl"
+    result = cli("caption", str(photos), "-f", "markdown", "-o", str(named))  # the ending says otherwise
+    assert result.exit_code == 2 and "ends in .jsonl, which is jsonl" in one_error_line(result.stderr)
+    assert not named.exists()
 
 
 # --------------------------------------------------------------------------- 2. nothing changes before a new record
@@ -109,7 +113,7 @@ def test_a_failed_model_load_leaves_report_and_journal_byte_for_byte(cli, photos
     assert cli("caption", str(photos), "-f", "markdown", "-o", str(report)).exit_code == 0
     journal = tmp_path / "report.md.jsonl"
     before = (report.read_bytes(), journal.read_bytes())
-    result = cli("caption", str(photos), "-f", "markdown", "-o", str(report), model=broken_model)
+    result = cli("caption", str(photos), "-f", "markdown", "-o", str(report), "--overwrite", model=broken_model)
     assert result.exit_code == 2 and "could not load model" in result.stderr
     assert (report.read_bytes(), journal.read_bytes()) == before
 
@@ -175,7 +179,7 @@ def test_a_signal_while_the_model_loads_ends_the_run_at_once_and_touches_nothing
 
 # --------------------------------------------------------------------------- 3. --resume continues the same job only
 def test_resume_refuses_another_format_prompt_model_or_schema(cli, photos, tmp_path, tiny_g4):
-    output = tmp_path / "out.jsonl"
+    output = tmp_path / "out"
     schema = ["--schema", "paid:boolean", "--prompt", "Paid?", "--max-new-tokens", "30"]
     assert cli("caption", str(photos), "-o", str(output), *schema).exit_code == 0
     before = output.read_bytes()

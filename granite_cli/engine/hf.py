@@ -91,6 +91,7 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
     local_only = hub.load_locally(model, revision)
     with _quiet_loading(), devices.current(torch_device):
         _check_vision_model(model, revision, local_only)
+        hub.check_folder(model)
         try:
             processor = AutoProcessor.from_pretrained(model, revision=revision, local_files_only=local_only)
             kwargs = {"revision": revision, "dtype": torch_dtype, "local_files_only": local_only}

@@ -12,6 +12,14 @@ from pathlib import Path
 from .. import DEFAULT_MODEL
 from ..errors import UsageError
 
+#: What a vision model folder holds besides config.json, each as file name patterns of which one
+#: must be there (the names `from_pretrained` looks for).
+FOLDER_FILES = (
+    ("its weights (*.safetensors or pytorch_model*.bin)", ("*.safetensors", "pytorch_model*.bin")),
+    ("its image processor (preprocessor_config.json)", ("preprocessor_config.json", "processor_config.json")),
+    ("its tokenizer (tokenizer.json or tokenizer_config.json)", ("tokenizer.json", "tokenizer_config.json")),
+)
+
 
 def model_name(value: str, where: str = "--model") -> str:
     """The model to load, checked before anything heavy: a local folder by its absolute path (so
@@ -79,6 +87,20 @@ def load_locally(model: str, revision: str | None) -> bool:
         ) from None
 
 
+def check_folder(model: str) -> None:
+    """A local model folder holds what loading needs besides its config: name what is missing,
+    rather than let the loader fail on the first file it looks for."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return
+    missing = [what for what, patterns in FOLDER_FILES if not any(any(path.glob(p)) for p in patterns)]
+    if missing:
+        raise UsageError(
+            f"model folder {model!r} lacks {' and '.join(missing)}: copy the whole model folder (every file"
+            " of its Hub repository), not only some of its files"
+        )
+
+
 def model_load_error(model: str, exc: BaseException) -> UsageError:
     """Turn a `from_pretrained` failure into one line with a hint.
 
@@ -114,7 +136,9 @@ def model_load_error(model: str, exc: BaseException) -> UsageError:
         )
         from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:
+        if Path(model).is_dir():
+            hint = "the model folder is incomplete or damaged: copy it again, every file of its Hub repository"
+        elif constants.HF_HUB_OFFLINE:
             hint = "HF_HUB_OFFLINE is set, so only cached ids and local folders load; check the id or unset it"
         if name == "GatedRepoError":
             hint = "the repository is gated: accept its licence on the Hub and log in with `hf auth login`"

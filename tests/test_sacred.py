@@ -1,0 +1,430 @@
+"""A user's files are sacred, as a principle: what a second new-user run found, each as a user
+would see it (the numbers are those of the issue that listed them)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import MAX_NEW, make_pdf, noise, one_error_line, read_jsonl, run_process, tree_hashes
+
+import granite_cli
+from granite_cli import UsageError
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    root = tmp_path / "shots"
+    root.mkdir()
+    for i in range(4):
+        noise(40 + 8 * i, 40, 30 + i).save(root / f"s{i}.png")
+    return root
+
+
+# --------------------------------------------------------------------------- finished answers are never lost
+def test_1_a_sidecar_job_run_again_keeps_every_earlier_record(cli, shots, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    first = [str(shots / "s0.png"), str(shots / "s1.png")]  # a run stopped half-way, in effect
+    assert cli("caption", *first, "--sidecar", ".txt", "-o", str(out)).exit_code == 0
+    before = out.read_bytes()
+    again = cli("caption", str(shots), "--sidecar", ".txt", "-o", str(out))  # the same command, all of it
+    assert again.exit_code == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
+    assert out.read_bytes() == before
+    resumed = cli("caption", str(shots), "--sidecar", ".txt", "-o", str(out), "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert sorted(Path(r["source"]).name for r in read_jsonl(out)) == ["s0.png", "s1.png", "s2.png", "s3.png"]
+    assert all((shots / f"s{i}.txt").exists() for i in range(4))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "markdown", "csv", "html"])
+def test_2_an_output_holding_answers_is_replaced_only_with_overwrite(cli, shots, tmp_path, fmt):
+    out = tmp_path / "out.result"
+    journal = out if fmt == "jsonl" else tmp_path / "out.result.jsonl"
+    assert cli("caption", str(shots), "-f", fmt, "-o", str(out)).exit_code == 0
+    before = tree_hashes(tmp_path)
+    for inputs in ([str(shots / "s0.png")], [str(shots)]):  # other inputs, or the same
+        again = cli("caption", *inputs, "-f", fmt, "-o", str(out))
+        assert again.exit_code == 2 and "holds 4 answer(s) of an earlier run" in one_error_line(again.stderr)
+        assert "--resume" in again.stderr and "--overwrite" in again.stderr
+        assert tree_hashes(tmp_path) == before
+    replaced = cli("caption", str(shots / "s0.png"), "-f", fmt, "-o", str(out), "--overwrite")
+    assert replaced.exit_code == 0 and len(read_jsonl(journal)) == 1
+
+
+@pytest.mark.slow
+def test_3_two_runs_resuming_into_one_output_keep_every_record(tiny_model, shots, tmp_path):
+    """`ls imgs/* | xargs -P2 -n1 granite-vision caption -o xb.jsonl --resume`: the second waits."""
+    out = tmp_path / "xb.jsonl"
+    args = ["-m", "granite_cli", "caption", "-o", str(out), "--resume", "--model", str(tiny_model)]
+    for _ in range(2):
+        processes = [
+            subprocess.Popen([sys.executable, *args, "--max-new-tokens", MAX_NEW, str(path)], stderr=subprocess.PIPE)
+            for path in sorted(shots.glob("*.png"))
+        ]
+        results = [(process.wait(timeout=300), process.stderr.read().decode()) for process in processes]
+        assert all(code == 0 for code, _ in results), results
+        assert sorted(Path(r["source"]).name for r in read_jsonl(out)) == [f"s{i}.png" for i in range(4)]
+    assert not list(tmp_path.glob(".xb.jsonl.lock"))  # let go of, and gone
+
+
+def test_3_a_lock_is_held_from_planning_to_the_end(cli, shots, tmp_path, monkeypatch):
+    from granite_cli.journal import OutputLock
+
+    held: list[bool] = []
+    real_release = OutputLock.release
+
+    def release(self):
+        held.append(self.fd is not None and Path(self.path).exists())
+        real_release(self)
+
+    monkeypatch.setattr(OutputLock, "release", release)
+    assert cli("caption", str(shots), "-o", str(tmp_path / "out.jsonl")).exit_code == 0
+    assert held == [True] and not (tmp_path / ".out.jsonl.lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "text"),
+    [
+        ("metadata.jsonl", "imagefolder", '{"file_name": "s0.png", "label": "cat"}\n'),
+        ("table.csv", "csv", "source,page,notes\nx.png,1,hello\n"),
+        ("table.csv", "csv", "source,page,prompt,answer,error\nx.png,one,hi,there,\n"),
+        ("out.jsonl", "jsonl", '{"source": "a.png", "page": null, "prompt": "p", "model": "m"}\nnotes\n'),
+    ],
+)
+def test_4_a_file_is_ours_only_if_all_of_it_is_what_we_write(cli, shots, name, fmt, text):
+    target = shots / name
+    target.write_text(text)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        result = cli("caption", str(shots / "s0.png"), "-f", fmt, "-o", str(target), *extra)
+        assert result.exit_code == 2 and "refusing" in one_error_line(result.stderr)
+    assert target.read_text() == text
+
+
+# --------------------------------------------------------------------------- names and prompts of any bytes
+def test_5_a_name_that_is_not_utf8_is_answered_written_and_resumed(cli, shots, tmp_path):
+    odd = os.fsdecode(os.fsencode(str(shots)) + b"/odd\xff\xfe.png")
+    noise(30, 30).save(odd)
+    out = tmp_path / "out.jsonl"
+    result = cli("caption", str(shots), "-o", str(out))
+    assert result.exit_code == 0, result.stderr
+    raw = out.read_bytes()
+    raw.decode("utf-8")  # valid UTF-8, every line
+    assert b'odd\\udcff\\udcfe.png"' in raw  # the undecodable bytes, as surrogate escapes
+    assert odd in [record["source"] for record in read_jsonl(out)]  # ... which read back as the name
+    resumed = cli("caption", str(shots), "-o", str(out), "--resume")
+    assert resumed.exit_code == 0 and "5 answered before, 0 to run" in resumed.stderr
+    stdout = cli("caption", odd)
+    assert stdout.exit_code == 0 and stdout.records()[0]["source"] == odd
+    for fmt in ("markdown", "csv", "html"):
+        report = tmp_path / f"r.{fmt}"
+        assert cli("caption", odd, "-f", fmt, "-o", str(report)).exit_code == 0
+        assert "odd\\xff\\xfe.png" in report.read_text(encoding="utf-8")
+
+
+def test_6_a_prompt_that_is_not_utf8_is_one_line_before_the_model(cli, shots, broken_model):
+    for args in (
+        ("ask", str(shots / "s0.png"), "bad \udcff prompt"),
+        ("caption", str(shots), "--prompt", "caf\udce9"),
+    ):
+        result = cli(*args, model=broken_model)
+        assert result.exit_code == 2 and "not valid UTF-8 text (byte 0x" in one_error_line(result.stderr)
+
+
+def test_7_a_sidecar_path_that_is_a_folder_or_a_pipe_is_refused(cli, shots):
+    (shots / "s0.txt").mkdir()
+    result = cli("caption", str(shots), "--sidecar", ".txt")
+    assert result.exit_code == 2 and "s0.txt is a directory" in one_error_line(result.stderr)
+    os.rmdir(shots / "s0.txt")
+    os.mkfifo(shots / "s1.txt")  # reading it to check it would hang
+    result = cli("caption", str(shots), "--sidecar", ".txt")
+    assert result.exit_code == 2 and "s1.txt is not a regular file" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_8_a_closed_stdout_and_an_ascii_locale(tiny_model, shots, tmp_path):
+    args = ["--model", str(tiny_model), "--max-new-tokens", MAX_NEW]
+    for command in (["caption", str(shots)], ["ask", str(shots / "s0.png"), "hi"]):  # `... >&-`
+        result = subprocess.run(
+            [sys.executable, "-m", "granite_cli", *command, *args],
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: os.close(1),
+        )
+        assert result.returncode == 2 and b"stdout is closed" in result.stderr, result.stderr
+    written = subprocess.run(
+        [sys.executable, "-m", "granite_cli", "caption", str(shots), "-o", str(tmp_path / "o.jsonl"), *args],
+        stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert written.returncode == 0 and len(read_jsonl(tmp_path / "o.jsonl")) == 4  # stdout is not needed there
+    emoji = shots / "😀.png"
+    noise(30, 30).save(emoji)
+    result = run_process("ask", str(emoji), "hi", "--json", *args, env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0 and json.loads(result.stdout.decode("utf-8"))["source"] == str(emoji)
+
+
+def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tmp_path):
+    from PIL import Image
+
+    model = {"model": str(tiny_model), "max_new_tokens": 4}
+    one = granite_cli.caption(str(shots / "s0.png"), **model)  # a string is one source
+    assert [Path(r.source).name for r in one.records] == ["s0.png"]
+    assert granite_cli.caption([shots / "s1.png"], **model).answered == 1  # a Path works
+    pdf = make_pdf(tmp_path / "doc.pdf", 3)
+    assert [r.page for r in granite_cli.caption([pdf], pages=2, **model).records] == [2]
+    picture = Image.open(shots / "s2.png")
+    asked = granite_cli.ask(picture, "What is shown?", **model).record
+    assert asked.ok and asked.source == "<image>" and (asked.width, asked.height) == picture.size
+    assert asked.answer == granite_cli.ask(str(shots / "s2.png"), "What is shown?", **model).record.answer
+    assert [r.source for r in granite_cli.caption([picture, picture.rotate(90)], **model).records] == [
+        "<image 1>",
+        "<image 2>",
+    ]
+    for bad, said in [
+        ({"max_new_tokens": "4"}, "--max-new-tokens '4': expected a whole number"),
+        ({"temperature": "hot"}, "--temperature 'hot': expected a number"),
+        ({"max_new_tokens": 0}, "--max-new-tokens 0: expected at least 1"),
+        ({"resume": "yes"}, "--resume 'yes': expected True or False"),
+        ({"max_new_token": 4}, "no option 'max_new_token' (did you mean max_new_tokens?)"),
+        ({"format": "pdf"}, "--format 'pdf': expected one of"),
+    ]:
+        with pytest.raises(UsageError, match=pytest.importorskip("re").escape(said)):
+            granite_cli.caption([str(shots / "s0.png")], **(model | bad))
+    with pytest.raises(UsageError, match="expected a path, a URL, - or a PIL image"):
+        granite_cli.ask(b"bytes", "q", **model)
+
+
+# --------------------------------------------------------------------------- results that say what is true
+def test_11_imagefolder_refuses_what_the_loader_cannot_read(cli, tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        (data / split).mkdir(parents=True)
+        noise(30, 30).save(data / split / "a.png")
+    result = cli("caption", str(data), "-f", "imagefolder", "-o", str(data / "metadata.jsonl"))
+    assert result.exit_code == 2 and "split folders (test/)" in one_error_line(result.stderr)
+    assert "-o " + str(data / "test" / "metadata.jsonl") in result.stderr
+    per_split = cli("caption", str(data / "train"), "-f", "imagefolder", "-o", str(data / "train" / "metadata.jsonl"))
+    assert per_split.exit_code == 0
+    import datasets
+
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(data / "train"), split="train")
+    assert loaded.num_rows == 1 and loaded[0]["text"]
+    (data / "train" / "metadata.csv").write_text("file_name,text\na.png,x\n")
+    other = cli("caption", str(data / "train"), "-f", "imagefolder", "-o", str(data / "train" / "metadata.jsonl"))
+    assert other.exit_code == 2 and "metadata.csv is there too" in other.stderr
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "html", "csv"])
+def test_12_resuming_with_nothing_left_leaves_a_whole_report(cli, shots, tmp_path, fmt):
+    report = tmp_path / f"rr.{fmt}"
+    assert cli("caption", str(shots), "-f", fmt, "-o", str(report)).exit_code == 0
+    whole = report.read_bytes()
+    for damage in (report.unlink, lambda: report.write_bytes(b"")):
+        damage()
+        resumed = cli("caption", str(shots), "-f", fmt, "-o", str(report), "--resume")
+        assert resumed.exit_code == 0 and report.stat().st_size > 100
+        if fmt != "html":  # (html says when it was made)
+            assert report.read_bytes() == whole
+    before = report.stat().st_mtime_ns
+    assert cli("caption", str(shots), "-f", fmt, "-o", str(report), "--resume").exit_code == 0
+    assert report.stat().st_mtime_ns == before  # an intact report is left as it is
+
+
+def test_13_schema_fields_may_not_take_a_formats_own_columns(cli, shots, tmp_path):
+    for fmt, fields, taken in [
+        ("csv", "source:boolean, page:boolean, error:boolean", "'source', 'page', 'error'"),
+        ("imagefolder", "file_name, text, ok:boolean", "'file_name', 'text'"),
+    ]:
+        out = shots / "metadata.jsonl" if fmt == "imagefolder" else tmp_path / "t.csv"
+        result = cli("caption", str(shots), "-f", fmt, "-o", str(out), "--schema", fields)
+        assert result.exit_code == 2 and f"the --schema field(s) {taken} would share a column" in result.stderr
+        assert not out.exists()
+
+
+def test_14_csv_cells_never_run_as_formulas(cli, shots, tmp_path, monkeypatch):
+    noise(30, 30).save(shots / "=1+1.png")
+    monkeypatch.chdir(shots)
+    out = tmp_path / "t.csv"
+    result = cli("caption", "=1+1.png", "-o", str(out), "--prompt", '=HYPERLINK("http://x","y")')
+    assert result.exit_code == 0
+    row = list(csv.DictReader(io.StringIO(out.read_text())))[0]
+    assert row["source"] == "'=1+1.png" and row["prompt"].startswith("'=HYPERLINK")
+    numbers = cli("caption", str(shots / "s0.png"), "-o", str(tmp_path / "n.csv"), "--schema", "n:number")
+    assert numbers.exit_code in (0, 1)  # a number is a number: no apostrophe (tested on the writer below)
+    from granite_cli.records import Record
+    from granite_cli.writers import render
+
+    record = Record("-a.png", None, "p", "-5 is the answer", None, "m", data={"n": -5, "t": "+x"})
+    cells = list(csv.reader(io.StringIO(render("csv", [record], None, ["n", "t"]))))[1]
+    assert cells == ["'-a.png", "", "p", "'-5 is the answer", "-5", "'+x", ""]
+
+
+def test_15_width_and_height_are_the_pictures_own_size_whatever_its_size(cli, tmp_path):
+    from PIL import Image
+
+    for size in [(300, 200), (4000, 4000), (6000, 4500)]:
+        Image.new("RGB", size, (10, 20, 30)).save(tmp_path / f"{size[0]}.jpg")
+    records = cli("caption", *sorted(map(str, tmp_path.glob("*.jpg")))).records()
+    assert sorted((r["width"], r["height"]) for r in records) == [(300, 200), (4000, 4000), (6000, 4500)]
+
+
+def test_16_and_28_the_html_report_fetches_nothing_and_shows_every_page(cli, tmp_path, http_root):
+    base, served = http_root
+    make_pdf(tmp_path / "doc.pdf", 2)
+    frames = [noise(40, 30, i) for i in range(2)]
+    frames[0].save(tmp_path / "scan.tiff", save_all=True, append_images=frames[1:])
+    report = tmp_path / "out" / "report.html"
+    report.parent.mkdir()
+    url = f"{base}/remote.png"
+    args = ["caption", str(tmp_path / "doc.pdf"), str(tmp_path / "scan.tiff"), url, "-o", str(report)]
+    assert cli(*args).exit_code == 0
+    text = report.read_text()
+    sources = [part.split('"')[0] for part in text.split('<img src="')[1:]]
+    assert len(sources) == 5 and all(src.startswith("report.html.files/") for src in sources)  # every page shown
+    assert "http://" not in "".join(sources) and f'href="{url}"' in text  # a link to click, nothing fetched
+    files = sorted((report.parent / "report.html.files").iterdir())
+    assert len(files) == 5 and all(f.read_bytes()[:2] == b"\xff\xd8" for f in files)  # small JPEGs
+    again = [f.stat().st_mtime_ns for f in files]
+    assert cli(*args, "--resume").exit_code == 0  # resumable: nothing rebuilt, the pictures stay
+    assert [f.stat().st_mtime_ns for f in files] == again and report.read_text().count("<img src=") == 5
+    (report.parent / "report.html.files" / "mine.txt").write_text("the user's")
+    refused = cli(*args, "--overwrite")
+    assert refused.exit_code == 2 and "is not the report's folder of page pictures" in refused.stderr
+
+
+def test_17_resuming_with_fewer_inputs_counts_them_and_keeps_the_order(cli, shots, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert cli("caption", str(shots), "-o", str(out)).exit_code == 0
+    noise(30, 30).save(shots / "new.png")
+    resumed = cli("caption", str(shots / "s1.png"), str(shots / "new.png"), "-o", str(out), "--resume")
+    assert resumed.exit_code == 0
+    assert "1 answered before, 1 to run; 3 record(s) of pictures this run does not name are kept" in resumed.stderr
+    assert [Path(r["source"]).name for r in read_jsonl(out)] == ["s0.png", "s1.png", "s2.png", "s3.png", "new.png"]
+
+
+def test_18_resume_reruns_what_max_new_tokens_changes_and_refuses_other_changes(cli, shots, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert cli("caption", str(shots), "-o", str(out), "--max-new-tokens", "3").exit_code == 0
+    assert all(r["finish_reason"] == "length" for r in read_jsonl(out))
+    longer = cli("caption", str(shots), "-o", str(out), "--resume", "--max-new-tokens", "8")
+    assert longer.exit_code == 0 and "0 answered before, 4 to run (4 cut by another --max-new-tokens" in longer.stderr
+    assert [r["answer_tokens"] for r in read_jsonl(out)] == [8, 8, 8, 8]
+    same = cli("caption", str(shots), "-o", str(out), "--resume", "--max-new-tokens", "8")
+    assert "4 answered before, 0 to run" in same.stderr
+    before = out.read_bytes()
+    for option, value in [
+        ("--temperature", "0.7"),
+        ("--dpi", "72"),
+        ("--max-tiles", "3"),
+        ("--pdf-renderer", "poppler"),
+    ]:
+        changed = cli("caption", str(shots), "-o", str(out), "--resume", "--max-new-tokens", "8", option, value)
+        assert changed.exit_code == 2 and f"another {option} (" in one_error_line(changed.stderr), changed.stderr
+        assert out.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- messages and friction
+def test_19_the_format_comes_from_the_outputs_ending(cli, shots, tmp_path):
+    for name, starts in [("r.html", "<!doctype html>"), ("r.md", "# granite-vision report"), ("r.csv", "source,page")]:
+        assert cli("caption", str(shots / "s0.png"), "-o", str(tmp_path / name)).exit_code == 0
+        assert (tmp_path / name).read_text().startswith(starts)
+    clash = cli("caption", str(shots / "s0.png"), "-f", "markdown", "-o", str(tmp_path / "x.html"))
+    assert clash.exit_code == 2 and "--format markdown, but --output" in clash.stderr
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_20_an_html_report_on_stdout_says_why_it_has_no_pictures(cli, shots):
+    result = cli("caption", str(shots / "s0.png"), "-f", "html")
+    assert result.exit_code == 0 and "shows no pictures" in result.stderr
+    assert "Pictures show only in a report written to a file" in result.stdout
+
+
+def test_21_wrong_argument_order_gets_a_hint(cli, shots):
+    swapped = cli("ask", "What is shown?", str(shots / "s0.png"))
+    assert swapped.exit_code == 2 and "ask takes the picture first, then the question" in swapped.stderr
+    extra = cli("ask", str(shots / "s0.png"), str(shots / "s1.png"), "hi")
+    assert extra.exit_code == 2 and "granite-vision caption a.png b.png" in one_error_line(extra.stderr)
+
+
+def test_22_an_incomplete_model_folder_names_what_it_lacks(cli, shots, tiny_model, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (partial / name).write_bytes((tiny_model / name).read_bytes())
+    result = cli("ask", str(shots / "s0.png"), "hi", model=partial)
+    line = one_error_line(result.stderr)
+    assert result.exit_code == 2 and "lacks its image processor" in line and "its tokenizer" in line
+    assert "HF_HUB_OFFLINE" not in line
+
+
+def test_23_sidecar_messages(cli, shots):
+    hint = cli("caption", str(shots), "--sidecar", "txt")
+    assert hint.exit_code == 2 and "did you mean .txt?" in hint.stderr
+    assert cli("caption", str(shots), "--sidecar", "..").exit_code == 2
+    for i in range(4):
+        noise(20, 20).save(shots / f"s{i}.jpg")
+    clashes = cli("caption", str(shots), "--sidecar", ".txt")
+    line = one_error_line(clashes.stderr)
+    assert clashes.exit_code == 2 and line.count("would both write") == 3 and "(and 1 more)" in line
+
+
+def test_24_options_that_mean_nothing_are_said(cli, shots):
+    assert "--pages ''" in one_error_line(cli("caption", str(shots), "--pages", "").stderr)
+    assert "--output '': an empty file name" in one_error_line(cli("caption", str(shots), "-o", "").stderr)
+    seeded = cli("caption", str(shots / "s0.png"), "--seed", "3")
+    assert seeded.exit_code == 0 and "--seed has no effect at --temperature 0" in seeded.stderr
+
+
+@pytest.mark.slow
+def test_26_a_terminal_hears_what_is_loading_and_what_is_awaited(tiny_model, shots):
+    """On a terminal (a pty here): a line before the model loads; `ask -` will not wait for a
+    picture to be typed; `caption -` says it reads paths."""
+    import pty
+
+    def on_terminal(*args: str, stdin_tty: bool = False) -> tuple[int, str]:
+        main, side = pty.openpty()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "granite_cli", *args, "--model", str(tiny_model), "--max-new-tokens", MAX_NEW],
+            stdin=side if stdin_tty else subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=side,
+        )  # fmt: skip
+        os.close(side)
+        if stdin_tty:
+            os.write(main, str(shots / "s0.png").encode() + b"\n\x04")
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(main)
+        return process.wait(timeout=120), b"".join(chunks).decode(errors="replace")
+
+    code, said = on_terminal("caption", str(shots / "s0.png"))
+    assert code == 0 and f"loading {tiny_model}…" in said
+    code, said = on_terminal("ask", "-", "What is shown?", stdin_tty=True)
+    assert code == 2 and "ask -: stdin is a terminal; pipe a picture in" in said
+    code, said = on_terminal("caption", "-", stdin_tty=True)
+    assert code == 0 and "reading paths from stdin, one per line; end with Ctrl-D" in said
+
+
+def test_27_the_library_exports_its_errors_and_shows_its_keywords():
+    import inspect
+
+    from granite_cli import DeviceError, InputError, OutputError, Record  # noqa: F401
+
+    parameters = inspect.signature(granite_cli.caption).parameters
+    assert {"output", "format", "resume", "max_new_tokens", "schema", "sidecar"} <= set(parameters)
+    assert parameters["max_new_tokens"].default == 256 and "question" in inspect.signature(granite_cli.ask).parameters
+
+
+def test_27_choices_take_any_case(tiny_model, shots, tmp_path):
+    out = tmp_path / "t.csv"
+    result = granite_cli.caption([shots / "s0.png"], model=str(tiny_model), format="CSV", output=str(out), device="CPU")
+    assert result.answered == 1 and out.read_text().startswith("source,page,")
