@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-import shlex
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from .jobs import DEFAULT_PROMPT, AskJob, CaptionJob, Options
 from .readers import OpenDocuments, ReadOptions, open_document
 from .records import Job, Record
 from .sidecars import SidecarOutput, Sidecars
-from .sources import MADE_BY_US, URL_PREFIXES, Item, PageSelection, expand_stdin, resolve, resolve_single
+from .sources import Item, PageSelection, expand_stdin, resolve, resolve_single
 from .ui import Reporter
 from .writers import writer_class
 
@@ -95,19 +94,19 @@ def caption(sources, **options) -> CaptionResult:
 
 def _make(kind: type[Options], **options) -> Options:
     """The job, or a `UsageError` naming a keyword it does not take."""
-    names = {entry.name for entry in fields(kind)}
+    names = {entry.name for entry in fields(kind)} - {"model_origin", "from_cli"}
     unknown = sorted(set(options) - names)
     if unknown:
         close = difflib.get_close_matches(unknown[0], names, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"{kind.__name__}: no option {unknown[0]!r}{hint}")
+        raise UsageError(f"{kind.__name__.removesuffix('Job').lower()}(): no keyword {unknown[0]!r}{hint}")
     return kind(**options)
 
 
 def _signature(kind: type[Options], *first: str) -> inspect.Signature:
     """`help(granite_cli.caption)` shows every keyword with its type and default: the job's fields."""
     hints = typing.get_type_hints(kind)
-    entries = [entry for entry in fields(kind) if entry.name != "model_origin"]
+    entries = [entry for entry in fields(kind) if entry.name not in ("model_origin", "from_cli")]
     positional = [
         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[name]) for name in first
     ]
@@ -137,13 +136,13 @@ def run_ask(
     structured = schema.load(job.schema, job.json_object)
     read = job.read_options()
     model = _model(job, reporter)
-    _check_order(job)
+    job.check_order()
     if job.source == "-" and (sys.stdin is None or sys.stdin.isatty()):
         raise UsageError(
             "ask -: stdin is " + ("closed" if sys.stdin is None else "a terminal")
             + "; pipe a picture in: cat photo.jpg | granite-vision ask - 'What is shown?'"
         )  # fmt: skip
-    _notes(job, reporter)
+    job.notes(reporter)
     todo = _job(job, job.question, model, structured)
     item = resolve_single(job.source, job.page, read=read)
     if item.error is not None:  # a known-bad input fails before the model loads
@@ -187,6 +186,8 @@ def run_caption(
             device = plan.ranks.device if plan.ranks.distributed and job.device in ("auto", "cuda") else job.device
             plan.reporter.loading(plan.job.model, device)
             engine = job.load(plan.job.model, device)  # each process on its own GPU
+        if engine is not None:
+            job.check_room(engine)
         return _execute(plan, engine, job, stop)
     finally:
         plan.sink.release()  # another run may write this output now
@@ -222,7 +223,7 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
     sidecars = Sidecars(job.sidecar, job.overwrite) if job.sidecar is not None else None
     ranks = current(job.device)
     reporter = _reporter(reporter, ranks)
-    _notes(job, reporter)
+    job.notes(reporter)
     todo_job = _job(job, prompt, _model(job, reporter), structured)
     if "-" in job.sources:
         stdin = _stdin(stdin, reporter)
@@ -234,10 +235,11 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
     try:
         if sidecars is not None:
             sink = SidecarOutput(sink, sidecars)
-        resolution = resolve(sources, pages=selection, read=read, stdin=stdin, ignore=_made_by_us(job))
+        resolution = resolve(sources, pages=selection, read=read, stdin=stdin, ignore=job.made_by_us())
         reporter.resolution(resolution, verbose=job.verbose)
         if not resolution.items:
-            raise UsageError("nothing to caption: no image or PDF found in " + ", ".join(map(repr, sources)))
+            where = ", ".join(map(repr, sources)) if sources else "no sources given"
+            raise UsageError(f"nothing to caption: no image or PDF found ({where})")
         sink.check(resolution.items)
         todo = sink.plan(resolution.items, todo_job)
     except BaseException:
@@ -265,23 +267,6 @@ def _job(job: Options, prompt: str, model: str, structured) -> Job:
     """What the records of this run belong to (and what --resume must find unchanged)."""
     schema = structured.fingerprint if structured is not None else None
     return Job(prompt, model, schema, job.answer_settings(), job.max_new_tokens)
-
-
-def _notes(job: Options, reporter: Reporter) -> None:
-    """Options that mean nothing here: said, not silently ignored."""
-    if job.seed is not None and job.temperature == 0:
-        reporter.note("note: --seed has no effect at --temperature 0 (greedy decoding is deterministic)")
-    if getattr(job, "format", None) == "html" and getattr(job, "output", None) == "-":
-        reporter.warn(
-            "an HTML report on stdout shows no pictures: they are linked from the report's own folder;"
-            " write it to a file (-o report.html) to see them"
-        )
-
-
-def _made_by_us(job: CaptionJob) -> tuple[str, ...]:
-    """File name endings a folder walk passes over without counting them as unsupported: the
-    files granite-vision itself writes (its sidecars, its outputs' journals and reports)."""
-    return ((job.sidecar,) if job.sidecar else ()) + MADE_BY_US
 
 
 def _shared_sources(job: CaptionJob, ranks: Ranks, stdin: BinaryIO | None) -> tuple[list[str], str]:
@@ -329,7 +314,8 @@ def _execute(plan: _Plan, engine, job: CaptionJob, stop: Stop) -> CaptionResult:
         stop.running = False
     merged = plan.sink.finish(plan.items)
     result.total, result.answered, result.failed = stats.total, stats.answered, stats.failed
-    result.stopped = stats.stopped or stop.event.is_set()
+    # A signal after the last item was done stopped nothing: the run is complete.
+    result.stopped = (stats.stopped or stop.event.is_set()) and stats.answered + stats.failed < stats.total
     plan.reporter.summary(result, time.monotonic() - started, job.output, merged if plan.ranks.distributed else None)
     if plan.ranks.distributed and plan.ranks.rank == 0:
         result.records, result.failed = merged, sum(not record.ok for record in merged)
@@ -359,19 +345,6 @@ def _size(item: Item, read: ReadOptions) -> tuple[int, int] | None:
             document.close()
     except Exception:  # noqa: BLE001 - only an estimate: the item fails fast anyway
         return None
-
-
-def _check_order(job: AskJob) -> None:
-    """`ask "What is shown?" photo.png`: the question and the picture swapped; say so, not
-    "no such file"."""
-    source, question = job.source, job.question
-    if not isinstance(source, str) or source == "-" or source.startswith(URL_PREFIXES) or os.path.lexists(source):
-        return
-    if os.path.isfile(question):
-        raise UsageError(
-            f"{source}: no such file. Hint: ask takes the picture first, then the question:"
-            f" granite-vision ask {shlex.quote(question)} {shlex.quote(source)}"
-        )
 
 
 def _model(job: Options, reporter: Reporter) -> str:

@@ -212,7 +212,7 @@ def ask(
     """Answer one question about one image or PDF page; the answer streams to stdout."""
     options = _plain({key: value for key, value in locals().items() if key not in ("ctx", "json_output")})
     stdout = _stdout()
-    job = AskJob(**options, model_origin=_model_origin(ctx))
+    job = AskJob(**options, model_origin=_model_origin(ctx), from_cli=True)
     record = run_ask(job, stream=None if json_output else stdout, reporter=Reporter()).record
     if not record.ok:
         console.print(error_line(record), soft_wrap=True)
@@ -261,7 +261,9 @@ def caption(
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
     options = _plain({key: value for key, value in locals().items() if key != "ctx"})
-    job = CaptionJob(**options | {"output": "-" if output is None else output}, model_origin=_model_origin(ctx))
+    job = CaptionJob(
+        **options | {"output": "-" if output is None else output}, model_origin=_model_origin(ctx), from_cli=True
+    )
     if job.output == "-":
         _stdout()
     with graceful_stop() as stop:  # Ctrl-C and SIGTERM: at once while loading, after the batch once running

@@ -134,6 +134,10 @@ class HtmlWriter(StreamWriter):
     def recognizes(text: str, whole: bool) -> bool:
         return text.lstrip().lower().startswith("<!doctype html>") and GENERATOR in text[:2000]
 
+    @staticmethod
+    def holds_records(text: str) -> bool:
+        return '<article class="card' in text
+
     def _head(self, model: str | None) -> None:
         self.started = True
         made = time.strftime("%Y-%m-%d %H:%M")

@@ -10,8 +10,10 @@ is a picture like any file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import shlex
 import sys
 import types
 import typing
@@ -23,6 +25,7 @@ from .errors import UsageError
 from .pictures import DEFAULT_MAX_PIXELS, Blob
 from .readers import DEFAULT_DPI, RENDERERS, ReadOptions
 from .records import SETTINGS
+from .sources import MADE_BY_US, URL_PREFIXES
 
 DEFAULT_PROMPT = "Describe this image in detail."
 
@@ -53,6 +56,9 @@ class Options:
     """A Hugging Face id or a local model folder."""
     model_origin: str = "--model"
     """Where `model` came from, for error lines ("--model", "$GRANITE_VISION_MODEL")."""
+    from_cli: bool = False
+    """Made by the command line: error lines name options as it spells them (`--max-new-tokens`),
+    else as keywords (`max_new_tokens=`)."""
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -74,8 +80,11 @@ class Options:
     def __post_init__(self) -> None:
         if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
-        if isinstance(getattr(self, "pages", None), int) and not isinstance(self.pages, bool):
-            self.pages = str(self.pages)
+        pages = getattr(self, "pages", None)
+        if isinstance(pages, int) and not isinstance(pages, bool):
+            self.pages = str(pages)
+        elif isinstance(pages, (list, tuple)) and all(isinstance(p, int) and not isinstance(p, bool) for p in pages):
+            self.pages = ",".join(map(str, pages))  # pages=[1, 3]
         _check_types(self)
         for name in CHOICES:
             if hasattr(self, name) and isinstance(getattr(self, name), str):
@@ -86,9 +95,42 @@ class Options:
                 bounds = " and ".join(
                     filter(None, [f"at least {low}" if low is not None else "", f"at most {high}" if high else ""])
                 )
-                raise UsageError(f"{_option(name)} {value!r}: expected {bounds}")
+                raise UsageError(f"{self.given(name, value)}: expected {bounds}")
         for name in TEXTS:
-            _check_text(name, getattr(self, name, None))
+            _check_text(self, name, getattr(self, name, None))
+
+    def option(self, name: str) -> str:
+        """A field as the caller spells it: `--max-new-tokens` on the command line, else
+        `max_new_tokens` (QUESTION and SOURCE are the command's arguments)."""
+        if not self.from_cli:
+            return name
+        return {"question": "QUESTION", "sources": "SOURCE", "source": "SOURCE"}.get(
+            name, "--" + name.replace("_", "-")
+        )
+
+    def given(self, name: str, value: Any) -> str:
+        """A value as the caller gave it: `--max-new-tokens 0`, or `max_new_tokens=0`."""
+        return f"{self.option(name)} {value!r}" if self.from_cli else f"{name}={value!r}"
+
+    def notes(self, reporter) -> None:
+        """Options that mean nothing here: said, not silently ignored."""
+        if self.seed is not None and self.temperature == 0:
+            reporter.note("note: --seed has no effect at --temperature 0 (greedy decoding is deterministic)")
+        if getattr(self, "format", None) == "html" and getattr(self, "output", None) == "-":
+            reporter.warn(
+                "an HTML report on stdout shows no pictures: they are linked from the report's own folder;"
+                " write it to a file (-o report.html) to see them"
+            )
+
+    def check_room(self, engine) -> None:
+        """An answer longer than the context leaves even beside the smallest picture can never be
+        given: one line once the model is loaded, not an error record for every picture."""
+        reason = engine.check_fits("", 1, 1, self.max_new_tokens)
+        if reason is not None:
+            raise UsageError(
+                f"{self.given('max_new_tokens', self.max_new_tokens)}: no picture can be answered that long"
+                f" ({reason.removeprefix('prompt too long: ')})"
+            )
 
     def check_environment(self) -> None:
         """Refuse, in one line, an environment this job cannot run right in (see `environment`)."""
@@ -141,8 +183,22 @@ class AskJob(Options):
     page: int = 1
 
     def __post_init__(self) -> None:
-        self.source = as_source(self.source, "<image>")
+        self.source = as_source(self.source)
         super().__post_init__()
+
+    def check_order(self) -> None:
+        """`ask "What is shown?" photo.png`: the question and the picture swapped; say so, not
+        "no such file"."""
+        source, question = self.source, self.question
+        if not isinstance(source, str) or source == "-" or source.startswith(URL_PREFIXES) or os.path.lexists(source):
+            return
+        if os.path.isfile(question):
+            right = (
+                f"granite-vision ask {shlex.quote(question)} {shlex.quote(source)}"
+                if self.from_cli
+                else f"ask({question!r}, {source!r})"
+            )
+            raise UsageError(f"{source}: no such file. Hint: ask takes the picture first, then the question: {right}")
 
 
 @dataclass(kw_only=True)
@@ -176,23 +232,31 @@ class CaptionJob(Options):
             self.sources = [self.sources]  # one source, never a string taken character by character
         if not isinstance(self.sources, (list, tuple)):
             raise UsageError(f"sources={self.sources!r}: expected a list of paths, folders, globs or URLs")
-        self.sources = [as_source(source, f"<image {index}>") for index, source in enumerate(self.sources, 1)]
+        self.sources = [as_source(source) for source in self.sources]
         if isinstance(self.output, os.PathLike):
             self.output = os.fspath(self.output)
         super().__post_init__()
         if self.output == "":
-            raise UsageError("--output '': an empty file name (use -o - for stdout)")
+            raise UsageError(f"{self.given('output', '')}: an empty file name (- is stdout)")
         from .writers import format_for
 
         self.format = format_for(self.format, self.output)
 
+    def made_by_us(self) -> tuple[str, ...]:
+        """File name endings a folder walk passes over without counting them as unsupported: text
+        and data, and what granite-vision itself writes (this run's sidecars among them)."""
+        return ((self.sidecar,) if self.sidecar else ()) + MADE_BY_US
 
-def as_source(source: Any, name: str) -> Any:
-    """A source as the readers take it: a path's text, or a PIL image's bytes (lossless)."""
+
+def as_source(source: Any) -> Any:
+    """A source as the readers take it: a path's text, or a PIL image's bytes (lossless), named
+    by its content (`<image 3f2a9c1b2d4e>`): the same picture is the same item in every run,
+    another picture another item, so `--resume` over chunks of pictures in memory loses none."""
     if isinstance(source, os.PathLike):
         return os.fspath(source)
     if _is_pil(source):
-        return Blob(_image_bytes(source), name)
+        data = _image_bytes(source)
+        return Blob(data, f"<image {hashlib.sha256(data).hexdigest()[:12]}>")
     if isinstance(source, (str, Blob)):
         return source
     raise UsageError(f"source {source!r}: expected a path, a URL, - or a PIL image, not {type(source).__name__}")
@@ -231,7 +295,7 @@ def _check_types(job: Options) -> None:
         )
         if not ok:
             expected = " or ".join(_type_name(kind) for kind in allowed)
-            raise UsageError(f"{_option(entry.name)} {value!r}: expected {expected}")
+            raise UsageError(f"{job.given(entry.name, value)}: expected {expected}")
 
 
 def _plain_types(annotation) -> tuple[type, ...]:
@@ -252,21 +316,19 @@ def _type_name(kind: type) -> str:
     }.get(kind, kind.__name__)
 
 
-def _check_text(name: str, value: str | None) -> None:
-    """Text the model reads must be text: bytes that are not UTF-8 (from a terminal in another
-    encoding) reach Python as lone surrogates, which no tokenizer takes."""
+def _check_text(job: Options, name: str, value: str | None) -> None:
+    """Text the model reads must be text, and some: bytes that are not UTF-8 (from a terminal in
+    another encoding) reach Python as lone surrogates, which no tokenizer takes; an empty prompt
+    asks nothing (and a default silently taken instead would surprise)."""
     if not isinstance(value, str):
         return
+    if not value.strip():
+        raise UsageError(f"{job.given(name, value)}: empty (there is nothing to ask)")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         byte = ord(value[exc.start]) & 0xFF
         raise UsageError(
-            f"{_option(name)}: not valid UTF-8 text (byte 0x{byte:02x} at character {exc.start + 1});"
+            f"{job.option(name)}: not valid UTF-8 text (byte 0x{byte:02x} at character {exc.start + 1});"
             " check your terminal's encoding (it should be UTF-8)"
         ) from None
-
-
-def _option(name: str) -> str:
-    """A field as the command line spells it."""
-    return {"question": "QUESTION", "sources": "SOURCE"}.get(name, "--" + name.replace("_", "-"))

@@ -24,15 +24,13 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from .distributed import Ranks
 from .errors import OutputError, UsageError
-from .htmlreport import THUMBNAIL_NAME, files_folder, needs_thumbnail, thumbnail, thumbnail_name
+from .htmlreport import files_folder, needs_thumbnail, thumbnail, thumbnail_name
 from .journal import (
     Identities,
     OutputLock,
@@ -47,33 +45,14 @@ from .journal import (
     write_atomic,
     writing,
 )
+from .ownership import check_formats, check_not_inputs, check_pictures_folder, check_report, probe_folder, stat_or_none
+from .pictures import Blob
 from .records import Job, Record
-from .sources import FileId, Item
-from .writers import WRITERS, JsonlWriter, Writer, open_writer, render
+from .sources import URL_PREFIXES, Item
+from .streamoutput import NoOutput, StreamOutput, is_stdout
+from .writers import WRITERS, JsonlWriter, render
 
 STDOUT = "-"
-
-
-def input_files(items: Sequence[Item]) -> dict[FileId, str]:
-    """Each input file's identity and the name it was given by: what no file we write may be."""
-    return {item.file_id: item.source for item in items if item.file_id is not None}
-
-
-def _probe_folder(path: Path, label: str) -> None:
-    """The run replaces its output through a temp file renamed over it: try both in the
-    output's folder now, so a read-only or pseudo filesystem is one line before the model loads."""
-    try:
-        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        moved = temp + ".moved"
-        try:
-            os.replace(temp, moved)
-        finally:
-            for name in (temp, moved):
-                with contextlib.suppress(OSError):
-                    os.unlink(name)
-    except OSError as exc:
-        raise UsageError(f"{label}: cannot write in {path.parent} ({exc.strerror})") from None
 
 
 # --------------------------------------------------------------------------- choosing the output
@@ -96,11 +75,11 @@ def open_output(
     world = ranks.world
     if name is None:
         return NoOutput()
-    if name == STDOUT or _is_stdout(name):
+    if name == STDOUT or is_stdout(name):
         if resume or world > 1:
             raise UsageError(f"{'--resume' if resume else 'a run of several processes'} needs --output FILE")
         return StreamOutput(None, fmt, columns, "stdout")
-    info = _stat_or_none(name)
+    info = stat_or_none(name, f"--output {name}")
     if info is not None and stat.S_ISDIR(info.st_mode):
         raise UsageError(f"{label}: is a directory")
     if info is not None and not stat.S_ISREG(info.st_mode):  # /dev/null, a FIFO, a terminal, ...
@@ -117,26 +96,8 @@ def open_output(
         columns=columns, label=label, run_id=run_id, notify=notify,
     )  # fmt: skip
     if ranks.rank == 0:
-        _probe_folder(path, label)
+        probe_folder(path, label)
     return output
-
-
-def _is_stdout(name: str) -> bool:
-    """`-o /dev/stdout` (or any name of the file our stdout already is): write to stdout itself,
-    never reopen it (that would truncate a file the shell redirected us to)."""
-    try:
-        return os.path.samestat(os.stat(name), os.fstat(sys.stdout.fileno()))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _stat_or_none(name: str | Path) -> os.stat_result | None:
-    try:
-        return os.stat(name)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise UsageError(f"--output {name}: {exc.strerror}") from None
 
 
 class FileOutput:
@@ -213,13 +174,17 @@ class FileOutput:
                 self.lock.acquire(self.notify, self.label)
             except OSError as exc:
                 raise UsageError(f"{self.label}: cannot lock it ({exc.strerror})") from None
-        self._check_inputs(items)
+        check_not_inputs(self._files(), items, self.label)
         self._check_ours()
         WRITERS[self.fmt].check_output(self.path, items)
 
     def release(self) -> None:
         """Let other runs write this output (after `finish`, or when the run ends otherwise)."""
         self.lock.release()
+
+    def written(self) -> list[Path]:
+        """Every file this output writes (for checks that nothing else writes them)."""
+        return [self.path, self.journal, self.lock.path]
 
     def small_picture(self, item: Item, image) -> bytes | None:
         """An HTML report shows what a browser cannot show from a link by a small rendering
@@ -232,53 +197,13 @@ class FileOutput:
         """Refuse unless every existing file this output would write is ours, in this format."""
         if self.parts.exists() and not self.parts.is_dir():
             raise UsageError(f"{self.label}: {self.parts} is not a folder of part files; refusing to touch it")
-        folder = files_folder(self.path)
-        if self.fmt == "html" and (folder.exists() or folder.is_symlink()):
-            if (
-                folder.is_symlink()
-                or not folder.is_dir()
-                or any(not THUMBNAIL_NAME.fullmatch(p.name) for p in folder.iterdir())
-            ):
-                raise UsageError(
-                    f"{self.label}: {folder} is not the report's folder of page pictures; refusing to write in it."
-                    " Hint: pick another --output"
-                )
-        for path in self._files():
-            info = _stat_or_none(path)
-            if info is None:
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                raise UsageError(f"{self.label}: {path} is not a regular file; refusing to touch it")
-            expected = self.fmt if path == self.path else "jsonl"
-            try:
-                kind = sniff(path, whole=True)
-            except OSError as exc:
-                raise UsageError(f"{self.label}: cannot read {path} ({exc.strerror})") from None
-            if kind in (expected, "empty"):
-                continue
-            which = "" if path == self.path else f"its {'journal' if path == self.journal else 'part file'} {path} "
-            if kind is None:
-                raise UsageError(
-                    f"{self.label}: {which}exists and is not a granite-vision output; refusing to write over it."
-                    " Hint: pick another --output"
-                )
-            hint = f"--format {kind}, or pick another --output" if path == self.path else "pick another --output"
-            raise UsageError(
-                f"{self.label}: {which}is a granite-vision {kind} output, not {expected}; refusing to replace it."
-                f" Hint: {hint}"
-            )
+        if self.fmt == "html":
+            check_pictures_folder(files_folder(self.path), self.label)
 
-    def _check_inputs(self, items: Sequence[Item]) -> None:
-        """Refuse if any file this output would write is one of the inputs (by file identity)."""
-        inputs = input_files(items)
-        for path in self._files():
-            info = _stat_or_none(path)
-            if info is not None and (info.st_dev, info.st_ino) in inputs:
-                same = inputs[(info.st_dev, info.st_ino)]
-                raise UsageError(
-                    f"{self.label}: {path} is one of the inputs ({same}); refusing to write over it."
-                    " Hint: name the output file, e.g. -o captions.jsonl"
-                )
+        def which(path: Path) -> str:
+            return "" if path == self.path else f"its {'journal' if path == self.journal else 'part file'} {path} "
+
+        check_formats(self._files(), self.path, self.fmt, self.label, which)
 
     def plan(self, items: Sequence[Item], job: Job) -> list[Item]:
         """The items still to run: all of them, unless --resume finds answers of the same job
@@ -292,6 +217,7 @@ class FileOutput:
                 " Hint: --resume continues that run, --overwrite replaces it (or pick another --output)"
             )
         if not self.resume:
+            check_report(self.path, self.journal, self.fmt, self.columns, self.label, self.overwrite)
             return list(items)
         for record in records:
             if (why := job.difference(record)) is not None:
@@ -299,6 +225,14 @@ class FileOutput:
                     f"--resume: {self.journal} holds records made with {why}."
                     " Hint: resume with the same options, or write to another --output"
                 )
+        stream = next((item.source for item in items if _is_stream(item)), None)
+        if stream is not None:
+            raise UsageError(
+                f"--resume: {stream} is a stream (a pipe or a device), which has no identity to be found again"
+                " by: its earlier record may be another picture's. Hint: resume with files (save the stream to one)"
+            )
+        if self.world == 1 or self.rank == 0:
+            check_report(self.path, self.journal, self.fmt, self.columns, self.label, self.overwrite)
         ours = {item.identity for item in items}
         previous = self.previous = Previous(kept=[record for record in records if record.ok], torn=torn)
         for record in records:
@@ -420,62 +354,8 @@ class FileOutput:
         write_atomic(self.path, render(self.fmt, records, self.path, self.columns))
 
 
-class StreamOutput:
-    """stdout, or a pipe or device named by -o: records stream in input order; no resume.
-    A named stream is opened for appending (never truncated) at the first record."""
-
-    resumable = False
-
-    def __init__(self, name: str | None, fmt: str, columns: Sequence[str] = (), label: str = "stdout"):
-        self.name = name
-        self.fmt = fmt
-        self.columns = columns
-        self.label = label
-        self.stream: TextIO | None = None
-        self.writer: Writer | None = None
-        self.previous = Previous()
-
-    def check(self, items: Sequence[Item]) -> None:
-        WRITERS[self.fmt].check_output(Path(self.name) if self.name is not None else None, items)
-
-    def plan(self, items: Sequence[Item], job: Job) -> list[Item]:
-        return list(items)
-
-    def write(self, record: Record) -> None:
-        with writing(self.label):
-            if self.writer is None:
-                self.stream = sys.stdout if self.name is None else open(self.name, "a", encoding="utf-8")
-                self.writer = open_writer(self.fmt, self.stream, None, self.columns)
-            self.writer.write(record)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            with writing(self.label):
-                self.writer.close()
-                if self.stream is not sys.stdout and self.stream is not None:
-                    self.stream.close()
-
-    def abandon(self) -> None:
-        if self.stream is not None and self.stream is not sys.stdout:
-            with contextlib.suppress(OSError):
-                self.stream.close()
-
-    def finish(self, items: Sequence[Item]) -> list[Record]:
-        self.close()
-        return []
-
-    def release(self) -> None:
-        pass
-
-    def small_picture(self, item: Item, image) -> None:
-        return None  # a document on a stream links nothing: no page pictures either
-
-
-class NoOutput(StreamOutput):
-    """No output at all: a library caller gets the records in the result."""
-
-    def __init__(self) -> None:
-        super().__init__(None, "jsonl")
-
-    def write(self, record: Record) -> None:
-        pass
+def _is_stream(item: Item) -> bool:
+    """An input read once from a pipe or device: not a file, not a URL, not a picture in memory
+    (those are named by their content)."""
+    origin = item.origin
+    return isinstance(origin, Blob) and origin.name is None and not item.source.startswith(URL_PREFIXES)

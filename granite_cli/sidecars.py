@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .journal import write_atomic, writing
-from .output import input_files
+from .ownership import input_files
 from .readers import DOCUMENT_SUFFIXES
 from .records import Job, Record
 from .sources import Item
@@ -46,21 +46,24 @@ class Sidecars:
         stem = base.stem if page is None else f"{base.stem}.page-{page}"
         return base.with_name(stem + self.extension)
 
-    def check(self, items: Sequence[Item]) -> None:
+    def check(self, items: Sequence[Item], outputs: Sequence[Path] = ()) -> None:
         """Refuse, before any model work, every sidecar that could not or must not be written
-        (naming every clash at once, so one fix is enough)."""
+        (naming every clash at once, so one fix is enough); `outputs`: the files the run's
+        output writes, which no sidecar may be."""
         inputs = input_files(items)
-        claimed: dict[Path, str] = {}
+        claimed: dict[Path, str] = {Path(os.path.realpath(path)): "the output (-o)" for path in outputs}
         clashes: list[str] = []
         folders: set[Path] = set()
         for item in items:
+            if item.error is not None:  # fails with its own record, and a failure writes no sidecar
+                continue
             if item.file_id is None:
                 raise UsageError(f"--sidecar: {item.source} is not a local file, so nothing can sit beside it")
             path = self.path(item.source, item.page)
-            if path.resolve() in claimed:
-                clashes.append(f"{claimed[path.resolve()]} and {item.source} would both write {path}")
+            if Path(os.path.realpath(path)) in claimed:
+                clashes.append(f"{claimed[Path(os.path.realpath(path))]} and {item.source} would both write {path}")
                 continue
-            claimed[path.resolve()] = item.source
+            claimed[Path(os.path.realpath(path))] = item.source
             _check_one(path, inputs)
             folders.add(path.parent)
         if clashes:
@@ -141,7 +144,7 @@ class SidecarOutput:
 
     def check(self, items: Sequence[Item]) -> None:
         self.main.check(items)
-        self.sidecars.check(items)
+        self.sidecars.check(items, self.main.written())
 
     def plan(self, items: Sequence[Item], job: Job) -> list[Item]:
         return self.sidecars.plan(self.main.plan(items, job))

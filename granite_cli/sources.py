@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import glob
 import os
-import select
 import stat
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +23,12 @@ from typing import BinaryIO
 
 from . import readers
 from .errors import InputError, UsageError, describe
-from .pictures import Blob, Source, sniff
+from .inputs import fetch_url, read_path_list, read_stream
+from .pictures import Blob, Source
 from .readers import ReadOptions
 
 URL_PREFIXES = ("http://", "https://")
 STDIN = "-"
-#: Refuse to download (or read from a pipe) more than this for one input.
-MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
-#: A named pipe that no program writes to within this long is an error, not a hang.
-PIPE_WRITER_WAIT_S = 5.0
 
 #: Endings of files nobody means as pictures (text and data; what granite-vision itself writes:
 #: outputs, journals, reports, sidecars): a folder walk passes over them without a word.
@@ -137,7 +130,7 @@ def resolve(
         if isinstance(source, Blob):  # a picture handed over in memory (a PIL image)
             result.items.extend(_document_items(source.name or "<image>", source, pages, read))
         elif source == STDIN:
-            names = _read_path_list(stdin if stdin is not None else sys.stdin.buffer)
+            names = read_path_list(stdin if stdin is not None else sys.stdin.buffer)
             for name in names:
                 _add_named(result, name, pages, read, expand_globs=False)
         else:
@@ -159,7 +152,7 @@ def expand_stdin(sources: Iterable[str], stdin: BinaryIO | None = None) -> list[
     expanded: list[str] = []
     for source in sources:
         expanded.extend(
-            _read_path_list(stdin if stdin is not None else sys.stdin.buffer) if source == STDIN else [source]
+            read_path_list(stdin if stdin is not None else sys.stdin.buffer) if source == STDIN else [source]
         )
     return expanded
 
@@ -196,85 +189,6 @@ def _single_origin(source: str, stdin: BinaryIO | None) -> Source:
     if stat.S_ISDIR(info.st_mode):
         raise InputError("is a directory (ask takes one image; use caption for folders)")
     return Path(source) if stat.S_ISREG(info.st_mode) else read_stream(source, info)
-
-
-def fetch_url(url: str, timeout: float = 60.0) -> Blob:
-    """Download an http(s) input into memory (bounded), with errors as `InputError`."""
-    request = urllib.request.Request(url, headers={"User-Agent": "granite-vision"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read(MAX_DOWNLOAD_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        raise InputError(f"download failed: HTTP {exc.code} {exc.reason}") from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise InputError(f"download failed: {reason}") from exc
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise InputError(f"download larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB")
-    return Blob(data)
-
-
-def read_stream(name: str, info: os.stat_result) -> Blob:
-    """The bytes of a pipe or device the user named on purpose, read once (a pipe cannot be
-    read twice) and bounded like a download."""
-    if stat.S_ISSOCK(info.st_mode):
-        raise InputError("is a socket, not a file")
-    if stat.S_ISFIFO(info.st_mode):
-        data = _read_pipe(name)
-    else:
-        with open(name, "rb") as handle:
-            data = handle.read(MAX_DOWNLOAD_BYTES + 1)
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise InputError(f"stream larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB")
-    if not data:
-        raise InputError("empty stream")
-    return Blob(data)
-
-
-def _read_pipe(name: str) -> bytes:
-    """Read a pipe to its end, like `cat`, but never wait forever for a writer that is not
-    there: `<(curl ...)` has its writer from the start; a `mkfifo` pipe gets a few seconds to
-    find one. Opened non-blocking, so the open itself cannot hang either."""
-    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        chunks: list[bytes] = []
-        size, writer_seen = 0, False
-        deadline = time.monotonic() + PIPE_WRITER_WAIT_S
-        while size <= MAX_DOWNLOAD_BYTES:
-            select.select([fd], [], [], 0.1)
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except BlockingIOError:  # a writer is there, nothing written yet
-                writer_seen = True
-                continue
-            if chunk:
-                chunks.append(chunk)
-                size += len(chunk)
-                writer_seen = True
-            elif writer_seen:  # the writer finished
-                break
-            elif time.monotonic() > deadline:
-                raise InputError(f"named pipe: nothing wrote to it within {PIPE_WRITER_WAIT_S:.0f} s")
-            else:
-                time.sleep(0.05)  # no writer yet
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _read_path_list(stream: BinaryIO) -> list[str]:
-    """Paths from stdin: one per line (a trailing CR dropped), or NUL-separated (`find -print0`)
-    when NULs are present. Only these separators: a name may hold any other character."""
-    data = stream.read()
-    kind = sniff(data)
-    if kind is not None:
-        raise UsageError(
-            f"caption -: stdin holds {kind} data, not a list of paths."
-            " Hint: `granite-vision ask - QUESTION` answers about one picture on stdin"
-        )
-    text = os.fsdecode(data)
-    parts = text.split("\0") if "\0" in text else [line.removesuffix("\r") for line in text.split("\n")]
-    return [part for part in parts if part.strip()]
 
 
 def _add_named(

@@ -33,6 +33,12 @@ class StreamWriter:
     def check_output(path: Path | None, items: Sequence[Item]) -> None:
         pass
 
+    @staticmethod
+    def holds_records(text: str) -> bool:
+        """Whether a report of this format shows any record (the formats with rows say it by
+        their rows instead: see `ownership`)."""
+        return False
+
     def link(self, source: str, page: int | None = None) -> str | None:
         """A URL-quoted link to `source` relative to the document, so the two can move together
         (a URL as it is); a PDF's page links to that page. None where nothing can be linked: the

@@ -129,6 +129,10 @@ class MarkdownWriter(StreamWriter):
     def recognizes(text: str, whole: bool) -> bool:
         return text.split("\n", 1)[0].rstrip("\r") == f"# {REPORT_TITLE}"
 
+    @staticmethod
+    def holds_records(text: str) -> bool:
+        return "\n## " in text
+
 
 def _code(text: str) -> str:
     """A file name as an inline code span: shown verbatim, whatever characters it holds."""
@@ -270,8 +274,8 @@ class ImagefolderWriter(StreamWriter):
                 f" give -o DIR/{cls.METADATA}"
             )
         base = path.resolve().parent
-        for other in sorted(base.glob("metadata.*")):
-            if other.name != cls.METADATA and other.suffix in (".csv", ".parquet", ".jsonl", ".json"):
+        for other in (base / "metadata.csv", base / "metadata.parquet"):  # what else the loader reads
+            if other.exists():
                 raise UsageError(
                     f"--format imagefolder: {other} is there too, and the loader reads one metadata file per"
                     " folder (it would fail); move it away, or write the dataset elsewhere"

@@ -136,6 +136,13 @@ def test_6_a_prompt_that_is_not_utf8_is_one_line_before_the_model(cli, shots, br
         assert result.exit_code == 2 and "not valid UTF-8 text (byte 0x" in one_error_line(result.stderr)
 
 
+def test_a_missing_file_in_a_sidecar_run_is_its_own_error_not_the_runs(cli, shots):
+    (shots / "gone.png").symlink_to(shots / "nothing.png")
+    result = cli("caption", str(shots / "s0.png"), str(shots / "gone.png"), "--sidecar", ".txt")
+    assert result.exit_code == 1 and [r["error"] for r in result.records()] == [None, "no such file"]
+    assert (shots / "s0.txt").exists() and not (shots / "gone.txt").exists()
+
+
 def test_7_a_sidecar_path_that_is_a_folder_or_a_pipe_is_refused(cli, shots):
     (shots / "s0.txt").mkdir()
     result = cli("caption", str(shots), "--sidecar", ".txt")
@@ -178,18 +185,16 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
     assert [r.page for r in granite_cli.caption([pdf], pages=2, **model).records] == [2]
     picture = Image.open(shots / "s2.png")
     asked = granite_cli.ask(picture, "What is shown?", **model).record
-    assert asked.ok and asked.source == "<image>" and (asked.width, asked.height) == picture.size
+    assert asked.ok and asked.source.startswith("<image ") and (asked.width, asked.height) == picture.size
     assert asked.answer == granite_cli.ask(str(shots / "s2.png"), "What is shown?", **model).record.answer
-    assert [r.source for r in granite_cli.caption([picture, picture.rotate(90)], **model).records] == [
-        "<image 1>",
-        "<image 2>",
-    ]
+    two = [r.source for r in granite_cli.caption([picture, picture.rotate(90)], **model).records]
+    assert two[0] == asked.source and two[1] != two[0]  # named by content: the same picture, the same name
     for bad, said in [
-        ({"max_new_tokens": "4"}, "--max-new-tokens '4': expected a whole number"),
-        ({"temperature": "hot"}, "--temperature 'hot': expected a number"),
-        ({"max_new_tokens": 0}, "--max-new-tokens 0: expected at least 1"),
-        ({"resume": "yes"}, "--resume 'yes': expected True or False"),
-        ({"max_new_token": 4}, "no option 'max_new_token' (did you mean max_new_tokens?)"),
+        ({"max_new_tokens": "4"}, "max_new_tokens='4': expected a whole number"),
+        ({"temperature": "hot"}, "temperature='hot': expected a number"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0: expected at least 1"),
+        ({"resume": "yes"}, "resume='yes': expected True or False"),
+        ({"max_new_token": 4}, "no keyword 'max_new_token' (did you mean max_new_tokens?)"),
         ({"format": "pdf"}, "--format 'pdf': expected one of"),
     ]:
         with pytest.raises(UsageError, match=pytest.importorskip("re").escape(said)):
@@ -428,3 +433,88 @@ def test_27_choices_take_any_case(tiny_model, shots, tmp_path):
     out = tmp_path / "t.csv"
     result = granite_cli.caption([shots / "s0.png"], model=str(tiny_model), format="CSV", output=str(out), device="CPU")
     assert result.answered == 1 and out.read_text().startswith("source,page,")
+
+
+# --------------------------------------------------------------------------- what a stranger's hour found next
+def test_an_imagefolder_dataset_resumes_with_its_journal_beside_it(cli, tmp_path):
+    data = tmp_path / "ds"
+    data.mkdir()
+    noise(30, 30, 1).save(data / "a.png")
+    metadata = data / "metadata.jsonl"
+    assert cli("caption", str(data), "-f", "imagefolder", "-o", str(metadata)).exit_code == 0
+    noise(30, 30, 2).save(data / "b.png")
+    resumed = cli("caption", str(data), "-f", "imagefolder", "-o", str(metadata), "--resume")
+    assert resumed.exit_code == 0 and "1 answered before, 1 to run" in resumed.stderr
+    assert [json.loads(line)["file_name"] for line in metadata.read_text().splitlines()] == ["a.png", "b.png"]
+
+
+def test_pictures_in_memory_are_named_by_content_so_resume_loses_none(tiny_model, tmp_path):
+    from PIL import Image
+
+    out, model = tmp_path / "pil.jsonl", {"model": str(tiny_model), "max_new_tokens": 3}
+    red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (80, 60), "blue")
+    granite_cli.caption([red], output=str(out), **model)
+    second = granite_cli.caption([blue, red], output=str(out), resume=True, **model)
+    assert second.answered == 1  # blue is new, red was answered before
+    names = [r["source"] for r in read_jsonl(out)]
+    assert len(names) == 2 and len(set(names)) == 2 and all(n.startswith("<image ") for n in names)
+
+
+@pytest.mark.slow
+def test_a_stream_cannot_be_resumed_into(tiny_model, shots, tmp_path):
+    out = tmp_path / "ps.jsonl"
+    args = ["--model", str(tiny_model), "--max-new-tokens", MAX_NEW, "-o", str(out)]
+    first = subprocess.run(
+        ["bash", "-c", 'python3 -m granite_cli caption <(cat "$0") "$@"', str(shots / "s0.png"), *args]
+    )
+    assert first.returncode == 0
+    again = subprocess.run(
+        ["bash", "-c", 'python3 -m granite_cli caption <(cat "$0") "$@"', str(shots / "s1.png"), *args, "--resume"],
+        stderr=subprocess.PIPE,
+    )
+    assert again.returncode == 2 and b"is a stream (a pipe or a device)" in again.stderr
+    assert len(read_jsonl(out)) == 1
+
+
+def test_a_sidecar_that_would_be_the_output_is_refused(cli, shots):
+    result = cli("caption", str(shots), "--sidecar", ".jsonl", "-o", str(shots / "s0.jsonl"))
+    assert result.exit_code == 2 and "the output (-o) and" in one_error_line(result.stderr)
+    assert not (shots / "s0.jsonl").exists()
+
+
+def test_a_report_edited_by_hand_or_without_its_journal_is_not_replaced(cli, shots, tmp_path):
+    report = tmp_path / "c.csv"
+    assert cli("caption", str(shots / "s0.png"), str(shots / "s1.png"), "-o", str(report)).exit_code == 0
+    edited = report.read_text().replace("Describe this image in detail.,", "Describe this image in detail.,MY FIX", 1)
+    report.write_text(edited)
+    resumed = cli("caption", str(shots), "-o", str(report), "--resume")
+    assert resumed.exit_code == 2 and "a row was changed since granite-vision wrote it" in resumed.stderr
+    assert report.read_text() == edited
+    (tmp_path / "c.csv.jsonl").unlink()
+    for extra in ([], ["--resume"]):
+        gone = cli("caption", str(shots), "-o", str(report), *extra)
+        assert gone.exit_code == 2 and "its journal c.csv.jsonl (what --resume reads) is gone" in gone.stderr
+    assert report.read_text() == edited
+
+
+def test_empty_prompts_and_impossible_answer_lengths_are_usage_errors(cli, shots):
+    for args in (("caption", str(shots), "--prompt", ""), ("ask", str(shots / "s0.png"), "  ")):
+        result = cli(*args)
+        assert result.exit_code == 2 and "empty (there is nothing to ask)" in one_error_line(result.stderr)
+    long = cli("caption", str(shots), "--max-new-tokens", "100000")
+    assert long.exit_code == 2 and "--max-new-tokens 100000: no picture can be answered that long" in long.stderr
+    assert long.stdout == ""
+
+
+def test_library_errors_speak_python(tiny_model, shots):
+    model = {"model": str(tiny_model), "max_new_tokens": 3}
+    with pytest.raises(UsageError, match=r"^max_new_tokens='3': expected a whole number"):
+        granite_cli.caption([shots / "s0.png"], **(model | {"max_new_tokens": "3"}))
+    with pytest.raises(UsageError, match=r"^caption\(\): no keyword 'max_new_token'"):
+        granite_cli.caption([shots / "s0.png"], max_new_token=3)
+    with pytest.raises(UsageError, match=r"takes the picture first, then the question: ask\("):
+        granite_cli.ask("What is shown?", str(shots / "s0.png"), **model)
+    with pytest.raises(UsageError, match="no sources given"):
+        granite_cli.caption([], **model)
+    pdf = make_pdf(shots / "doc.pdf", 3)
+    assert [r.page for r in granite_cli.caption([pdf], pages=[1, 3], **model).records] == [1, 3]
