@@ -214,7 +214,7 @@ def _add_named(
     if not matches:
         result.unmatched.append(name)
     for match in matches:
-        _add_found(result, match, _stat(match), pages, read, check_suffix=False)
+        _add_found(result, match, _stat(match), pages, read, check_suffix=True)
 
 
 def _add_found(

@@ -38,14 +38,23 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+def _tiny(family: str, build, tmp_path_factory) -> Path:
+    """A tiny model of `family`, built for this session; or, where $GRANITE_TEST_MODELS names a
+    folder already holding one (the mutation runs, thousands of short sessions), that one."""
+    shared = Path(os.environ.get("GRANITE_TEST_MODELS", "/nonexistent")) / family
+    if (shared / "config.json").exists():
+        return shared
+    return build(tmp_path_factory.mktemp(f"tiny-{family}"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return build_llava_next(tmp_path_factory.mktemp("tiny-llava-next"))
+    return _tiny("llava_next", build_llava_next, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_g4(tmp_path_factory) -> Path:
-    return build_granite4_vision(tmp_path_factory.mktemp("tiny-granite4"))
+    return _tiny("granite4_vision", build_granite4_vision, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

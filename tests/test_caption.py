@@ -70,6 +70,9 @@ def test_quoted_globs_are_expanded_including_double_star(cli, inputs):
     result = cli("caption", str(inputs / "**" / "*.webp"), str(inputs / "*.png"))
     expected = [("nested/c.webp", None), ("nested/deeper/d.webp", None), ("top.webp", None), ("a.png", None)]
     assert names(result.answered(4), inputs) == expected  # ** is any depth, none included
+    (inputs / "a.txt").write_text("a sidecar of an earlier run")
+    again = cli("caption", str(inputs / "*.*"))  # matched as a walk matches: text passed over
+    assert all(not r["source"].endswith(".txt") for r in again.records()) and again.exit_code == 0
 
 
 def test_stdin_path_list(cli, inputs):

@@ -1,0 +1,275 @@
+"""Generated mutants over the whole package, a score per module, and the survivors to triage.
+
+    python3 tests/mutants.py                  # every module (hours on 2 cores; results are cached)
+    python3 tests/mutants.py records sidecars # some modules (minutes each)
+    python3 tests/mutants.py --report         # the table of the last runs, without running
+    python3 tests/mutants.py --survivors      # every surviving mutant's diff, to triage
+
+mutmut (3.x) makes the mutants from the code itself, so nobody chooses them; it runs the fast test
+lane once to learn which tests reach which function, then runs each mutant against only those
+tests (a forked worker per mutant, torch imported once; a string literal gets one mutant, "XX"
+around it, not three: see `mutmut`). It works in a copy of the tree under
+`build/mutants/` (git-ignored), which keeps its results between runs: a function that did not
+change is not mutated and tested again. Not part of `.ci/run`.
+
+A surviving mutant that changes no behaviour a user can see is listed, with its reason, in
+`tests/equivalent_mutants.toml` and counted apart; every other survivor is a missing test. The
+score of a module is killed / (mutants - equivalent); timeouts count as killed (the tests noticed).
+Targets: 90% for the modules that guard a user's files and records, 75% elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "mutants"
+EQUIVALENTS = ROOT / "tests" / "equivalent_mutants.toml"
+#: What the copy needs besides the package: the tests and what they read.
+COPIED = ["granite_cli", "tests", "benchmarks", "examples", "docs", ".ci", "README.md", "LICENSE", "pyproject.toml"]
+#: Modules that guard a user's files and records (and what was split out of them).
+GUARDS = {
+    "output", "ownership", "streamoutput", "journal", "writers", "writer_base", "htmlreport", "sidecars", "sources",
+    "inputs", "readers", "pictures", "pipeline", "batching", "schema", "records",
+}  # fmt: skip
+TARGET = {True: 0.90, False: 0.75}
+NOT_MUTATED = ["granite_cli/tiny_model.py"]  # test scaffolding: a model builder, not behaviour
+KILLED = {1, 3, 36, 24, -24, 152, 255}  # a failing test, or one that never finished (a timeout)
+SURVIVED = {0}
+
+
+@dataclass
+class Module:
+    name: str
+    seconds: float = 0.0
+    killed: list[str] = field(default_factory=list)
+    survived: list[str] = field(default_factory=list)
+    equivalent: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    """No test reaches it, or it was not run (yet)."""
+
+    @property
+    def total(self) -> int:
+        return len(self.killed) + len(self.survived) + len(self.equivalent) + len(self.unchecked)
+
+    @property
+    def score(self) -> float:
+        counted = self.total - len(self.equivalent)
+        return len(self.killed) / counted if counted else 1.0
+
+    @property
+    def guard(self) -> bool:
+        return self.name.rpartition("/")[2] in GUARDS
+
+
+def module_path(name: str) -> str:
+    """`records`, `engine/hf`, `granite_cli/records.py` -> `granite_cli/records.py`."""
+    name = name.removeprefix("granite_cli/").removesuffix(".py").replace(".", "/")
+    return f"granite_cli/{name}.py"
+
+
+def all_modules() -> list[str]:
+    paths = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "granite_cli").rglob("*.py"))
+    return [p for p in paths if p not in NOT_MUTATED and not p.endswith("__main__.py")]
+
+
+def sync() -> None:
+    """Copy the tree into the work folder (mutmut's own `mutants/` there is kept: its cache)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        source, target = ROOT / name, WORK / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif source.exists():
+            shutil.copy2(source, target)
+
+
+def configure(modules: list[str], jobs: int) -> None:
+    """mutmut's settings, in the copy's pyproject.toml (the real one stays as it is)."""
+    lines = [
+        "",
+        "[tool.mutmut]",
+        'source_paths = ["granite_cli/"]',
+        f"only_mutate = {json.dumps(modules)}",
+        f"do_not_mutate = {json.dumps(NOT_MUTATED)}",
+        'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-q", "-x"]',
+        'pytest_add_cli_args_test_selection = ["tests/"]',
+        'also_copy = ["benchmarks/", "examples/", "docs/", ".ci/", "README.md", "LICENSE"]',
+        'process_isolation = "forkserver"',
+        "use_git_change_detection = false",
+        "timeout_multiplier = 6.0",
+    ]
+    with open(WORK / "pyproject.toml", "a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def run(modules: list[str], jobs: int) -> float:
+    sync()
+    configure(modules, jobs)
+    models = WORK / "models"  # built once: thousands of short test sessions share them
+    for family in ("llava_next", "granite4_vision"):
+        if not (models / family / "config.json").exists():
+            subprocess.run([sys.executable, "-m", "granite_cli.tiny_model", str(models / family), family], cwd=ROOT,
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    started = time.monotonic()
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(models)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--mutmut", "run", "--max-children", str(jobs)]
+    subprocess.run(command, cwd=WORK, env=env, stdout=subprocess.DEVNULL, check=False)
+    return time.monotonic() - started
+
+
+def mutmut(argv: list[str]) -> None:
+    """mutmut itself, with one operator narrowed: a string literal gets the one mutant that says
+    whether its text matters at all ("XX" around it), not also its lower- and upper-case
+    copies, which for messages only triple the count (and the hours) without telling more."""
+    import mutmut.mutation.mutators as mutators
+    from mutmut.__main__ import cli
+
+    def string_matters(node):
+        yield from list(mutators.operator_string(node))[:1]
+
+    mutators.mutation_operators[:] = [
+        (kind, string_matters if operator is mutators.operator_string else operator)
+        for kind, operator in mutators.mutation_operators
+    ]
+    sys.argv = ["mutmut", *argv]
+    cli()
+
+
+def results() -> dict[str, Module]:
+    """Every mutant's verdict, by module, from mutmut's result files."""
+    modules: dict[str, Module] = {}
+    equivalents = load_equivalents()
+    for meta in sorted((WORK / "mutants" / "granite_cli").rglob("*.py.meta")):
+        path = str(meta.relative_to(WORK / "mutants")).removesuffix(".meta")
+        if path in NOT_MUTATED:
+            continue
+        data = json.loads(meta.read_text())
+        module = modules.setdefault(path, Module(path))
+        module.seconds = sum(data.get("durations_by_key", {}).values())
+        for name, code in data.get("exit_code_by_key", {}).items():
+            if code in KILLED:
+                module.killed.append(name)
+            elif code in SURVIVED:
+                (module.equivalent if is_equivalent(name, path, equivalents) else module.survived).append(name)
+            else:
+                module.unchecked.append(name)
+    return modules
+
+
+def load_equivalents() -> list[dict]:
+    if not EQUIVALENTS.exists():
+        return []
+    return tomllib.loads(EQUIVALENTS.read_text())["equivalent"]
+
+
+def diff(name: str, path: str) -> str:
+    """The mutant as a diff of its function (mutmut's own rendering)."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    here = os.getcwd()
+    os.chdir(WORK)
+    try:
+        return get_diff_for_mutant(name, path=Path(path))
+    finally:
+        os.chdir(here)
+
+
+def changed_lines(text: str) -> tuple[str, str]:
+    """The lines a mutant removed and added, whitespace-trimmed: what an equivalence names."""
+    lines = text.splitlines()[2:]
+    removed = "\n".join(line[1:].strip() for line in lines if line.startswith("-"))
+    added = "\n".join(line[1:].strip() for line in lines if line.startswith("+"))
+    return removed, added
+
+
+def function_of(name: str) -> str:
+    """`granite_cli.records.xǁJobǁreuses__mutmut_3` -> `Job.reuses`; `...x_dumps__mutmut_8` -> `dumps`."""
+    base = name.rpartition(".")[2].rpartition("__mutmut_")[0]
+    if base.startswith("xǁ"):
+        return ".".join(base[2:].split("ǁ"))
+    return base.removeprefix("x_")
+
+
+def is_equivalent(name: str, path: str, equivalents: list[dict]) -> bool:
+    candidates = [e for e in equivalents if e["file"] == path and e["function"] == function_of(name)]
+    if not candidates:
+        return False
+    removed, added = changed_lines(diff(name, path))
+    return any(e["before"].strip() == removed and e["after"].strip() == added for e in candidates)
+
+
+def table(modules: dict[str, Module]) -> str:
+    rows = [
+        "| module | killed / counted | score | target | survivors | equivalent | no test | time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for module in sorted(modules.values(), key=lambda m: m.name):
+        target = TARGET[module.guard]
+        mark = "" if module.score >= target else " **below**"
+        counted = module.total - len(module.equivalent)
+        name = module.name.removeprefix("granite_cli/")
+        rows.append(
+            f"| {name} | {len(module.killed)} / {counted} | {module.score:.0%}{mark} | {target:.0%}"
+            f" | {len(module.survived)} | {len(module.equivalent)} | {len(module.unchecked)}"
+            f" | {module.seconds / 60:.0f} min |"
+        )
+    killed = sum(len(m.killed) for m in modules.values())
+    counted = sum(m.total - len(m.equivalent) for m in modules.values())
+    rows.append(f"| **all** | {killed} / {counted} | {killed / max(counted, 1):.0%} | | | | | |")
+    return "\n".join(rows)
+
+
+def survivors(modules: dict[str, Module]) -> str:
+    parts = []
+    for module in sorted(modules.values(), key=lambda m: m.name):
+        for name in module.survived + module.unchecked:
+            parts.append(f"## {name}\n```diff\n{diff(name, module.name)}\n```\n")
+    return "\n".join(parts)
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--mutmut"]:
+        mutmut(sys.argv[2:])
+        return 0
+    parser = argparse.ArgumentParser(prog="python3 tests/mutants.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="modules to mutate (records, engine/hf, ...); default: all")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="mutants run at once")
+    parser.add_argument("--report", action="store_true", help="only print the table of earlier runs")
+    parser.add_argument("--survivors", action="store_true", help="print every survivor's diff")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    args = parser.parse_args()
+    if args.fresh:
+        shutil.rmtree(WORK, ignore_errors=True)
+    if not (args.report or args.survivors):
+        chosen = [module_path(name) for name in args.modules] or all_modules()
+        seconds = run(chosen, args.jobs)
+        print(f"mutmut ran {len(chosen)} module(s) in {seconds / 60:.1f} min", file=sys.stderr)
+    modules = results()
+    if args.modules:
+        modules = {path: m for path, m in modules.items() if path in {module_path(n) for n in args.modules}}
+    if args.survivors:
+        print(survivors(modules))
+        return 0
+    report = table(modules)
+    (WORK / "report.md").write_text(report + "\n")
+    print(report)
+    failing = [m.name for m in modules.values() if m.score < TARGET[m.guard]]
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
