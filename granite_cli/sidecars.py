@@ -73,10 +73,11 @@ class Sidecars:
             _check_folder(folder)
 
     def plan(self, items: Sequence[Item]) -> list[Item]:
-        """The items still without a sidecar (all of them with --overwrite)."""
+        """The items still without a sidecar (all of them with --overwrite). An item that
+        already failed keeps its place: its error record is due whatever lies beside it."""
         if self.overwrite:
             return list(items)
-        return [item for item in items if not self.path(item.source, item.page).exists()]
+        return [item for item in items if item.error is not None or not self.path(item.source, item.page).exists()]
 
     def write(self, record: Record) -> None:
         if record.ok and record.answer is not None:

@@ -143,6 +143,15 @@ def test_a_missing_file_in_a_sidecar_run_is_its_own_error_not_the_runs(cli, shot
     assert (shots / "s0.txt").exists() and not (shots / "gone.txt").exists()
 
 
+def test_a_failed_item_keeps_its_record_though_something_lies_where_its_sidecar_would(cli, shots):
+    (shots / "gone.txt").write_text("an old sidecar; the picture is gone")
+    result = cli("caption", str(shots / "gone.png"), str(shots / "s0.png"), "--sidecar", ".txt")
+    assert [(Path(r["source"]).name, r["error"]) for r in result.records()] == [
+        ("gone.png", "no such file"),
+        ("s0.png", None),
+    ]
+
+
 def test_7_a_sidecar_path_that_is_a_folder_or_a_pipe_is_refused(cli, shots):
     (shots / "s0.txt").mkdir()
     result = cli("caption", str(shots), "--sidecar", ".txt")
