@@ -120,8 +120,25 @@ def _command(func: Callable) -> Callable:
         except KeyboardInterrupt:
             console.print("interrupted")
             raise typer.Exit(130) from None
+        except Exception:
+            if INTERRUPTED.is_set():  # a library turned our Ctrl-C into an error of its own (a lazy import's)
+                console.print("interrupted")
+                raise typer.Exit(130) from None
+            raise
 
     return run
+
+
+#: Set by our signal handlers before they raise KeyboardInterrupt: whatever a library makes of
+#: that exception on its way up (transformers' lazy imports re-raise it as ModuleNotFoundError),
+#: the command knows it was interrupted.
+INTERRUPTED = threading.Event()
+
+
+def interrupt(signum=None, frame=None) -> None:
+    """SIGINT and SIGTERM while no run is under way: stop at once."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
 
 
 def _version(value: bool) -> None:
@@ -307,7 +324,7 @@ def graceful_stop() -> Iterator[Stop]:
 
     def handler(signum, frame) -> None:
         if not stop.running or stop.event.is_set():
-            raise KeyboardInterrupt
+            interrupt()
         stop.event.set()
         console.print("stopping after the current batch (Ctrl-C again to stop now)")
 
@@ -336,7 +353,8 @@ def main() -> None:
     """Console-script entry point. SIGTERM ends a run as Ctrl-C does; an interrupted process
     leaves without waiting for library threads (a model download, say): nothing of ours is
     half-written by then."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
         app()
     except SystemExit as exc:

@@ -56,13 +56,13 @@ class Record:
         types) raises ValueError, so a foreign file is never taken for ours."""
         data = json.loads(line)
         if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError  # (every caller says in its own words what a line that is not ours means)
         names = {entry.name for entry in fields(cls)} - _UNWRITTEN
         record = cls(**{key: value for key, value in data.items() if key in names})
         if not all(isinstance(value, str) for value in (record.source, record.prompt, record.model)):
-            raise ValueError("not a granite-vision record")
+            raise ValueError
         if record.page is not None and not isinstance(record.page, int):
-            raise ValueError("not a granite-vision record")
+            raise ValueError
         return record
 
 

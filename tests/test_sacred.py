@@ -527,3 +527,60 @@ def test_library_errors_speak_python(tiny_model, shots):
         granite_cli.caption([], **model)
     pdf = make_pdf(shots / "doc.pdf", 3)
     assert [r.page for r in granite_cli.caption([pdf], pages=[1, 3], **model).records] == [1, 3]
+
+
+# --------------------------------------------------------------------------- found by generated mutants
+def test_records_of_an_earlier_version_resume(cli, shots, tmp_path):
+    """Records written before `settings` existed (and hand-made ones without token counts) are
+    answers like any other: resumed, not run again, never a crash."""
+    out = tmp_path / "old.jsonl"
+    assert cli("caption", str(shots / "s0.png"), str(shots / "s1.png"), "-o", str(out)).exit_code == 0
+    rows = read_jsonl(out)
+    del rows[0]["settings"], rows[1]["settings"]
+    rows[1]["answer_tokens"] = rows[1]["finish_reason"] = None
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    resumed = cli("caption", str(shots), "-o", str(out), "--resume")
+    assert resumed.exit_code == 0 and "2 answered before, 2 to run" in resumed.stderr, resumed.stderr
+    assert [r["answer"] for r in read_jsonl(out)][:2] == [rows[0]["answer"], rows[1]["answer"]]
+
+
+def test_an_answer_that_ended_exactly_at_the_new_limit_stands(cli, shots, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert cli("caption", str(shots / "s0.png"), "-o", str(out), "--max-new-tokens", "8").exit_code == 0
+    row = read_jsonl(out)[0] | {"answer_tokens": 5, "finish_reason": "stop"}  # it ended by itself at 5
+    out.write_text(json.dumps(row) + "\n")
+    for limit, said in (("5", "1 answered before, 0 to run"), ("4", "0 answered before, 1 to run")):
+        result = cli("caption", str(shots / "s0.png"), "-o", str(out), "--resume", "--max-new-tokens", limit)
+        assert result.exit_code == 0 and said in result.stderr, (limit, result.stderr)
+        out.write_text(json.dumps(row) + "\n")
+
+
+def test_resume_says_what_differs_both_ways_and_briefly(cli, shots, tmp_path):
+    out = tmp_path / "out.jsonl"
+    long = "Describe this picture, every object in it, its colours, its light and its mood, in one paragraph."
+    assert cli("caption", str(shots / "s0.png"), "-o", str(out), "--prompt", long).exit_code == 0
+    for args, said in [
+        (["--prompt", "Short?"], f"another prompt ({long[:57] + '...'!r}; this run: 'Short?')"),
+        (["--prompt", long, "--dpi", "72"], "another --dpi (144; this run: 72)"),
+        (["--prompt", long, "--schema", "a"], "another schema (none; this run: 'sha256:"),
+    ]:
+        result = cli("caption", str(shots / "s0.png"), "-o", str(out), "--resume", *args)
+        assert result.exit_code == 2 and said in one_error_line(result.stderr), result.stderr
+
+
+def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption(cli, shots, monkeypatch, tmp_path):
+    """transformers' lazy imports re-raise a KeyboardInterrupt as ModuleNotFoundError: a Ctrl-C
+    while the model loads must still end as one, exit 130, the output untouched."""
+    from granite_cli import cli as commands
+
+    def load(*args, **kwargs):
+        try:
+            commands.interrupt()
+        except KeyboardInterrupt:
+            raise ModuleNotFoundError("Could not import module 'AutoProcessor'") from None
+
+    monkeypatch.setattr("granite_cli.engine.load_engine", load)
+    monkeypatch.setattr(commands, "INTERRUPTED", __import__("threading").Event())
+    out = tmp_path / "out.jsonl"
+    result = cli("caption", str(shots / "s0.png"), "-o", str(out))
+    assert result.exit_code == 130 and result.stderr.strip().endswith("interrupted") and not out.exists()
