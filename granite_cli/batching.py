@@ -33,6 +33,8 @@ class Batch:
     entries: list  # of pipeline.Loaded
     inputs: Any = None
     error: str | None = None
+    error_kind: str = "item"
+    """What a preprocessing failure was (see `Engine.failure`): out of memory splits the batch."""
     after_oom: bool = False
     """A part of a batch that ran out of memory: if it fits, its size is remembered."""
     alone: bool = False
@@ -120,7 +122,7 @@ def answer(
 def _attempt(engine: Engine, batch: Batch, settings: GenerationSettings) -> list[Answer] | Failure:
     """One run of a batch; a failure comes back as words, the attempt's memory already released."""
     if batch.inputs is None:
-        return Failure("item", batch.error or "not prepared")
+        return Failure(batch.error_kind, batch.error or "not prepared")
     inputs, batch.inputs = batch.inputs, None  # the engine takes them: nothing here keeps them alive
     try:
         return engine.run(inputs, settings)

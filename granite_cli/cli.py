@@ -57,6 +57,7 @@ from .options import (
     PromptOpt,
     QuestionArg,
     RendererOpt,
+    RepetitionStopOpt,
     ResumeOpt,
     RevisionOpt,
     SchemaOpt,
@@ -221,6 +222,7 @@ def ask(
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
+    repetition_stop: RepetitionStopOpt = True,
     pdf_renderer: RendererOpt = "pypdfium2",
     dpi: DpiOpt = DEFAULT_DPI,
     pdf_password: PasswordOpt = None,
@@ -275,6 +277,7 @@ def caption(
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
+    repetition_stop: RepetitionStopOpt = True,
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
     options = _plain({key: value for key, value in locals().items() if key != "ctx"})

@@ -69,6 +69,8 @@ class Options:
     """Library only: force answers of this length (benchmarks, where random weights would stop early)."""
     temperature: float = 0.0
     seed: int | None = None
+    repetition_stop: bool = True
+    """Stop an answer that loops (its last tokens one cycle, four times): `finish_reason` "repetition"."""
     schema: str | None = None
     """A JSON Schema (file, inline JSON or compact `'title, total:number'`) answers must fit."""
     json_object: bool = False
@@ -169,7 +171,11 @@ class Options:
     def settings(self, structured):
         from .engine import GenerationSettings
 
-        return GenerationSettings(self.max_new_tokens, self.temperature, self.seed, self.min_new_tokens, structured)
+        # Forced lengths (benchmarks) must not stop early, even in a loop.
+        repetition_stop = self.repetition_stop and not self.min_new_tokens
+        return GenerationSettings(
+            self.max_new_tokens, self.temperature, self.seed, self.min_new_tokens, structured, repetition_stop
+        )
 
 
 @dataclass(kw_only=True)

@@ -96,6 +96,14 @@ TemperatureOpt = Annotated[
         rich_help_panel="Generation",
     ),
 ]
+RepetitionStopOpt = Annotated[
+    bool,
+    typer.Option(
+        "--repetition-stop/--no-repetition-stop",
+        help="Stop an answer whose last tokens repeat one cycle four times (finish_reason: repetition).",
+        rich_help_panel="Generation",
+    ),
+]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.", rich_help_panel="Generation")]
 RendererOpt = Annotated[
     Renderer,

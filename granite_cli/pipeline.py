@@ -336,7 +336,11 @@ class _Producer:
 
 
 def prepare_batch(engine: Engine, entries: list[Loaded], prompt: str) -> Batch:
+    """A batch's inputs; or, when preprocessing fails, what kind of failure it was (the processor
+    runs on the GPU too: running out of memory there splits the batch, as in `generate`)."""
     try:
         return Batch(entries, engine.prepare([entry.image for entry in entries], [prompt] * len(entries)))
     except Exception as exc:  # noqa: BLE001 - the consumer finds the item that fails (`batching`)
-        return Batch(entries, error=f"preprocessing failed: {describe(exc)}")
+        kind = engine.failure(exc)
+        engine.release()
+        return Batch(entries, error=f"preprocessing failed: {describe(exc)}", error_kind=kind)

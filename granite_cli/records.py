@@ -26,7 +26,8 @@ class Record:
     """Tokens in the model input for this item: image tokens plus the chat-formatted prompt."""
     answer_tokens: int | None = None
     finish_reason: str | None = None
-    """"stop" when the model ended its answer, "length" when --max-new-tokens cut it."""
+    """"stop" when the model ended its answer, "length" when --max-new-tokens cut it, "repetition"
+    when it looped (one turn of the loop is kept)."""
     data: Any = None
     """With --schema / --json-object: the answer parsed and validated (the raw text stays in
     `answer`, also when it could not be parsed, with `error` saying why)."""
@@ -70,7 +71,7 @@ class Record:
 _UNWRITTEN = {"token_ids", "thumbnail"}
 #: The options besides prompt, model and schema that change answers, as records keep them.
 #: (--max-new-tokens is not one: `Job.reuses` keeps every answer it would not change.)
-SETTINGS = ("revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer")
+SETTINGS = ("revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer", "repetition_stop")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ class Job:
             if theirs != ours:
                 return f"another {what} ({_shown(theirs)}; this run: {_shown(ours)})"
         for name in SETTINGS if self.settings is not None and record.settings is not None else ():
-            theirs, ours = record.settings.get(name), self.settings.get(name)
+            if name not in record.settings:  # a setting newer than the record: it had the default
+                continue
+            theirs, ours = record.settings[name], self.settings.get(name)
             if theirs != ours:
                 return f"another --{name.replace('_', '-')} ({_shown(theirs)}; this run: {_shown(ours)})"
         return None

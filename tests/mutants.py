@@ -117,7 +117,14 @@ def configure(modules: list[str], jobs: int) -> None:
 
 
 def run(modules: list[str], jobs: int) -> float:
+    """mutmut over `modules`. Its map of which tests reach which function is made for the modules
+    it instruments: a run over other modules than the last one starts afresh (else functions
+    first instrumented now would keep the map of tests made without them, and look untested)."""
+    chosen = WORK / "modules.json"
+    if chosen.exists() and json.loads(chosen.read_text()) != modules:
+        shutil.rmtree(WORK / "mutants", ignore_errors=True)
     sync()
+    chosen.write_text(json.dumps(modules))
     configure(modules, jobs)
     models = WORK / "models"  # built once: thousands of short test sessions share them
     for family in ("llava_next", "granite4_vision"):
@@ -173,7 +180,7 @@ def results() -> dict[str, Module]:
 def load_equivalents() -> list[dict]:
     if not EQUIVALENTS.exists():
         return []
-    return tomllib.loads(EQUIVALENTS.read_text())["equivalent"]
+    return tomllib.loads(EQUIVALENTS.read_text()).get("equivalent", [])
 
 
 def diff(name: str, path: str) -> str:

@@ -28,9 +28,9 @@ def pictures(tmp_path) -> list[Path]:
     return paths
 
 
-def caption(engine, paths, limits: BatchLimits, max_new_tokens: int = 4) -> list:
+def caption(engine, paths, limits: BatchLimits, max_new_tokens: int = 4, **settings) -> list:
     records = Collect()
-    job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=max_new_tokens)
+    job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=max_new_tokens, **settings)
     pipeline.caption(resolve([str(p) for p in paths]).items, engine, records, job=job, settings=settings, limits=limits)
     assert [r.source for r in records] == [str(p) for p in paths]  # every item once, in input order
     return records
@@ -277,3 +277,72 @@ def test_on_a_gpu_batches_have_a_token_budget_and_answers_match_the_cpu(tiny_mod
     assert all(r.ok for r in on_gpu)
     same = sum(a.token_ids[:1] == b.token_ids[:1] for a, b in zip(on_gpu, on_cpu, strict=True))
     assert same >= len(pictures) - 1  # first tokens: kernels differ, answers should not
+
+
+# --------------------------------------------------------------------------- rows that loop
+def test_a_row_that_loops_stops_and_the_others_keep_their_tokens(tiny_engine, pictures, monkeypatch):
+    """Granite models fall into loops; a looping row stops (finish_reason "repetition", one turn
+    of the loop kept), in batched decoding, and no other row's tokens change."""
+    model_class = type(tiny_engine.generator.model)
+    real = model_class.generate
+    loop = [7, 8, 9]
+
+    class ForceLoop:  # the second row of every batch says 7 8 9 7 8 9 ... whatever it sees
+        def __call__(self, input_ids, scores):
+            if scores.shape[0] > 1:
+                scores[1] = float("-inf")
+                scores[1, loop[input_ids.shape[1] % 3]] = 0
+            return scores
+
+    def generate(self, *args, **kwargs):
+        kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), ForceLoop()]
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "generate", generate)
+    free = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=30, repetition_stop=False)
+    stopped = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=30)
+    looping = next(i for i, r in enumerate(free) if r.token_ids[:6] in ((7, 8, 9) * 2, (8, 9, 7) * 2, (9, 7, 8) * 2))
+    assert free[looping].finish_reason == "length" and free[looping].answer_tokens == 30
+    assert stopped[looping].finish_reason == "repetition" and len(stopped[looping].token_ids) == 3
+    others = [i for i in range(3) if i != looping]
+    assert [stopped[i].token_ids for i in others] == [free[i].token_ids for i in others]
+    assert [stopped[i].finish_reason for i in others] == [free[i].finish_reason for i in others]
+
+
+def test_a_static_cache_never_compiles_behind_our_back(tiny_model, pictures, monkeypatch):
+    """transformers compiles the decode step by itself when it sees a static cache on a GPU:
+    every `generate` call of a --cache static run must find its auto-compile criteria false,
+    judged as on a GPU."""
+    from types import SimpleNamespace
+
+    from transformers.generation.utils import GenerationMixin
+
+    real, verdicts = GenerationMixin._valid_auto_compile_criteria, []
+
+    def criteria(self, model_kwargs, generation_config):
+        on_a_gpu = SimpleNamespace(device=torch.device("cuda"), hf_quantizer=None)
+        verdicts.append(real(on_a_gpu, model_kwargs, generation_config))
+        return False
+
+    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria", criteria)
+    engine = load_engine(str(tiny_model), device="cpu", options=EngineOptions(cache="static"))
+    assert all(r.ok for r in caption(engine, pictures[:5], BatchLimits(2)))
+    assert len(verdicts) == 3 and not any(verdicts)
+
+
+def test_out_of_memory_while_preprocessing_splits_the_batch_never_into_single_items(tiny_model, pictures):
+    """The image processor runs on the GPU too: running out of memory there halves the batch
+    (and the size that fitted is remembered), as in `generate`; it never falls to one at a time."""
+    engine = load_engine(str(tiny_model), device="cpu")  # its own: its `prepare` is wrapped below
+    real, sizes = engine.prepare, []
+
+    def prepare(images, questions):
+        sizes.append(len(images))
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(images, questions)
+
+    engine.prepare = prepare
+    records = caption(engine, pictures[:8], BatchLimits(8))
+    assert all(r.ok for r in records)
+    assert sizes == [8, 4, 4, 2, 2, 2, 2]  # in halves until they fit, never one by one

@@ -37,6 +37,8 @@ class GenerationSettings:
     """Benchmarks only: force answers of a fixed length, so random weights cannot stop early."""
     schema: OutputSchema | None = None
     """Constrain decoding to this JSON Schema (--schema, --json-object)."""
+    repetition_stop: bool = True
+    """Stop a row that loops (see `generation.RepetitionStop`); --no-repetition-stop turns it off."""
 
 
 @dataclass(frozen=True)

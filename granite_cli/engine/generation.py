@@ -37,6 +37,7 @@ class Generator:
         self.grammars: dict[str, object] = {}
         self.seeded_for: GenerationSettings | None = None
         self.sampler: devices.SeededStream | None = None
+        self.pad_id = model.generation_config.pad_token_id
 
     def run(self, inputs, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
         """One `generate` over prepared inputs, which it takes (empties): the pixels are freed as
@@ -53,7 +54,11 @@ class Generator:
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         prompt_tokens = attention_mask.sum(dim=1).tolist()
         rows = output[:, input_ids.shape[1] :].tolist()
-        return [self._answer(row, tokens) for row, tokens in zip(rows, prompt_tokens, strict=True)]
+        looped = next((c.cycles for c in kwargs.get("stopping_criteria", ()) if isinstance(c, RepetitionStop)), None)
+        return [
+            self._answer(row, tokens, looped[index] if looped is not None else 0)
+            for index, (row, tokens) in enumerate(zip(rows, prompt_tokens, strict=True))
+        ]
 
     def _random(self, settings: GenerationSettings):
         """The random stream a batch samples from: with --seed, one seeded once per run (its
@@ -84,7 +89,12 @@ class Generator:
             "pad_token_id": self.model.generation_config.pad_token_id,
             "mm_encoder_outputs": {"image": features},
             "logits_processor": [FreeAfterPrefill(features)],
+            # A static cache would make transformers compile the decode step behind our back (and
+            # again for each batch's own shape): never without being asked.
+            "disable_compile": True,
         }
+        if settings.repetition_stop:
+            kwargs["stopping_criteria"] = [RepetitionStop(rows, length, self.eos_ids)]
         if settings.min_new_tokens:
             kwargs["min_new_tokens"] = settings.min_new_tokens
         if settings.temperature > 0:
@@ -110,11 +120,70 @@ class Generator:
             self.grammars[schema_text] = grammar.compile_schema(info, schema_text)
         return self.grammars[schema_text]
 
-    def _answer(self, tokens: list[int], prompt_tokens: int) -> Answer:
-        end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
-        kept = tokens if end is None else tokens[:end]
+    def _answer(self, tokens: list[int], prompt_tokens: int, cycle: int = 0) -> Answer:
+        """A row's answer: up to its end-of-text token; a row stopped in a loop (`cycle` tokens
+        repeated) keeps one turn of the loop, and says so."""
+        if cycle:
+            kept = _unlooped(tokens, self.pad_id, cycle)
+            reason = "repetition"
+        else:
+            end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
+            kept = tokens if end is None else tokens[:end]
+            reason = "length" if end is None else "stop"
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Answer(text.strip(), int(prompt_tokens), len(kept), "length" if end is None else "stop", tuple(kept))
+        return Answer(text.strip(), int(prompt_tokens), len(kept), reason, tuple(kept))
+
+
+#: A row stops as looping when its last tokens are one cycle of 1 to MAX_CYCLE tokens, REPEATS times.
+MAX_CYCLE = 32
+REPEATS = 4
+
+
+class RepetitionStop:
+    """A `generate` stopping criterion: a row whose newest tokens repeat one cycle (of 1 to
+    MAX_CYCLE tokens) REPEATS times is done, the other rows go on untouched (transformers pads
+    finished rows; their tokens are no input to anyone else's). Granite models do fall into such
+    loops, and a loop would otherwise run to --max-new-tokens, at full cost, for nothing.
+
+    One batched test a step, on the device and without waiting for it: for each cycle length c,
+    the last 3c tokens equal the 3c before them shifted by c exactly when the last 4c tokens are
+    one cycle four times. The shortest cycle found is the row's; rows that already ended (an
+    end-of-text token, then padding) are not looping."""
+
+    def __init__(self, rows: int, prompt_length: int, eos_ids: set[int]):
+        self.rows = rows
+        self.prompt_length = prompt_length
+        self.eos_ids = sorted(eos_ids)
+        self.found = None
+        """Per row, on the device: the cycle length it stopped on (0: it did not)."""
+
+    @property
+    def cycles(self) -> list[int]:
+        return [0] * self.rows if self.found is None else self.found.tolist()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, self.prompt_length :]
+        found = torch.zeros(new.shape[0], dtype=torch.long, device=new.device)
+        for cycle in range(min(MAX_CYCLE, new.shape[1] // REPEATS), 0, -1):  # the shortest cycle wins
+            span = (REPEATS - 1) * cycle
+            same = (new[:, -span:] == new[:, -span - cycle : -cycle]).all(dim=1)
+            found = torch.where(same, cycle, found)
+        ended = torch.isin(new, torch.tensor(self.eos_ids, device=new.device)).any(dim=1)
+        found = torch.where(ended, 0, found)
+        self.found = found if self.found is None else torch.where(self.found > 0, self.found, found)
+        return found > 0
+
+
+def _unlooped(tokens: list[int], pad_id, cycle: int) -> list[int]:
+    """A looping row's tokens with the loop's turns after the first dropped (and the padding
+    after it)."""
+    end = len(tokens)
+    while end and tokens[end - 1] == pad_id:
+        end -= 1
+    end -= (REPEATS - 1) * cycle
+    return tokens[:end]
 
 
 class FreeAfterPrefill:
