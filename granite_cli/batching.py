@@ -69,7 +69,7 @@ class Sizer:
         tokens = rows * (longest + self.max_new_tokens)
         with self.lock:
             current = self.limits
-            self.limits = BatchLimits(min(current.rows, rows), min(current.tokens or tokens, tokens))
+            self.limits = BatchLimits(min(current.rows, rows), min(current.tokens or tokens, tokens), current.memory)
 
 
 def group(entries: list, tokens: Callable[[Any], int], sizer: Sizer) -> Iterator[list]:

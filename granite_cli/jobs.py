@@ -37,6 +37,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "dpi": (36, 1200),
     "max_pixels": (1, None),
     "max_tiles": (2, None),
+    "max_memory": (1.0, None),
     "batch_size": (1, None),
     "max_batch_tokens": (1, None),
     "page": (1, None),
@@ -64,6 +65,8 @@ class Options:
     dtype: str = "auto"
     max_tiles: int | None = None
     cache: str = "auto"
+    max_memory: float | None = None
+    """GiB of GPU memory the run may plan for (default: 40, or 92 % of a smaller card)."""
     max_new_tokens: int = 256
     min_new_tokens: int | None = None
     """Library only: force answers of this length (benchmarks, where random weights would stop early)."""
@@ -164,7 +167,7 @@ class Options:
 
         if self.cache not in CACHES:
             raise UsageError(f"--cache {self.cache!r}: expected one of {'|'.join(CACHES)}")
-        options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache)
+        options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache, max_memory=self.max_memory)
         device = device or self.device
         return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)
 

@@ -76,6 +76,17 @@ MaxTilesOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
+MaxMemoryOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        metavar="GIB",
+        min=RANGES["max_memory"][0],
+        help="GPU memory a run may plan for: batches grow while the estimated peak (weights, KV cache,"
+        " prefill, image features, queued pixels) stays within it.",
+        show_default="40, or 92% of a smaller card",
+        rich_help_panel="Model",
+    ),
+]
 CacheOpt = Annotated[
     Cache,
     typer.Option(

@@ -145,28 +145,90 @@ def test_batches_follow_the_token_budget(tiny_engine, tmp_path, monkeypatch):
     shapes: list[tuple[int, int]] = []
     injector = Injector(tiny_engine, monkeypatch, lambda rows, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)))
     limits = BatchLimits(rows=6, tokens=1000)
-    caption(tiny_engine, paths, limits)
-    assert injector.calls and all(rows * (length + 4) <= 1000 and rows <= 6 for rows, length in shapes)
+    caption(tiny_engine, paths, limits, max_new_tokens=40)  # the answers' room counts too
+    assert injector.calls and all(rows * (length + 40) <= 1000 and rows <= 6 for rows, length in shapes)
     thumbnails = [rows for rows, length in shapes if length < 150]
     pages = [rows for rows, length in shapes if length >= 150]
     assert min(thumbnails) > max(pages)  # short prompts travel in more rows
 
 
-def test_the_budget_comes_from_memory_and_the_model_config(tiny_engine):
-    from transformers import AutoConfig
+def granite_32_costs(dtype=torch.bfloat16):
+    """The memory formula's costs of the real Granite Vision 3.2 shapes, from a model built on the
+    meta device (no memory, exact parameter counts)."""
+    from types import SimpleNamespace
 
-    from granite_cli.engine import devices
+    from transformers import AutoConfig, LlavaNextForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(
-        Path(__file__).parent.parent / "benchmarks" / "configs" / "granite-vision-3.2-2b"
+    from granite_cli.engine import memory
+
+    folder = Path(__file__).parent.parent / "benchmarks" / "configs" / "granite-vision-3.2-2b"
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(config).to(dtype)
+    processor = SimpleNamespace(
+        image_processor=SimpleNamespace(
+            image_grid_pinpoints=json.loads((folder / "preprocessor_config.json").read_text())["image_grid_pinpoints"]
+        )
     )
-    per_token = devices.kv_bytes_per_token(config.get_text_config(), dtype_bytes=2)
-    assert per_token == 40 * 8 * 64 * 2 * 2 == 80 * 1024  # layers x KV heads x head dim x K,V x bf16
+    return memory.costs(model, processor)
+
+
+def test_the_memory_formula_plans_batches_that_fit_every_card():
+    from granite_cli.engine import memory
+
+    costs = granite_32_costs()
     gib = 1 << 30
-    assert devices.token_budget(80 * gib, 73 * gib, per_token) == int(0.35 * 80 * gib) // per_token  # ~358k tokens
-    assert devices.token_budget(80 * gib, 10 * gib, per_token) == int(0.8 * 10 * gib) // per_token  # never past free
-    assert tiny_engine.limits() == BatchLimits(rows=8, tokens=None)  # the CPU: today's 8 rows, no budget
+    assert costs.kv_per_token == 40 * 8 * 64 * 2 * 2 == 80 * 1024  # layers x KV heads x head dim x K,V x bf16
+    assert 5.4 * gib < costs.weights < 5.7 * gib  # 2,975 M parameters in bf16
+    assert costs.max_tiles == 11 and costs.tower_per_tile == 28 * 729 * 1152 * 2  # a 10x1 strip + overview; 47 MB
+    page, new = 5990, 64  # a letter page's prompt tokens with these shapes, 64 new tokens
+    plans = {}
+    for card in (16, 24, 80, 141):
+        budget = memory.budget(card * gib, None)
+        assert budget == min(40 * gib, int(0.92 * card * gib))  # 40 GiB at most, on any card
+        plan = memory.MemoryModel(costs, budget, chunk=2048)
+        rows = plans[card] = plan.rows_that_fit(page, new)
+        assert rows >= 1 and memory.peak(costs, rows, page, new, 2048).total <= budget
+        assert memory.peak(costs, rows + 1, page, new, 2048).total > budget  # the most that fits
+    assert plans[16] < plans[24] < plans[80] == plans[141]  # past 40 GiB, a card's size changes nothing
+    assert memory.budget(80 * gib, 20) == 20 * gib  # --max-memory 20
+    assert memory.MemoryModel(costs, 20 * gib, 2048).rows_that_fit(page, new) < plans[80]
+    photo = memory.MemoryModel(costs, 40 * gib, 2048).rows_that_fit(2950, new)
+    assert photo > plans[80]  # shorter prompts travel in more rows
+    whole = memory.peak(costs, 8, page, new, None)  # no chunks: the whole prompt's activations at once
+    assert whole.prefill > memory.peak(costs, 8, page, new, 2048).prefill
+
+
+def test_the_formulas_kv_and_feature_terms_are_what_a_batch_allocates(tiny_engine, mixed_images):
+    from PIL import Image
+
+    costs = tiny_engine.costs
+    images = [Image.open(path).convert("RGB") for path in mixed_images[:3]]
+    inputs = tiny_engine.prepare(images, ["Describe."] * 3)
+    rows, length = inputs["input_ids"].shape
+    image_tokens = int((inputs["input_ids"] == tiny_engine.prompts.image_token_id).sum())
+    model = tiny_engine.model
+    with torch.inference_mode():
+        features = tiny_engine.generator.encode(dict(inputs))
+        feature_bytes = sum(f.numel() * f.element_size() for f in features["pooler_output"])
+        output = model(**{k: v for k, v in inputs.items()}, use_cache=True)
+    assert feature_bytes == image_tokens * costs.embed_per_token  # one copy of the image tokens' embeddings
+    cache = output.past_key_values
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kv_bytes == rows * length * costs.kv_per_token  # every padded position of every row
+
+
+def test_limits_follow_the_memory_budget_on_a_gpu_and_rows_on_the_cpu(tiny_engine, monkeypatch):
+    from granite_cli.engine import EngineOptions
+
+    assert tiny_engine.limits() == BatchLimits(rows=8)  # the CPU: 8 rows, no budget
     assert tiny_engine.limits(3, 500) == BatchLimits(rows=3, tokens=500)  # --batch-size, --max-batch-tokens
+    gib = 1 << 30
+    monkeypatch.setattr(tiny_engine, "card", 80 * gib)
+    on_a_card = tiny_engine.limits()
+    assert on_a_card.rows == 128 and on_a_card.memory.budget == 40 * gib
+    monkeypatch.setattr(tiny_engine, "options", EngineOptions(max_memory=6))
+    assert tiny_engine.limits().memory.budget == 6 * gib  # --max-memory 6
 
 
 @pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])
@@ -270,7 +332,7 @@ def test_on_a_gpu_batches_have_a_token_budget_and_answers_match_the_cpu(tiny_mod
     gpu = load_engine(str(tiny_model), device="cuda", dtype="float32")
     cpu = load_engine(str(tiny_model), device="cpu")
     limits = gpu.limits()
-    assert limits.rows == 128 and limits.tokens and limits.tokens > 10_000
+    assert limits.rows == 128 and limits.memory is not None and limits.memory.budget <= 40 * (1 << 30)
     assert gpu.prepare_device is not None and gpu.generator.prefill_chunk == 2048
     on_gpu = caption(gpu, pictures, limits)
     on_cpu = caption(cpu, pictures, BatchLimits(8))
@@ -299,10 +361,10 @@ def test_a_row_that_loops_stops_and_the_others_keep_their_tokens(tiny_engine, pi
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(model_class, "generate", generate)
-    free = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=30, repetition_stop=False)
-    stopped = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=30)
+    free = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=60, repetition_stop=False)
+    stopped = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=60)
     looping = next(i for i, r in enumerate(free) if r.token_ids[:6] in ((7, 8, 9) * 2, (8, 9, 7) * 2, (9, 7, 8) * 2))
-    assert free[looping].finish_reason == "length" and free[looping].answer_tokens == 30
+    assert free[looping].finish_reason == "length" and free[looping].answer_tokens == 60
     assert stopped[looping].finish_reason == "repetition" and len(stopped[looping].token_ids) == 3
     others = [i for i in range(3) if i != looping]
     assert [stopped[i].token_ids for i in others] == [free[i].token_ids for i in others]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 
@@ -132,5 +134,8 @@ def test_choices_take_any_case(cli, inputs):
 
 @pytest.mark.slow
 def test_shell_completion_installs(tmp_path):
-    shown = run_process("--show-completion", "bash", env={"HOME": str(tmp_path)})
+    # As a user types it, in bash (typer finds the shell from the parent process; a shell name
+    # after the flag is not read). `; exit $?`: bash stays the parent rather than exec the command.
+    command = f"{shlex.quote(sys.executable)} -m granite_cli --show-completion; exit $?"
+    shown = subprocess.run(["bash", "-c", command], capture_output=True, env={**os.environ, "HOME": str(tmp_path)})
     assert shown.returncode == 0 and b"complete" in shown.stdout and b"granite" in shown.stdout.lower()

@@ -159,14 +159,18 @@ def test_a_signal_while_the_model_loads_ends_the_run_at_once_and_touches_nothing
     assert report.exists() and (photos / "report.md.jsonl").exists()
     before = tree_hashes(photos)
     hub = StalledHub()
+    # --overwrite: the report is replaced only by a run that finishes, so the interrupted one
+    # must leave it as it was.
     command = [sys.executable, "-m", "granite_cli", "caption", pictures, "-f", "markdown", "-o", str(report)]
     process = subprocess.Popen(
-        [*command, "--model", "ibm-granite/granite-vision-3.3-2b"],
+        [*command, "--overwrite", "--model", "ibm-granite/granite-vision-3.3-2b"],
         env=hub.env(tmp_path / "hf-home"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert hub.loading.wait(120), "the run never started loading the model"
+    if not hub.loading.wait(120):
+        process.kill()
+        pytest.fail(f"the run never started loading the model: {process.communicate()[1].decode()[-400:]}")
     time.sleep(0.3)
     process.send_signal(sig)
     signalled = time.monotonic()

@@ -52,18 +52,26 @@ class EngineOptions:
     dynamic cache, until a GPU measurement shows the static one faster."""
     prefill_chunk: int | None = None
     """Tokens per prefill chunk (0: whole prompts). None: 2048 on a GPU, whole prompts on the CPU."""
+    max_memory: float | None = None
+    """GiB a run may plan for on a GPU (None: `memory.DEFAULT_BUDGET_GIB` or 92 % of the card)."""
 
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """How big a batch may be: `rows` pictures at most, and (on a GPU) `tokens` at most, counted
-    as rows x the longest prompt plus the answer length: what its KV cache will hold."""
+    """How big a batch may be: `rows` pictures at most; `tokens` at most (--max-batch-tokens),
+    counted as rows x the longest prompt plus the answer length; and, on a GPU, an estimated
+    peak within the memory budget (`memory.MemoryModel`)."""
 
     rows: int
     tokens: int | None = None
+    memory: Any = None
 
     def allows(self, rows: int, longest_prompt: int, max_new_tokens: int) -> bool:
-        return rows <= self.rows and (self.tokens is None or rows * (longest_prompt + max_new_tokens) <= self.tokens)
+        return (
+            rows <= self.rows
+            and (self.tokens is None or rows * (longest_prompt + max_new_tokens) <= self.tokens)
+            and (self.memory is None or self.memory.fits(rows, longest_prompt, max_new_tokens))
+        )
 
 
 @dataclass(frozen=True)

@@ -176,10 +176,6 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-#: Share of a GPU's memory the KV cache of a batch may take: weights (~6 GiB for a 2B model),
-#: prepared batches waiting in the queue and prefill activations (bounded by chunking) take the
-#: rest, and a run peaks at about half the card (40 GiB on an 80 GiB one).
-KV_SHARE = 0.35
 #: Rows per batch at most on a GPU unless --batch-size says otherwise: decode steps are bound by
 #: kernel launches, so rows are nearly free until the memory budget says stop.
 GPU_ROWS = 128
@@ -188,29 +184,13 @@ CPU_ROWS = 8
 GPU_PREFILL_CHUNK = 2048
 
 
-def kv_bytes_per_token(text_config, dtype_bytes: int) -> int:
-    """KV cache bytes one token takes: layers x KV heads x head dim x 2 (K and V) x dtype bytes
-    (Granite Vision 3.x: 40 x 8 x 64 x 2 x 2 = 80 KiB)."""
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    return text_config.num_hidden_layers * kv_heads * head_dim * 2 * dtype_bytes
-
-
-def token_budget(total_bytes: int, free_bytes: int, kv_bytes: int) -> int:
-    """Tokens (rows x padded length, prompts and answers) a batch's KV cache may hold: a share of
-    the card, and never more than most of what is free once the model is loaded."""
-    return max(1, int(min(KV_SHARE * total_bytes, 0.8 * free_bytes) // kv_bytes))
-
-
-def memory(device: torch.device) -> tuple[int, int] | None:
-    """(total, free) bytes of a GPU; None elsewhere (no budget: the CPU runs by rows)."""
+def card_bytes(device: torch.device) -> int | None:
+    """A GPU's memory in bytes; None elsewhere (no budget: the CPU runs by rows)."""
     import torch
 
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
-    return total, free
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 #: Messages of CUDA errors after which the device is unusable until the process ends.

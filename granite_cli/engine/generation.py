@@ -17,7 +17,7 @@ import contextlib
 from typing import TextIO
 
 from ..errors import OutputError
-from . import Answer, EngineOptions, GenerationSettings, devices, grammar
+from . import Answer, EngineOptions, GenerationSettings, devices, grammar, memory
 
 
 class Generator:
@@ -72,14 +72,23 @@ class Generator:
     def encode(self, inputs):
         """The pictures (taken out of `inputs`) through the vision tower and projector, keeping
         only what the language model reads (projected features; deepstack features for Granite
-        Vision 4): the tower's hidden states die here, before any decode step."""
-        outputs = self.model.base_model.get_image_features(
-            pixel_values=inputs.pop("pixel_values").to(self.device, self.dtype),
-            image_sizes=inputs.pop("image_sizes").to(self.device),
-            return_dict=True,
-        )
-        kept = {name: outputs.get(name) for name in ("pooler_output", "deepstack_features")}
-        return type(outputs)(**{name: value for name, value in kept.items() if value is not None})
+        Vision 4): the tower's hidden states die here, before any decode step. The tower sees at
+        most `memory.ENCODE_TILES` tiles a call (it keeps every layer's hidden states, ~47 MB a
+        tile in bf16), so encoding costs the same memory whatever the batch."""
+        pixels, sizes = inputs.pop("pixel_values"), inputs.pop("image_sizes")
+        step = max(1, memory.ENCODE_TILES // pixels.shape[1])
+        kept: dict[str, list] = {}
+        outputs = None
+        for start in range(0, pixels.shape[0], step):
+            outputs = self.model.base_model.get_image_features(
+                pixel_values=pixels[start : start + step].to(self.device, self.dtype),
+                image_sizes=sizes[start : start + step].to(self.device),
+                return_dict=True,
+            )
+            for name in ("pooler_output", "deepstack_features"):  # per picture: lists that join
+                if outputs.get(name) is not None:
+                    kept.setdefault(name, []).extend(outputs.get(name))
+        return type(outputs)(**kept)
 
     def _decoding(self, settings: GenerationSettings, shape, features) -> dict:
         """`generate`'s keyword arguments for these settings and this batch."""
@@ -134,20 +143,28 @@ class Generator:
         return Answer(text.strip(), int(prompt_tokens), len(kept), reason, tuple(kept))
 
 
-#: A row stops as looping when its last tokens are one cycle of 1 to MAX_CYCLE tokens, REPEATS times.
+#: A row stops as looping when its last tokens are one cycle of 1 to MAX_CYCLE tokens repeated
+#: REPEATS times, and at least MIN_SPAN tokens long: a short cycle must repeat more (a single
+#: token 32 times, two 16 times), so that a wide table's `|---|---|` is text, not a loop.
 MAX_CYCLE = 32
 REPEATS = 4
+MIN_SPAN = 32
+
+
+def repeats(cycle: int) -> int:
+    """Turns of a cycle of this length that make a loop."""
+    return max(REPEATS, -(-MIN_SPAN // cycle))
 
 
 class RepetitionStop:
     """A `generate` stopping criterion: a row whose newest tokens repeat one cycle (of 1 to
-    MAX_CYCLE tokens) REPEATS times is done, the other rows go on untouched (transformers pads
+    MAX_CYCLE tokens; see `repeats`) is done, the other rows go on untouched (transformers pads
     finished rows; their tokens are no input to anyone else's). Granite models do fall into such
     loops, and a loop would otherwise run to --max-new-tokens, at full cost, for nothing.
 
-    One batched test a step, on the device and without waiting for it: for each cycle length c,
-    the last 3c tokens equal the 3c before them shifted by c exactly when the last 4c tokens are
-    one cycle four times. The shortest cycle found is the row's; rows that already ended (an
+    One batched test a step, on the device and without waiting for it: for each cycle length c
+    and its turns r (`repeats`), the last (r-1)c tokens equal those c before them exactly when
+    the last rc tokens are one cycle r times. The shortest cycle found is the row's; rows that already ended (an
     end-of-text token, then padding) are not looping."""
 
     def __init__(self, rows: int, prompt_length: int, eos_ids: set[int]):
@@ -166,8 +183,10 @@ class RepetitionStop:
 
         new = input_ids[:, self.prompt_length :]
         found = torch.zeros(new.shape[0], dtype=torch.long, device=new.device)
-        for cycle in range(min(MAX_CYCLE, new.shape[1] // REPEATS), 0, -1):  # the shortest cycle wins
-            span = (REPEATS - 1) * cycle
+        for cycle in range(MAX_CYCLE, 0, -1):  # the shortest cycle wins
+            span = (repeats(cycle) - 1) * cycle
+            if new.shape[1] < span + cycle:
+                continue
             same = (new[:, -span:] == new[:, -span - cycle : -cycle]).all(dim=1)
             found = torch.where(same, cycle, found)
         ended = torch.isin(new, torch.tensor(self.eos_ids, device=new.device)).any(dim=1)
@@ -182,7 +201,7 @@ def _unlooped(tokens: list[int], pad_id, cycle: int) -> list[int]:
     end = len(tokens)
     while end and tokens[end - 1] == pad_id:
         end -= 1
-    end -= (REPEATS - 1) * cycle
+    end -= (repeats(cycle) - 1) * cycle
     return tokens[:end]
 
 

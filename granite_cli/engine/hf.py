@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from .. import DEFAULT_MODEL
 from ..errors import UsageError, debug
-from . import Answer, BatchLimits, EngineOptions, GenerationSettings, batches, devices, hub
+from . import Answer, BatchLimits, EngineOptions, GenerationSettings, batches, devices, hub, memory
 from .generation import Generator
 from .prompts import Prompts
 
@@ -37,8 +37,9 @@ class HfEngine:
             chunk = devices.GPU_PREFILL_CHUNK if self.device.type == "cuda" else 0
         self.generator = Generator(model, processor.tokenizer, options, chunk or None)
         self.pad_id = model.generation_config.pad_token_id
-        self.kv_bytes = devices.kv_bytes_per_token(text_config, model.dtype.itemsize)
-        self.memory = devices.memory(self.device)  # measured once loaded: what the weights left
+        self.options = options
+        self.costs = memory.costs(model, processor)
+        self.card = devices.card_bytes(self.device)  # None off a GPU: the CPU runs by rows
         # With the model on a GPU, the torchvision image processor resizes there too.
         self.prepare_device = self.device if self.device.type == "cuda" and _torchvision_backend(processor) else None
 
@@ -62,10 +63,11 @@ class HfEngine:
 
     def limits(self, rows: int | None = None, tokens: int | None = None) -> BatchLimits:
         if rows is None:
-            rows = devices.GPU_ROWS if self.memory is not None else devices.CPU_ROWS
-        if tokens is None and self.memory is not None:
-            tokens = devices.token_budget(*self.memory, self.kv_bytes)
-        return BatchLimits(rows, tokens)
+            rows = devices.GPU_ROWS if self.card is not None else devices.CPU_ROWS
+        if self.card is None:
+            return BatchLimits(rows, tokens)
+        budget = memory.budget(self.card, self.options.max_memory)
+        return BatchLimits(rows, tokens, memory.MemoryModel(self.costs, budget, self.generator.prefill_chunk))
 
     def failure(self, exc: BaseException) -> str:
         return devices.failure(exc)
