@@ -150,7 +150,11 @@ def run_ask(
     if engine is None:
         reporter.loading(model, job.device)
         engine = job.load(model)
-    loaded = pipeline.load_item(0, item, OpenDocuments(read), engine.fit)  # as caption loads it
+    documents = OpenDocuments(read)
+    try:
+        loaded = pipeline.load_item(0, item, documents, engine.fit)  # as caption loads it
+    finally:
+        documents.close()  # a PDF on stdin with poppler has a temporary copy to remove
     if loaded.image is None:
         return AskResult(pipeline.make_record(todo, loaded, error=loaded.error))
     too_long = engine.check_fits(job.question, loaded.image.width, loaded.image.height, job.max_new_tokens)

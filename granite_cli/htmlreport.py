@@ -101,7 +101,7 @@ def thumbnail(image: Image.Image) -> bytes:
     small = image.copy()
     small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     buffer = io.BytesIO()
-    small.convert("RGB").save(buffer, format="JPEG", quality=80)
+    small.save(buffer, format="JPEG", quality=80)  # the picture as the model saw it: RGB
     return buffer.getvalue()
 
 

@@ -265,15 +265,6 @@ def open_document(source: Source, options: ReadOptions = ReadOptions(), reader: 
     return _BY_NAME[reader or detect(source, options)](source, options)
 
 
-def load(source: Source, page: int | None, options: ReadOptions = ReadOptions(), fit: Fit | None = None) -> Image.Image:
-    """One page as the model sees it, opening and closing its document (for one-off reads)."""
-    document = open_document(source, options)
-    try:
-        return document.render(page, fit)
-    finally:
-        document.close()
-
-
 @dataclass(frozen=True)
 class Picture:
     """A page as the model sees it (no larger than it uses), and its own `size`: an image's as

@@ -67,6 +67,17 @@ def test_http_url(cli, http_root):
     assert "HTTP 404" in missing.stderr
 
 
+def test_a_download_is_bounded(cli, http_root, monkeypatch):
+    base, root = http_root
+    monkeypatch.setattr("granite_cli.inputs.MAX_DOWNLOAD_BYTES", 2**20)
+    picture = (root / "remote.png").read_bytes()
+    (root / "exact.png").write_bytes(picture + b"\0" * (2**20 - len(picture)))  # at the limit: read
+    (root / "large.png").write_bytes(picture + b"\0" * (2**20 + 1 - len(picture)))
+    assert cli("ask", f"{base}/exact.png", "Describe", "--json").record()["answer"] is not None
+    large = cli("ask", f"{base}/large.png", "Describe", "--json")
+    assert large.exit_code == 1 and large.records()[0]["error"] == "download larger than 1 MiB"
+
+
 @pytest.mark.parametrize(
     ("name", "content", "reason"),
     [

@@ -130,6 +130,10 @@ def test_a_broken_device_stops_the_run_and_resume_finishes_it(cli, tiny_engine, 
     assert len(seen) == 2  # not 2N-1 attempts: the first broken batch ends the run
     kept = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(kept) == 4 and all(r["answer"] for r in kept)
+    seen.clear()
+    streamed = cli("caption", *map(str, pictures), "--batch-size", "4", "--device", "cpu")  # to stdout: the same
+    assert streamed.exit_code == 2 and "the device failed" in one_error_line(streamed.stderr)
+    assert [r["answer"] for r in streamed.records()] == [r["answer"] for r in kept]
     monkeypatch.undo()
     resumed = cli("caption", *map(str, pictures), "-o", str(out), "--resume", "--device", "cpu")
     assert resumed.exit_code == 0 and "4 answered before, 8 to run" in resumed.stderr

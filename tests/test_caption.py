@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import make_pdf, noise, seen_size
+from helpers import make_pdf, minimal_pdf, noise, seen_size
 
 from granite_cli.readers import poppler_available
 
@@ -118,11 +119,31 @@ def test_both_pdf_renderers(cli, tmp_path):
     for ours, theirs in zip(pdfium, poppler, strict=True):  # the same page size, at --dpi
         assert (ours["width"], ours["height"]) == (theirs["width"], theirs["height"]) == (612, 792)
     assert all(r["answer"] is not None for r in pdfium + poppler)
+    mixed = tmp_path / "mixed.pdf"  # pages of their own sizes (A4, landscape): each its own
+    mixed.write_bytes(minimal_pdf([(595, 842), (842, 595)]))
+    sizes = [
+        (r["width"], r["height"])
+        for r in cli("caption", str(mixed), "--dpi", "72", "--pdf-renderer", "poppler").records()
+    ]
+    assert sizes == [(595, 842), (842, 595)]
     broken = tmp_path / "broken.pdf"
     broken.write_bytes(b"%PDF-1.7\nnot really")
     result = cli("caption", str(broken), str(pdf), "--pdf-renderer", "poppler")
     assert result.exit_code == 1
     assert "broken PDF" in result.records()[0]["error"] and result.records()[1]["answer"] is not None
+    temp = set(Path(tempfile.gettempdir()).glob("*.pdf"))
+    piped = cli("ask", "-", "Describe this image in detail.", "--json", "--pdf-renderer", "poppler", "--page", "2",
+                input=pdf.read_bytes())  # fmt: skip
+    assert json.loads(piped.stdout)["answer"] == poppler[1]["answer"]  # bytes on stdin: the same page
+    assert set(Path(tempfile.gettempdir()).glob("*.pdf")) == temp  # poppler's copy of them is gone
+
+
+def test_poppler_missing_is_each_pdfs_one_line(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr("granite_cli.readers.poppler_available", lambda: False)
+    pdf = make_pdf(tmp_path / "one.pdf", 1)
+    result = cli("caption", str(pdf), "--pdf-renderer", "poppler")
+    said = "needs poppler-utils (pdftoppm, pdfinfo) on PATH"
+    assert result.exit_code == 1 and result.records()[0]["error"] == f"--pdf-renderer poppler {said}"
 
 
 def test_bad_inputs_never_stop_the_batch(cli, inputs, tmp_path):

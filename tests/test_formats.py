@@ -72,6 +72,12 @@ def test_sidecars_never_write_over_an_input_or_a_foreign_file(cli, album, tmp_pa
     foreign = cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite")
     assert foreign.exit_code == 2 and "is not a text file" in one_error_line(foreign.stderr)
     assert (album / "beach.txt").read_bytes() == b"\x89PNG\r\n\x1a\n\x00binary"
+    (album / "beach.txt").write_text("UTF-16 notes", encoding="utf-16-le")  # valid UTF-8 bytes, but NULs
+    foreign = cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite")
+    assert foreign.exit_code == 2 and "is not a text file" in one_error_line(foreign.stderr)
+    (album / "beach.txt").write_text("a" * 8191 + "é" * 10)  # a character cut where the check stops reading
+    cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite").ok()
+    assert not (album / "beach.txt").read_text().startswith("a" * 8191)  # a caption of ours: replaced
     noise(30, 30).save(album / "beach.png")
     twins = cli("caption", str(album / "beach.jpg"), str(album / "beach.png"), "--sidecar", ".caption")
     assert twins.exit_code == 2 and "would both write" in twins.stderr

@@ -11,12 +11,21 @@ from granite_cli.errors import InputError, UsageError
 from granite_cli.sources import PageSelection, resolve
 
 
+def load(path, page: int | None) -> Image.Image:
+    """One page as the model sees it (the document opened and closed around it)."""
+    document = readers.open_document(path)
+    try:
+        return document.render(page, None)
+    finally:
+        document.close()
+
+
 def test_exif_orientation_is_applied(tmp_path):
     image = noise(200, 100)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     image.save(tmp_path / "rotated.jpg", exif=exif)
-    loaded = readers.load(tmp_path / "rotated.jpg", None)
+    loaded = load(tmp_path / "rotated.jpg", None)
     assert loaded.size == (100, 200) and loaded.mode == "RGB"
 
 
@@ -24,7 +33,7 @@ def test_transparency_is_composited_on_white(tmp_path):
     image = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
     image.putpixel((0, 0), (255, 0, 0, 255))
     image.save(tmp_path / "alpha.png")
-    loaded = readers.load(tmp_path / "alpha.png", None)
+    loaded = load(tmp_path / "alpha.png", None)
     assert loaded.mode == "RGB"
     assert loaded.getpixel((5, 5)) == (255, 255, 255)
     assert loaded.getpixel((0, 0)) == (255, 0, 0)
@@ -44,10 +53,28 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
         image = base.convert(mode)
         path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
     image.save(path)
-    loaded = readers.load(path, None)
+    loaded = load(path, None)
     assert loaded.mode == "RGB" and loaded.size == (40, 30)
     if mode == "I;16":  # 16-bit data is scaled to 8 bits, not clipped to white
         assert len(set(loaded.convert("L").tobytes())) > 100
+
+
+def test_deep_greyscale_is_stretched_over_its_own_range(tmp_path):
+    """A 16-bit scan that uses only part of its range (1000-3000 of 65535, as scientific and
+    medical scans do) is seen with its full contrast: darkest black, brightest white, and
+    linear between; a flat one is plain black, without a warning."""
+    import warnings
+
+    deep = Image.new("I;16", (3, 1))
+    deep.putdata([1000, 2000, 3000])
+    deep.save(tmp_path / "deep.png")
+    flat = Image.new("I;16", (4, 4), 5000)
+    flat.save(tmp_path / "flat.png")
+    assert list(load(tmp_path / "deep.png", None).convert("L").tobytes()) == [0, 127, 255]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load(tmp_path / "flat.png", None)
+    assert set(loaded.tobytes()) == {0}
 
 
 def test_palette_transparency(tmp_path):
@@ -55,28 +82,28 @@ def test_palette_transparency(tmp_path):
     image.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
     image.info["transparency"] = 1
     image.save(tmp_path / "p.png", transparency=1)
-    assert readers.load(tmp_path / "p.png", None).getpixel((3, 3)) == (255, 255, 255)
+    assert load(tmp_path / "p.png", None).getpixel((3, 3)) == (255, 255, 255)
 
 
 def test_kind_is_detected_by_content_not_name(tmp_path):
     noise(64, 48).save(tmp_path / "really-a-png.jpg", format="PNG")
-    assert readers.load(tmp_path / "really-a-png.jpg", None).size == (64, 48)
+    assert load(tmp_path / "really-a-png.jpg", None).size == (64, 48)
     pages = [noise(100, 100, i) for i in range(2)]
     pages[0].save(tmp_path / "named.png.bin", format="PDF", save_all=True, append_images=pages[1:])
     assert readers.open_document(tmp_path / "named.png.bin").page_count() == 2
     (tmp_path / "fake.png").write_bytes(b"\x00\x01binary junk" * 10)
     with pytest.raises(InputError, match="not an image"):
-        readers.load(tmp_path / "fake.png", None)
+        load(tmp_path / "fake.png", None)
 
 
 def test_multipage_tiff_frames_and_animated_gif(tmp_path):
     frames = [noise(30 + 10 * i, 20, i) for i in range(3)]
     frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
     assert readers.open_document(tmp_path / "scan.tif").page_count() == 3
-    assert readers.load(tmp_path / "scan.tif", 3).size == (50, 20)
+    assert load(tmp_path / "scan.tif", 3).size == (50, 20)
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     assert readers.open_document(tmp_path / "anim.gif").page_count() is None  # a GIF is one picture: its first frame
-    assert readers.load(tmp_path / "anim.gif", None).size == (30, 20)
+    assert load(tmp_path / "anim.gif", None).size == (30, 20)
 
 
 def test_page_selection_parsing():
@@ -96,3 +123,17 @@ def test_resolution_marks_known_problems_without_raising(tmp_path):
     assert [item.error is not None for item in result.items] == [True, True, True]
     assert "broken PDF" in result.items[1].error
     assert result.items[2].error == "no such file"
+
+
+def test_a_run_of_several_processes_reads_the_stdin_list_in_place(monkeypatch):
+    """`-` among the sources becomes the paths on stdin, where it stands (rank 0 reads it once
+    and shares the list: see test_distributed); a source merely named like one stays itself."""
+    import io
+    import sys
+
+    from granite_cli.sources import expand_stdin
+
+    listing = io.BytesIO(b"x.png\ny.png\n")
+    assert expand_stdin(["a.png", "-", "b.png"], listing) == ["a.png", "x.png", "y.png", "b.png"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"z.png\0")))
+    assert expand_stdin(["-", "./-"]) == ["z.png", "./-"]

@@ -107,15 +107,15 @@ def test_4_a_file_is_ours_only_if_all_of_it_is_what_we_write(cli, shots, name, f
 
 
 # --------------------------------------------------------------------------- names and prompts of any bytes
-def test_5_a_name_that_is_not_utf8_is_answered_written_and_resumed(cli, shots, tmp_path):
-    odd = os.fsdecode(os.fsencode(str(shots)) + b"/odd\xff\xfe.png")
+def test_5_a_name_that_is_not_utf8_is_answered_written_and_resumed(cli, shots, tmp_path, tiny_model):
+    odd = os.fsdecode(os.fsencode(str(shots)) + b"/odd\x80\xff\xfe.png")  # the lowest and highest such bytes
     noise(30, 30).save(odd)
     out = tmp_path / "out.jsonl"
     result = cli("caption", str(shots), "-o", str(out))
     assert result.exit_code == 0, result.stderr
     raw = out.read_bytes()
     raw.decode("utf-8")  # valid UTF-8, every line
-    assert b'odd\\udcff\\udcfe.png"' in raw  # the undecodable bytes, as surrogate escapes
+    assert b'odd\\udc80\\udcff\\udcfe.png"' in raw  # the undecodable bytes, as surrogate escapes
     assert odd in [record["source"] for record in read_jsonl(out)]  # ... which read back as the name
     resumed = cli("caption", str(shots), "-o", str(out), "--resume")
     assert resumed.exit_code == 0 and "5 answered before, 0 to run" in resumed.stderr
@@ -124,7 +124,16 @@ def test_5_a_name_that_is_not_utf8_is_answered_written_and_resumed(cli, shots, t
     for fmt in ("markdown", "csv", "html"):
         report = tmp_path / f"r.{fmt}"
         assert cli("caption", odd, "-f", fmt, "-o", str(report)).exit_code == 0
-        assert "odd\\xff\\xfe.png" in report.read_text(encoding="utf-8")
+        assert "odd\\x80\\xff\\xfe.png" in report.read_text(encoding="utf-8")
+    pdf = make_pdf(tmp_path / "doc.pdf", 1).rename(os.fsdecode(os.fsencode(str(tmp_path)) + b"/doc\xff.pdf"))
+    report = tmp_path / "pages.html"
+    assert cli("caption", str(pdf), "-o", str(report)).exit_code == 0  # a page's picture is made for it
+    pictures = list((tmp_path / "pages.html.files").iterdir())
+    assert len(pictures) == 1 and f"pages.html.files/{pictures[0].name}" in report.read_text()
+    # A library caller's string may hold a lone surrogate no file name makes: shown as U+FFFD.
+    report = tmp_path / "lone.md"
+    granite_cli.caption(["gone\ud800.png"], output=str(report), format="markdown", model=str(tiny_model))
+    assert "gone\ufffd.png" in report.read_text(encoding="utf-8")
 
 
 def test_6_a_prompt_that_is_not_utf8_is_one_line_before_the_model(cli, shots, broken_model):
@@ -386,6 +395,19 @@ def test_23_sidecar_messages(cli, shots):
     assert clashes.exit_code == 2 and line.count("would both write") == 3 and "(and 1 more)" in line
 
 
+def test_a_folder_where_no_sidecar_can_be_written_is_named_before_any_work(cli, tmp_path):
+    """Checked by writing a probe file there: here a folder whose path is so long that a picture
+    fits in it but no temporary file name does (the same line as a read-only one, with its reason)."""
+    folder = str(tmp_path)
+    while len(folder) < 4070:
+        folder = os.path.join(folder, "d" * min(200, 4070 - len(folder) - 1))
+        os.mkdir(folder)
+    noise(20, 20).save(os.path.join(folder, "a.png"))
+    result = cli("caption", os.path.join(folder, "a.png"), "--sidecar", ".txt")
+    line = one_error_line(result.stderr)
+    assert result.exit_code == 2 and line == f"error: --sidecar: cannot write in {folder} (File name too long)"
+
+
 def test_24_options_that_mean_nothing_are_said(cli, shots):
     assert "--pages ''" in one_error_line(cli("caption", str(shots), "--pages", "").stderr)
     assert "--output '': an empty file name" in one_error_line(cli("caption", str(shots), "-o", "").stderr)
@@ -489,6 +511,18 @@ def test_a_sidecar_that_would_be_the_output_is_refused(cli, shots):
     result = cli("caption", str(shots), "--sidecar", ".jsonl", "-o", str(shots / "s0.jsonl"))
     assert result.exit_code == 2 and "the output (-o) and" in one_error_line(result.stderr)
     assert not (shots / "s0.jsonl").exists()
+    os.mkfifo(shots / "s1.out")  # an output that is a pipe (nobody reads it: the run must refuse first)
+    piped = cli("caption", str(shots / "s1.png"), "--sidecar", ".out", "-o", str(shots / "s1.out"))
+    assert piped.exit_code == 2 and "the output (-o) and" in one_error_line(piped.stderr)
+
+
+def test_an_answer_that_failed_its_schema_writes_no_sidecar(cli, shots):
+    """A structured answer cut short is an error with its raw text in the record: no sidecar
+    holds it, so the next run answers that picture again."""
+    result = cli("caption", str(shots / "s0.png"), "--sidecar", ".json", "--schema", "title", "--max-new-tokens", "2")
+    record = result.records()[0]
+    assert result.exit_code == 1 and record["error"] and record["answer"]
+    assert not (shots / "s0.json").exists()
 
 
 def test_a_report_edited_by_hand_or_without_its_journal_is_not_replaced(cli, shots, tmp_path):
@@ -497,13 +531,28 @@ def test_a_report_edited_by_hand_or_without_its_journal_is_not_replaced(cli, sho
     edited = report.read_text().replace("Describe this image in detail.,", "Describe this image in detail.,MY FIX", 1)
     report.write_text(edited)
     resumed = cli("caption", str(shots), "-o", str(report), "--resume")
+    row = next(line for line in edited.splitlines() if "MY FIX" in line)
     assert resumed.exit_code == 2 and "a row was changed since granite-vision wrote it" in resumed.stderr
+    assert f"({row[:57] + '...'!r})" in resumed.stderr  # the edited row, cut short
     assert report.read_text() == edited
     (tmp_path / "c.csv.jsonl").unlink()
     for extra in ([], ["--resume"]):
         gone = cli("caption", str(shots), "-o", str(report), *extra)
         assert gone.exit_code == 2 and "its journal c.csv.jsonl (what --resume reads) is gone" in gone.stderr
     assert report.read_text() == edited
+    for name in ("r.md", "r.html"):  # the reports people read: records are what they show
+        report = tmp_path / name
+        assert cli("caption", str(shots / "s0.png"), "-o", str(report)).exit_code == 0
+        (tmp_path / f"{name}.jsonl").unlink()
+        before = report.read_bytes()
+        gone = cli("caption", str(shots), "-o", str(report))
+        assert gone.exit_code == 2 and f"its journal {name}.jsonl (what --resume reads) is gone" in gone.stderr
+        assert report.read_bytes() == before
+    failed = tmp_path / "failed.csv"  # a table of ours that shows no answer holds nothing to lose
+    assert cli("caption", str(shots / "missing.png"), "-o", str(failed)).exit_code == 1
+    (tmp_path / "failed.csv.jsonl").unlink(missing_ok=True)
+    assert cli("caption", str(shots / "s0.png"), "-o", str(failed)).exit_code == 0
+    assert "s0.png" in failed.read_text()
 
 
 def test_empty_prompts_and_impossible_answer_lengths_are_usage_errors(cli, shots):

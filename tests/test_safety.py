@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers import MAX_NEW, deadline, make_pdf, many_images, noise, one_error_line, run_process, tree_hashes
+from PIL import Image
 
 from granite_cli.tiny_model import build_tokenizer
 
@@ -229,6 +230,55 @@ def test_pipes_sockets_and_devices_in_folders_and_globs_are_never_opened(cli, tm
             assert result.exit_code == 0, result.stderr
             assert [Path(r["source"]).name for r in result.records()] == ["real.png"]
             assert "skipped 3 pipe(s), socket(s) or device(s)" in result.stderr
+
+
+def test_every_way_a_stream_named_on_purpose_fails_is_its_own_one_line_error(cli, tmp_path, photos, monkeypatch):
+    """Pipes, sockets and devices named on purpose (not met in a walk): read once, bounded, and
+    each failure is that item's error; the pictures beside it are still answered."""
+    monkeypatch.setattr("granite_cli.inputs.MAX_DOWNLOAD_BYTES", 2**20)  # 1 MiB: quick to exceed
+    monkeypatch.setattr("granite_cli.inputs.PIPE_WRITER_WAIT_S", 0.3)
+    good = photos / "img00.png"
+    feeds: list[threading.Thread] = []
+
+    def fifo(name: str, data: bytes | None) -> Path:
+        """A named pipe; a writer writes `data` into it (None: nobody ever opens it to write)."""
+        path = tmp_path / name
+        os.mkfifo(path)
+        if data is not None:
+
+            def feed() -> None:
+                with open(path, "wb") as handle:
+                    handle.write(data)
+
+            feeds.append(threading.Thread(target=feed, daemon=True))
+            feeds[-1].start()
+        return path
+
+    picture = good.read_bytes()
+    exact = picture + b"\0" * (2**20 - len(picture))  # trailing bytes after the image's end: still the image
+    cases = {
+        fifo("pipe.png", picture): None,
+        fifo("exact.png", exact): None,
+        fifo("empty.png", b""): "named pipe: nothing wrote to it within 0 s",  # a writer that wrote nothing
+        fifo("large.png", exact + b"\0"): "stream larger than 1 MiB",
+        fifo("nobody.png", None): "named pipe: nothing wrote to it within 0 s",
+        Path("/dev/null"): "empty stream",
+        Path("/dev/zero"): "stream larger than 1 MiB",
+    }
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "socket.png"))
+        cases[tmp_path / "socket.png"] = "is a socket, not a file"
+        with deadline(120):
+            result = cli("caption", *map(str, cases), str(good))
+    records = result.records()
+    assert result.exit_code == 1 and len(records) == len(cases) + 1
+    for (path, error), record in zip(cases.items(), records[:-1], strict=True):
+        assert record["source"] == str(path)
+        if error is None:
+            assert record["answer"] is not None and (record["width"], record["height"]) == Image.open(good).size
+        else:
+            assert record["error"] == error and f"{path}: {error}" in result.stderr
+    assert records[-1]["answer"] is not None
 
 
 @pytest.mark.slow

@@ -188,6 +188,21 @@ def test_markdown_table_and_csv(cli, pictures, tmp_path):
     assert plain.exit_code == 0 and plain.stdout.startswith("source,page,prompt,answer,error")
 
 
+def test_html_cards_show_each_field_as_people_read_it(cli, pictures, tmp_path):
+    """Text fields as their text (no JSON quotes), other values as JSON."""
+    from html import escape
+
+    report = tmp_path / "fields.html"
+    schema = json.dumps({"type": "object", "properties": {"title": {"type": "string", "maxLength": 12},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["title", "count"]})  # fmt: skip
+    result = cli("caption", pictures[0], "--schema", schema, "--max-new-tokens", "60", "-o", str(report))
+    data = json.loads((tmp_path / "fields.html.jsonl").read_text())["data"]
+    assert result.exit_code == 0 and isinstance(data["title"], str) and isinstance(data["count"], int)
+    page = report.read_text()
+    assert f"<tr><th>title</th><td>{escape(data['title'])}</td></tr>" in page
+    assert f"<tr><th>count</th><td>{data['count']}</td></tr>" in page
+
+
 def test_compact_field_names_in_any_script(cli, pictures):
     schema = compact("émetteur, 名前, Größe:integer")
     assert list(schema["properties"]) == ["émetteur", "名前", "Größe"]
