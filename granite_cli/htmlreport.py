@@ -132,7 +132,9 @@ class HtmlWriter(StreamWriter):
 
     @staticmethod
     def recognizes(text: str, whole: bool) -> bool:
-        return text.lstrip().lower().startswith("<!doctype html>") and GENERATOR in text[:2000]
+        """Our start; and, read whole, our end (a page cut short is not a whole report)."""
+        ours = text.lstrip().lower().startswith("<!doctype html>") and GENERATOR in text[:2000]
+        return ours and (not whole or text.rstrip().endswith("</html>"))
 
     @staticmethod
     def holds_records(text: str) -> bool:

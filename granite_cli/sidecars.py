@@ -29,7 +29,7 @@ from .sources import Item
 class Sidecars:
     """Where each item's sidecar goes, and whether it may be written."""
 
-    def __init__(self, extension: str, overwrite: bool = False):
+    def __init__(self, extension: str, overwrite: bool):
         if extension and not extension.startswith(".") and _ENDING.fullmatch("." + extension):
             raise UsageError(
                 f"--sidecar {extension!r}: a file name ending starts with a dot; did you mean .{extension}?"

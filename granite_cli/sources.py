@@ -93,7 +93,7 @@ class PageSelection:
     @classmethod
     def parse(cls, text: str) -> PageSelection:
         ranges: list[tuple[int, int | None]] = []
-        for part in text.replace(" ", "").split(","):
+        for part in text.split(","):  # int() takes spaces around a number, and only there
             try:
                 if "-" in part:
                     start_text, end_text = part.split("-", 1)

@@ -153,8 +153,12 @@ def http_root(tmp_path):
     from functools import partial
 
     noise(320, 240, 7).save(tmp_path / "remote.png")
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *args: None
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # not into the stderr a test reads
+            pass
+
+    handler = partial(Quiet, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

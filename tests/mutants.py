@@ -4,6 +4,7 @@
     python3 tests/mutants.py records sidecars # some modules (minutes each)
     python3 tests/mutants.py --report         # the table of the last runs, without running
     python3 tests/mutants.py --survivors      # every surviving mutant's diff, to triage
+    python3 tests/mutants.py --recheck        # the survivors again, once tests were added
 
 mutmut (3.x) makes the mutants from the code itself, so nobody chooses them; it runs the fast test
 lane once to learn which tests reach which function, then runs each mutant against only those
@@ -119,7 +120,7 @@ def configure(modules: list[str], jobs: int) -> None:
         handle.write("\n".join(lines) + "\n")
 
 
-def run(modules: list[str], jobs: int) -> float:
+def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     """mutmut over `modules`. Its map of which tests reach which function is made for the modules
     it instruments: a run over other modules than the last one starts afresh (else functions
     first instrumented now would keep the map of tests made without them, and look untested)."""
@@ -136,7 +137,7 @@ def run(modules: list[str], jobs: int) -> float:
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     started = time.monotonic()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(models)}
-    command = [sys.executable, str(Path(__file__).resolve()), "--mutmut", "run", "--max-children", str(jobs)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--mutmut", "run", "--max-children", str(jobs), *names]
     subprocess.run(command, cwd=WORK, env=env, stdout=subprocess.DEVNULL, check=False)
     return time.monotonic() - started
 
@@ -264,10 +265,18 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only print the table of earlier runs")
     parser.add_argument("--survivors", action="store_true", help="print every survivor's diff")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument(
+        "--recheck", action="store_true", help="run the survivors again (after adding tests), keeping other results"
+    )
     args = parser.parse_args()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
-    if not (args.report or args.survivors):
+    if args.recheck:  # the same selection as the last run, so that its results stay
+        chosen = json.loads((WORK / "modules.json").read_text())
+        again = [name for m in results().values() for name in m.survived + m.untested]
+        seconds = run(chosen, args.jobs, again)
+        print(f"mutmut ran {len(again)} survivor(s) again in {seconds / 60:.1f} min", file=sys.stderr)
+    elif not (args.report or args.survivors):
         chosen = [module_path(name) for name in args.modules] or all_modules()
         seconds = run(chosen, args.jobs)
         print(f"mutmut ran {len(chosen)} module(s) in {seconds / 60:.1f} min", file=sys.stderr)

@@ -111,7 +111,8 @@ def test_page_selection_parsing():
     assert PageSelection.parse("8-").select(10) == [8, 9, 10]
     assert PageSelection.parse("-2, 2").select(10) == [1, 2]
     assert PageSelection.parse("5-9").select(6) == [5, 6]
-    for bad in ("0", "3-1", "a", "1-2-3", ""):
+    assert PageSelection.parse(" 2 - 4 ,9").select(10) == [2, 3, 4, 9]
+    for bad in ("0", "3-1", "a", "1-2-3", "", "1 2", "1,,2"):
         with pytest.raises(UsageError):
             PageSelection.parse(bad)
 
