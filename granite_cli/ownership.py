@@ -21,6 +21,7 @@ from pathlib import Path
 from .errors import UsageError
 from .htmlreport import THUMBNAIL_NAME
 from .journal import read_records, sniff
+from .records import shown_briefly
 from .sources import FileId, Item
 from .writers import WRITERS, render
 
@@ -130,8 +131,9 @@ def check_report(report: Path, journal: Path, fmt: str, columns: Sequence[str], 
     ours = {row for record in records for row in _rows(fmt, render(fmt, [record], report, columns))}
     edited = next((row for row in rows if row not in ours), None)
     if edited is not None:
+        row = shown_briefly(",".join(edited))
         raise UsageError(
-            f"{label}: a row was changed since granite-vision wrote it ({_shown(edited)}); refusing to replace"
+            f"{label}: a row was changed since granite-vision wrote it ({row}); refusing to replace"
             " hand edits. Hint: move it away (--resume then rebuilds it from its journal), or --overwrite"
         )
 
@@ -143,8 +145,3 @@ def _rows(fmt: str, text: str) -> list[tuple[str, ...]]:
     if fmt == "imagefolder":
         return [(line,) for line in text.splitlines() if line.strip()]
     return []
-
-
-def _shown(row: tuple[str, ...]) -> str:
-    text = ",".join(row)
-    return repr(text if len(text) <= 60 else text[:57] + "...")

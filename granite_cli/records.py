@@ -94,13 +94,13 @@ class Job:
             ("schema", record.schema, self.schema),
         ):
             if theirs != ours:
-                return f"another {what} ({_shown(theirs)}; this run: {_shown(ours)})"
+                return f"another {what} ({shown_briefly(theirs)}; this run: {shown_briefly(ours)})"
         for name in SETTINGS if self.settings is not None and record.settings is not None else ():
             if name not in record.settings:  # a setting newer than the record: it had the default
                 continue
             theirs, ours = record.settings[name], self.settings.get(name)
             if theirs != ours:
-                return f"another --{name.replace('_', '-')} ({_shown(theirs)}; this run: {_shown(ours)})"
+                return f"another --{name.replace('_', '-')} ({shown_briefly(theirs)}; this run: {shown_briefly(ours)})"
         return None
 
     def reuses(self, record: Record) -> bool:
@@ -127,7 +127,8 @@ def dumps(value: Any) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _shown(value: Any) -> str:
+def shown_briefly(value: Any) -> str:
+    """A value for a one-line message: text quoted and cut to 60 characters."""
     if value is None:
         return "none"
     if not isinstance(value, str):

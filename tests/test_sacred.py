@@ -222,7 +222,7 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
 
 
 # --------------------------------------------------------------------------- results that say what is true
-def test_11_imagefolder_refuses_what_the_loader_cannot_read(cli, tmp_path):
+def test_11_imagefolder_refuses_what_the_loader_cannot_read(cli, tmp_path, monkeypatch):
     data = tmp_path / "data"
     for split in ("train", "test"):
         (data / split).mkdir(parents=True)
@@ -236,9 +236,18 @@ def test_11_imagefolder_refuses_what_the_loader_cannot_read(cli, tmp_path):
 
     loaded = datasets.load_dataset("imagefolder", data_dir=str(data / "train"), split="train")
     assert loaded.num_rows == 1 and loaded[0]["text"]
-    (data / "train" / "metadata.csv").write_text("file_name,text\na.png,x\n")
-    other = cli("caption", str(data / "train"), "-f", "imagefolder", "-o", str(data / "train" / "metadata.jsonl"))
-    assert other.exit_code == 2 and "metadata.csv is there too" in other.stderr
+    args = ("-f", "imagefolder", "-o", str(data / "train" / "metadata.jsonl"))
+    for name in ("metadata.csv", "metadata.parquet"):  # the loader reads one metadata file per folder
+        (data / "train" / name).write_text("file_name,text\na.png,x\n")
+        other = cli("caption", str(data / "train"), *args)
+        assert other.exit_code == 2 and other.stderr.strip().splitlines()[-1] == (
+            f"error: --format imagefolder: {data / 'train' / name} is there too, and the loader reads one metadata"
+            " file per folder (it would fail); move it away, or write the dataset elsewhere"
+        )
+        (data / "train" / name).unlink()
+    monkeypatch.chdir(data / "train")  # a URL is no file of the dataset, wherever the run stands
+    url = cli("caption", "http://127.0.0.1:9/a.png", *args)
+    assert url.exit_code == 2 and "http://127.0.0.1:9/a.png is not a file inside" in url.stderr
 
 
 @pytest.mark.parametrize("fmt", ["markdown", "html", "csv"])
@@ -321,6 +330,15 @@ def test_16_and_28_the_html_report_fetches_nothing_and_shows_every_page(cli, tmp
     (report.parent / "report.html.files" / "mine.txt").write_text("the user's")
     refused = cli(*args, "--overwrite")
     assert refused.exit_code == 2 and "is not the report's folder of page pictures" in refused.stderr
+    assert one_error_line(refused.stderr).endswith("; refusing to write in it. Hint: pick another --output")
+    folder = report.parent / "report.html.files"
+    (folder / "mine.txt").unlink()
+    folder.rename(tmp_path / "elsewhere")
+    folder.symlink_to(tmp_path / "elsewhere")  # a link to a folder of the same pictures: still not ours to write in
+    assert cli(*args, "--overwrite").exit_code == 2
+    folder.unlink()
+    folder.write_text("a file where the folder would be")
+    assert cli(*args, "--overwrite").exit_code == 2 and folder.read_text() == "a file where the folder would be"
 
 
 def test_17_resuming_with_fewer_inputs_counts_them_and_keeps_the_order(cli, shots, tmp_path):
