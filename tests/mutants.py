@@ -3,6 +3,7 @@
     python3 tests/mutants.py                  # every module (hours on 2 cores; results are cached)
     python3 tests/mutants.py records sidecars # some modules (minutes each)
     python3 tests/mutants.py --report         # the table of the last runs, without running
+    python3 tests/mutants.py --report --readme  # ... and into the README's development section
     python3 tests/mutants.py --survivors      # every surviving mutant's diff, to triage
     python3 tests/mutants.py --recheck        # the survivors again, once tests were added
 
@@ -238,9 +239,10 @@ def table(modules: dict[str, Module]) -> str:
     for module in sorted(modules.values(), key=lambda m: m.name):
         target = TARGET[module.guard]
         mark = "" if module.score >= target else " **below**"
+        score = f"{module.score:.0%}{mark}" if module.counted else "–"
         name = module.name.removeprefix("granite_cli/")
         rows.append(
-            f"| {name} | {len(module.killed)} / {module.counted} | {module.score:.0%}{mark} | {target:.0%}"
+            f"| {name} | {len(module.killed)} / {module.counted} | {score} | {target:.0%}"
             f" | {len(module.survived)} | {len(module.untested)} | {len(module.equivalent)} | {len(module.pending)}"
             f" | {module.seconds / 60:.0f} min |"
         )
@@ -269,6 +271,7 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only print the table of earlier runs")
     parser.add_argument("--survivors", action="store_true", help="print every survivor's diff")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument("--readme", action="store_true", help="put the table in the README's development section")
     parser.add_argument(
         "--recheck", action="store_true", help="run the survivors again (after adding tests), keeping other results"
     )
@@ -293,6 +296,11 @@ def main() -> int:
     report = table(modules)
     (WORK / "report.md").write_text(report + "\n")
     print(report)
+    if args.readme:
+        readme = ROOT / "README.md"
+        head, _, rest = readme.read_text().partition("<!-- mutants:begin -->\n")
+        _, _, tail = rest.partition("<!-- mutants:end -->")
+        readme.write_text(f"{head}<!-- mutants:begin -->\n{report}\n<!-- mutants:end -->{tail}")
     failing = [m.name for m in modules.values() if m.score < TARGET[m.guard]]
     return 1 if failing else 0
 

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -197,6 +198,8 @@ def test_the_html_report_has_a_card_per_item_and_escapes_everything(cli, album, 
     assert any("%3Cimg%20src%3Dx" in src for src in parser.images)  # and linked by its escaped name
     assert parser.scripts == 1 and not parser.external  # self-contained: nothing fetched
     assert "model <code>" in text and "<th>paid</th>" in text
+    assert text.count("<!doctype html>") == text.count("<header>") == text.count("</html>") == 1  # one page
+    assert re.search(r" · made \d{4}-\d\d-\d\d \d\d:\d\d</p>", text)  # when, to the minute
     resumed = cli(
         "caption", str(album), "-f", "html", "-o", str(report), "--schema", "paid:boolean", "--resume",
         "--max-new-tokens", "30",
