@@ -280,6 +280,7 @@ def main() -> int:
         shutil.rmtree(WORK, ignore_errors=True)
     if args.recheck:  # the same selection as the last run, so that its results stay
         chosen = json.loads((WORK / "modules.json").read_text())
+        (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # tests changed: map them afresh
         again = [name for m in results().values() for name in m.survived + m.untested]
         seconds = run(chosen, args.jobs, again)
         print(f"mutmut ran {len(again)} survivor(s) again in {seconds / 60:.1f} min", file=sys.stderr)

@@ -193,6 +193,7 @@ def test_the_html_report_has_a_card_per_item_and_escapes_everything(cli, album, 
     assert len(parser.cards) == len(records) == 8
     errors = [card for card in parser.cards if "error" in card["class"]]
     assert len(errors) == 1 and "not an image or PDF" in errors[0]["text"]
+    assert sorted({card["class"] for card in parser.cards}) == ["card", "card error"]  # what the page's filter reads
     assert any(HOSTILE in card["text"] for card in parser.cards)  # shown as text ...
     assert "<img src=x" not in text  # ... never as markup
     assert any("%3Cimg%20src%3Dx" in src for src in parser.images)  # and linked by its escaped name
