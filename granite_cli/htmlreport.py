@@ -131,10 +131,10 @@ class HtmlWriter(StreamWriter):
         self.stream.flush()
 
     @staticmethod
-    def recognizes(text: str, whole: bool) -> bool:
-        """Our start; and, read whole, our end (a page cut short is not a whole report)."""
+    def recognizes(text: str) -> bool:
+        """Our start and our end (a page cut short is not a whole report)."""
         ours = text.lstrip().lower().startswith("<!doctype html>") and GENERATOR in text[:2000]
-        return ours and (not whole or text.rstrip().endswith("</html>"))
+        return ours and text.rstrip().endswith("</html>")
 
     @staticmethod
     def holds_records(text: str) -> bool:

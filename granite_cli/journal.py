@@ -19,9 +19,6 @@ from .records import Record
 from .sources import Item
 from .writers import WRITERS
 
-#: How much of an existing output is read to tell whether it is ours (all of it with --resume).
-SNIFF_BYTES = 64 * 1024
-
 
 @dataclass
 class Previous:
@@ -128,15 +125,15 @@ def in_run_order(records: Sequence[Record], items: Sequence[Item], identities: I
     return result
 
 
-def sniff(path: Path, whole: bool = False) -> str | None:
+def sniff(path: Path) -> str | None:
     """What an existing file reads as: "empty", a format's name, or None (not a granite-vision
-    output). Only the start is read unless `whole`."""
+    output). All of it is read: a file is ours only if all of it is what we write."""
     with open(path, "rb") as handle:
-        data = handle.read() if whole else handle.read(SNIFF_BYTES)
+        data = handle.read()
     if not data.strip():
         return "empty"
     text = data.decode("utf-8", errors="replace")
-    return next((name for name, writer in WRITERS.items() if writer.recognizes(text, whole)), None)
+    return next((name for name, writer in WRITERS.items() if writer.recognizes(text)), None)
 
 
 # --------------------------------------------------------------------------- one writer at a time

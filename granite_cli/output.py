@@ -338,7 +338,7 @@ class FileOutput:
 
     def _whole_report(self) -> bool:
         try:
-            return sniff(self.path, whole=True) == self.fmt
+            return sniff(self.path) == self.fmt
         except OSError:
             return False
 

@@ -80,7 +80,7 @@ def check_formats(files: Sequence[Path], report: Path, fmt: str, label: str, des
             raise UsageError(f"{label}: {path} is not a regular file; refusing to touch it")
         expected = fmt if path == report else "jsonl"
         try:
-            kind = sniff(path, whole=True)
+            kind = sniff(path)
         except OSError as exc:
             raise UsageError(f"{label}: cannot read {path} ({exc.strerror})") from None
         if kind in (expected, "empty"):
@@ -116,7 +116,7 @@ def check_report(report: Path, journal: Path, fmt: str, columns: Sequence[str], 
     """A report that shows records must have the journal it was built from (else `--resume`
     would start from nothing and replace them), and a CSV or metadata.jsonl must show nothing
     but rows built from it (else someone edited it)."""
-    if overwrite or report == journal or not report.exists() or sniff(report, whole=True) == "empty":
+    if overwrite or report == journal or not report.exists() or sniff(report) == "empty":
         return
     text = report.read_text(encoding="utf-8", errors="surrogateescape")
     records, _ = read_records(journal)

@@ -53,8 +53,8 @@ class Writer(Protocol):
         """Raise `UsageError` if these items cannot go to `path` (None: stdout) in this format."""
 
     @staticmethod
-    def recognizes(text: str, whole: bool) -> bool:
-        """Whether `text` (a file's start, or all of it if `whole`) is this writer's output."""
+    def recognizes(text: str) -> bool:
+        """Whether `text` (all of a file) is this writer's output."""
 
 
 class JsonlWriter(StreamWriter):
@@ -70,10 +70,10 @@ class JsonlWriter(StreamWriter):
         self.stream.flush()
 
     @staticmethod
-    def recognizes(text: str, whole: bool) -> bool:
+    def recognizes(text: str) -> bool:
         """Every complete line a record; the last one may be torn by a crash."""
         lines = text.split("\n")
-        complete = [line for line in (lines if whole and text.endswith("\n") else lines[:-1]) if line.strip()]
+        complete = [line for line in lines[:-1] if line.strip()]  # (after a final newline: "")
         if not complete:  # one unterminated line: a record torn by a crash, or not ours
             return lines[0].startswith('{"source": ')
         try:
@@ -126,7 +126,7 @@ class MarkdownWriter(StreamWriter):
         self.stream.flush()
 
     @staticmethod
-    def recognizes(text: str, whole: bool) -> bool:
+    def recognizes(text: str) -> bool:
         return text.split("\n", 1)[0].rstrip("\r") == f"# {REPORT_TITLE}"
 
     @staticmethod
@@ -188,12 +188,11 @@ class CsvWriter(StreamWriter):
         _own_names("csv", columns, cls.OWN)
 
     @classmethod
-    def recognizes(cls, text: str, whole: bool) -> bool:
+    def recognizes(cls, text: str) -> bool:
         """Every row: a header of ours (our columns around the schema's), then rows as wide as
         it, each with a page that is empty or a number."""
-        lines = text if whole else text[: text.rfind("\n") + 1]
         try:
-            rows = list(csv.reader(io.StringIO(lines, newline="")))
+            rows = list(csv.reader(io.StringIO(text, newline="")))
         except csv.Error:
             return False
         if not rows or rows[0][:4] != list(cls.OWN[:4]) or rows[0][-1] != "error":
@@ -297,10 +296,10 @@ class ImagefolderWriter(StreamWriter):
                 )
 
     @staticmethod
-    def recognizes(text: str, whole: bool) -> bool:
+    def recognizes(text: str) -> bool:
         """Every line a row of ours: a `file_name`, its `text` and its `page` (a hand-written
         metadata.jsonl with a `label` column is the user's own)."""
-        lines = [line for line in (text if whole else text[: text.rfind("\n") + 1]).split("\n") if line.strip()]
+        lines = [line for line in text.split("\n") if line.strip()]
         try:
             rows = [json.loads(line) for line in lines]
         except ValueError:

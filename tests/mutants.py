@@ -125,11 +125,12 @@ def configure(modules: list[str], jobs: int) -> None:
 
 def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     """mutmut over `modules`. Its map of which tests reach which function is made for the modules
-    it instruments: a run over other modules than the last one starts afresh (else functions
-    first instrumented now would keep the map of tests made without them, and look untested)."""
+    it instruments: a run over other modules than the last one makes the map afresh (else
+    functions first instrumented now would keep a map made without them, and look untested).
+    The verdicts of every module stay, so one module's run does not cost another's."""
     chosen = WORK / "modules.json"
     if chosen.exists() and json.loads(chosen.read_text()) != modules:
-        shutil.rmtree(WORK / "mutants", ignore_errors=True)
+        (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     sync()
     chosen.write_text(json.dumps(modules))
     configure(modules, jobs)

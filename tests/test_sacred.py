@@ -95,6 +95,7 @@ def test_3_a_lock_is_held_from_planning_to_the_end(cli, shots, tmp_path, monkeyp
         ("table.csv", "csv", "source,page,notes\nx.png,1,hello\n"),
         ("table.csv", "csv", "source,page,prompt,answer,error\nx.png,one,hi,there,\n"),
         ("out.jsonl", "jsonl", '{"source": "a.png", "page": null, "prompt": "p", "model": "m"}\nnotes\n'),
+        ("page.html", "html", "<!doctype html>\n<p>the user's own page</p>\n</html>\n"),
     ],
 )
 def test_4_a_file_is_ours_only_if_all_of_it_is_what_we_write(cli, shots, name, fmt, text):
@@ -277,7 +278,8 @@ def test_13_schema_fields_may_not_take_a_formats_own_columns(cli, shots, tmp_pat
     ]:
         out = shots / "metadata.jsonl" if fmt == "imagefolder" else tmp_path / "t.csv"
         result = cli("caption", str(shots), "-f", fmt, "-o", str(out), "--schema", fields)
-        assert result.exit_code == 2 and f"the --schema field(s) {taken} would share a column" in result.stderr
+        said = f"--format {fmt}: the --schema field(s) {taken} would share a column"
+        assert result.exit_code == 2 and said in result.stderr
         assert not out.exists()
 
 

@@ -133,7 +133,11 @@ def test_output_cut_by_max_new_tokens_is_an_error_with_its_raw_text(cli, picture
         ('{"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}', "xgrammar cannot"),
         ("{not json", "not JSON"),
         ("[1, 2]", "must be a JSON object"),
-        ("total:money", "unknown type"),
+        (
+            "total:money",
+            "--schema: field 'total' has unknown type 'money'; use one of boolean, integer, number, string",
+        ),
+        ("total, Total:number, total", "--schema: field 'total' appears twice"),
     ],
 )
 def test_bad_schemas_are_usage_errors_before_the_model_loads(cli, pictures, tmp_path, schema, message):
