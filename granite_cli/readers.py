@@ -157,11 +157,18 @@ class PdfiumReader(_PdfKind):
         import pypdfium2 as pdfium
 
         self.options = options
-        data = source.data if isinstance(source, Blob) else str(source)
+        self.file = None
+        if isinstance(source, Blob):
+            data = source.data
+        elif _utf8(str(source)):
+            data = str(source)
+        else:  # a name of bytes that are not UTF-8: pypdfium2 4 encodes paths as UTF-8, so hand it the file
+            data = self.file = open(source, "rb")  # noqa: SIM115 - closed in close()
         with _PDFIUM_LOCK:
             try:
                 self.pdf = pdfium.PdfDocument(data, password=options.password)
             except pdfium.PdfiumError as exc:
+                self.close_file()
                 raise _explain_pdfium(exc, source, options.password) from exc
 
     def page_count(self) -> int:
@@ -190,6 +197,12 @@ class PdfiumReader(_PdfKind):
     def close(self) -> None:
         with _PDFIUM_LOCK:
             self.pdf.close()
+        self.close_file()
+
+    def close_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class PopplerReader(_PdfKind):
@@ -374,6 +387,14 @@ def _poppler_sizes(info: dict) -> dict[int, tuple[float, float]]:
         if page and size:
             sizes[int(page[1])] = (float(size[1]), float(size[2]))
     return sizes
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def poppler_available() -> bool:

@@ -146,6 +146,37 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     return time.monotonic() - started
 
 
+def recheck(jobs: int) -> float:
+    """The survivors again, once tests were added, and every mutant of a function that changed
+    since (mutmut forgets their verdicts when it makes them again); every other verdict stays.
+    The same selection of modules as the last run, and the map of tests made afresh."""
+    chosen = json.loads((WORK / "modules.json").read_text())
+    (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    before = function_hashes()
+    again = [name for m in results().values() for name in m.survived + m.untested]
+    seconds = run(chosen, jobs, again)
+    changed = {key for key, value in function_hashes().items() if before.get(key) != value}
+    pending = [
+        name
+        for meta in (WORK / "mutants" / "granite_cli").rglob("*.py.meta")
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items()
+        if code is None and (name.rpartition(".")[0], name.rpartition(".")[2].rpartition("__mutmut_")[0]) in changed
+    ]
+    if pending:
+        seconds += run(chosen, jobs, pending)
+    return seconds
+
+
+def function_hashes() -> dict[tuple[str, str], str]:
+    """(module, mangled function name) -> the hash mutmut keeps of its code."""
+    hashes = {}
+    for meta in (WORK / "mutants" / "granite_cli").rglob("*.py.meta"):
+        module = ".".join(meta.relative_to(WORK / "mutants").with_suffix("").with_suffix("").parts)
+        for function, value in json.loads(meta.read_text()).get("hash_by_function_name", {}).items():
+            hashes[(module, function)] = value
+    return hashes
+
+
 def mutmut(argv: list[str]) -> None:
     """mutmut itself, with one operator narrowed: a string literal gets the one mutant that says
     whether its text matters at all ("XX" around it), not also its lower- and upper-case
@@ -279,12 +310,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
-    if args.recheck:  # the same selection as the last run, so that its results stay
-        chosen = json.loads((WORK / "modules.json").read_text())
-        (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # tests changed: map them afresh
-        again = [name for m in results().values() for name in m.survived + m.untested]
-        seconds = run(chosen, args.jobs, again)
-        print(f"mutmut ran {len(again)} survivor(s) again in {seconds / 60:.1f} min", file=sys.stderr)
+    if args.recheck:
+        seconds = recheck(args.jobs)
+        print(f"mutmut checked the survivors and the changed functions in {seconds / 60:.1f} min", file=sys.stderr)
     elif not (args.report or args.survivors):
         chosen = [module_path(name) for name in args.modules] or all_modules()
         seconds = run(chosen, args.jobs)
