@@ -158,11 +158,9 @@ class PdfiumReader(_PdfKind):
 
         self.options = options
         self.file = None
-        if isinstance(source, Blob):
-            data = source.data
-        elif _utf8(str(source)):
-            data = str(source)
-        else:  # a name of bytes that are not UTF-8: pypdfium2 4 encodes paths as UTF-8, so hand it the file
+        data = source.data if isinstance(source, Blob) else str(source)
+        if isinstance(data, str) and data.encode("utf-8", "replace").decode() != data:
+            # A name of bytes that are not UTF-8: pypdfium2 4 encodes paths as UTF-8, so it gets the file.
             data = self.file = open(source, "rb")  # noqa: SIM115 - closed in close()
         with _PDFIUM_LOCK:
             try:
@@ -387,14 +385,6 @@ def _poppler_sizes(info: dict) -> dict[int, tuple[float, float]]:
         if page and size:
             sizes[int(page[1])] = (float(size[1]), float(size[2]))
     return sizes
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def poppler_available() -> bool:
