@@ -253,3 +253,14 @@ def test_markdown_links_every_tiff_page_and_embeds_no_failed_picture(cli, album,
     assert "[page 2 of menu.pdf](menu.pdf#page=2)" in text
     assert "![beach.jpg](beach.jpg)" in text
     assert "broken.png" in text and "![broken.png]" not in text  # an error is not shown as a picture
+
+
+def test_a_markdown_section_is_the_name_the_picture_and_the_answer(cli, album, tmp_path):
+    """One section a picture, exactly: its name verbatim (a backtick in it too), then the answer."""
+    noise(30, 30).save(album / "odd`name.png")
+    record = cli("caption", str(album / "odd`name.png")).records()[0]
+    report = cli("caption", str(album / "odd`name.png"), "-f", "markdown").stdout
+    name = str(album / "odd`name.png")
+    assert f"## `` {name} ``\n" in report and f"\n{record['answer'].strip()}\n" in report
+    failed = cli("caption", str(album / "gone.png"), "-f", "markdown").stdout
+    assert failed.count("\n## ") == 1 and "XX" not in failed and "no such file" in failed

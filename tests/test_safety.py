@@ -3,6 +3,7 @@ traceback. One test (or a few) per promise of the README's "Your files are safe"
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -236,19 +237,27 @@ def test_every_way_a_stream_named_on_purpose_fails_is_its_own_one_line_error(cli
     """Pipes, sockets and devices named on purpose (not met in a walk): read once, bounded, and
     each failure is that item's error; the pictures beside it are still answered."""
     monkeypatch.setattr("granite_cli.inputs.MAX_DOWNLOAD_BYTES", 2**20)  # 1 MiB: quick to exceed
-    monkeypatch.setattr("granite_cli.inputs.PIPE_WRITER_WAIT_S", 0.3)
+    monkeypatch.setattr("granite_cli.inputs.PIPE_WRITER_WAIT_S", 1.5)
     good = photos / "img00.png"
     feeds: list[threading.Thread] = []
 
-    def fifo(name: str, data: bytes | None) -> Path:
-        """A named pipe; a writer writes `data` into it (None: nobody ever opens it to write)."""
+    def fifo(name: str, data: bytes | None, opens_after: float = 0.0, writes_after: float = 0.0) -> Path:
+        """A named pipe; a writer opens it (after a while), then writes `data` into it (after a
+        while; None: nobody ever opens it to write; b"...": forever, until the reader leaves)."""
         path = tmp_path / name
         os.mkfifo(path)
         if data is not None:
 
             def feed() -> None:
-                with open(path, "wb") as handle:
+                time.sleep(opens_after)
+                with (
+                    contextlib.suppress(BrokenPipeError),
+                    open(path, "wb") as handle,
+                ):  # (the reader stops at its limit)
+                    time.sleep(writes_after)
                     handle.write(data)
+                    while data == b"...":
+                        handle.write(data * 4096)
 
             feeds.append(threading.Thread(target=feed, daemon=True))
             feeds[-1].start()
@@ -259,9 +268,12 @@ def test_every_way_a_stream_named_on_purpose_fails_is_its_own_one_line_error(cli
     cases = {
         fifo("pipe.png", picture): None,
         fifo("exact.png", exact): None,
-        fifo("empty.png", b""): "named pipe: nothing wrote to it within 0 s",  # a writer that wrote nothing
+        fifo("empty.png", b""): "named pipe: nothing wrote to it within 2 s",  # a writer that wrote nothing
         fifo("large.png", exact + b"\0"): "stream larger than 1 MiB",
-        fifo("nobody.png", None): "named pipe: nothing wrote to it within 0 s",
+        fifo("nobody.png", None): "named pipe: nothing wrote to it within 2 s",
+        fifo("late.png", picture, opens_after=0.3): None,  # a writer that comes within the wait
+        fifo("slow.png", picture, writes_after=0.3): None,  # one that is there, and writes a moment later
+        fifo("endless.png", b"..."): "stream larger than 1 MiB",  # read up to the limit, not forever
         Path("/dev/null"): "empty stream",
         Path("/dev/zero"): "stream larger than 1 MiB",
     }
