@@ -152,19 +152,34 @@ def recheck(jobs: int) -> float:
     The same selection of modules as the last run, and the map of tests made afresh."""
     chosen = json.loads((WORK / "modules.json").read_text())
     (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-    before = function_hashes()
+    before, decided = function_hashes(), set(verdicts(WORK / "mutants"))
     again = [name for m in results().values() for name in m.survived + m.untested]
     seconds = run(chosen, jobs, again)
     changed = {key for key, value in function_hashes().items() if before.get(key) != value}
-    pending = [
+    pending = [  # what mutmut forgot (it forgets a changed file's verdicts), and what changed
         name
-        for meta in (WORK / "mutants" / "granite_cli").rglob("*.py.meta")
-        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items()
-        if code is None and (name.rpartition(".")[0], name.rpartition(".")[2].rpartition("__mutmut_")[0]) in changed
+        for name, code in verdicts(WORK / "mutants", everything=True).items()
+        if code is None and (name in decided or function_key(name) in changed)
     ]
     if pending:
         seconds += run(chosen, jobs, pending)
     return seconds
+
+
+def function_key(name: str) -> tuple[str, str]:
+    """`granite_cli.records.xǁJobǁreuses__mutmut_3` -> (`granite_cli.records`, `xǁJobǁreuses`)."""
+    module, _, mutant = name.rpartition(".")
+    return module, mutant.rpartition("__mutmut_")[0]
+
+
+def verdicts(folder: Path, everything: bool = False) -> dict[str, int | None]:
+    """Every mutant's exit code in mutmut's result files (only those decided, unless `everything`)."""
+    codes = {}
+    for meta in (folder / "granite_cli").rglob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if everything or code is not None:
+                codes[name] = code
+    return codes
 
 
 def function_hashes() -> dict[tuple[str, str], str]:
