@@ -166,7 +166,7 @@ class PdfiumReader(_PdfKind):
             try:
                 self.pdf = pdfium.PdfDocument(data, password=options.password)
             except pdfium.PdfiumError as exc:
-                self.close_file()
+                self._close_file()
                 raise _explain_pdfium(exc, source, options.password) from exc
 
     def page_count(self) -> int:
@@ -195,9 +195,9 @@ class PdfiumReader(_PdfKind):
     def close(self) -> None:
         with _PDFIUM_LOCK:
             self.pdf.close()
-        self.close_file()
+        self._close_file()
 
-    def close_file(self) -> None:
+    def _close_file(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None

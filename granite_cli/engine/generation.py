@@ -95,7 +95,7 @@ class Generator:
         rows, length = shape
         kwargs: dict = {
             "max_new_tokens": settings.max_new_tokens,
-            "pad_token_id": self.model.generation_config.pad_token_id,
+            "pad_token_id": self.pad_id,
             "mm_encoder_outputs": {"image": features},
             "logits_processor": [FreeAfterPrefill(features)],
             # A static cache would make transformers compile the decode step behind our back (and
