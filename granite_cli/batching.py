@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import DeviceError, describe
@@ -37,8 +37,6 @@ class Batch:
     """What a preprocessing failure was (see `Engine.failure`): out of memory splits the batch."""
     after_oom: bool = False
     """A part of a batch that ran out of memory: if it fits, its size is remembered."""
-    alone: bool = False
-    """One item run on its own to find the one that fails: a failure is its own."""
 
 
 @dataclass
@@ -64,12 +62,10 @@ class Sizer:
 
     def remember(self, rows: int, longest: int) -> None:
         """A batch of `rows` rows with prompts up to `longest` tokens fitted after a larger one did not."""
-        from .engine import BatchLimits
-
         tokens = rows * (longest + self.max_new_tokens)
         with self.lock:
             current = self.limits
-            self.limits = BatchLimits(min(current.rows, rows), min(current.tokens or tokens, tokens), current.memory)
+            self.limits = replace(current, rows=min(current.rows, rows), tokens=min(current.tokens or tokens, tokens))
 
 
 def group(entries: list, tokens: Callable[[Any], int], sizer: Sizer) -> Iterator[list]:
@@ -111,12 +107,12 @@ def answer(
         engine.release()
         if outcome.kind == "device":
             raise DeviceError(outcome.reason)
-        if len(batch.entries) == 1 or batch.alone:
+        if len(batch.entries) == 1:  # alone: the failure is its own
             yield from ((entry, None, outcome.reason) for entry in batch.entries)
         elif outcome.kind == "oom":
             pending[:0] = _halves(batch, prepare, after_oom=True)
         else:  # one item's problem: each item alone, once
-            pending[:0] = [_alone(prepare([entry])) for entry in batch.entries]
+            pending[:0] = [prepare([entry]) for entry in batch.entries]
 
 
 def _attempt(engine: Engine, batch: Batch, settings: GenerationSettings) -> list[Answer] | Failure:
@@ -138,8 +134,3 @@ def _halves(batch: Batch, prepare: Callable[[list], Batch], after_oom: bool) -> 
     for half in halves:
         half.after_oom = after_oom
     return halves
-
-
-def _alone(batch: Batch) -> Batch:
-    batch.alone = True
-    return batch

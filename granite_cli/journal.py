@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,17 +50,13 @@ def read_records(path: Path) -> tuple[list[Record], bool]:
     for number, raw in enumerate(lines):
         if not raw.strip():
             continue
-        last = number == len(lines) - 1  # no newline after it: written partly, or not at all
         try:
             records.append(Record.from_json(raw.decode("utf-8")))
         except (ValueError, TypeError, UnicodeDecodeError):
-            if last:
-                torn = True
-                continue
-            raise UsageError(f"{path}: line {number + 1} is not a granite-vision record; not touching it") from None
-        if last:  # parsed, but unterminated: keep it, the rewrite terminates it
-            torn = True
-    return records, torn
+            if number < len(lines) - 1:
+                raise UsageError(f"{path}: line {number + 1} is not a granite-vision record; not touching it") from None
+            torn = True  # the last line, with no newline after it: cut short by a crash
+    return records, torn  # (a whole last record without its newline is kept: the rewrite ends it)
 
 
 class Identities:
@@ -81,7 +77,7 @@ class Identities:
         return (self.known[record.source], record.page)
 
 
-def merge(paths: Iterable[Path], identities: Identities | None = None) -> tuple[list[Record], bool]:
+def merge(paths: Iterable[Path], identities: Identities) -> tuple[list[Record], bool]:
     """`merge_records` over these files, read in turn; and whether a torn last line was dropped."""
     records: list[Record] = []
     torn = False
@@ -89,7 +85,7 @@ def merge(paths: Iterable[Path], identities: Identities | None = None) -> tuple[
         found, cut = read_records(path)
         records += found
         torn |= cut
-    return merge_records(records, identities or Identities()), torn
+    return merge_records(records, identities), torn
 
 
 def merge_records(records: Iterable[Record], identities: Identities) -> list[Record]:
@@ -192,27 +188,30 @@ def writing(where: str, resumable: bool = False) -> Iterator[None]:
 
 def write_atomic(path: Path, text: str | bytes, binary: bool = False) -> None:
     """Replace `path` with `text` (bytes if `binary`) so that readers see the old or the new
-    file, never a mix."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    file, never a mix. A replaced file keeps its permissions; a new one gets what any new file
+    gets here (the umask)."""
+    fd, temp = _new_temp(path)
     try:
-        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; the output keeps normal permissions
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(handle.fileno(), path.stat().st_mode & 0o7777)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
 
 
-def _file_mode(path: Path) -> int:
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+def _new_temp(path: Path) -> tuple[int, Path]:
+    """A new hidden file beside `path` (the same file system: the rename is atomic), named after
+    it, so one left by a crash is recognisably ours. Not `mkstemp`: its files are private, and
+    learning the umask to undo that means changing it, for the whole process."""
+    while True:
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        with contextlib.suppress(FileExistsError):
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
 
 
 def jsonl_text(records: Iterable[Record]) -> str:

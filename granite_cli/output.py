@@ -305,9 +305,11 @@ class FileOutput:
         item once, and rebuilds the report (atomically). Returns the merged records (rank 0).
         A run that wrote nothing new leaves every file as it was."""
         with writing(self.label, resumable=True):
-            self.close()
-            if self.rebuilder is not None:
-                self.rebuilder.close()  # the last rebuild below, from every record
+            try:
+                self.close()
+            finally:  # the thread stops whatever happens (the last rebuild is below, from every record)
+                if self.rebuilder is not None:
+                    self.rebuilder.close()
             if self.world == 1 and self.writer is not None:
                 merged = merge_records(self.records, self.identities)
             else:

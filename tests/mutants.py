@@ -278,26 +278,44 @@ def is_equivalent(name: str, path: str, equivalents: list[dict]) -> bool:
     return any(e["before"].strip() == removed and e["after"].strip() == added for e in candidates)
 
 
-def table(modules: dict[str, Module]) -> str:
-    rows = [
-        "| module | killed / counted | score | target | survivors | no test | equivalent | not run | time (est.) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for module in sorted(modules.values(), key=lambda m: m.name):
-        target = TARGET[module.guard]
-        mark = "" if module.score >= target else " **below**"
-        score = f"{module.score:.0%}{mark}" if module.counted else "–"
-        name = module.name.removeprefix("granite_cli/")
-        rows.append(
-            f"| {name} | {len(module.killed)} / {module.counted} | {score} | {target:.0%}"
-            f" | {len(module.survived)} | {len(module.untested)} | {len(module.equivalent)} | {len(module.pending)}"
-            f" | {module.seconds / 60:.0f} min |"
-        )
-    killed = sum(len(m.killed) for m in modules.values())
-    counted = sum(m.counted for m in modules.values())
-    pending = sum(len(m.pending) for m in modules.values())
-    rows.append(f"| **all** | {killed} / {counted} | {killed / max(counted, 1):.0%} | | | | | {pending} | |")
-    return "\n".join(rows)
+HEADER = [
+    "| module | killed / counted | score | target | survivors | no test | equivalent | not run | time (est.) |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def row(module: Module) -> str:
+    target = TARGET[module.guard]
+    mark = "" if module.score >= target else " **below**"
+    score = f"{module.score:.0%}{mark}" if module.counted else "–"
+    name = module.name.removeprefix("granite_cli/")
+    return (
+        f"| {name} | {len(module.killed)} / {module.counted} | {score} | {target:.0%}"
+        f" | {len(module.survived)} | {len(module.untested)} | {len(module.equivalent)} | {len(module.pending)}"
+        f" | {module.seconds / 60:.0f} min |"
+    )
+
+
+def table(modules: dict[str, Module], earlier: dict[str, str] | None = None) -> str:
+    """The score table; `earlier` rows (module -> its row in an earlier table) stand for the
+    modules this copy holds no results of (the copy is local, a README's table is not)."""
+    rows = {module.name.removeprefix("granite_cli/"): row(module) for module in modules.values()}
+    rows = {**(earlier or {}), **rows}
+    killed = counted = pending = 0
+    for line in rows.values():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        done, total = (int(n) for n in cells[1].split("/"))
+        killed, counted, pending = killed + done, counted + total, pending + int(cells[7])
+    total_row = f"| **all** | {killed} / {counted} | {killed / max(counted, 1):.0%} | | | | | {pending} | |"
+    return "\n".join([*HEADER, *(rows[name] for name in sorted(rows)), total_row])
+
+
+def readme_rows(text: str) -> dict[str, str]:
+    """The module rows of the README's table, by module."""
+    _, _, rest = text.partition("<!-- mutants:begin -->\n")
+    inside, _, _ = rest.partition("<!-- mutants:end -->")
+    lines = [line for line in inside.splitlines()[2:] if line.startswith("| ") and not line.startswith("| **all**")]
+    return {line.split("|")[1].strip(): line for line in lines}
 
 
 def survivors(modules: dict[str, Module]) -> str:
@@ -341,11 +359,13 @@ def main() -> int:
     report = table(modules)
     (WORK / "report.md").write_text(report + "\n")
     print(report)
-    if args.readme:
+    if args.readme:  # modules this copy never ran keep the README's row: the table is the project's
         readme = ROOT / "README.md"
-        head, _, rest = readme.read_text().partition("<!-- mutants:begin -->\n")
+        text = readme.read_text()
+        merged = table(modules, readme_rows(text))
+        head, _, rest = text.partition("<!-- mutants:begin -->\n")
         _, _, tail = rest.partition("<!-- mutants:end -->")
-        readme.write_text(f"{head}<!-- mutants:begin -->\n{report}\n<!-- mutants:end -->{tail}")
+        readme.write_text(f"{head}<!-- mutants:begin -->\n{merged}\n<!-- mutants:end -->{tail}")
     failing = [m.name for m in modules.values() if m.score < TARGET[m.guard]]
     return 1 if failing else 0
 

@@ -93,6 +93,39 @@ def test_only_out_of_memory_splits_and_what_fitted_is_remembered(tiny_engine, pi
     assert max(injector.calls[3:]) == 2
 
 
+def test_a_batch_known_not_to_fit_is_never_tried(tiny_engine, pictures, monkeypatch):
+    """Once only single rows fit, a batch of two (the other half of the one that ran out, or a
+    later one) is split before it runs: out of memory is met twice, then never again."""
+    injector = Injector(
+        tiny_engine, monkeypatch, lambda rows, _: torch.OutOfMemoryError("out of memory") if rows > 1 else None
+    )
+    records = caption(tiny_engine, pictures[:6], BatchLimits(4))
+    assert all(r.ok for r in records)
+    assert injector.calls == [4, 2, 1, 1, 1, 1, 1, 1]
+
+
+def test_the_memory_learnt_from_short_prompts_holds_longer_ones_back(tiny_engine, tmp_path, monkeypatch):
+    """What fitted is remembered in tokens, not only rows: after 4 short rows ran out of memory
+    and 2 fitted, 2 rows of longer prompts (more memory than what fitted) are never tried."""
+    paths = []
+    for i, size in enumerate([(40, 40)] * 4 + [(600, 400)] * 4):
+        noise(*size, seed=i).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    shapes: list[tuple[int, int]] = []
+
+    def fail(rows, kwargs):  # memory for twice the first (shortest) prompt, in tokens
+        shapes.append((rows, kwargs["input_ids"].shape[1]))
+        budget = 2 * shapes[0][1]
+        return torch.OutOfMemoryError("CUDA out of memory") if rows * shapes[-1][1] > budget else None
+
+    Injector(tiny_engine, monkeypatch, fail)
+    records = caption(tiny_engine, paths, BatchLimits(4))
+    assert all(r.ok for r in records)
+    short, long = shapes[0][1], shapes[-1][1]
+    assert long > short and shapes[:3] == [(4, short), (2, short), (2, short)]
+    assert shapes[3:] == [(1, long)] * 4  # ran out once, and never again
+
+
 def test_an_item_error_is_found_running_each_item_alone_once(tiny_engine, pictures, monkeypatch):
     bad = (48, 40)  # pictures[8]
     runs: dict[tuple, int] = {}

@@ -32,8 +32,11 @@ def test_output_files_keep_normal_permissions(cli, inputs, tmp_path):
         cli("caption", str(inputs / "a.png"), "-o", str(out))
         assert stat.S_IMODE(out.stat().st_mode) == 0o644
         os.chmod(out, 0o664)
-        cli("caption", str(inputs / "a.png"), "-o", str(out), "--resume")
+        assert cli("caption", str(inputs / "a.png"), "-o", str(out), "--overwrite").exit_code == 0  # replaced
         assert stat.S_IMODE(out.stat().st_mode) == 0o664
+        report = tmp_path / "report.md"  # a report and its journal, new and rewritten
+        assert cli("caption", str(inputs / "a.png"), "-o", str(report), "--format", "markdown").exit_code == 0
+        assert [stat.S_IMODE(p.stat().st_mode) for p in (report, tmp_path / "report.md.jsonl")] == [0o644, 0o644]
     finally:
         os.umask(old)
 

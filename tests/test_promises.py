@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import Collect, make_pdf, noise
+from helpers import Collect, make_pdf, noise, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -290,6 +290,50 @@ def test_a_report_is_rebuilt_every_few_seconds_and_never_more_than_a_tenth_of_th
     assert rebuilt and len(rebuilt) * 1.0 <= 0.1 * 20 + 1.0  # at most a tenth of those 20 s (+ the first)
 
 
+def test_a_report_shows_each_answer_while_the_run_goes_on(tmp_path, monkeypatch):
+    """Open the report mid-run: it already holds every answer handed over (within a rebuild)."""
+    from granite_cli import journal, output
+    from granite_cli.records import Record
+
+    monkeypatch.setattr(journal, "REPORT_INTERVAL_S", 0.01)  # (a rebuild every 2 s, otherwise)
+    report = tmp_path / "report.md"
+    sink = output.FileOutput(report, "markdown", resume=False)
+    try:
+        for index in range(3):
+            sink.write(Record(f"{index}.png", None, "p", f"answer number {index}", None, "m"))
+            deadline = time.monotonic() + 10
+            while f"answer number {index}" not in (report.read_text() if report.exists() else ""):
+                assert time.monotonic() < deadline, f"the report never showed answer {index} during the run"
+                time.sleep(0.01)
+    finally:
+        sink.finish([])
+    assert report.read_text().count("answer number") == 3
+
+
+def test_a_report_that_cannot_be_rebuilt_stops_the_run_with_one_line_and_keeps_the_journal(tmp_path, monkeypatch):
+    """Disk full while a report is rebuilt mid-run: the next record handed over ends the run
+    with the reason, naming the output, as resumable; every record so far is in the journal."""
+    from granite_cli import output
+    from granite_cli.errors import OutputError
+    from granite_cli.records import Record
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output, "render", full)
+    report = tmp_path / "report.md"
+    sink = output.FileOutput(report, "markdown", resume=False, label="--output report.md")
+    deadline, written = time.monotonic() + 10, 0
+    with pytest.raises(OutputError) as stopped:
+        while time.monotonic() < deadline:
+            sink.write(Record(f"{written}.png", None, "p", "answer", None, "m"))
+            written += 1
+            time.sleep(0.01)
+    sink.abandon()
+    assert str(stopped.value) == "--output report.md: No space left on device (ENOSPC)" and stopped.value.resumable
+    assert len(read_jsonl(tmp_path / "report.md.jsonl")) == written + 1  # the last one too: it was written
+
+
 def test_reports_are_rebuilt_off_the_thread_that_runs_the_model(tmp_path, monkeypatch):
     """A slow rebuild (a huge report) never holds up the thread that hands records over."""
     import threading
@@ -332,6 +376,9 @@ def test_a_report_is_whole_whenever_it_is_read(tmp_path, monkeypatch):
 
         def __exit__(self, *exc_info):
             self.handle.close()
+
+        def fileno(self):
+            return self.handle.fileno()
 
         def write(self, text):
             self.handle.write(text[: len(text) // 2])

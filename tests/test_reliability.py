@@ -199,8 +199,8 @@ def test_resume_retries_failures_repairs_a_torn_line_and_keeps_each_item_once(cl
     paths = many_images(tmp_path / "in", 6)
     missing = str(tmp_path / "in" / "later.png")
     out = tmp_path / "out.jsonl"
-    first = cli("caption", *paths[:4], missing, "-o", str(out))
-    assert first.exit_code == 1
+    first = cli("caption", *paths[:4], missing, "-o", str(out), "--resume")  # nothing to resume yet
+    assert first.exit_code == 1 and resumed_line(first.stderr) == f"resuming {out}: 0 answered before, 5 to run"
     # simulate a crash in the middle of writing a record
     with open(out, "a") as handle:
         handle.write('{"source": "' + paths[4] + '", "page": nu')
@@ -211,8 +211,15 @@ def test_resume_retries_failures_repairs_a_torn_line_and_keeps_each_item_once(cl
     records = read_jsonl(out)
     assert [r["source"] for r in records] == [*paths[:4], missing, *paths[4:]]  # input order, each once
     assert all(r["answer"] is not None for r in records)
+    lines = out.read_text().splitlines()  # a blank line inside, and the last record whole but unterminated
+    out.write_text(edited := "\n".join([*lines[:3], "", *lines[3:]]))
     third = cli("caption", *paths[:4], missing, *paths[4:], "-o", str(out), "--resume")
-    assert "7 answered before, 0 to run" in third.stderr and read_jsonl(out) == records
+    assert resumed_line(third.stderr) == f"resuming {out}: 7 answered before, 0 to run"  # nothing dropped
+    assert out.read_text() == edited  # nothing new to write: left as it was
+
+
+def resumed_line(stderr: str) -> str:
+    return next(line for line in stderr.splitlines() if line.startswith("resuming "))
 
 
 def test_resume_needs_an_output_and_refuses_a_foreign_file(cli, tmp_path):

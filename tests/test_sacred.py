@@ -634,6 +634,126 @@ def test_records_of_an_earlier_version_resume(cli, shots, tmp_path):
     assert [r["answer"] for r in read_jsonl(out)][:2] == [rows[0]["answer"], rows[1]["answer"]]
 
 
+def test_records_of_an_earlier_version_still_refuse_other_settings(cli, shots, tmp_path):
+    """A setting the record predates is taken as its default; the settings it does have are
+    still compared, every one of them."""
+    out = tmp_path / "old.jsonl"
+    assert cli("caption", str(shots / "s0.png"), "-o", str(out)).exit_code == 0
+    row = read_jsonl(out)[0]
+    del row["settings"]["revision"]  # written before --revision was recorded
+    out.write_text(json.dumps(row) + "\n")
+    refused = cli("caption", str(shots / "s0.png"), "-o", str(out), "--resume", "--dpi", "72")
+    assert refused.exit_code == 2 and "another --dpi (144; this run: 72)" in one_error_line(refused.stderr)
+    resumed = cli("caption", str(shots / "s0.png"), "-o", str(out), "--resume")
+    assert resumed.exit_code == 0 and "1 answered before, 0 to run" in resumed.stderr, resumed.stderr
+
+
+def test_an_answer_run_again_that_now_fails_stays_and_resume_follows_the_new_input_order(cli, tmp_path):
+    """A cut answer is run again under a larger --max-new-tokens; if the picture now fails, its
+    earlier answer is kept (a failure never replaces an answer). The output follows this run's
+    input order, whatever order the earlier run wrote."""
+    a, b, out = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out.jsonl"
+    noise(40, 40, 1).save(a)
+    noise(48, 40, 2).save(b)
+    assert cli("caption", str(b), "-o", str(out), "--max-new-tokens", "1").exit_code == 0
+    [earlier] = read_jsonl(out)
+    assert earlier["finish_reason"] == "length"
+    with open(b, "r+b") as handle:  # the same file, no longer a picture
+        handle.write(b"not a picture any more")
+    again = cli("caption", str(a), str(b), "-o", str(out), "--resume", "--max-new-tokens", "2")
+    assert again.exit_code == 1 and "(1 cut by another --max-new-tokens: run again)" in again.stderr, again.stderr
+    rows = read_jsonl(out)
+    assert [r["source"] for r in rows] == [str(a), str(b)]
+    assert rows[0]["answer"] is not None and rows[1] == earlier
+
+
+def test_resume_takes_the_part_files_a_dead_run_left_and_says_the_journal_was_torn(cli, shots, tmp_path):
+    """A run of several processes died before merging: --resume reads the journal and every
+    part file, a torn last line in any of them is dropped (and said), nothing is run twice."""
+    out = tmp_path / "out.jsonl"
+    s0, s1, s2, s3 = (str(shots / f"s{i}.png") for i in range(4))
+    assert cli("caption", s0, s1, "-o", str(out)).exit_code == 0
+    rows = read_jsonl(out)
+    parts = tmp_path / "out.jsonl.parts"
+    parts.mkdir()
+    (parts / "rank-00001-of-00002-dead.jsonl").write_text(json.dumps(rows[1] | {"source": s2}) + "\n")
+    with open(out, "a") as handle:
+        handle.write('{"source": "' + s3 + '", "page": nu')  # killed while writing
+    resumed = cli("caption", s0, s1, s2, s3, "-o", str(out), "--resume")
+    said = next(line for line in resumed.stderr.splitlines() if line.startswith("resuming "))
+    assert said == f"resuming {out}: 3 answered before, 1 to run (a torn last line was dropped)", resumed.stderr
+    assert [r["source"] for r in read_jsonl(out)] == [s0, s1, s2, s3] and not parts.exists()
+
+
+def test_a_journal_line_that_is_not_ours_stops_the_reading_naming_the_file_and_line(tmp_path):
+    """(The library's reader of a run's records; the CLI refuses such a file even earlier.)"""
+    from granite_cli.journal import read_records
+
+    journal = tmp_path / "out.jsonl"
+    good = granite_cli.Record("a.png", None, "p", "an answer", None, "m").to_json()
+    journal.write_text(f"{good}\n\n{good}\n{{\"not\": \"ours\"}}\n{good}\n")
+    with pytest.raises(UsageError) as refused:
+        read_records(journal)
+    assert str(refused.value) == f"{journal}: line 4 is not a granite-vision record; not touching it"
+
+
+def test_a_second_writer_of_an_output_waits_says_so_and_then_writes(tmp_path):
+    import threading
+
+    from granite_cli.journal import OutputLock
+
+    out = tmp_path / "out.jsonl"
+    first, second, said = OutputLock(out), OutputLock(out), []
+    first.acquire(said.append, "--output out.jsonl")
+    waiter = threading.Thread(target=second.acquire, args=(said.append, "--output out.jsonl"), daemon=True)
+    waiter.start()
+    try:
+        waiter.join(0.5)
+        assert waiter.is_alive() and said == ["--output out.jsonl: another granite-vision run is writing it; waiting for it to finish"]
+    finally:
+        first.release()
+    waiter.join(10)
+    assert not waiter.is_alive() and second.fd is not None and second.path.exists()
+    second.release()
+    second.release()  # (twice: harmless)
+    assert not second.path.exists() and list(tmp_path.iterdir()) == []
+    first.acquire(said.append, "again")  # and the output can be written again
+    first.path.unlink()  # (someone removed the lock file meanwhile)
+    first.release()
+    assert len(said) == 1
+
+
+def test_a_file_is_replaced_through_a_hidden_temp_file_beside_it(tmp_path, monkeypatch):
+    """Beside it: the rename is atomic only on the same file system; hidden and named after it,
+    so one left by a crash is recognisably ours."""
+    from granite_cli import journal
+
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(journal.os, "replace", lambda a, b: (renames.append((Path(a), Path(b))), real(a, b)))
+    report = tmp_path / "report.md"
+    journal.write_atomic(report, "# granite-vision report\n")
+    [(temp, target)] = renames
+    assert target == report and temp.parent == tmp_path
+    assert temp.name.startswith(".report.md.") and temp.name.endswith(".tmp")
+
+
+def test_outputs_are_utf8_whatever_the_locale_says(tmp_path):
+    """Under a C (ASCII) locale too: a report of names and answers in any script is UTF-8."""
+    import locale
+
+    from granite_cli import journal
+
+    text = "# granite-vision report\n\nCafé — 東京 — Ωμέγα\n"
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        journal.write_atomic(tmp_path / "report.md", text)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    assert (tmp_path / "report.md").read_bytes() == text.encode("utf-8")
+
+
 def test_an_answer_that_ended_exactly_at_the_new_limit_stands(cli, shots, tmp_path):
     out = tmp_path / "out.jsonl"
     assert cli("caption", str(shots / "s0.png"), "-o", str(out), "--max-new-tokens", "8").exit_code == 0
