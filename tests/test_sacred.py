@@ -691,7 +691,7 @@ def test_a_journal_line_that_is_not_ours_stops_the_reading_naming_the_file_and_l
 
     journal = tmp_path / "out.jsonl"
     good = granite_cli.Record("a.png", None, "p", "an answer", None, "m").to_json()
-    journal.write_text(f"{good}\n\n{good}\n{{\"not\": \"ours\"}}\n{good}\n")
+    journal.write_text(f'{good}\n\n{good}\n{{"not": "ours"}}\n{good}\n')
     with pytest.raises(UsageError) as refused:
         read_records(journal)
     assert str(refused.value) == f"{journal}: line 4 is not a granite-vision record; not touching it"
@@ -709,7 +709,8 @@ def test_a_second_writer_of_an_output_waits_says_so_and_then_writes(tmp_path):
     waiter.start()
     try:
         waiter.join(0.5)
-        assert waiter.is_alive() and said == ["--output out.jsonl: another granite-vision run is writing it; waiting for it to finish"]
+        waiting = "--output out.jsonl: another granite-vision run is writing it; waiting for it to finish"
+        assert waiter.is_alive() and said == [waiting]
     finally:
         first.release()
     waiter.join(10)
