@@ -96,7 +96,7 @@ def answer(
         batch = pending.pop(0)
         longest = max(map(tokens, batch.entries))
         if len(batch.entries) > 1 and not sizer.fits(len(batch.entries), longest):  # known not to fit any more
-            pending[:0] = _halves(batch, prepare, after_oom=batch.after_oom)
+            pending[:0] = _halves(batch, prepare, after_oom=False)  # (fitting them teaches nothing new)
             continue
         outcome = _attempt(engine, batch, settings)
         if not isinstance(outcome, Failure):

@@ -99,9 +99,54 @@ def test_a_batch_known_not_to_fit_is_never_tried(tiny_engine, pictures, monkeypa
     injector = Injector(
         tiny_engine, monkeypatch, lambda rows, _: torch.OutOfMemoryError("out of memory") if rows > 1 else None
     )
-    records = caption(tiny_engine, pictures[:6], BatchLimits(4))
+    records = caption(tiny_engine, pictures[:8], BatchLimits(8))  # (and each of the 8 answered once)
     assert all(r.ok for r in records)
-    assert injector.calls == [4, 2, 1, 1, 1, 1, 1, 1]
+    assert injector.calls == [8, 4, 2] + [1] * 8
+
+
+def test_halves_made_only_to_fit_what_is_known_teach_nothing():
+    """Only what fitted right after running out of memory is remembered: halves made to fit the
+    limits already learnt do not shrink them further (single rows forced by a token limit would
+    otherwise become a row limit of one, halving every later batch of short prompts)."""
+    from granite_cli.batching import Batch, Sizer, answer
+
+    runs: list[tuple[int, int]] = []
+
+    class Engine:  # memory for 200 tokens; a prompt's tokens are its number
+        def run(self, inputs, settings):
+            runs.append((len(inputs), max(inputs)))
+            if len(inputs) * max(inputs) > 200:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return [f"answer {n}" for n in inputs]
+
+        def failure(self, exc):
+            return "oom"
+
+        def release(self):
+            pass
+
+    def prepare(entries):
+        return Batch(entries, list(entries))
+
+    sizer = Sizer(BatchLimits(4), max_new_tokens=0)
+    for first in ([50, 51, 150, 151], [40, 41]):
+        done = list(answer(Engine(), prepare(first), None, prepare, lambda n: n, sizer))
+        assert [(entry, error) for entry, _, error in done] == [(n, None) for n in first]
+    assert runs == [(4, 151), (2, 51), (1, 150), (1, 151), (2, 41)]
+
+
+def test_an_engine_that_loses_a_row_is_an_error_never_a_skipped_picture():
+    from granite_cli.batching import Batch, Sizer, answer
+
+    class Engine:
+        def run(self, inputs, settings):
+            return ["one answer"]  # for two pictures
+
+    def prepare(entries):
+        return Batch(entries, list(entries))
+
+    with pytest.raises(ValueError):
+        list(answer(Engine(), prepare([1, 2]), None, prepare, lambda n: n, Sizer(BatchLimits(4), 0)))
 
 
 def test_the_memory_learnt_from_short_prompts_holds_longer_ones_back(tiny_engine, tmp_path, monkeypatch):
