@@ -755,6 +755,16 @@ def test_outputs_are_utf8_whatever_the_locale_says(tmp_path):
     assert (tmp_path / "report.md").read_bytes() == text.encode("utf-8")
 
 
+def test_jsonl_keeps_every_script_as_it_is_so_grep_finds_it(tmp_path):
+    from granite_cli import output
+
+    sink = output.FileOutput(tmp_path / "out.jsonl", "jsonl", resume=False)
+    sink.write(granite_cli.Record("東京/café.png", None, "Décris", "Un café à Tōkyō", None, "m"))
+    sink.finish([])
+    line = (tmp_path / "out.jsonl").read_text(encoding="utf-8")
+    assert '"source": "東京/café.png"' in line and '"answer": "Un café à Tōkyō"' in line
+
+
 def test_an_answer_that_ended_exactly_at_the_new_limit_stands(cli, shots, tmp_path):
     out = tmp_path / "out.jsonl"
     assert cli("caption", str(shots / "s0.png"), "-o", str(out), "--max-new-tokens", "8").exit_code == 0
