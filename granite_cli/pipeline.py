@@ -19,7 +19,6 @@ import os
 import queue
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,13 +51,8 @@ class Stats:
     total: int = 0
     answered: int = 0
     failed: int = 0
-    started: float = 0.0
     stopped: bool = False
     """The run was asked to stop (Ctrl-C, SIGTERM) before every item was done."""
-
-    @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.started
 
 
 @dataclass
@@ -165,7 +159,7 @@ def record_failures(
 ) -> Stats:
     """The records of a run whose every item failed before the model was needed (missing or
     broken files): written without loading a model."""
-    stats = Stats(total=len(items), started=time.monotonic(), failed=len(items))
+    stats = Stats(total=len(items), failed=len(items))
     emitter = OrderedEmitter(writer, on_record)
     for index, item in enumerate(items):
         emitter.add(index, make_record(job, Loaded(index, item), error=item.error or "no input"))
@@ -193,7 +187,7 @@ def caption(
     ends after the current one, with every finished record written (`Stats.stopped`). A
     KeyboardInterrupt ends it at once, the same way.
     """
-    stats = Stats(total=len(items), started=time.monotonic())
+    stats = Stats(total=len(items))
 
     def count(record: Record) -> None:
         if record.ok:

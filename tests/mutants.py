@@ -132,6 +132,9 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     if chosen.exists() and json.loads(chosen.read_text()) != modules:
         (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     sync()
+    for module in modules:  # a module first chosen now: mutmut took its plain copy for "unmodified"
+        if not (WORK / "mutants" / f"{module}.meta").exists():
+            (WORK / "mutants" / module).unlink(missing_ok=True)
     chosen.write_text(json.dumps(modules))
     configure(modules, jobs)
     models = WORK / "models"  # built once: thousands of short test sessions share them
@@ -274,7 +277,10 @@ def is_equivalent(name: str, path: str, equivalents: list[dict]) -> bool:
     candidates = [e for e in equivalents if e["file"] == path and e["function"] == function_of(name)]
     if not candidates:
         return False
-    removed, added = changed_lines(diff(name, path))
+    try:
+        removed, added = changed_lines(diff(name, path))
+    except FileNotFoundError:  # the file changed since that run (its verdicts wait for a --recheck)
+        return False
     return any(e["before"].strip() == removed and e["after"].strip() == added for e in candidates)
 
 

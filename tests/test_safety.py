@@ -555,6 +555,7 @@ def test_no_model_is_loaded_when_no_item_needs_one(cli, tmp_path, broken_model):
         "caption", str(tmp_path / "missing.png"), str(tmp_path / "text.png"), "-o", str(out), model=broken_model
     )
     assert result.exit_code == 1, result.stderr  # 2 had the broken model been loaded
+    assert "0 of 2 answered, 2 failed" in result.stderr
     assert [r["error"] for r in map(json.loads, out.read_text().splitlines())] == [
         "no such file",
         "not an image or PDF (unrecognised content)",
