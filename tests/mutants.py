@@ -132,9 +132,10 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     if chosen.exists() and json.loads(chosen.read_text()) != modules:
         (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     sync()
-    for module in modules:  # a module first chosen now: mutmut took its plain copy for "unmodified"
-        if not (WORK / "mutants" / f"{module}.meta").exists():
-            (WORK / "mutants" / module).unlink(missing_ok=True)
+    for module in modules:  # mutmut takes a plain copy (left by a run over other modules) for "unmodified"
+        copy = WORK / "mutants" / module
+        if copy.exists() and "__mutmut_" not in copy.read_text():
+            copy.unlink()
     chosen.write_text(json.dumps(modules))
     configure(modules, jobs)
     models = WORK / "models"  # built once: thousands of short test sessions share them
