@@ -363,9 +363,15 @@ def _explain_pdfium(exc: BaseException, source: Source, password: str | None) ->
     if b"/Encrypt" in raw:
         return _pdf_error(exc, password)
     text = one_line(exc)
-    if "Success" in text or "password" in text.lower():
+    if "Success" in text or "password" in text.lower() or _NO_PAGES.search(raw) and not _SOME_PAGES.search(raw):
         return InputError("PDF has no pages (or no readable page tree)")
     return InputError(f"broken PDF ({text})")
+
+
+#: A page tree that counts no page, and one that counts some: what the file itself says when
+#: PDFium's (stale) error code cannot be trusted.
+_NO_PAGES = re.compile(rb"/Count\s+0(?![0-9])")
+_SOME_PAGES = re.compile(rb"/Count\s+0*[1-9]")
 
 
 def _pdf_error(exc: BaseException, password: str | None) -> InputError:

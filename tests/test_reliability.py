@@ -108,9 +108,13 @@ def test_encrypted_pdf_needs_its_password(cli, tmp_path):
 
 
 def test_zero_page_pdf_and_huge_media_box(cli, tmp_path):
+    make_pdf(tmp_path / "cut.pdf", 2)  # a broken PDF first: PDFium's error code outlives it
+    (tmp_path / "cut.pdf").write_bytes((tmp_path / "cut.pdf").read_bytes()[:300])
     (tmp_path / "zero.pdf").write_bytes(minimal_pdf([]))
     (tmp_path / "huge.pdf").write_bytes(minimal_pdf([(14400, 14400), (612, 792)]))
-    result, records = caption_records(cli, str(tmp_path / "zero.pdf"), str(tmp_path / "huge.pdf"), "--dpi", "600")
+    names = [str(tmp_path / name) for name in ("cut.pdf", "zero.pdf", "huge.pdf")]
+    result, records = caption_records(cli, *names, "--dpi", "600")
+    assert records.pop(0)["error"].startswith("broken PDF")
     assert records[0]["error"].startswith("PDF has no pages")
     assert [r["page"] for r in records[1:]] == [1, 2] and all(r["answer"] is not None for r in records[1:])
     assert records[1]["width"] * records[1]["height"] <= 179_000_000  # at --dpi, within --max-pixels
