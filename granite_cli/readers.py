@@ -363,7 +363,7 @@ def _explain_pdfium(exc: BaseException, source: Source, password: str | None) ->
     if b"/Encrypt" in raw:
         return _pdf_error(exc, password)
     text = one_line(exc)
-    if "Success" in text or "password" in text.lower() or _NO_PAGES.search(raw) and not _SOME_PAGES.search(raw):
+    if "Success" in text or "password" in text.lower() or (_NO_PAGES.search(raw) and not _SOME_PAGES.search(raw)):
         return InputError("PDF has no pages (or no readable page tree)")
     return InputError(f"broken PDF ({text})")
 

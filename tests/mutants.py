@@ -317,10 +317,15 @@ def table(modules: dict[str, Module], earlier: dict[str, str] | None = None) -> 
     return "\n".join([*HEADER, *(rows[name] for name in sorted(rows)), total_row])
 
 
-def readme_rows(text: str) -> dict[str, str]:
+def readme_parts(text: str) -> tuple[str, str, str]:
+    """The README before its table, the table, and after it."""
+    head, _, rest = text.partition("<!-- mutants:begin -->\n")
+    inside, _, tail = rest.partition("<!-- mutants:end -->")
+    return head, inside, tail
+
+
+def readme_rows(inside: str) -> dict[str, str]:
     """The module rows of the README's table, by module."""
-    _, _, rest = text.partition("<!-- mutants:begin -->\n")
-    inside, _, _ = rest.partition("<!-- mutants:end -->")
     lines = [line for line in inside.splitlines()[2:] if line.startswith("| ") and not line.startswith("| **all**")]
     return {line.split("|")[1].strip(): line for line in lines}
 
@@ -368,10 +373,8 @@ def main() -> int:
     print(report)
     if args.readme:  # modules this copy never ran keep the README's row: the table is the project's
         readme = ROOT / "README.md"
-        text = readme.read_text()
-        merged = table(modules, readme_rows(text))
-        head, _, rest = text.partition("<!-- mutants:begin -->\n")
-        _, _, tail = rest.partition("<!-- mutants:end -->")
+        head, inside, tail = readme_parts(readme.read_text())
+        merged = table(modules, readme_rows(inside))
         readme.write_text(f"{head}<!-- mutants:begin -->\n{merged}\n<!-- mutants:end -->{tail}")
     failing = [m.name for m in modules.values() if m.score < TARGET[m.guard]]
     return 1 if failing else 0
