@@ -117,8 +117,8 @@ def answer(
 
 def _attempt(engine: Engine, batch: Batch, settings: GenerationSettings) -> list[Answer] | Failure:
     """One run of a batch; a failure comes back as words, the attempt's memory already released."""
-    if batch.inputs is None:
-        return Failure(batch.error_kind, batch.error or "not prepared")
+    if batch.error is not None:  # preprocessing failed
+        return Failure(batch.error_kind, batch.error)
     inputs, batch.inputs = batch.inputs, None  # the engine takes them: nothing here keeps them alive
     try:
         return engine.run(inputs, settings)

@@ -104,49 +104,97 @@ def test_a_batch_known_not_to_fit_is_never_tried(tiny_engine, pictures, monkeypa
     assert injector.calls == [8, 4, 2] + [1] * 8
 
 
+class Counted:
+    """An engine for `batching.answer` alone: an entry is its prompt's length in tokens, and
+    `fails(entries)` gives what an attempt at those entries raises (None: it runs)."""
+
+    def __init__(self, fails=lambda entries: None) -> None:
+        self.fails = fails
+        self.runs: list[tuple[int, int]] = []  # (rows, longest prompt) of each attempt
+
+    def run(self, inputs, settings):
+        self.runs.append((len(inputs), max(inputs)))
+        error = self.fails(inputs)
+        if error is not None:
+            raise error
+        return [f"answer {n}" for n in inputs]
+
+    def failure(self, exc):
+        return "oom" if isinstance(exc, torch.OutOfMemoryError) else "item"
+
+    def release(self):
+        pass
+
+
+def prepared(entries):
+    from granite_cli.batching import Batch
+
+    return Batch(entries, list(entries))
+
+
+def answered(engine, entries, sizer) -> list[tuple[int, str | None]]:
+    """(entry, error) for each entry `batching.answer` gave back, in the order it gave them."""
+    from granite_cli.batching import answer
+
+    return [(entry, error) for entry, _, error in answer(engine, prepared(entries), None, prepared, lambda n: n, sizer)]
+
+
 def test_halves_made_only_to_fit_what_is_known_teach_nothing():
     """Only what fitted right after running out of memory is remembered: halves made to fit the
     limits already learnt do not shrink them further (single rows forced by a token limit would
     otherwise become a row limit of one, halving every later batch of short prompts)."""
-    from granite_cli.batching import Batch, Sizer, answer
+    from granite_cli.batching import Sizer
 
-    runs: list[tuple[int, int]] = []
-
-    class Engine:  # memory for 200 tokens; a prompt's tokens are its number
-        def run(self, inputs, settings):
-            runs.append((len(inputs), max(inputs)))
-            if len(inputs) * max(inputs) > 200:
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            return [f"answer {n}" for n in inputs]
-
-        def failure(self, exc):
-            return "oom"
-
-        def release(self):
-            pass
-
-    def prepare(entries):
-        return Batch(entries, list(entries))
-
+    engine = Counted(
+        lambda entries: torch.OutOfMemoryError("CUDA out of memory") if len(entries) * max(entries) > 200 else None
+    )
     sizer = Sizer(BatchLimits(4), max_new_tokens=0)
     for first in ([50, 51, 150, 151], [40, 41]):
-        done = list(answer(Engine(), prepare(first), None, prepare, lambda n: n, sizer))
-        assert [(entry, error) for entry, _, error in done] == [(n, None) for n in first]
-    assert runs == [(4, 151), (2, 51), (1, 150), (1, 151), (2, 41)]
+        assert answered(engine, first, sizer) == [(n, None) for n in first]
+    assert engine.runs == [(4, 151), (2, 51), (1, 150), (1, 151), (2, 41)]
+
+
+def test_what_fitted_after_running_out_is_remembered_in_rows_too():
+    """Memory that runs out by rows whatever the prompts' length (the vision tower's tiles): after
+    4 rows ran out and 2 fitted, a later batch of 4 shorter prompts is split before it runs."""
+    from granite_cli.batching import Sizer
+
+    engine = Counted(lambda entries: torch.OutOfMemoryError("CUDA out of memory") if len(entries) > 2 else None)
+    sizer = Sizer(BatchLimits(4), max_new_tokens=0)
+    for first in ([100] * 4, [10] * 4):
+        assert answered(engine, first, sizer) == [(n, None) for n in first]
+    assert engine.runs == [(4, 100), (2, 100), (2, 100), (2, 10), (2, 10)]
+
+
+def test_a_picture_that_fails_inside_a_split_batch_fails_alone_and_loses_no_other():
+    """Eight pictures, two rows known to fit: the batch is split before it runs. Picture 1 breaks
+    generation and picture 6 runs out of memory even alone: each gets its own reason, in the words
+    its record carries, and every other picture is answered, once."""
+    from granite_cli.batching import Sizer
+
+    def fails(entries):
+        if 1 in entries:
+            return ValueError("shape mismatch (simulated)")
+        return torch.OutOfMemoryError("CUDA out of memory (simulated)") if 6 in entries else None
+
+    done = answered(Counted(fails), list(range(1, 9)), Sizer(BatchLimits(2), max_new_tokens=0))
+    assert sorted(entry for entry, _ in done) == list(range(1, 9))
+    assert dict(done) == {
+        **{n: None for n in range(1, 9)},
+        1: "generation failed: ValueError: shape mismatch (simulated)",
+        6: "out of memory even alone: OutOfMemoryError: CUDA out of memory (simulated)",
+    }
 
 
 def test_an_engine_that_loses_a_row_is_an_error_never_a_skipped_picture():
-    from granite_cli.batching import Batch, Sizer, answer
+    from granite_cli.batching import Sizer
 
     class Engine:
         def run(self, inputs, settings):
             return ["one answer"]  # for two pictures
 
-    def prepare(entries):
-        return Batch(entries, list(entries))
-
     with pytest.raises(ValueError):
-        list(answer(Engine(), prepare([1, 2]), None, prepare, lambda n: n, Sizer(BatchLimits(4), 0)))
+        answered(Engine(), [1, 2], Sizer(BatchLimits(4), 0))
 
 
 def test_the_memory_learnt_from_short_prompts_holds_longer_ones_back(tiny_engine, tmp_path, monkeypatch):
