@@ -695,6 +695,12 @@ def test_a_journal_line_that_is_not_ours_stops_the_reading_naming_the_file_and_l
     with pytest.raises(UsageError) as refused:
         read_records(journal)
     assert str(refused.value) == f"{journal}: line 4 is not a granite-vision record; not touching it"
+    journal.write_text(f'{good}\n{{"not": "ours"}}\n')  # the last line, whole: someone's, not torn
+    with pytest.raises(UsageError) as refused:
+        read_records(journal)
+    assert str(refused.value) == f"{journal}: line 2 is not a granite-vision record; not touching it"
+    journal.write_text(f'{good}\n{{"source": "b.png", "pa')  # cut short, no newline after it: torn
+    assert read_records(journal) == ([granite_cli.Record.from_json(good)], True)
 
 
 def test_a_second_writer_of_an_output_waits_says_so_and_then_writes(tmp_path):
@@ -737,6 +743,20 @@ def test_a_file_is_replaced_through_a_hidden_temp_file_beside_it(tmp_path, monke
     [(temp, target)] = renames
     assert target == report and temp.parent == tmp_path
     assert temp.name.startswith(".report.md.") and temp.name.endswith(".tmp")
+
+
+def test_a_temp_name_already_taken_is_never_written_over(tmp_path, monkeypatch):
+    """Whoever holds the name drawn for a temp file (a file of the same pattern, made by anyone)
+    keeps it: another name is drawn."""
+    from granite_cli import journal
+
+    drawn = iter(["c0ffee00", "c0ffee00", "facade00"])
+    monkeypatch.setattr(journal.secrets, "token_hex", lambda nbytes=None: next(drawn))
+    (tmp_path / ".report.md.c0ffee00.tmp").write_text("someone's")
+    journal.write_atomic(tmp_path / "report.md", "# granite-vision report\n")
+    assert (tmp_path / ".report.md.c0ffee00.tmp").read_text() == "someone's"
+    assert (tmp_path / "report.md").read_text() == "# granite-vision report\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".report.md.c0ffee00.tmp", "report.md"]
 
 
 def test_outputs_are_utf8_whatever_the_locale_says(tmp_path):
