@@ -75,10 +75,11 @@ class Reader(Protocol):
         """Pages of a document; None for a single picture (one item)."""
 
     def page_size(self, page: int | None) -> tuple[int, int]:
-        """A page's size in pixels as read (before fitting), to estimate its cost."""
+        """A page's size in pixels as read (before fitting), to estimate its cost; `page` None:
+        a single picture's, or a document's first page."""
 
     def render(self, page: int | None, fit: Fit | None) -> Image.Image:
-        """The page as upright RGB, no larger than `fit` makes it."""
+        """The page as upright RGB, no larger than `fit` makes it (`page` None: as in `page_size`)."""
 
     def close(self) -> None: ...
 

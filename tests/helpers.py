@@ -201,14 +201,18 @@ def model_card_answers(model_dir, image_paths, question, max_new_tokens, token_i
     return answers
 
 
-def seen_size(source, engine, *, page: int | None = None, **read) -> tuple[int, int]:
-    """The size of the picture the model is handed for `source` (after shrinking while decoding,
-    or rendering a PDF page at the size the model uses), as the pipeline loads it."""
+def seen_picture(source, engine, *, page: int | None = None, **read):
+    """The picture the model is handed for `source` (after shrinking while decoding, or rendering
+    a PDF page at the size the model uses), as the pipeline loads it."""
     from granite_cli.pipeline import load_item
     from granite_cli.readers import OpenDocuments, ReadOptions
     from granite_cli.sources import resolve
 
     items = [item for item in resolve([str(source)], read=ReadOptions(**read)).items if item.page == page]
-    loaded = load_item(0, items[0], OpenDocuments(ReadOptions(**read)), engine.fit)
+    loaded = load_item(0, items[0], OpenDocuments(ReadOptions(**read)), engine.fit if engine else None)
     assert loaded.image is not None, loaded.error
-    return loaded.image.size
+    return loaded.image
+
+
+def seen_size(source, engine, *, page: int | None = None, **read) -> tuple[int, int]:
+    return seen_picture(source, engine, page=page, **read).size

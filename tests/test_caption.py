@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import make_pdf, minimal_pdf, noise, seen_size
+from helpers import make_pdf, minimal_pdf, noise, seen_picture, seen_size
+from PIL import Image, ImageChops
 
 from granite_cli.readers import poppler_available
 
@@ -136,6 +137,82 @@ def test_both_pdf_renderers(cli, tmp_path):
                 input=pdf.read_bytes())  # fmt: skip
     assert json.loads(piped.stdout)["answer"] == poppler[1]["answer"]  # bytes on stdin: the same page
     assert set(Path(tempfile.gettempdir()).glob("*.pdf")) == temp  # poppler's copy of them is gone
+
+
+def blocks(width: int, height: int, colours: tuple) -> Image.Image:
+    """A picture of four quadrants in `colours`: which page, which way up, at any scale."""
+    image = Image.new("RGB", (width, height))
+    for i, colour in enumerate(colours):
+        x, y = (i % 2) * width // 2, (i // 2) * height // 2
+        image.paste(colour, (x, y, x + width // 2, y + height // 2))
+    return image
+
+
+@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+def test_poppler_hands_the_model_the_pictures_pdfium_does(tiny_engine, tmp_path):
+    """Each page, at the size the model uses or at --dpi, the same picture (up to the renderers'
+    anti-aliasing) whichever renderer drew it; a page not named is the first; and a title that
+    reads like a page size is only a title."""
+    pages = [blocks(595, 842, ("red", "lime", "blue", "white")), blocks(842, 595, ("black", "yellow", "cyan", "red"))]
+    pdf = tmp_path / "mixed.pdf"
+    pages[0].save(pdf, save_all=True, append_images=pages[1:], resolution=72, title="612 x 792 pts (letter)")
+    for engine, read in ((tiny_engine, {}), (None, {"dpi": 36})):
+        for page in (1, 2):
+            ours = seen_picture(pdf, engine, page=page, **read)
+            theirs = seen_picture(pdf, engine, page=page, renderer="poppler", **read)
+            assert theirs.size == ours.size
+            assert ImageChops.difference(ours.resize((4, 4)), theirs.resize((4, 4))).getextrema() < ((16, 16),) * 3
+    from granite_cli.readers import ReadOptions, open_document
+
+    for renderer in ("pypdfium2", "poppler"):  # a page not named: the first
+        document = open_document(pdf, ReadOptions(renderer=renderer, dpi=36), renderer)
+        assert document.page_size(None) == document.page_size(1) == (298, 421) != document.page_size(2)
+        assert document.render(None, None).size == (298, 421)
+        document.close()
+
+
+@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+def test_poppler_opens_an_encrypted_pdf_with_its_password(cli):
+    pdf = str(Path(__file__).parent / "data" / "encrypted.pdf")
+    right = cli("caption", pdf, "--pdf-renderer", "poppler", "--pdf-password", "secret")
+    assert right.exit_code == 0 and [r["answer"] is not None for r in right.records()] == [True], right.stderr
+    wrong = cli("caption", pdf, "--pdf-renderer", "poppler", "--pdf-password", "guess").records()
+    assert wrong[0]["error"] == "encrypted PDF: the --pdf-password given does not open it"
+
+
+@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+def test_a_pdf_rewritten_under_poppler_fails_its_pages_with_a_reason(tmp_path, monkeypatch):
+    """Poppler reads the file again for each page. Listed with two pages, then rewritten while
+    the run reads it (a page fewer; then not a PDF at all): each page that cannot be drawn any
+    more is an error saying why, never another page's picture. A page costs one page's drawing.
+    Closing twice is harmless, and so is a temp copy (of bytes from stdin) someone else removed."""
+    import pdf2image
+
+    from granite_cli.errors import InputError
+    from granite_cli.pictures import Blob
+    from granite_cli.readers import ReadOptions, open_document
+
+    pdf = make_pdf(tmp_path / "doc.pdf", 2)
+    document = open_document(pdf, ReadOptions(renderer="poppler", dpi=36), "poppler")
+    assert document.page_count() == 2 and document.render(2, None).size == (306, 396)
+    drawn = []
+    real = pdf2image.convert_from_path
+    monkeypatch.setattr(pdf2image, "convert_from_path", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    assert document.render(1, None).size == (306, 396) and [len(pages) for pages in drawn] == [1]  # one page drawn
+    make_pdf(pdf, 1)
+    with pytest.raises(InputError, match="^page 2 could not be rendered$"):
+        document.render(2, None)
+    pdf.write_bytes(b"%PDF-1.7\nnot really")
+    with pytest.raises(InputError, match=r"^broken PDF \(.*(trailer|xref)"):
+        document.render(1, None)
+    document.close()
+    document.close()
+    piped = open_document(
+        Blob(make_pdf(tmp_path / "piped.pdf", 1).read_bytes()), ReadOptions(renderer="poppler"), "poppler"
+    )
+    Path(piped.path).unlink()
+    piped.close()
+    piped.close()
 
 
 def test_poppler_missing_is_each_pdfs_one_line(cli, tmp_path, monkeypatch):
