@@ -227,7 +227,7 @@ class PopplerReader(_PdfKind):
         except (PDFPageCountError, PDFSyntaxError, PDFInfoNotInstalledError) as exc:
             self.close()
             raise _pdf_error(exc, options.password) from exc
-        self.pages = int(info.get("Pages", 0))
+        self.pages = info["Pages"]  # (pdf2image raises where pdfinfo gives no count; an int)
         self.sizes = _poppler_sizes(info)
 
     def page_count(self) -> int:

@@ -83,7 +83,7 @@ def test_a_download_is_bounded(cli, http_root, monkeypatch):
     [
         ("missing.png", None, "no such file"),
         ("text.png", b"hello, I am text", "not an image"),
-        ("broken.pdf", b"%PDF-1.4\n garbage", "broken PDF"),
+        ("broken.pdf", b"%PDF-1.4\n garbage", "broken PDF (Failed to load document (PDFium: Data format error).)"),
         ("truncated.png", "TRUNCATE", "corrupt or truncated"),
     ],
 )
@@ -100,6 +100,10 @@ def test_bad_input_is_one_line_and_exit_1(cli, tmp_path, name, content, reason):
     assert len(lines) == 1 and str(path) in lines[0] and reason in lines[0], result.stderr
     data = json.loads(result.stdout)
     assert data["answer"] is None and reason in data["error"]
+    if content not in (None, "TRUNCATE"):  # the same bytes on stdin: the same reason
+        piped = cli("ask", "-", "Describe", "--json", input=content)
+        assert piped.exit_code == 1 and piped.stderr == f"error: -: {json.loads(piped.stdout)['error']}\n"
+        assert reason in piped.stderr, piped.stderr
 
 
 def test_max_new_tokens_is_respected(cli, inputs):

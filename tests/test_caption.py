@@ -90,7 +90,8 @@ def test_page_selection(cli, inputs):
     assert names(result.records(), inputs) == [("scan.tiff", 2), ("scan.tiff", 3), ("doc.pdf", 2)]
     none_left = cli("caption", str(inputs / "doc.pdf"), "--pages", "7")
     assert none_left.exit_code == 1
-    assert "selects no page" in none_left.records()[0]["error"]
+    doc = none_left.records()[0]
+    assert doc["error"] == "--pages 7 selects no page (the document has 2 page(s))"
     assert cli("caption", str(inputs), "--pages", "3-1").exit_code == 2
 
 
@@ -169,6 +170,33 @@ def test_poppler_hands_the_model_the_pictures_pdfium_does(tiny_engine, tmp_path)
         assert document.page_size(None) == document.page_size(1) == (298, 421) != document.page_size(2)
         assert document.render(None, None).size == (298, 421)
         document.close()
+
+
+@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+def test_poppler_knows_the_size_of_every_page_of_a_long_document(tmp_path):
+    from granite_cli.readers import ReadOptions, open_document
+
+    pdf = tmp_path / "long.pdf"
+    pdf.write_bytes(minimal_pdf([(612, 792)] * 70 + [(842, 595)]))
+    document = open_document(pdf, ReadOptions(renderer="poppler", dpi=72), "poppler")
+    assert document.page_count() == 71
+    assert [document.page_size(page) for page in (1, 70, 71)] == [(612, 792), (612, 792), (842, 595)]
+    document.close()
+
+
+@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+def test_poppler_needs_both_of_its_tools(tmp_path, monkeypatch):
+    """pdfinfo alone, or pdftoppm alone, on PATH is not poppler: each PDF says what to install."""
+    import shutil
+
+    from granite_cli.readers import poppler_available
+
+    for tool, where in [(tool, shutil.which(tool)) for tool in ("pdfinfo", "pdftoppm")]:
+        only = tmp_path / tool
+        only.mkdir()
+        (only / tool).symlink_to(where)
+        monkeypatch.setenv("PATH", str(only))
+        assert not poppler_available()
 
 
 @pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")

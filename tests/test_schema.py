@@ -138,6 +138,7 @@ def test_output_cut_by_max_new_tokens_is_an_error_with_its_raw_text(cli, picture
             "--schema: field 'total' has unknown type 'money'; use one of boolean, integer, number, string",
         ),
         ("total, Total:number, total", "--schema: field 'total' appears twice"),
+        ("total, 9lives", "--schema: cannot read field '9lives'; expected name or name:type, like total:number"),
     ],
 )
 def test_bad_schemas_are_usage_errors_before_the_model_loads(cli, pictures, tmp_path, schema, message):
