@@ -130,7 +130,11 @@ def test_output_cut_by_max_new_tokens_is_an_error_with_its_raw_text(cli, picture
     ("schema", "message"),
     [
         ('{"type": "object", "properties": {"a": {"type": "strin"}}}', "invalid JSON Schema at properties/a/type"),
-        ('{"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}', "xgrammar cannot"),
+        (
+            '{"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}',
+            "xgrammar cannot constrain decoding to it (Regex parsing error at position 3: Lookbehind is not"
+            " supported yet.)",
+        ),
         ("{not json", "not JSON"),
         ("[1, 2]", "must be a JSON object"),
         (
@@ -160,6 +164,34 @@ def test_default_prompt_comes_from_the_schema_and_prompt_overrides_it(cli, pictu
         0
     ]
     assert record["prompt"] == "Title?"
+
+
+def test_the_default_prompt_names_the_schemas_title_and_each_field():
+    invoice = {"title": "Invoice", "type": "object", "properties": {"total": {"type": "number"}, "paid": True}}
+    assert load(json.dumps(invoice)).default_prompt() == (
+        "Extract these fields from the image (Invoice) and answer with a JSON object:\n- total (number)\n- paid (any)"
+    )
+    untitled = {key: value for key, value in invoice.items() if key != "title"}
+    assert load(json.dumps(untitled)).default_prompt().startswith("Extract these fields from the image and answer")
+
+
+def test_an_answer_that_does_not_match_says_where_first(tmp_path):
+    """What a record's error says when a (valid JSON) answer breaks the schema: the first place,
+    in document order, with jsonschema's words; the whole answer when the answer is the problem."""
+    schema = load("total:number, lines:string[]")
+    assert schema.check('{"total": 3, "lines": ["a", 7, 8]}', "stop", 99) == (
+        None,
+        "does not match the schema at lines/1: 7 is not of type 'string'",
+    )
+    assert schema.check('{"total": "3", "lines": [5]}', "stop", 99) == (
+        None,
+        "does not match the schema at lines/0: 5 is not of type 'string'",
+    )
+    assert schema.check("[1, 2]", "stop", 99) == (
+        None,
+        "does not match the schema at (root): [1, 2] is not of type 'object'",
+    )
+    assert schema.check('{"total": 3, "lines": []}', "stop", 99) == ({"total": 3, "lines": []}, None)
 
 
 def test_ask_with_schema(cli, pictures):
