@@ -334,6 +334,29 @@ def test_a_report_that_cannot_be_rebuilt_stops_the_run_with_one_line_and_keeps_t
     assert len(read_jsonl(tmp_path / "report.md.jsonl")) == written + 1  # the last one too: it was written
 
 
+def test_cleaning_up_after_a_failed_run_never_raises_a_second_error(tmp_path):
+    """The disk filled: flushing the journal's last records fails too. Closing after the failure
+    says nothing more (the run's own error is the one the user reads); the records that reached
+    the file stay, and the file is closed."""
+    from granite_cli import output
+    from granite_cli.records import Record
+
+    sink = output.FileOutput(tmp_path / "out.jsonl", "jsonl", resume=False, label="--output out.jsonl")
+    sink.write(Record("a.png", None, "p", "answer", None, "m"))
+    real = sink.stream
+
+    class Full:
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    sink.stream = Full()
+    sink.abandon()
+    assert real.closed and sink.stream is None
+
+
 def test_reports_are_rebuilt_off_the_thread_that_runs_the_model(tmp_path, monkeypatch):
     """A slow rebuild (a huge report) never holds up the thread that hands records over."""
     import threading

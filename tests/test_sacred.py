@@ -3,6 +3,7 @@ would see it (the numbers are those of the issue that listed them)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -538,6 +539,28 @@ def test_a_stream_cannot_be_resumed_into(tiny_model, shots, tmp_path):
         stderr=subprocess.PIPE,
     )
     assert again.returncode == 2 and b"is a stream (a pipe or a device)" in again.stderr
+    assert len(read_jsonl(out)) == 1
+
+
+def test_a_fifo_named_as_an_input_cannot_be_resumed_into(cli, shots, tmp_path):
+    """(In-process twin of the test above: a named pipe, fed by a thread.)"""
+    import threading
+
+    fifo, out = tmp_path / "pipe.png", tmp_path / "ps.jsonl"
+    os.mkfifo(fifo)
+
+    def fed(picture: Path, *args: str):
+        feeder = threading.Thread(target=fifo.write_bytes, args=(picture.read_bytes(),), daemon=True)
+        feeder.start()
+        result = cli("caption", str(fifo), "-o", str(out), *args)
+        with contextlib.suppress(OSError):  # a feeder nobody read from: let it go
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        feeder.join(10)
+        return result
+
+    assert fed(shots / "s0.png").exit_code == 0
+    again = fed(shots / "s1.png", "--resume")
+    assert again.exit_code == 2 and f"--resume: {fifo} is a stream (a pipe or a device)" in again.stderr
     assert len(read_jsonl(out)) == 1
 
 

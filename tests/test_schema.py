@@ -166,6 +166,18 @@ def test_default_prompt_comes_from_the_schema_and_prompt_overrides_it(cli, pictu
     assert record["prompt"] == "Title?"
 
 
+def test_an_xgrammar_failure_without_words_is_named_by_its_kind(monkeypatch):
+    import xgrammar
+
+    def fails(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(xgrammar.Grammar, "from_json_schema", fails)
+    with pytest.raises(UsageError) as refused:
+        load("total:number")
+    assert str(refused.value) == "--schema total:number: xgrammar cannot constrain decoding to it (RuntimeError)"
+
+
 def test_the_default_prompt_names_the_schemas_title_and_each_field():
     invoice = {"title": "Invoice", "type": "object", "properties": {"total": {"type": "number"}, "paid": True}}
     assert load(json.dumps(invoice)).default_prompt() == (
@@ -221,6 +233,12 @@ def test_markdown_table_and_csv(cli, pictures, tmp_path):
     resumed = cli("caption", *args, "-f", "csv", "-o", str(out), "--resume")
     assert "2 answered before, 1 to run" in resumed.stderr
     assert out.read_text() == streamed
+    done = tmp_path / "done.csv"  # a finished run's report, deleted: --resume rebuilds it, columns and all
+    both = (*pictures[:2], "--schema", schema, "--max-new-tokens", "120", "-f", "csv", "-o", str(done))
+    assert cli("caption", *both).exit_code == 0
+    whole = done.read_text()
+    done.unlink()
+    assert cli("caption", *both, "--resume").exit_code == 0 and done.read_text() == whole
     plain = cli("caption", pictures[0], "-f", "csv")  # without a schema: the plain columns
     assert plain.exit_code == 0 and plain.stdout.startswith("source,page,prompt,answer,error")
 
