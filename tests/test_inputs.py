@@ -138,3 +138,26 @@ def test_a_run_of_several_processes_reads_the_stdin_list_in_place(monkeypatch):
     assert expand_stdin(["a.png", "-", "b.png"], listing) == ["a.png", "x.png", "y.png", "b.png"]
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"z.png\0")))
     assert expand_stdin(["-", "./-"]) == ["z.png", "./-"]
+
+
+def test_a_folder_walk_passes_over_only_the_folders_an_output_of_ours_made(tmp_path):
+    """`report.html.files` and `out.jsonl.parts` beside an output are ours (pictures of a report,
+    parts of a run); a user's `holiday.files`, `b.parts` or `trip.2024` are theirs: read."""
+    for folder in ("report.html.files", "out.jsonl.parts", "holiday.files", "b.parts", "trip.2024"):
+        (tmp_path / folder).mkdir()
+        noise(8, 8).save(tmp_path / folder / "p.png")
+    listed = sorted(item.source[len(str(tmp_path)) + 1 :] for item in resolve([str(tmp_path)]).items)
+    assert listed == ["b.parts/p.png", "holiday.files/p.png", "trip.2024/p.png"]
+
+
+def test_pages_apply_to_the_documents_found_in_a_folder(tmp_path):
+    from helpers import make_pdf
+
+    make_pdf(tmp_path / "doc.pdf", 3)
+    noise(8, 8).save(tmp_path / "a.png")
+    items = resolve([str(tmp_path)], pages=PageSelection.parse("2-"), read=readers.ReadOptions(dpi=36)).items
+    assert [(item.source[len(str(tmp_path)) + 1 :], item.page) for item in items] == [
+        ("a.png", None),
+        ("doc.pdf", 2),
+        ("doc.pdf", 3),
+    ]

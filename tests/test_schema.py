@@ -136,7 +136,7 @@ def test_output_cut_by_max_new_tokens_is_an_error_with_its_raw_text(cli, picture
             " supported yet.)",
         ),
         ("{not json", "not JSON"),
-        ("[1, 2]", "must be a JSON object"),
+        ("[1, 2]", "--schema inline JSON: a JSON Schema must be a JSON object"),
         (
             "total:money",
             "--schema: field 'total' has unknown type 'money'; use one of boolean, integer, number, string",
