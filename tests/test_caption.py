@@ -376,8 +376,9 @@ def test_the_skipped_count_counts_files_not_links(cli, tmp_path):
     (root / "dangling.heic").symlink_to(root / "gone.heic")  # no file at all
     (root / "up").symlink_to(root)  # a loop
     (root / "notes.txt").write_text("a text file: nobody means it as a picture")
+    (root / "scan.djvu").write_bytes(b"AT&TFORM")  # another file we cannot read
     result = cli("caption", str(root))
     assert result.exit_code == 0 and len(result.records()) == 1
-    assert "skipped 1 file(s) of unsupported type inside folders (--verbose lists them)" in result.stderr
+    assert "skipped 2 file(s) of unsupported type inside folders (--verbose lists them)" in result.stderr
     verbose = cli("caption", str(root), "--verbose")
     assert f"skipped: {root / 'elsewhere' / 'also.heic'}" in verbose.stderr and "notes.txt" not in verbose.stderr

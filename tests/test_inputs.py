@@ -151,13 +151,16 @@ def test_a_folder_walk_passes_over_only_the_folders_an_output_of_ours_made(tmp_p
 
 
 def test_pages_apply_to_the_documents_found_in_a_folder(tmp_path):
+    """Whether the folder is named, or matched by a glob."""
     from helpers import make_pdf
 
-    make_pdf(tmp_path / "doc.pdf", 3)
-    noise(8, 8).save(tmp_path / "a.png")
-    items = resolve([str(tmp_path)], pages=PageSelection.parse("2-"), read=readers.ReadOptions(dpi=36)).items
-    assert [(item.source[len(str(tmp_path)) + 1 :], item.page) for item in items] == [
-        ("a.png", None),
-        ("doc.pdf", 2),
-        ("doc.pdf", 3),
-    ]
+    (tmp_path / "docs").mkdir()
+    make_pdf(tmp_path / "docs" / "doc.pdf", 3)
+    noise(8, 8).save(tmp_path / "docs" / "a.png")
+    for named in (tmp_path / "docs", tmp_path / "do*"):
+        items = resolve([str(named)], pages=PageSelection.parse("2-"), read=readers.ReadOptions(dpi=36)).items
+        assert [(item.source[len(str(tmp_path)) + 1 :], item.page) for item in items] == [
+            ("docs/a.png", None),
+            ("docs/doc.pdf", 2),
+            ("docs/doc.pdf", 3),
+        ]
