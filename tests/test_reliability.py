@@ -107,6 +107,17 @@ def test_encrypted_pdf_needs_its_password(cli, tmp_path):
     assert asked["page"] == 1 and asked["answer"] == right[0]["answer"]
 
 
+def test_a_page_thinner_than_a_pixel_is_one_pixel_thick(cli, tmp_path):
+    """A page 1 point wide (or 0.4 high) at 72 dpi: answered, and its record says 1 pixel."""
+    (tmp_path / "thin.pdf").write_bytes(minimal_pdf([(1, 300), (300, 0.4)]))
+    result = cli("caption", str(tmp_path / "thin.pdf"), "--dpi", "72")
+    assert result.exit_code == 0, result.stderr
+    assert [(r["width"], r["height"], r["answer"] is not None) for r in result.records()] == [
+        (1, 300, True),
+        (300, 1, True),
+    ]
+
+
 def test_zero_page_pdf_and_huge_media_box(cli, tmp_path):
     make_pdf(tmp_path / "cut.pdf", 2)  # a broken PDF first: PDFium's error code outlives it
     (tmp_path / "cut.pdf").write_bytes((tmp_path / "cut.pdf").read_bytes()[:300])
