@@ -327,7 +327,7 @@ class FileOutput:
             ordered = in_run_order(merged, items, self.identities)
             write_atomic(self.journal, jsonl_text(ordered))
             if self.report:
-                write_atomic(self.path, render(self.fmt, ordered, self.path, self.columns))
+                self._rebuild(ordered)
             self._remove_parts()
             return ordered
 
@@ -335,8 +335,7 @@ class FileOutput:
         """A resumed run with nothing left to do still leaves a whole report: one deleted or
         emptied since is rebuilt from its journal (an intact one is left as it is)."""
         if self.report and self.resume and self.rank == 0 and not self._whole_report():
-            records, _ = read_records(self.journal)
-            write_atomic(self.path, render(self.fmt, records, self.path, self.columns))
+            self._rebuild(read_records(self.journal)[0])
 
     def _whole_report(self) -> bool:
         try:
@@ -353,6 +352,7 @@ class FileOutput:
             self.parts.rmdir()
 
     def _rebuild(self, records: list[Record]) -> None:
+        """The report, from these records, replacing the last one whole (during the run too)."""
         write_atomic(self.path, render(self.fmt, records, self.path, self.columns))
 
 

@@ -351,8 +351,7 @@ def _render_scale(size_pt: tuple[float, float], options: ReadOptions, fit: Fit |
 
 
 def _check_page(page: int, count: int) -> None:
-    if count == 0:
-        raise InputError("PDF has no pages")
+    """(A document of no pages never gets here: both renderers refuse it as they open it.)"""
     if not 1 <= page <= count:
         raise InputError(f"page {page} out of range (the document has {count} page(s))")
 

@@ -172,6 +172,31 @@ def test_poppler_hands_the_model_the_pictures_pdfium_does(tiny_engine, tmp_path)
         document.close()
 
 
+def test_a_page_is_drawn_at_the_size_the_model_uses_and_never_above_dpi(tiny_engine, tmp_path):
+    """Portrait, landscape, or smaller than the model's size: each page is drawn at the size the
+    model uses (by either renderer); a fit that would enlarge it still gets --dpi at most. A page
+    beyond the document is refused by the reader too, and a document of none as it opens."""
+    from granite_cli.errors import InputError
+    from granite_cli.readers import ReadOptions, open_document
+
+    pdf, empty = tmp_path / "mixed.pdf", tmp_path / "empty.pdf"
+    pdf.write_bytes(minimal_pdf([(612, 792), (792, 612), (100, 50)]))
+    empty.write_bytes(minimal_pdf([]))
+    for renderer in ("pypdfium2", "poppler") if poppler_available() else ("pypdfium2",):
+        document = open_document(pdf, ReadOptions(renderer=renderer, dpi=36), renderer)
+        for page, at_dpi in ((1, (306, 396)), (2, (396, 306)), (3, (50, 25))):
+            assert document.page_size(page) == at_dpi
+            drawn, fitted = document.render(page, tiny_engine.fit).size, tiny_engine.fit(*at_dpi)
+            assert abs(drawn[0] - fitted[0]) <= 1 and abs(drawn[1] - fitted[1]) <= 1, (renderer, page, drawn)
+            assert document.render(page, lambda width, height: (3 * width, 3 * height)).size == at_dpi
+        with pytest.raises(InputError, match=r"^page 4 out of range \(the document has 3 page\(s\)\)$"):
+            document.render(4, None)
+        document.close()
+    for renderer in ("pypdfium2", "poppler") if poppler_available() else ("pypdfium2",):
+        with pytest.raises(InputError):  # (as it opens it)
+            open_document(empty, ReadOptions(renderer=renderer), renderer)
+
+
 @pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
 def test_poppler_knows_the_size_of_every_page_of_a_long_document(tmp_path):
     from granite_cli.readers import ReadOptions, open_document
