@@ -192,6 +192,7 @@ def test_a_page_is_drawn_at_the_size_the_model_uses_and_never_above_dpi(tiny_eng
         with pytest.raises(InputError, match=r"^page 4 out of range \(the document has 3 page\(s\)\)$"):
             document.render(4, None)
         document.close()
+        document.close()  # (twice: harmless)
     for renderer in ("pypdfium2", "poppler") if poppler_available() else ("pypdfium2",):
         with pytest.raises(InputError):  # (as it opens it)
             open_document(empty, ReadOptions(renderer=renderer), renderer)
