@@ -193,6 +193,12 @@ def test_a_page_is_drawn_at_the_size_the_model_uses_and_never_above_dpi(tiny_eng
             document.render(4, None)
         document.close()
         document.close()  # (twice: harmless)
+    odd = tmp_path / os.fsdecode(b"caf\xe9.pdf")  # a name that is not UTF-8: PDFium gets the open file
+    odd.write_bytes(pdf.read_bytes())
+    document = open_document(odd, ReadOptions(dpi=36))
+    assert document.render(2, None).size == (396, 306)
+    document.close()
+    document.close()
     for renderer in ("pypdfium2", "poppler") if poppler_available() else ("pypdfium2",):
         with pytest.raises(InputError):  # (as it opens it)
             open_document(empty, ReadOptions(renderer=renderer), renderer)
