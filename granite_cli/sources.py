@@ -157,14 +157,12 @@ def expand_stdin(sources: Iterable[str], stdin: BinaryIO | None = None) -> list[
     return expanded
 
 
-def resolve_single(
-    source: str | Blob, page: int, *, read: ReadOptions = ReadOptions(), stdin: BinaryIO | None = None
-) -> Item:
+def resolve_single(source: str | Blob, page: int, *, read: ReadOptions = ReadOptions()) -> Item:
     """The one item of `ask`: a file, `-` (image or PDF bytes on stdin), an http(s) URL, or a
     picture handed over in memory."""
     name = (source.name or "<image>") if isinstance(source, Blob) else source
     try:
-        origin = source if isinstance(source, Blob) else _single_origin(source, stdin)
+        origin = source if isinstance(source, Blob) else _single_origin(source)
         reader, count = _inspect(origin, read)
     except Exception as exc:  # noqa: BLE001 - any failure here belongs to this one input
         return Item(name, page if page != 1 else None, error=describe(exc))
@@ -177,9 +175,9 @@ def resolve_single(
     return Item(name, page, origin, reader=reader)
 
 
-def _single_origin(source: str, stdin: BinaryIO | None) -> Source:
+def _single_origin(source: str) -> Source:
     if source == STDIN:
-        data = (stdin if stdin is not None else sys.stdin.buffer).read()
+        data = sys.stdin.buffer.read()
         if not data:
             raise InputError("no data on stdin")
         return Blob(data)

@@ -106,6 +106,13 @@ def test_bad_input_is_one_line_and_exit_1(cli, tmp_path, name, content, reason):
         assert reason in piped.stderr, piped.stderr
 
 
+def test_a_page_that_cannot_be_read_keeps_its_number_in_the_record(cli, tmp_path):
+    for page, shown in (("3", 3), ("1", None)):  # (page 1 is any picture's: not named)
+        result = cli("ask", str(tmp_path / "missing.pdf"), "Describe", "--page", page, "--json")
+        [record] = result.records()
+        assert result.exit_code == 1 and (record["page"], record["error"]) == (shown, "no such file")
+
+
 def test_max_new_tokens_is_respected(cli, inputs):
     cut = cli("ask", str(inputs / "a.png"), "Describe", "--json", "--max-new-tokens", "3").record()
     assert (cut["answer_tokens"], cut["finish_reason"]) == (3, "length")  # random weights never stop this soon
