@@ -111,6 +111,11 @@ def test_a_page_that_cannot_be_read_keeps_its_number_in_the_record(cli, tmp_path
         result = cli("ask", str(tmp_path / "missing.pdf"), "Describe", "--page", page, "--json")
         [record] = result.records()
         assert result.exit_code == 1 and (record["page"], record["error"]) == (shown, "no such file")
+    noise(20, 20).save(tmp_path / "a.png")
+    result = cli("ask", str(tmp_path / "a.png"), "Describe", "--page", "2", "--json")
+    assert result.exit_code == 1 and [(r["source"], r["page"], r["error"]) for r in result.records()] == [
+        (str(tmp_path / "a.png"), 2, "page 2 requested, but this is a single image")
+    ]
 
 
 def test_max_new_tokens_is_respected(cli, inputs):
