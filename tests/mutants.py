@@ -296,6 +296,14 @@ def function_of(name: str) -> str:
     return base.removeprefix("x_")
 
 
+def mutated(path: str) -> bool:
+    """Whether the copy still holds the module's mutants: a later run over other modules leaves a
+    plain copy, whose survivors can no longer be shown (or matched with their equivalents), so
+    its row in the README is kept from the run that had them."""
+    copy = WORK / "mutants" / path
+    return copy.exists() and "__mutmut_" in copy.read_text()
+
+
 def is_equivalent(name: str, path: str, equivalents: list[dict]) -> bool:
     candidates = [e for e in equivalents if e["file"] == path and e["function"] == function_of(name)]
     if not candidates:
@@ -396,7 +404,7 @@ def main() -> int:
     if args.readme:  # modules this copy never ran keep the README's row: the table is the project's
         readme = ROOT / "README.md"
         head, inside, tail = readme_parts(readme.read_text())
-        merged = table(modules, readme_rows(inside))
+        merged = table({path: m for path, m in modules.items() if mutated(path)}, readme_rows(inside))
         readme.write_text(f"{head}<!-- mutants:begin -->\n{merged}\n<!-- mutants:end -->{tail}")
     failing = [m.name for m in modules.values() if m.score < TARGET[m.guard]]
     return 1 if failing else 0

@@ -116,6 +116,19 @@ def test_a_page_that_cannot_be_read_keeps_its_number_in_the_record(cli, tmp_path
     assert result.exit_code == 1 and [(r["source"], r["page"], r["error"]) for r in result.records()] == [
         (str(tmp_path / "a.png"), 2, "page 2 requested, but this is a single image")
     ]
+    pdf = str(make_pdf(tmp_path / "doc.pdf", 2))
+    beyond = cli("ask", pdf, "Describe", "--page", "5", "--json")
+    assert beyond.exit_code == 1 and [(r["source"], r["page"], r["error"]) for r in beyond.records()] == [
+        (pdf, 5, "page 5 out of range (the document has 2 page(s))")
+    ]
+    second = cli("ask", pdf, "Describe", "--page", "2", "--json").record()
+    assert (second["source"], second["page"]) == (pdf, 2)
+    for args, input, said in (
+        (["-"], b"", "no data on stdin"),
+        ([str(tmp_path)], None, "is a directory (ask takes one image; use caption for folders)"),
+    ):
+        result = cli("ask", *args, "Describe", "--json", input=input)
+        assert result.exit_code == 1 and [r["error"] for r in result.records()] == [said]
 
 
 def test_max_new_tokens_is_respected(cli, inputs):
