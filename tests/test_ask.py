@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from helpers import make_pdf, noise
@@ -129,6 +130,21 @@ def test_a_page_that_cannot_be_read_keeps_its_number_in_the_record(cli, tmp_path
     ):
         result = cli("ask", *args, "Describe", "--json", input=input)
         assert result.exit_code == 1 and [r["error"] for r in result.records()] == [said]
+
+
+def test_ask_reads_a_picture_from_a_named_pipe(cli, tmp_path):
+    """`ask <(curl …)`: a pipe is read once, as bytes, and answered like the file it carries."""
+    import threading
+
+    noise(20, 20).save(tmp_path / "a.png")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    feeder = threading.Thread(target=fifo.write_bytes, args=((tmp_path / "a.png").read_bytes(),), daemon=True)
+    feeder.start()
+    piped = cli("ask", str(fifo), "Describe", "--json").record()
+    feeder.join(10)
+    assert piped["source"] == str(fifo) and (piped["width"], piped["height"]) == (20, 20)
+    assert piped["answer"] == cli("ask", str(tmp_path / "a.png"), "Describe", "--json").record()["answer"]
 
 
 def test_max_new_tokens_is_respected(cli, inputs):
