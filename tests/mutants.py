@@ -133,9 +133,8 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
         (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     sync()
     for module in modules:  # mutmut takes a plain copy (left by a run over other modules) for "unmodified"
-        copy = WORK / "mutants" / module
-        if copy.exists() and "__mutmut_" not in copy.read_text():
-            copy.unlink()
+        if not mutated(module):
+            (WORK / "mutants" / module).unlink(missing_ok=True)
     chosen.write_text(json.dumps(modules))
     configure(modules, jobs)
     models = WORK / "models"  # built once: thousands of short test sessions share them

@@ -13,6 +13,10 @@ from PIL import Image, ImageChops
 
 from granite_cli.readers import poppler_available
 
+needs_poppler = pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+#: The PDF renderers this machine has (poppler where its tools are on PATH).
+RENDERERS = ("pypdfium2", "poppler") if poppler_available() else ("pypdfium2",)
+
 EXPECTED_ORDER = [
     ("a.png", None),
     ("b.jpg", None),
@@ -112,7 +116,7 @@ def test_pdf_pages_render_at_the_size_the_model_uses(cli, inputs, tiny_model):
     assert (small["width"], small["height"]) == (306, 396)
 
 
-@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+@needs_poppler
 def test_both_pdf_renderers(cli, tmp_path):
     pdf = make_pdf(tmp_path / "two.pdf", 2)
     pdfium = cli("caption", str(pdf), "--dpi", "72").records()
@@ -149,7 +153,7 @@ def blocks(width: int, height: int, colours: tuple) -> Image.Image:
     return image
 
 
-@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+@needs_poppler
 def test_poppler_hands_the_model_the_pictures_pdfium_does(tiny_engine, tmp_path):
     """Each page, at the size the model uses or at --dpi, the same picture (up to the renderers'
     anti-aliasing) whichever renderer drew it; a page not named is the first; and a title that
@@ -182,7 +186,7 @@ def test_a_page_is_drawn_at_the_size_the_model_uses_and_never_above_dpi(tiny_eng
     pdf, empty = tmp_path / "mixed.pdf", tmp_path / "empty.pdf"
     pdf.write_bytes(minimal_pdf([(612, 792), (792, 612), (100, 50)]))
     empty.write_bytes(minimal_pdf([]))
-    for renderer in ("pypdfium2", "poppler") if poppler_available() else ("pypdfium2",):
+    for renderer in RENDERERS:
         document = open_document(pdf, ReadOptions(renderer=renderer, dpi=36), renderer)
         for page, at_dpi in ((1, (306, 396)), (2, (396, 306)), (3, (50, 25))):
             assert document.page_size(page) == at_dpi
@@ -199,12 +203,12 @@ def test_a_page_is_drawn_at_the_size_the_model_uses_and_never_above_dpi(tiny_eng
     assert document.render(2, None).size == (396, 306)
     document.close()
     document.close()
-    for renderer in ("pypdfium2", "poppler") if poppler_available() else ("pypdfium2",):
+    for renderer in RENDERERS:
         with pytest.raises(InputError):  # (as it opens it)
             open_document(empty, ReadOptions(renderer=renderer), renderer)
 
 
-@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+@needs_poppler
 def test_poppler_knows_the_size_of_every_page_of_a_long_document(tmp_path):
     from granite_cli.readers import ReadOptions, open_document
 
@@ -216,7 +220,7 @@ def test_poppler_knows_the_size_of_every_page_of_a_long_document(tmp_path):
     document.close()
 
 
-@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+@needs_poppler
 def test_poppler_needs_both_of_its_tools(tmp_path, monkeypatch):
     """pdfinfo alone, or pdftoppm alone, on PATH is not poppler: each PDF says what to install."""
     import shutil
@@ -231,7 +235,7 @@ def test_poppler_needs_both_of_its_tools(tmp_path, monkeypatch):
         assert not poppler_available()
 
 
-@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+@needs_poppler
 def test_poppler_opens_an_encrypted_pdf_with_its_password(cli):
     pdf = str(Path(__file__).parent / "data" / "encrypted.pdf")
     right = cli("caption", pdf, "--pdf-renderer", "poppler", "--pdf-password", "secret")
@@ -240,7 +244,7 @@ def test_poppler_opens_an_encrypted_pdf_with_its_password(cli):
     assert wrong[0]["error"] == "encrypted PDF: the --pdf-password given does not open it"
 
 
-@pytest.mark.skipif(not poppler_available(), reason="poppler-utils not installed (.ci/run installs it)")
+@needs_poppler
 def test_a_pdf_rewritten_under_poppler_fails_its_pages_with_a_reason(tmp_path, monkeypatch):
     """Poppler reads the file again for each page. Listed with two pages, then rewritten while
     the run reads it (a page fewer; then not a PDF at all): each page that cannot be drawn any
