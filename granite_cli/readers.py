@@ -234,7 +234,7 @@ class PopplerReader(_PdfKind):
         return self.pages
 
     def page_size(self, page: int | None) -> tuple[int, int]:
-        return _page_pixels(self.sizes.get(page or 1, (612.0, 792.0)), self.options)
+        return _page_pixels(self.sizes.get(page or 1, LETTER), self.options)
 
     def render(self, page: int | None, fit: Fit | None) -> Image.Image:
         from pdf2image import convert_from_path
@@ -242,14 +242,13 @@ class PopplerReader(_PdfKind):
 
         page = page or 1
         _check_page(page, self.pages)
-        size = self.sizes.get(page)
-        dpi = _render_scale(size, self.options, fit) * 72 if size else self.options.dpi
-        try:
+        dpi = _render_scale(self.sizes.get(page, LETTER), self.options, fit) * 72
+        try:  # (pdfinfo opened it: a failure now is a file changed since, or a page poppler cannot draw)
             pages = convert_from_path(self.path, dpi=dpi, first_page=page, last_page=page, userpw=self.options.password)
         except (PDFPageCountError, PDFSyntaxError) as exc:
-            raise _pdf_error(exc, self.options.password) from exc
+            raise InputError(f"page {page} could not be rendered ({one_line(exc)})") from exc
         if not pages:
-            raise InputError(f"page {page} could not be rendered")
+            raise InputError(f"page {page} could not be rendered (poppler drew nothing)")
         return to_rgb(pages[0])
 
     def close(self) -> None:
@@ -381,6 +380,10 @@ def _pdf_error(exc: BaseException, password: str | None) -> InputError:
             return InputError("encrypted PDF: the --pdf-password given does not open it")
         return InputError("encrypted PDF: pass its password with --pdf-password")
     return InputError(f"broken PDF ({text})")
+
+
+#: What poppler takes a page without a (readable) media box for: US letter, in points.
+LETTER = (612.0, 792.0)
 
 
 def _poppler_sizes(info: dict) -> dict[int, tuple[float, float]]:

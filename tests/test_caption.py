@@ -176,6 +176,22 @@ def test_poppler_hands_the_model_the_pictures_pdfium_does(tiny_engine, tmp_path)
         document.close()
 
 
+@needs_poppler
+def test_a_pdf_broken_after_poppler_opened_it_fails_at_its_page_with_the_reason(tmp_path):
+    """Rewritten mid-run (a download still going, a tool saving over it): the page that cannot be
+    drawn any more fails, naming itself and poppler's reason."""
+    from granite_cli.errors import InputError
+    from granite_cli.readers import ReadOptions, open_document
+
+    pdf = make_pdf(tmp_path / "doc.pdf", 2)
+    document = open_document(pdf, ReadOptions(renderer="poppler", dpi=36), "poppler")
+    assert document.render(1, None).size == (306, 396)
+    pdf.write_bytes(b"%PDF-1.7\nnot really")
+    with pytest.raises(InputError, match=r"^page 2 could not be rendered \(.*[Pp]age count.*\)$"):
+        document.render(2, None)
+    document.close()
+
+
 def test_a_page_is_drawn_at_the_size_the_model_uses_and_never_above_dpi(tiny_engine, tmp_path):
     """Portrait, landscape, or smaller than the model's size: each page is drawn at the size the
     model uses (by either renderer); a fit that would enlarge it still gets --dpi at most. A page

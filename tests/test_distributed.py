@@ -86,6 +86,62 @@ def test_split_is_deterministic_complete_and_balanced_by_cost():
     assert split([], 4) == [[], [], [], []]
 
 
+def ranks_of(path: Path, run_id: str, **options) -> list:
+    """The output of each process of a run of two, in one process (the barrier is the caller's order)."""
+    from granite_cli.output import FileOutput
+
+    return [FileOutput(path, "jsonl", rank=rank, world=2, run_id=run_id, **options) for rank in (0, 1)]
+
+
+def answered(source: str, answer: str):
+    from granite_cli.records import Record
+
+    return Record(source, None, "Describe", answer, None, "m")
+
+
+def test_a_fresh_run_of_two_processes_never_brings_back_a_dead_runs_answers(tmp_path):
+    """A run of two processes died before merging; the next run (--overwrite) names only a.png,
+    all of it on rank 0: its output holds that run's answer alone, and no part file is left."""
+    from granite_cli.sources import Item
+
+    out = tmp_path / "out.jsonl"
+    for rank, sink in enumerate(ranks_of(out, "dead", resume=False)):
+        sink.write(answered(f"{'ab'[rank]}.png", "old answer"))
+        sink.close()  # killed here: nothing merged
+    items = [Item("a.png")]
+    first, second = ranks_of(out, "next", resume=False, overwrite=True)
+    first.check(items), second.check(items)
+    assert first.plan(items, None) == items
+    first.write(answered("a.png", "new answer"))
+    assert second.finish(items) == []  # rank 1 had nothing to do
+    merged = first.finish(items)
+    assert [(r.source, r.answer) for r in merged] == [("a.png", "new answer")]
+    assert [(row["source"], row["answer"]) for row in map(json.loads, out.read_text().splitlines())] == [
+        ("a.png", "new answer")
+    ]
+    assert not (tmp_path / "out.jsonl.parts").exists()
+
+
+def test_resuming_with_two_processes_keeps_a_dead_runs_answers_once_each_in_input_order(tmp_path):
+    from granite_cli.records import Job
+    from granite_cli.sources import Item
+
+    out = tmp_path / "out.jsonl"
+    for rank, sink in enumerate(ranks_of(out, "dead", resume=False)):
+        sink.write(answered(f"{'ca'[rank]}.png", f"answer {rank}"))
+        sink.close()
+    items = [Item(name) for name in ("a.png", "b.png", "c.png")]
+    first, second = ranks_of(out, "next", resume=True)
+    first.check(items)
+    assert [item.source for item in first.plan(items, Job("Describe", "m"))] == ["b.png"]
+    second.write(answered("b.png", "answer 2"))
+    assert second.finish(items) == []
+    first.finish(items)
+    rows = [(row["source"], row["answer"]) for row in map(json.loads, out.read_text().splitlines())]
+    assert rows == [("a.png", "answer 1"), ("b.png", "answer 2"), ("c.png", "answer 0")]
+    assert not (tmp_path / "out.jsonl.parts").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_same_records_as_one(workload, tiny_model, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"

@@ -118,6 +118,34 @@ def test_a_page_thinner_than_a_pixel_is_one_pixel_thick(cli, tmp_path):
     ]
 
 
+def test_a_pdf_whose_page_tree_counts_nothing_has_no_pages_whatever_pdfium_says(cli, tmp_path):
+    """PDFium refuses it with a stale "Success" as its reason: the user reads that it has no pages."""
+    (tmp_path / "uncounted.pdf").write_bytes(minimal_pdf([]).replace(b"/Count 0", b" " * 8))
+    _, records = caption_records(cli, str(tmp_path / "uncounted.pdf"))
+    assert records[0]["error"] == "PDF has no pages (or no readable page tree)"
+
+
+def test_a_page_pdfium_cannot_render_fails_alone_naming_the_page_and_the_reason(cli, tmp_path, monkeypatch):
+    import pypdfium2 as pdfium
+
+    render = pdfium.PdfPage.render
+
+    def failing(page, *args, **kwargs):
+        if page.get_size() == (300, 200):
+            raise pdfium.PdfiumError("Failed to render page.")
+        return render(page, *args, **kwargs)
+
+    monkeypatch.setattr(pdfium.PdfPage, "render", failing)
+    (tmp_path / "doc.pdf").write_bytes(minimal_pdf([(200, 300), (300, 200), (250, 250)]))
+    result, records = caption_records(cli, str(tmp_path / "doc.pdf"))
+    assert [(r["page"], r["error"]) for r in records] == [
+        (1, None),
+        (2, "page 2 could not be rendered (Failed to render page.)"),
+        (3, None),
+    ]
+    assert result.exit_code == 1
+
+
 def test_zero_page_pdf_and_huge_media_box(cli, tmp_path):
     make_pdf(tmp_path / "cut.pdf", 2)  # a broken PDF first: PDFium's error code outlives it
     (tmp_path / "cut.pdf").write_bytes((tmp_path / "cut.pdf").read_bytes()[:300])
