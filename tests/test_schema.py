@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -256,6 +257,38 @@ def test_html_cards_show_each_field_as_people_read_it(cli, pictures, tmp_path):
     page = report.read_text()
     title = f"<tr><th>title</th><td>{escape(data['title'])}</td></tr>"
     assert f"<table>{title}<tr><th>count</th><td>{data['count']}</td></tr></table>" in page
+
+
+def report_of(cli, picture: str, path: Path, data: dict) -> str:
+    """The report of a --schema run whose answer holds `data`: written into the journal after a
+    real run, and the report rebuilt from it by --resume (the tiny model's values are random)."""
+    schema = json.dumps({"type": "object", "properties": {"title": {"type": "string", "maxLength": 12}}})
+    command = ("caption", picture, "--schema", schema, "--max-new-tokens", "60", "-o", str(path))
+    assert cli(*command).exit_code == 0
+    journal = path.with_name(path.name + ".jsonl")
+    journal.write_text(json.dumps(json.loads(journal.read_text()) | {"data": data}) + "\n")
+    path.unlink()
+    assert cli(*command, "--resume").exit_code == 0
+    return path.read_text()
+
+
+def test_html_cards_show_a_list_field_in_its_own_script(cli, pictures, tmp_path):
+    """A field that is not text (a list of names) is shown as JSON with its characters as they
+    are, not as \\u escapes."""
+    page = report_of(cli, pictures[0], tmp_path / "tags.html", {"tags": ["café", "東京"]})
+    assert "<tr><th>tags</th><td>[&quot;café&quot;, &quot;東京&quot;]</td></tr>" in page
+
+
+def test_markdown_shows_each_field_as_a_row_people_read(cli, pictures, tmp_path):
+    """Text as its text (markup characters escaped), numbers as written, true/false/null as
+    JSON spells them, lists and objects as inline JSON code in their own script."""
+    data = {"title": "a|b *c*", "pages": 3, "signed": True, "stamp": False, "date": None,
+            "tags": ["café", "東京"], "to": {"名前": "Ann"}}  # fmt: skip
+    text = report_of(cli, pictures[0], tmp_path / "fields.md", data)
+    assert text.endswith(
+        "| field | value |\n|---|---|\n| title | a\\|b \\*c\\* |\n| pages | 3 |\n| signed | true |\n"
+        '| stamp | false |\n| date | null |\n| tags | `["café", "東京"]` |\n| to | `{"名前": "Ann"}` |\n'
+    ), text
 
 
 def test_compact_field_names_in_any_script(cli, pictures):
