@@ -243,12 +243,12 @@ class PopplerReader(_PdfKind):
         page = page or 1
         _check_page(page, self.pages)
         dpi = _render_scale(self.sizes.get(page, LETTER), self.options, fit) * 72
-        try:  # (pdfinfo opened it: a failure now is a file changed since, or a page poppler cannot draw)
+        try:  # (pdfinfo opened it: a failure now is a file rewritten since; poppler reads it again)
             pages = convert_from_path(self.path, dpi=dpi, first_page=page, last_page=page, userpw=self.options.password)
         except (PDFPageCountError, PDFSyntaxError) as exc:
-            raise InputError(f"page {page} could not be rendered ({one_line(exc)})") from exc
+            raise _pdf_error(exc, self.options.password) from exc
         if not pages:
-            raise InputError(f"page {page} could not be rendered (poppler drew nothing)")
+            raise InputError(f"page {page} could not be rendered")
         return to_rgb(pages[0])
 
     def close(self) -> None:
