@@ -145,7 +145,12 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     started = time.monotonic()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(models)}
     command = [sys.executable, str(Path(__file__).resolve()), "--mutmut", "run", "--max-children", str(jobs), *names]
-    subprocess.run(command, cwd=WORK, env=env, stdout=subprocess.DEVNULL, check=False)
+    with open(WORK / "mutmut.log", "wb") as log:  # its spinners, and why it stopped if it did
+        done = subprocess.run(command, cwd=WORK, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:  # e.g. "Failed to run clean test": a fast-lane test fails in the copy
+        lines = (WORK / "mutmut.log").read_text(errors="replace").replace("\r", "\n").strip().splitlines()
+        why = lines[-1] if lines else "?"
+        raise SystemExit(f"mutmut stopped (exit {done.returncode}): {why}; see {WORK / 'mutmut.log'}")
     return time.monotonic() - started
 
 
