@@ -133,7 +133,7 @@ class HtmlWriter(StreamWriter):
     @staticmethod
     def recognizes(text: str) -> bool:
         """Our start and our end (a page cut short is not a whole report)."""
-        ours = text.lstrip().lower().startswith("<!doctype html>") and GENERATOR in text[:2000]
+        ours = text.startswith("<!doctype html>") and GENERATOR in text[:2000]  # as we write it
         return ours and text.rstrip().endswith("</html>")
 
     @staticmethod

@@ -118,7 +118,7 @@ def check_report(report: Path, journal: Path, fmt: str, columns: Sequence[str], 
     but rows built from it (else someone edited it)."""
     if overwrite or report == journal or not report.exists() or sniff(report) == "empty":
         return
-    text = report.read_text(encoding="utf-8", errors="surrogateescape")
+    text = report.read_bytes().decode("utf-8", errors="surrogateescape")  # as written: a \r in an answer stays
     records, _ = read_records(journal)
     rows = _rows(fmt, text)
     if not records:

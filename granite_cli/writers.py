@@ -287,7 +287,13 @@ class ImagefolderWriter(StreamWriter):
                 raise UsageError(
                     f"--format imagefolder: {item.source} has pages (PDF or TIFF); the loader reads pictures whole"
                 )
-            split = next((part for part in where.relative_to(base).parts[:-1] if _SPLIT.search(part)), None)
+            *folders, name = where.relative_to(base).parts
+            if _SPLIT.search(name):  # the loader reads split names in file names too (datasets' patterns)
+                raise UsageError(
+                    f"--format imagefolder: {item.source} is named like a split: the loader would take it for"
+                    " one, and load it alone, without captions; rename it, or write the dataset elsewhere"
+                )
+            split = next((part for part in folders if _SPLIT.search(part)), None)
             if split is not None:
                 raise UsageError(
                     f"--format imagefolder: {base} has split folders ({split}/): the loader wants a"
@@ -314,7 +320,7 @@ class ImagefolderWriter(StreamWriter):
         )
 
 
-#: Folder names Hugging Face's loader takes for splits (datasets' SPLIT_KEYWORDS, alone or between
+#: Folder and file names Hugging Face's loader takes for splits (datasets' SPLIT_KEYWORDS, alone or between
 #: separators: `train`, `test-2024`, `my_val`).
 _SPLIT = re.compile(
     r"(?:^|[-._ 0-9])(?:train|training|validation|valid|dev|val|test|testing|eval|evaluation)(?:$|[-._ 0-9])", re.I

@@ -232,6 +232,21 @@ def test_11_imagefolder_refuses_what_the_loader_cannot_read(cli, tmp_path, monke
     result = cli("caption", str(data), "-f", "imagefolder", "-o", str(data / "metadata.jsonl"))
     assert result.exit_code == 2 and "split folders (test/)" in one_error_line(result.stderr)
     assert "-o " + str(data / "test" / "metadata.jsonl") in result.stderr
+    deeper = tmp_path / "deeper"  # a split folder further down: the loader finds it too
+    (deeper / "photos" / "val").mkdir(parents=True)
+    noise(30, 30).save(deeper / "photos" / "val" / "a.png")
+    nested = cli("caption", str(deeper), "-f", "imagefolder", "-o", str(deeper / "metadata.jsonl"))
+    assert nested.exit_code == 2 and "split folders (val/)" in one_error_line(nested.stderr)
+    named = tmp_path / "named"  # so does a picture named like a split: it alone, without captions
+    named.mkdir()
+    for name in ("a.png", "my_test.png"):
+        noise(30, 30).save(named / name)
+    like = cli("caption", str(named), "-f", "imagefolder", "-o", str(named / "metadata.jsonl"))
+    assert like.exit_code == 2 and one_error_line(like.stderr) == (
+        f"error: --format imagefolder: {named / 'my_test.png'} is named like a split: the loader would take it"
+        " for one, and load it alone, without captions; rename it, or write the dataset elsewhere"
+    )
+    assert not (named / "metadata.jsonl").exists()
     per_split = cli("caption", str(data / "train"), "-f", "imagefolder", "-o", str(data / "train" / "metadata.jsonl"))
     assert per_split.exit_code == 0
     import datasets
@@ -512,6 +527,18 @@ def test_an_imagefolder_dataset_resumes_with_its_journal_beside_it(cli, tmp_path
     resumed = cli("caption", str(data), "-f", "imagefolder", "-o", str(metadata), "--resume")
     assert resumed.exit_code == 0 and "1 answered before, 1 to run" in resumed.stderr
     assert [json.loads(line)["file_name"] for line in metadata.read_text().splitlines()] == ["a.png", "b.png"]
+    noise(30, 30, 3).save(data / "c.png")  # and again, over rows of several pictures
+    again = cli("caption", str(data), "-f", "imagefolder", "-o", str(metadata), "--resume")
+    assert again.exit_code == 0 and "2 answered before, 1 to run" in again.stderr
+    assert [json.loads(line)["file_name"] for line in metadata.read_text().splitlines()] == ["a.png", "b.png", "c.png"]
+    theirs = tmp_path / "theirs"  # someone's own labels, with pages too: not ours to replace
+    theirs.mkdir()
+    noise(30, 30, 1).save(theirs / "a.png")
+    mine = '{"file_name": "a.png", "label": "cat", "page": 1}\n'
+    (theirs / "metadata.jsonl").write_text(mine)
+    refused = cli("caption", str(theirs), "-f", "imagefolder", "-o", str(theirs / "metadata.jsonl"), "--overwrite")
+    assert refused.exit_code == 2 and "is not a granite-vision output" in one_error_line(refused.stderr)
+    assert (theirs / "metadata.jsonl").read_text() == mine
 
 
 def test_pictures_in_memory_are_named_by_content_so_resume_loses_none(tiny_model, tmp_path):
@@ -589,6 +616,24 @@ def test_an_answer_that_failed_its_schema_writes_no_sidecar(cli, shots):
     assert not (shots / "s0.json").exists()
 
 
+def test_an_answer_with_carriage_returns_is_not_taken_for_a_hand_edit(cli, shots, tmp_path):
+    """Answers may hold Windows or old Mac line ends: a CSV or metadata.jsonl showing them as
+    written is ours, and --resume goes on (twice), leaving it as it was."""
+    for name, fmt in (("c.csv", "csv"), ("metadata.jsonl", "imagefolder")):
+        report = tmp_path / name
+        command = ("caption", str(shots / "s0.png"), "-o", str(report), "-f", fmt)
+        assert cli(*command).exit_code == 0
+        journal = tmp_path / f"{name}.jsonl"
+        journal.write_text(json.dumps(json.loads(journal.read_text()) | {"answer": "one\r\ntwo\rthree\nfour"}) + "\n")
+        report.unlink()
+        assert cli(*command, "--resume").exit_code == 0  # rebuilt from the journal
+        shown = report.read_bytes()
+        assert b"one\r\ntwo\rthree\nfour" in shown or b"one\\r\\ntwo\\rthree\\nfour" in shown, shown
+        for _ in range(2):
+            again = cli(*command, "--resume")
+            assert again.exit_code == 0 and report.read_bytes() == shown, again.stderr
+
+
 def test_a_report_edited_by_hand_or_without_its_journal_is_not_replaced(cli, shots, tmp_path):
     report = tmp_path / "c.csv"
     assert cli("caption", str(shots / "s0.png"), str(shots / "s1.png"), "-o", str(report)).exit_code == 0
@@ -612,6 +657,14 @@ def test_a_report_edited_by_hand_or_without_its_journal_is_not_replaced(cli, sho
         gone = cli("caption", str(shots), "-o", str(report))
         assert gone.exit_code == 2 and f"its journal {name}.jsonl (what --resume reads) is gone" in gone.stderr
         assert report.read_bytes() == before
+    dataset = tmp_path / "metadata.jsonl"  # a dataset's captions, edited by hand: the user's now
+    command = ("caption", str(shots / "s0.png"), "-f", "imagefolder", "-o", str(dataset))
+    assert cli(*command).exit_code == 0
+    dataset.write_text(dataset.read_text().replace('"text": "', '"text": "MY FIX ', 1))
+    edited = dataset.read_text()
+    resumed = cli(*command, "--resume")
+    assert resumed.exit_code == 2 and "a row was changed since granite-vision wrote it" in resumed.stderr
+    assert dataset.read_text() == edited
     failed = tmp_path / "failed.csv"  # a table of ours that shows no answer holds nothing to lose
     assert cli("caption", str(shots / "missing.png"), "-o", str(failed)).exit_code == 1
     (tmp_path / "failed.csv.jsonl").unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import io
 import json
 import os
 import resource
@@ -408,6 +409,27 @@ def test_image_bytes_on_caption_stdin_point_to_ask(cli, photos):
     assert "stdin holds PNG data, not a list of paths" in line and "ask -" in line
     pdf = cli("caption", "-", input=b"%PDF-1.4\n%...")
     assert pdf.exit_code == 2 and "PDF data" in pdf.stderr
+
+
+def test_caption_stdin_knows_picture_bytes_of_every_format_from_names_that_look_alike(cli, tmp_path, monkeypatch):
+    """Each format people pipe around is named as what it is; a list of paths whose names start
+    like a format's first bytes (RIFF..., BM...) is still a list of paths."""
+    for fmt, named in [("PNG", "PNG"), ("JPEG", "JPEG"), ("GIF", "GIF"), ("TIFF", "TIFF"), ("WEBP", "WEBP"),
+                       ("BMP", "BMP"), ("JPEG2000", "JPEG 2000")]:  # fmt: skip
+        data = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(data, fmt)
+        result = cli("caption", "-", input=data.getvalue())
+        assert result.exit_code == 2 and f"stdin holds {named} data, not a list of paths" in result.stderr, fmt
+    big_endian = cli("caption", "-", input=b"MM\x00*\x00\x00\x00\x08" + bytes(64))
+    assert "stdin holds TIFF data" in big_endian.stderr
+    names = ["RIFF-scan.png", "BMW-2024.png", "scans/a/WEBP.png"]
+    monkeypatch.chdir(tmp_path)
+    for name in names:
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        noise(20, 20).save(name)
+    for name in names:  # (each first on its list: only the first bytes could be taken for a picture)
+        result = cli("caption", "-", input=f"{name}\n".encode())
+        assert result.exit_code == 0 and [record["source"] for record in result.records()] == [name], result.stderr
 
 
 def test_a_very_long_name_on_stdin_is_an_item_error(cli, photos):

@@ -259,11 +259,13 @@ def test_html_cards_show_each_field_as_people_read_it(cli, pictures, tmp_path):
     assert f"<table>{title}<tr><th>count</th><td>{data['count']}</td></tr></table>" in page
 
 
-def report_of(cli, picture: str, path: Path, data: dict) -> str:
+def report_of(cli, picture: str, path: Path, data: dict, *fmt: str) -> str:
     """The report of a --schema run whose answer holds `data`: written into the journal after a
-    real run, and the report rebuilt from it by --resume (the tiny model's values are random)."""
-    schema = json.dumps({"type": "object", "properties": {"title": {"type": "string", "maxLength": 12}}})
-    command = ("caption", picture, "--schema", schema, "--max-new-tokens", "60", "-o", str(path))
+    real run, and the report rebuilt from it by --resume (the tiny model's values are random).
+    The schema names `data`'s fields (the model answers them with booleans: quick to generate)."""
+    fields = {"title": {"type": "string", "maxLength": 12}} | {name: {"type": "boolean"} for name in data}
+    schema = json.dumps({"type": "object", "properties": fields})
+    command = ("caption", picture, "--schema", schema, "--max-new-tokens", "90", "-o", str(path), *fmt)
     assert cli(*command).exit_code == 0
     journal = path.with_name(path.name + ".jsonl")
     journal.write_text(json.dumps(json.loads(journal.read_text()) | {"data": data}) + "\n")
@@ -289,6 +291,17 @@ def test_markdown_shows_each_field_as_a_row_people_read(cli, pictures, tmp_path)
         "| field | value |\n|---|---|\n| title | a\\|b \\*c\\* |\n| pages | 3 |\n| signed | true |\n"
         '| stamp | false |\n| date | null |\n| tags | `["café", "東京"]` |\n| to | `{"名前": "Ann"}` |\n'
     ), text
+
+
+def test_csv_shows_each_field_in_its_column_as_a_spreadsheet_reads_it(cli, pictures, tmp_path):
+    """A missing or null field is an empty cell, true/false and lists as JSON in their own
+    script, numbers and text as they are."""
+    data = {"pages": 3, "signed": True, "date": None, "tags": ["café", "東京"], "note": "a, b"}
+    text = report_of(cli, pictures[0], tmp_path / "fields.csv", data)
+    header, row = csv.reader(io.StringIO(text))
+    cells = dict(zip(header, row, strict=True))
+    assert header[4:-1] == ["title", "pages", "signed", "date", "tags", "note"]
+    assert [cells[name] for name in header[4:-1]] == ["", "3", "true", "", '["café", "東京"]', "a, b"]
 
 
 def test_compact_field_names_in_any_script(cli, pictures):
