@@ -208,6 +208,71 @@ def test_the_html_report_has_a_card_per_item_and_escapes_everything(cli, album, 
     assert resumed.exit_code == 1 and "7 answered before, 1 to run" in resumed.stderr
 
 
+def test_the_html_report_shows_each_card_as_a_reader_and_its_filter_need_it(tmp_path):
+    """What each card shows and links (a picture inline, a page at its page, a failure without a
+    picture, a URL as a link, a missing file as none), the words the filter box searches in
+    (lowercase, as the page's script lowers what is typed), and the page's own parts."""
+    noise(40, 40).save(tmp_path / "pic.png")
+    make_pdf(tmp_path / "doc.pdf", 2)
+    pic, doc, gone = (str(tmp_path / name) for name in ("pic.png", "doc.pdf", "gone.png"))
+    records = [
+        Record(pic, None, "p", "A Red Barn", None, "granite-m"),
+        Record(doc, 2, "p", "Page Two", None, "granite-m", data={"paid": True}),
+        Record(pic, None, "p", None, "Corrupt Pixels", "granite-m"),
+        Record(gone, None, "p", None, "File Not Found", "granite-m"),
+        Record("https://example.com/x.png", None, "p", "Remote", None, "granite-m"),
+    ]
+    page = render("html", records, tmp_path / "r.html")
+    cards = re.findall(r'<article class="([^"]*)" data-text="([^"]*)">(.*?)</article>', page)
+    assert [(kind, text) for kind, text, _ in cards] == [
+        ("card", f"{pic} a red barn".lower()),
+        ("card", f"{doc} (page 2) page two".lower()),
+        ("card error", f"{pic} corrupt pixels".lower()),
+        ("card error", f"{gone} file not found".lower()),
+        ("card", "https://example.com/x.png remote"),
+    ]
+    assert [body for _, _, body in cards] == [
+        f'<a class="picture" href="pic.png"><img src="pic.png" loading="lazy" alt=""></a>'
+        f'<div class="body"><p class="name">{pic}</p><p class="answer">A Red Barn</p></div>',
+        f'<a class="picture" href="doc.pdf#page=2">open page 2</a><div class="body"><p class="name">{doc} (page 2)</p>'
+        '<p class="answer">Page Two</p><table><tr><th>paid</th><td>true</td></tr></table></div>',
+        f'<a class="picture" href="pic.png">open the file</a>'
+        f'<div class="body"><p class="name">{pic}</p><p class="failure">Error: Corrupt Pixels</p></div>',
+        f'<div class="picture">no picture</div>'
+        f'<div class="body"><p class="name">{gone}</p><p class="failure">Error: File Not Found</p></div>',
+        '<a class="picture" href="https://example.com/x.png">open the file</a>'
+        '<div class="body"><p class="name">https://example.com/x.png</p><p class="answer">Remote</p></div>',
+    ]
+    header = page[page.index("<header>") : page.index("</header>")]
+    assert header == (
+        '<header>\n<h1>granite-vision report</h1>\n<p class="summary">model <code>granite-m</code> · '
+        '<span id="total">0</span> pictures, <span id="failed">0</span> failed · made '
+        + re.search(r"made (\d{4}-\d\d-\d\d \d\d:\d\d)", page)[1]
+        + '</p>\n<input id="filter" type="search" placeholder="Filter by name, answer or error" autofocus>\n'
+        '<label><input id="errors-only" type="checkbox"> errors only</label> <span id="shown"></span>\n'
+    )
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">\n' in page
+    streamed = render("html", [], None)  # on stdout: no folder for pictures, and no model to name
+    assert "Pictures show only in a report written to a file (-o report.html): they are linked from its folder." in (
+        streamed
+    )
+    assert '<p class="summary"><span id="total">' in streamed
+
+
+def test_pages_of_a_tiff_named_like_a_png_show_their_own_pictures(cli, tmp_path):
+    """A browser shows a .png link as a picture, but these bytes are a TIFF of two pages: each
+    card shows the small rendering of its page the run made, never a link it cannot draw."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ("red", "blue")]
+    frames[0].save(tmp_path / "scan.png", format="TIFF", save_all=True, append_images=frames[1:])
+    report = tmp_path / "r.html"
+    assert cli("caption", str(tmp_path / "scan.png"), "-o", str(report)).exit_code == 0
+    images = re.findall(r'<img src="([^"]*)"', report.read_text())
+    assert len(images) == 2 and all(src.startswith("r.html.files/") for src in images), images
+    assert all((tmp_path / src).is_file() for src in images)
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
