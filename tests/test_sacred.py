@@ -634,6 +634,29 @@ def test_an_answer_with_carriage_returns_is_not_taken_for_a_hand_edit(cli, shots
             assert again.exit_code == 0 and report.read_bytes() == shown, again.stderr
 
 
+def test_a_csv_is_ours_only_as_we_write_it_even_with_overwrite(cli, shots, tmp_path):
+    """Our CSV of a PDF's pages resumes; tables that only look like ours (a header of another
+    column, page numbers that are words, a field too long for a CSV reader) are someone's own:
+    refused even with --overwrite, and left as they were."""
+    pages = tmp_path / "pages.csv"
+    make_pdf(tmp_path / "doc.pdf", 2)
+    assert cli("caption", str(tmp_path / "doc.pdf"), "-o", str(pages)).exit_code == 0
+    resumed = cli("caption", str(tmp_path / "doc.pdf"), "-o", str(pages), "--resume")
+    assert resumed.exit_code == 0 and "2 answered before, 0 to run" in resumed.stderr
+    ours = "source,page,prompt,answer,error\r\n"
+    for theirs in (
+        "source,page,prompt,answer,notes\r\na.png,,p,a cat,mine\r\n",
+        "file,page,question,answer,error\r\na.png,,p,a cat,\r\n",
+        ours + "a.png,two,p,a cat,\r\n",
+        ours + "a.png,,p," + "x" * 200_000 + ",\r\n",
+    ):
+        table = tmp_path / "theirs.csv"
+        table.write_text(theirs, newline="")
+        result = cli("caption", str(shots / "s0.png"), "-o", str(table), "--overwrite")
+        assert result.exit_code == 2 and "is not a granite-vision output" in one_error_line(result.stderr), theirs[:40]
+        assert table.read_bytes() == theirs.encode()
+
+
 def test_a_report_edited_by_hand_or_without_its_journal_is_not_replaced(cli, shots, tmp_path):
     report = tmp_path / "c.csv"
     assert cli("caption", str(shots / "s0.png"), str(shots / "s1.png"), "-o", str(report)).exit_code == 0
