@@ -316,6 +316,8 @@ def test_markdown_links_every_tiff_page_and_embeds_no_failed_picture(cli, album,
     text = report.read_text()
     assert "[page 1 of scan.tiff](scan.tiff)" in text and "[page 2 of scan.tiff](scan.tiff)" in text
     assert "[page 2 of menu.pdf](menu.pdf#page=2)" in text
+    section = text[text.index("## `" + str(album / "menu.pdf")) :].split("\n## ")[0]  # one per document
+    assert section.count("### Page") == 2 and section.index("### Page 1") < section.index("### Page 2")
     assert "![beach.jpg](beach.jpg)" in text
     assert "broken.png" in text and "![broken.png]" not in text  # an error is not shown as a picture
 
