@@ -45,7 +45,7 @@ class StreamWriter:
         document goes to stdout, or the source is stdin or no longer exists."""
         if source.startswith(("http://", "https://")):
             link = source
-        elif self.base is None or source == "-" or not Path(source).exists():
+        elif self.base is None or not Path(source).exists():  # (stdin, `-`, is no file here either)
             return None
         else:  # the name's own bytes, percent-encoded: a name that is not UTF-8 still opens
             link = quote(os.fsencode(Path(os.path.relpath(Path(source).resolve(), self.base)).as_posix()))

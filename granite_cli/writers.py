@@ -137,8 +137,7 @@ class MarkdownWriter(StreamWriter):
 def _code(text: str) -> str:
     """A file name as an inline code span: shown verbatim, whatever characters it holds."""
     text = text.replace("\n", " ")
-    fence = "``" if "`" in text else "`"
-    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 def _cell(value: Any) -> str:

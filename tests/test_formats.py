@@ -322,6 +322,34 @@ def test_markdown_links_every_tiff_page_and_embeds_no_failed_picture(cli, album,
     assert "broken.png" in text and "![broken.png]" not in text  # an error is not shown as a picture
 
 
+def test_markdown_keeps_each_name_on_its_line_and_shows_an_empty_answer_as_empty(tmp_path):
+    """A name with a newline, a capital X and markup characters: its heading, picture and page
+    link each stay on one line, only markup escaped; an empty answer is an empty paragraph."""
+    name = "X-ray\n*scan*_[1].png"
+    noise(20, 20).save(tmp_path / name)
+    make_pdf(tmp_path / "X\nray.pdf", 1)
+    source, pdf = str(tmp_path / name), str(tmp_path / "X\nray.pdf")
+    records = [Record(source, None, "p", "", None, "m"), Record(pdf, 1, "p", "Fine", None, "m")]
+    text = render("markdown", records, tmp_path / "r.md")
+    picture = "![X-ray \\*scan\\*\\_\\[1\\].png](X-ray%0A%2Ascan%2A_%5B1%5D.png)"
+    assert f"\n## `{source.replace(chr(10), ' ')}`\n\n{picture}\n\n\n" in text
+    assert "\n### Page 1\n\n[page 1 of X ray.pdf](X%0Aray.pdf#page=1)\n" in text
+
+
+def test_a_markdown_report_is_ours_with_windows_line_ends_but_not_with_another_title(cli, tmp_path):
+    noise(20, 20).save(tmp_path / "s0.png")
+    report = tmp_path / "r.md"
+    command = ("caption", str(tmp_path / "s0.png"), "-o", str(report))
+    assert cli(*command).exit_code == 0
+    report.write_bytes(report.read_bytes().replace(b"\n", b"\r\n"))  # saved by an editor on Windows
+    assert cli(*command, "--resume").exit_code == 0
+    notes = tmp_path / "notes.md"  # someone's notes under a title like ours: theirs
+    notes.write_text("# granite-vision report, annotated\n\nmy notes\n")
+    assert "is not a granite-vision output" in cli("caption", str(tmp_path / "s0.png"), "-o", str(notes)).stderr
+    notes.write_text("# granite-vision report \n\nmy notes\n")
+    assert "is not a granite-vision output" in cli("caption", str(tmp_path / "s0.png"), "-o", str(notes)).stderr
+
+
 def test_a_markdown_section_is_the_name_the_picture_and_the_answer(cli, album, tmp_path):
     """One section a picture, exactly: its name verbatim (a backtick in it too), then the answer."""
     noise(30, 30).save(album / "odd`name.png")
