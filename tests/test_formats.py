@@ -273,6 +273,17 @@ def test_pages_of_a_tiff_named_like_a_png_show_their_own_pictures(cli, tmp_path)
     assert all((tmp_path / src).is_file() for src in images)
 
 
+def test_only_an_html_report_keeps_small_pictures_and_only_of_what_a_browser_cannot_show(cli, tmp_path):
+    noise(30, 30).save(tmp_path / "a.png")
+    make_pdf(tmp_path / "doc.pdf", 1)
+    inputs = (str(tmp_path / "a.png"), str(tmp_path / "doc.pdf"))
+    assert cli("caption", *inputs, "-o", str(tmp_path / "r.html")).exit_code == 0
+    assert len(list((tmp_path / "r.html.files").iterdir())) == 1  # the page's; the PNG is linked
+    for name in ("r.md", "r.csv", "r.jsonl"):
+        assert cli("caption", *inputs, "-o", str(tmp_path / name)).exit_code == 0
+        assert not (tmp_path / f"{name}.files").exists(), name
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

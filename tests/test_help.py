@@ -89,6 +89,10 @@ def test_help_piped_is_whole_with_flags_choices_defaults_and_variables(cli):
         assert f"{option} " in text or f"{option}\n" in text, option
     for choice in (*FORMATS, *RENDERERS, *CACHES, *DTYPES):
         assert choice in text, choice
+    from granite_cli.writers import WRITERS, formats_help
+
+    said = "; ".join(f"{name}: {writer.help}" for name, writer in WRITERS.items())
+    assert formats_help() == said and " ".join(said.split()) in " ".join(text.split())  # what each format is
     words = text.split()
     assert "GRANITE_VISION_PDF_PASSWORD]" in words and "GRANITE_VISION_MODEL]" in words  # whole, never cut
     assert "ibm-granite/granite-vision-3.3-2b;" in words and "--max-new-tokens)," in words  # not split at hyphens

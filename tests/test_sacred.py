@@ -51,8 +51,10 @@ def test_2_an_output_holding_answers_is_replaced_only_with_overwrite(cli, shots,
     before = tree_hashes(tmp_path)
     for inputs in ([str(shots / "s0.png")], [str(shots)]):  # other inputs, or the same
         again = cli("caption", *inputs, "-f", fmt, "-o", str(out))
-        assert again.exit_code == 2 and "holds 4 answer(s) of an earlier run" in one_error_line(again.stderr)
-        assert "--resume" in again.stderr and "--overwrite" in again.stderr
+        assert again.exit_code == 2 and one_error_line(again.stderr) == (
+            f"error: --output {out}: holds 4 answer(s) of an earlier run; refusing to replace them."
+            " Hint: --resume continues that run, --overwrite replaces it (or pick another --output)"
+        )
         assert tree_hashes(tmp_path) == before
     replaced = cli("caption", str(shots / "s0.png"), "-f", fmt, "-o", str(out), "--overwrite")
     assert replaced.exit_code == 0 and len(read_jsonl(journal)) == 1
@@ -664,14 +666,19 @@ def test_a_report_edited_by_hand_or_without_its_journal_is_not_replaced(cli, sho
     report.write_text(edited)
     resumed = cli("caption", str(shots), "-o", str(report), "--resume")
     row = next(line for line in edited.splitlines() if "MY FIX" in line)
-    assert resumed.exit_code == 2 and "a row was changed since granite-vision wrote it" in resumed.stderr
-    assert f"({row[:57] + '...'!r})" in resumed.stderr  # the edited row, cut short
+    assert resumed.exit_code == 2 and one_error_line(resumed.stderr).startswith(
+        f"error: --output {report}: a row was changed since granite-vision wrote it ({row[:57] + '...'!r})"
+    )  # the edited row, cut short
     assert report.read_text() == edited
     (tmp_path / "c.csv.jsonl").unlink()
     for extra in ([], ["--resume"]):
         gone = cli("caption", str(shots), "-o", str(report), *extra)
-        assert gone.exit_code == 2 and "its journal c.csv.jsonl (what --resume reads) is gone" in gone.stderr
+        assert gone.exit_code == 2 and one_error_line(gone.stderr).startswith(
+            f"error: --output {report}: shows records, but its journal c.csv.jsonl (what --resume reads) is gone;"
+        )
     assert report.read_text() == edited
+    started_over = cli("caption", str(shots / "s0.png"), "-o", str(report), "--overwrite")  # as the hint says
+    assert started_over.exit_code == 0 and "MY FIX" not in report.read_text()
     for name in ("r.md", "r.html"):  # the reports people read: records are what they show
         report = tmp_path / name
         assert cli("caption", str(shots / "s0.png"), "-o", str(report)).exit_code == 0
@@ -782,6 +789,23 @@ def test_resume_takes_the_part_files_a_dead_run_left_and_says_the_journal_was_to
     said = next(line for line in resumed.stderr.splitlines() if line.startswith("resuming "))
     assert said == f"resuming {out}: 3 answered before, 1 to run (a torn last line was dropped)", resumed.stderr
     assert [r["source"] for r in read_jsonl(out)] == [s0, s1, s2, s3] and not parts.exists()
+
+
+def test_a_jsonl_output_is_ours_only_if_every_whole_line_is_a_record(cli, shots, tmp_path):
+    """A record then a line of notes, notes then a record, one line of notes without a newline:
+    someone's file, refused even with --overwrite. One record cut short by a crash is ours."""
+    out = tmp_path / "out.jsonl"
+    assert cli("caption", str(shots / "s0.png"), "-o", str(out)).exit_code == 0
+    good = out.read_text()
+    for theirs in (good + "my notes\n", "my notes\n" + good, "my notes"):
+        out.write_text(theirs)
+        refused = cli("caption", str(shots / "s0.png"), "-o", str(out), "--overwrite")
+        assert refused.exit_code == 2 and "is not a granite-vision output" in one_error_line(refused.stderr), theirs
+        assert out.read_text() == theirs
+    out.write_text(good[:30])  # the first record, torn
+    resumed = cli("caption", str(shots / "s0.png"), "-o", str(out), "--resume")
+    assert resumed.exit_code == 0 and "0 answered before, 1 to run (a torn last line was dropped)" in resumed.stderr
+    assert [Path(row["source"]).name for row in read_jsonl(out)] == ["s0.png"]
 
 
 def test_a_journal_line_that_is_not_ours_stops_the_reading_naming_the_file_and_line(tmp_path):
