@@ -116,7 +116,7 @@ def check_report(report: Path, journal: Path, fmt: str, columns: Sequence[str], 
     """A report that shows records must have the journal it was built from (else `--resume`
     would start from nothing and replace them), and a CSV or metadata.jsonl must show nothing
     but rows built from it (else someone edited it)."""
-    if overwrite or report == journal or not report.exists() or sniff(report) == "empty":
+    if overwrite or report == journal or not report.exists():  # (an empty one shows nothing: passes below)
         return
     text = report.read_bytes().decode("utf-8", errors="surrogateescape")  # as written: a \r in an answer stays
     records, _ = read_records(journal)

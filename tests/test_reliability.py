@@ -240,24 +240,25 @@ def test_random_bytes_under_image_and_pdf_names(cli, tmp_path):
 # --------------------------------------------------------------------------- output and resume
 def test_resume_retries_failures_repairs_a_torn_line_and_keeps_each_item_once(cli, tmp_path):
     paths = many_images(tmp_path / "in", 6)
-    missing = str(tmp_path / "in" / "later.png")
+    missing = [str(tmp_path / "in" / f"later{i}.png") for i in (1, 2)]
     out = tmp_path / "out.jsonl"
-    first = cli("caption", *paths[:4], missing, "-o", str(out), "--resume")  # nothing to resume yet
-    assert first.exit_code == 1 and resumed_line(first.stderr) == f"resuming {out}: 0 answered before, 5 to run"
+    first = cli("caption", *paths[:4], *missing, "-o", str(out), "--resume")  # nothing to resume yet
+    assert first.exit_code == 1 and resumed_line(first.stderr) == f"resuming {out}: 0 answered before, 6 to run"
     # simulate a crash in the middle of writing a record
     with open(out, "a") as handle:
         handle.write('{"source": "' + paths[4] + '", "page": nu')
-    noise(30, 30).save(missing)
-    second = cli("caption", *paths[:4], missing, *paths[4:], "-o", str(out), "--resume")
+    for name in missing:
+        noise(30, 30).save(name)
+    second = cli("caption", *paths[:4], *missing, *paths[4:], "-o", str(out), "--resume")
     assert second.exit_code == 0, second.stderr
-    assert "4 answered before, 3 to run (1 failed before: retried) (a torn last line was dropped)" in second.stderr
+    assert "4 answered before, 4 to run (2 failed before: retried) (a torn last line was dropped)" in second.stderr
     records = read_jsonl(out)
-    assert [r["source"] for r in records] == [*paths[:4], missing, *paths[4:]]  # input order, each once
+    assert [r["source"] for r in records] == [*paths[:4], *missing, *paths[4:]]  # input order, each once
     assert all(r["answer"] is not None for r in records)
     lines = out.read_text().splitlines()  # a blank line inside, and the last record whole but unterminated
     out.write_text(edited := "\n".join([*lines[:3], "", *lines[3:]]))
-    third = cli("caption", *paths[:4], missing, *paths[4:], "-o", str(out), "--resume")
-    assert resumed_line(third.stderr) == f"resuming {out}: 7 answered before, 0 to run"  # nothing dropped
+    third = cli("caption", *paths[:4], *missing, *paths[4:], "-o", str(out), "--resume")
+    assert resumed_line(third.stderr) == f"resuming {out}: 8 answered before, 0 to run"  # nothing dropped
     assert out.read_text() == edited  # nothing new to write: left as it was
 
 

@@ -670,11 +670,20 @@ def test_a_report_edited_by_hand_or_without_its_journal_is_not_replaced(cli, sho
         f"error: --output {report}: a row was changed since granite-vision wrote it ({row[:57] + '...'!r})"
     )  # the edited row, cut short
     assert report.read_text() == edited
+    latin = edited.encode().replace(b"MY FIX", b"MY CAF\xc9")  # edited again in a Latin-1 editor
+    report.write_bytes(latin)
+    resumed = cli("caption", str(shots), "-o", str(report), "--resume")
+    assert resumed.exit_code == 2 and "a row was changed since granite-vision" in one_error_line(resumed.stderr)
+    assert report.read_bytes() == latin
+    forced = cli("caption", str(shots), "-o", str(report), "--resume", "--overwrite")  # "replace my edits"
+    assert forced.exit_code == 0 and "MY" not in report.read_text()
+    report.write_text(edited)
     (tmp_path / "c.csv.jsonl").unlink()
     for extra in ([], ["--resume"]):
         gone = cli("caption", str(shots), "-o", str(report), *extra)
-        assert gone.exit_code == 2 and one_error_line(gone.stderr).startswith(
+        assert gone.exit_code == 2 and one_error_line(gone.stderr) == (
             f"error: --output {report}: shows records, but its journal c.csv.jsonl (what --resume reads) is gone;"
+            " refusing to replace it. Hint: --overwrite starts it over, or move it away"
         )
     assert report.read_text() == edited
     started_over = cli("caption", str(shots / "s0.png"), "-o", str(report), "--overwrite")  # as the hint says
