@@ -18,7 +18,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MAX_NEW, deadline, make_pdf, many_images, noise, one_error_line, run_process, tree_hashes
+from helpers import (
+    MAX_NEW,
+    deadline,
+    make_pdf,
+    many_images,
+    noise,
+    one_error_line,
+    read_jsonl,
+    run_process,
+    tree_hashes,
+)
 from PIL import Image
 
 from granite_cli.tiny_model import build_tokenizer
@@ -568,6 +578,72 @@ def test_every_format_streams_to_a_pipe_and_dev_stdout(photos, tiny_model, fmt):
     device = run_process(*args, "-o", "/dev/stdout")
     assert piped.returncode == device.returncode == 0, device.stderr.decode()
     assert piped.stdout == device.stdout and len(piped.stdout.decode().strip().splitlines()) >= 3
+
+
+def test_an_output_naming_the_file_stdout_already_is_is_written_through_stdout(
+    tiny_model, photos, tmp_path, monkeypatch
+):
+    """`caption ... -o out.jsonl > out.jsonl`: one writer, stdout (the shell's redirection), never
+    a second one replacing the file under it. (Through the library, with stdout redirected.)"""
+    import granite_cli
+
+    out = tmp_path / "out.jsonl"
+    with open(out, "w") as redirected:
+        monkeypatch.setattr(sys, "stdout", redirected)
+        inode = os.fstat(redirected.fileno()).st_ino
+        granite_cli.caption([str(photos / "img00.png")], output=str(out), model=str(tiny_model), max_new_tokens=4)
+        monkeypatch.undo()
+    assert os.stat(out).st_ino == inode and len(read_jsonl(out)) == 1
+
+
+def test_each_refusal_of_a_file_not_ours_names_the_file_and_why(cli, photos, tmp_path, monkeypatch):
+    """An output's journal or part file that is not ours, each word for word: which file it is to
+    the output, what it is, and what to do."""
+    picture = str(photos / "img00.png")
+    report, journal = tmp_path / "r.md", tmp_path / "r.md.jsonl"
+    assert cli("caption", picture, "-o", str(report)).exit_code == 0
+    records = journal.read_text()
+    label = f"error: --output {report}:"
+
+    def refused(expected: str) -> None:
+        result = cli("caption", picture, "-o", str(report), "--resume")
+        assert result.exit_code == 2 and one_error_line(result.stderr) == f"{label} {expected}", result.stderr
+
+    journal.write_text("hello\n")  # the report is ours; its journal is not: every file is looked at
+    refused(
+        f"its journal {journal} exists and is not a granite-vision output; refusing to write over it."
+        " Hint: pick another --output"
+    )
+    journal.write_text(f"# {'granite-vision report'}\n")
+    refused(f"its journal {journal} is a granite-vision markdown output, not jsonl; refusing to replace it."
+            " Hint: pick another --output")  # fmt: skip
+    journal.unlink()
+    journal.mkdir()
+    refused(f"{journal} is not a regular file; refusing to touch it")
+    journal.rmdir()
+    journal.symlink_to(journal)  # a link to itself
+    refused("Too many levels of symbolic links")
+    journal.unlink()
+    journal.write_text(records)
+    parts = tmp_path / "r.md.jsonl.parts"
+    parts.mkdir()
+    (parts / "rank-00000-of-00002.jsonl").write_text("hello\n")
+    refused(
+        f"its part file {parts / 'rank-00000-of-00002.jsonl'} exists and is not a granite-vision output;"
+        " refusing to write over it. Hint: pick another --output"
+    )
+    (parts / "rank-00000-of-00002.jsonl").unlink()
+    from granite_cli import ownership
+
+    real = ownership.sniff
+
+    def unreadable(path):
+        if path == journal:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(ownership, "sniff", unreadable)  # (as root, no mode makes a file unreadable)
+    refused(f"cannot read {journal} (Permission denied)")
 
 
 def test_no_model_is_loaded_when_no_item_needs_one(cli, tmp_path, broken_model):
