@@ -352,9 +352,60 @@ def test_cleaning_up_after_a_failed_run_never_raises_a_second_error(tmp_path):
         def __getattr__(self, name):
             return getattr(real, name)
 
+        def close(self):  # (NFS reports a write's failure at close)
+            real.close()
+            raise OSError(28, "No space left on device")
+
     sink.stream = Full()
     sink.abandon()
     assert real.closed and sink.stream is None
+
+
+def test_a_disk_that_fills_while_records_are_written_or_merged_is_one_resumable_line(tmp_path, monkeypatch):
+    from granite_cli import output
+    from granite_cli.errors import OutputError
+    from granite_cli.records import Record
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    sink = output.FileOutput(tmp_path / "out.jsonl", "jsonl", resume=False, label="--output out.jsonl")
+    sink.write(Record("a.png", None, "p", "answer", None, "m"))
+    monkeypatch.setattr(sink.stream, "write", full)
+    with pytest.raises(OutputError) as stopped:
+        sink.write(Record("b.png", None, "p", "answer", None, "m"))
+    assert str(stopped.value) == "--output out.jsonl: No space left on device (ENOSPC)" and stopped.value.resumable
+    monkeypatch.undo()
+    monkeypatch.setattr(output, "write_atomic", full)  # then the merge at the end
+    with pytest.raises(OutputError) as merged:
+        sink.finish([])
+    assert str(merged.value) == "--output out.jsonl: No space left on device (ENOSPC)" and merged.value.resumable
+
+
+def test_a_resumed_run_that_dies_keeps_the_answers_it_resumed_from_and_its_own(tmp_path):
+    """Killed before its end (no merge): the output holds the earlier run's answers and the new
+    ones, every character as it was (whatever the locale says)."""
+    import locale
+
+    from granite_cli import output
+    from granite_cli.records import Job, Record
+    from granite_cli.sources import Item
+
+    out = tmp_path / "out.jsonl"
+    first = output.FileOutput(out, "jsonl", resume=False)
+    first.write(Record("東京.png", None, "Describe", "un café", None, "m"))
+    first.finish([])
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        second = output.FileOutput(out, "jsonl", resume=True)
+        items = [Item("東京.png"), Item("b.png")]
+        assert [item.source for item in second.plan(items, Job("Describe", "m"))] == ["b.png"]
+        second.write(Record("b.png", None, "Describe", "Ωμέγα", None, "m"))
+        second.close()  # killed here
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    assert [(row["source"], row["answer"]) for row in read_jsonl(out)] == [("東京.png", "un café"), ("b.png", "Ωμέγα")]
 
 
 def test_reports_are_rebuilt_off_the_thread_that_runs_the_model(tmp_path, monkeypatch):
