@@ -361,6 +361,47 @@ def test_cleaning_up_after_a_failed_run_never_raises_a_second_error(tmp_path):
     assert real.closed and sink.stream is None
 
 
+def test_a_jsonl_output_grows_in_place_so_tail_f_follows_it(tmp_path, monkeypatch):
+    """Records are appended to the one file as they come (never a new file put in its place,
+    which `tail -f` would lose), however often reports are rebuilt."""
+    from granite_cli import journal, output
+    from granite_cli.records import Record
+
+    monkeypatch.setattr(journal, "REPORT_INTERVAL_S", 0.01)
+    out = tmp_path / "out.jsonl"
+    sink = output.FileOutput(out, "jsonl", resume=False)
+    sink.write(Record("0.png", None, "p", "answer 0", None, "m"))
+    inode = out.stat().st_ino
+    for index in range(1, 4):
+        time.sleep(0.1)
+        sink.write(Record(f"{index}.png", None, "p", f"answer {index}", None, "m"))
+        assert out.stat().st_ino == inode and len(read_jsonl(out)) == index + 1
+    sink.finish([])
+
+
+def test_a_second_run_on_one_output_says_it_waits_then_goes_on(tmp_path):
+    import threading
+
+    from granite_cli import output
+
+    out = tmp_path / "out.jsonl"
+    first = output.FileOutput(out, "jsonl", resume=True)
+    first.check([])
+    said: list[str] = []
+    second = output.FileOutput(out, "jsonl", resume=True, notify=said.append, label="--output out.jsonl")
+    waiting = threading.Thread(target=second.check, args=([],))
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert said == ["--output out.jsonl: another granite-vision run is writing it; waiting for it to finish"]
+    assert waiting.is_alive()
+    first.release()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    second.release()
+
+
 def test_a_disk_that_fills_while_records_are_written_or_merged_is_one_resumable_line(tmp_path, monkeypatch):
     from granite_cli import output
     from granite_cli.errors import OutputError

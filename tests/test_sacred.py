@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -591,6 +593,52 @@ def test_a_fifo_named_as_an_input_cannot_be_resumed_into(cli, shots, tmp_path):
     again = fed(shots / "s1.png", "--resume")
     assert again.exit_code == 2 and f"--resume: {fifo} is a stream (a pipe or a device)" in again.stderr
     assert len(read_jsonl(out)) == 1
+
+
+def test_an_output_that_is_a_pipe_gets_every_record_in_utf8_then_its_end(cli, shots, tmp_path):
+    """`-o fifo` read by another program: the records as UTF-8 whatever the locale says, then
+    end of file when the run ends (the program reading it is not left waiting)."""
+    import locale
+    import threading
+
+    fifo = tmp_path / "records.pipe"
+    os.mkfifo(fifo)
+    picture = shots / "café.png"
+    (shots / "s0.png").rename(picture)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            result = cli("caption", str(picture), "-o", str(fifo))
+            gc.collect()
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    reader.join(10)
+    assert result.exit_code == 0 and not reader.is_alive(), result.stderr  # the reader saw the end
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # closed by the run, not by luck
+    assert [json.loads(line)["source"] for line in received[0].decode("utf-8").splitlines()] == [str(picture)]
+
+
+def test_an_output_device_that_fails_is_one_line_naming_it(cli, shots, monkeypatch):
+    """At its first record (/dev/full), or at its end, when the last bytes are flushed."""
+    result = cli("caption", str(shots / "s0.png"), "-o", "/dev/full")
+    assert result.exit_code != 0 and one_error_line(result.stderr).startswith(
+        "error: --output /dev/full: No space left on device"
+    ), result.stderr
+    from granite_cli.writers import JsonlWriter
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(JsonlWriter, "close", full)
+    result = cli("caption", str(shots / "s0.png"), "-o", "/dev/null")
+    assert result.exit_code != 0 and one_error_line(result.stderr).startswith(
+        "error: --output /dev/null: No space left on device"
+    ), result.stderr
 
 
 def test_a_sidecar_that_would_be_the_output_is_refused(cli, shots):
