@@ -31,7 +31,7 @@ class StreamOutput:
 
     resumable = False
 
-    def __init__(self, name: str | None, fmt: str, columns: Sequence[str] = (), label: str = "stdout"):
+    def __init__(self, name: str | None, fmt: str, columns: Sequence[str], label: str):
         self.name = name
         self.fmt = fmt
         self.columns = columns
@@ -83,7 +83,7 @@ class NoOutput(StreamOutput):
     """No output at all: a library caller gets the records in the result."""
 
     def __init__(self) -> None:
-        super().__init__(None, "jsonl")
+        super().__init__(None, "jsonl", (), "the result")
 
     def write(self, record: Record) -> None:
         pass

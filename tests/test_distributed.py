@@ -86,11 +86,11 @@ def test_split_is_deterministic_complete_and_balanced_by_cost():
     assert split([], 4) == [[], [], [], []]
 
 
-def ranks_of(path: Path, run_id: str, **options) -> list:
+def ranks_of(path: Path, run_id: str, fmt: str = "jsonl", **options) -> list:
     """The output of each process of a run of two, in one process (the barrier is the caller's order)."""
     from granite_cli.output import FileOutput
 
-    return [FileOutput(path, "jsonl", rank=rank, world=2, run_id=run_id, **options) for rank in (0, 1)]
+    return [FileOutput(path, fmt, rank=rank, world=2, run_id=run_id, **options) for rank in (0, 1)]
 
 
 def answered(source: str, answer: str):
@@ -140,6 +140,26 @@ def test_resuming_with_two_processes_keeps_a_dead_runs_answers_once_each_in_inpu
     rows = [(row["source"], row["answer"]) for row in map(json.loads, out.read_text().splitlines())]
     assert rows == [("a.png", "answer 1"), ("b.png", "answer 2"), ("c.png", "answer 0")]
     assert not (tmp_path / "out.jsonl.parts").exists()
+
+
+def test_two_processes_resuming_into_a_csv_edited_by_hand_refuse_before_writing(tmp_path):
+    from granite_cli.errors import UsageError
+    from granite_cli.records import Job
+    from granite_cli.sources import Item
+
+    report = tmp_path / "out.csv"
+    first, second = ranks_of(report, "one", "csv", resume=False)
+    first.write(answered("a.png", "an answer"))
+    assert second.finish([]) == []
+    first.finish([Item("a.png")])
+    edited = report.read_text().replace("an answer", "MY FIX")
+    report.write_text(edited)
+    items = [Item("a.png"), Item("b.png")]
+    first, second = ranks_of(report, "two", "csv", resume=True, label="--output out.csv")
+    first.check(items)
+    with pytest.raises(UsageError, match="^--output out.csv: a row was changed since granite-vision wrote it"):
+        first.plan(items, Job("Describe", "m"))
+    assert report.read_text() == edited
 
 
 @pytest.mark.slow

@@ -351,8 +351,10 @@ def test_16_and_28_the_html_report_fetches_nothing_and_shows_every_page(cli, tmp
     assert [f.stat().st_mtime_ns for f in files] == again and report.read_text().count("<img src=") == 5
     (report.parent / "report.html.files" / "mine.txt").write_text("the user's")
     refused = cli(*args, "--overwrite")
-    assert refused.exit_code == 2 and "is not the report's folder of page pictures" in refused.stderr
-    assert one_error_line(refused.stderr).endswith("; refusing to write in it. Hint: pick another --output")
+    assert refused.exit_code == 2 and one_error_line(refused.stderr) == (
+        f"error: --output {report}: {report.parent / 'report.html.files'} is not the report's folder of page"
+        " pictures; refusing to write in it. Hint: pick another --output"
+    )
     folder = report.parent / "report.html.files"
     (folder / "mine.txt").unlink()
     folder.rename(tmp_path / "elsewhere")
@@ -591,7 +593,10 @@ def test_a_fifo_named_as_an_input_cannot_be_resumed_into(cli, shots, tmp_path):
 
     assert fed(shots / "s0.png").exit_code == 0
     again = fed(shots / "s1.png", "--resume")
-    assert again.exit_code == 2 and f"--resume: {fifo} is a stream (a pipe or a device)" in again.stderr
+    assert again.exit_code == 2 and one_error_line(again.stderr) == (
+        f"error: --resume: {fifo} is a stream (a pipe or a device), which has no identity to be found again"
+        " by: its earlier record may be another picture's. Hint: resume with files (save the stream to one)"
+    )
     assert len(read_jsonl(out)) == 1
 
 
@@ -621,6 +626,20 @@ def test_an_output_that_is_a_pipe_gets_every_record_in_utf8_then_its_end(cli, sh
     assert result.exit_code == 0 and not reader.is_alive(), result.stderr  # the reader saw the end
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # closed by the run, not by luck
     assert [json.loads(line)["source"] for line in received[0].decode("utf-8").splitlines()] == [str(picture)]
+
+
+def test_a_stdout_that_fails_is_named_stdout(shots, tiny_model, monkeypatch):
+    """(Through the library, its stdout a full disk: the CLI's test runner keeps its own stdout.)"""
+    from granite_cli.errors import OutputError
+
+    full = open("/dev/full", "w")  # noqa: SIM115 (closed below, where its last flush fails too)
+    monkeypatch.setattr(sys, "stdout", full)
+    with pytest.raises(OutputError) as failed:
+        granite_cli.caption([str(shots / "s0.png")], output="-", model=str(tiny_model), max_new_tokens=4)
+    monkeypatch.undo()
+    with contextlib.suppress(OSError):
+        full.close()
+    assert str(failed.value) == "stdout: No space left on device (ENOSPC)"
 
 
 def test_an_output_device_that_fails_is_one_line_naming_it(cli, shots, monkeypatch):
@@ -986,7 +1005,9 @@ def test_resume_says_what_differs_both_ways_and_briefly(cli, shots, tmp_path):
         (["--prompt", long, "--schema", "a"], "another schema (none; this run: 'sha256:"),
     ]:
         result = cli("caption", str(shots / "s0.png"), "-o", str(out), "--resume", *args)
-        assert result.exit_code == 2 and said in one_error_line(result.stderr), result.stderr
+        line = one_error_line(result.stderr)
+        assert result.exit_code == 2 and line.startswith(f"error: --resume: {out} holds records made with {said}")
+        assert line.endswith(". Hint: resume with the same options, or write to another --output"), line
 
 
 def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption(cli, shots, monkeypatch, tmp_path):

@@ -58,7 +58,11 @@ def test_an_output_that_is_an_input_is_refused_by_identity(cli, photos, tmp_path
     ]:
         result = cli("caption", *inputs, "-o", output, model=broken_model)
         assert result.exit_code == 2, output
-        assert "is one of the inputs" in one_error_line(result.stderr), output  # said before any model loads
+        line = one_error_line(result.stderr)  # said before any model loads
+        assert line.startswith(f"error: --output {output}: ") and line.endswith(
+            f"is one of the inputs ({inputs[0]}); refusing to write over it."
+            " Hint: name the output file, e.g. -o captions.jsonl"
+        ), line
     assert tree_hashes(photos) == before
 
 
