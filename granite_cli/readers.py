@@ -356,20 +356,20 @@ def _check_page(page: int, count: int) -> None:
 
 
 def _explain_pdfium(exc: BaseException, source: Source, password: str | None) -> InputError:
-    """PDFium's error code is process-global and can be stale (a zero-page PDF reports the
-    previous failure, or "Success"), so the file itself says whether it is encrypted."""
+    """PDFium's error code is process-global and stale where a document parses but has no page
+    (it repeats the previous failure, whichever: "Success", a password, a format error), so the
+    file itself says whether it is encrypted, or a document that counts no page."""
     raw = source.data if isinstance(source, Blob) else Path(source).read_bytes()
     if b"/Encrypt" in raw:
         return _pdf_error(exc, password)
-    text = one_line(exc)
-    if "Success" in text or "password" in text.lower() or (_NO_PAGES.search(raw) and not _SOME_PAGES.search(raw)):
+    if _CATALOG.search(raw) and not _SOME_PAGES.search(raw):
         return InputError("PDF has no pages (or no readable page tree)")
-    return InputError(f"broken PDF ({text})")
+    return InputError(f"broken PDF ({one_line(exc)})")
 
 
-#: A page tree that counts no page, and one that counts some: what the file itself says when
+#: A document's catalog, and a page tree that counts some page: what the file itself says when
 #: PDFium's (stale) error code cannot be trusted.
-_NO_PAGES = re.compile(rb"/Count\s+0(?![0-9])")
+_CATALOG = re.compile(rb"/Type\s*/Catalog(?![A-Za-z])")
 _SOME_PAGES = re.compile(rb"/Count\s+0*[1-9]")
 
 

@@ -119,10 +119,21 @@ def test_a_page_thinner_than_a_pixel_is_one_pixel_thick(cli, tmp_path):
 
 
 def test_a_pdf_whose_page_tree_counts_nothing_has_no_pages_whatever_pdfium_says(cli, tmp_path):
-    """PDFium refuses it with a stale "Success" as its reason: the user reads that it has no pages."""
+    """PDFium refuses it with a stale reason (the last failure's: a format error, a password, or
+    "Success"): after any of those, the user reads that it has no pages, and a broken file is broken."""
     (tmp_path / "uncounted.pdf").write_bytes(minimal_pdf([]).replace(b"/Count 0", b" " * 8))
-    _, records = caption_records(cli, str(tmp_path / "uncounted.pdf"))
-    assert records[0]["error"] == "PDF has no pages (or no readable page tree)"
+    (tmp_path / "treeless.pdf").write_bytes(minimal_pdf([]).replace(b"/Pages 2 0 R", b" " * 12))
+    for name in ("garbage.pdf", "first-garbage.pdf"):
+        (tmp_path / name).write_bytes(b"%PDF-1.4\n garbage")
+    (tmp_path / "first-uncounted.pdf").write_bytes((tmp_path / "uncounted.pdf").read_bytes())
+    for before in ("first-garbage.pdf", str(DATA / "encrypted.pdf"), "first-uncounted.pdf"):
+        names = [str(tmp_path / name) for name in (before, "uncounted.pdf", "treeless.pdf", "garbage.pdf")]
+        _, records = caption_records(cli, *names)
+        assert [r["error"] for r in records[1:]] == [
+            "PDF has no pages (or no readable page tree)",
+            "PDF has no pages (or no readable page tree)",
+            "broken PDF (Failed to load document (PDFium: Data format error).)",
+        ], before
 
 
 def test_a_page_pdfium_cannot_render_fails_alone_naming_the_page_and_the_reason(cli, tmp_path, monkeypatch):
