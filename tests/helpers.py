@@ -3,6 +3,8 @@ the spot, the CLI's result as a test reads it, a subprocess runner, and small ch
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -12,6 +14,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,25 @@ from PIL import Image
 MAX_NEW = "6"
 """Answer length of most tests: long enough to be an answer, short enough to be quick."""
 MIXED_SIZES = [(640, 480), (300, 900), (1000, 250), (56, 56), (1275, 1650), (800, 600), (120, 1200)]
+
+
+@contextlib.contextmanager
+def c_locale() -> Iterator[None]:
+    """The C (ASCII) locale for what runs inside: where files opened without an encoding would
+    stop being UTF-8."""
+    import locale
+
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+
+
+def disk_full(*args, **kwargs):
+    """A stand-in for any write that meets a full disk."""
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import Collect, make_pdf, noise, read_jsonl
+from helpers import Collect, c_locale, disk_full, make_pdf, noise, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -317,10 +317,7 @@ def test_a_report_that_cannot_be_rebuilt_stops_the_run_with_one_line_and_keeps_t
     from granite_cli.errors import OutputError
     from granite_cli.records import Record
 
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(output, "render", full)
+    monkeypatch.setattr(output, "render", disk_full)
     report = tmp_path / "report.md"
     sink = output.FileOutput(report, "markdown", resume=False, label="--output report.md")
     deadline, written = time.monotonic() + 10, 0
@@ -407,17 +404,14 @@ def test_a_disk_that_fills_while_records_are_written_or_merged_is_one_resumable_
     from granite_cli.errors import OutputError
     from granite_cli.records import Record
 
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
     sink = output.FileOutput(tmp_path / "out.jsonl", "jsonl", resume=False, label="--output out.jsonl")
     sink.write(Record("a.png", None, "p", "answer", None, "m"))
-    monkeypatch.setattr(sink.stream, "write", full)
+    monkeypatch.setattr(sink.stream, "write", disk_full)
     with pytest.raises(OutputError) as stopped:
         sink.write(Record("b.png", None, "p", "answer", None, "m"))
     assert str(stopped.value) == "--output out.jsonl: No space left on device (ENOSPC)" and stopped.value.resumable
     monkeypatch.undo()
-    monkeypatch.setattr(output, "write_atomic", full)  # then the merge at the end
+    monkeypatch.setattr(output, "write_atomic", disk_full)  # then the merge at the end
     with pytest.raises(OutputError) as merged:
         sink.finish([])
     assert str(merged.value) == "--output out.jsonl: No space left on device (ENOSPC)" and merged.value.resumable
@@ -426,8 +420,6 @@ def test_a_disk_that_fills_while_records_are_written_or_merged_is_one_resumable_
 def test_a_resumed_run_that_dies_keeps_the_answers_it_resumed_from_and_its_own(tmp_path):
     """Killed before its end (no merge): the output holds the earlier run's answers and the new
     ones, every character as it was (whatever the locale says)."""
-    import locale
-
     from granite_cli import output
     from granite_cli.records import Job, Record
     from granite_cli.sources import Item
@@ -436,16 +428,12 @@ def test_a_resumed_run_that_dies_keeps_the_answers_it_resumed_from_and_its_own(t
     first = output.FileOutput(out, "jsonl", resume=False)
     first.write(Record("東京.png", None, "Describe", "un café", None, "m"))
     first.finish([])
-    previous = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
+    with c_locale():
         second = output.FileOutput(out, "jsonl", resume=True)
         items = [Item("東京.png"), Item("b.png")]
         assert [item.source for item in second.plan(items, Job("Describe", "m"))] == ["b.png"]
         second.write(Record("b.png", None, "Describe", "Ωμέγα", None, "m"))
         second.close()  # killed here
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
     assert [(row["source"], row["answer"]) for row in read_jsonl(out)] == [("東京.png", "un café"), ("b.png", "Ωμέγα")]
 
 

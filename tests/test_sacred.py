@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from helpers import MAX_NEW, make_pdf, noise, one_error_line, read_jsonl, run_process, tree_hashes
+from helpers import MAX_NEW, c_locale, disk_full, make_pdf, noise, one_error_line, read_jsonl, run_process, tree_hashes
 
 import granite_cli
 from granite_cli import UsageError
@@ -603,7 +603,6 @@ def test_a_fifo_named_as_an_input_cannot_be_resumed_into(cli, shots, tmp_path):
 def test_an_output_that_is_a_pipe_gets_every_record_in_utf8_then_its_end(cli, shots, tmp_path):
     """`-o fifo` read by another program: the records as UTF-8 whatever the locale says, then
     end of file when the run ends (the program reading it is not left waiting)."""
-    import locale
     import threading
 
     fifo = tmp_path / "records.pipe"
@@ -613,15 +612,10 @@ def test_an_output_that_is_a_pipe_gets_every_record_in_utf8_then_its_end(cli, sh
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
     reader.start()
-    previous = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ResourceWarning)
-            result = cli("caption", str(picture), "-o", str(fifo))
-            gc.collect()
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
+    with c_locale(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        result = cli("caption", str(picture), "-o", str(fifo))
+        gc.collect()
     reader.join(10)
     assert result.exit_code == 0 and not reader.is_alive(), result.stderr  # the reader saw the end
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # closed by the run, not by luck
@@ -650,10 +644,7 @@ def test_an_output_device_that_fails_is_one_line_naming_it(cli, shots, monkeypat
     ), result.stderr
     from granite_cli.writers import JsonlWriter
 
-    def full(self):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(JsonlWriter, "close", full)
+    monkeypatch.setattr(JsonlWriter, "close", disk_full)
     result = cli("caption", str(shots / "s0.png"), "-o", "/dev/null")
     assert result.exit_code != 0 and one_error_line(result.stderr).startswith(
         "error: --output /dev/null: No space left on device"
@@ -960,17 +951,12 @@ def test_a_temp_name_already_taken_is_never_written_over(tmp_path, monkeypatch):
 
 def test_outputs_are_utf8_whatever_the_locale_says(tmp_path):
     """Under a C (ASCII) locale too: a report of names and answers in any script is UTF-8."""
-    import locale
 
     from granite_cli import journal
 
     text = "# granite-vision report\n\nCafé — 東京 — Ωμέγα\n"
-    previous = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
+    with c_locale():
         journal.write_atomic(tmp_path / "report.md", text)
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
     assert (tmp_path / "report.md").read_bytes() == text.encode("utf-8")
 
 
