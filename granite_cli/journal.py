@@ -33,7 +33,8 @@ class Previous:
     rerun: int = 0
     """Items of this run whose answer this run's --max-new-tokens changes: run again."""
     others: int = 0
-    """Records of items this run does not name: kept as they are."""
+    """Answers of items this run does not name: kept as they are (their failures are dropped, as
+    every failure is: a run that names them tries them again)."""
     torn: bool = False
     """The last line was cut short by a crash; it was dropped."""
 

@@ -238,7 +238,7 @@ class FileOutput:
         for record in records:
             key = self.identities.of(record)
             if key not in ours:
-                previous.others += 1
+                previous.others += record.ok  # (kept if answers: failures are dropped, as all are)
             elif job.reuses(record):
                 previous.reused.add(key)
             elif record.ok:

@@ -373,6 +373,11 @@ def test_17_resuming_with_fewer_inputs_counts_them_and_keeps_the_order(cli, shot
     assert resumed.exit_code == 0
     assert "1 answered before, 1 to run; 3 record(s) of pictures this run does not name are kept" in resumed.stderr
     assert [Path(r["source"]).name for r in read_jsonl(out)] == ["s0.png", "s1.png", "s2.png", "s3.png", "new.png"]
+    failed = tmp_path / "failed.jsonl"  # a failure of a picture not named is not counted as kept: it is not
+    assert cli("caption", str(shots / "s0.png"), str(shots / "gone.png"), "-o", str(failed)).exit_code == 1
+    again = cli("caption", str(shots / "s1.png"), "-o", str(failed), "--resume")
+    assert "0 answered before, 1 to run; 1 record(s) of pictures this run does not name are kept" in again.stderr
+    assert [Path(r["source"]).name for r in read_jsonl(failed)] == ["s0.png", "s1.png"]
 
 
 def test_18_resume_reruns_what_max_new_tokens_changes_and_refuses_other_changes(cli, shots, tmp_path):
