@@ -220,8 +220,6 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
     structured = schema.load(job.schema, job.json_object)
     columns = structured.columns if structured is not None else []
     writer_class(job.format, columns)
-    if job.resume and job.output in (None, "-"):
-        raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
     prompt = job.prompt or (structured.default_prompt() if structured is not None else DEFAULT_PROMPT)
     read, selection = job.read_options(), PageSelection.parse(job.pages) if job.pages is not None else None
     sidecars = Sidecars(job.sidecar, job.overwrite) if job.sidecar is not None else None
@@ -278,8 +276,6 @@ def _shared_sources(job: CaptionJob, ranks: Ranks, stdin: BinaryIO | None) -> tu
     the run's id, the same on every process (it names their part files)."""
     if not ranks.distributed:
         return job.sources, ""
-    if job.output in (None, "-"):
-        raise UsageError("a run of several processes needs --output FILE, on a filesystem all of them share")
     sources = ranks.broadcast(expand_stdin(job.sources, stdin) if ranks.rank == 0 else None)
     return sources, ranks.broadcast(os.urandom(4).hex() if ranks.rank == 0 else None)
 

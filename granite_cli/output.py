@@ -73,12 +73,12 @@ def open_output(
     points to). `ranks`: this process's place in a run of several."""
     label = f"--output {name}"
     world = ranks.world
-    if name is None:
-        return NoOutput()
-    if name == STDOUT or is_stdout(name):
-        if resume or world > 1:
-            raise UsageError(f"{'--resume' if resume else 'a run of several processes'} needs --output FILE")
-        return StreamOutput(None, fmt, columns, "stdout")
+    if name is None or name == STDOUT or is_stdout(name):
+        if resume:
+            raise UsageError("--resume needs --output FILE: the file whose finished items are skipped")
+        if world > 1:
+            raise UsageError("a run of several processes needs --output FILE, on a filesystem all of them share")
+        return NoOutput() if name is None else StreamOutput(None, fmt, columns, "stdout")
     info = stat_or_none(name, f"--output {name}")
     if info is not None and stat.S_ISDIR(info.st_mode):
         raise UsageError(f"{label}: is a directory")
@@ -92,7 +92,7 @@ def open_output(
     if not path.parent.is_dir():
         raise UsageError(f"{label}: folder {path.parent} does not exist")
     output = FileOutput(
-        path, fmt, resume, overwrite=overwrite, rank=ranks.rank, world=world, barrier=ranks.barrier,
+        path, fmt, resume, overwrite=overwrite, world=world, barrier=ranks.barrier,
         columns=columns, label=label, run_id=run_id, notify=notify,
     )  # fmt: skip
     if ranks.rank == 0:

@@ -1017,3 +1017,129 @@ def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption
     out = tmp_path / "out.jsonl"
     result = cli("caption", str(shots / "s0.png"), "-o", str(out))
     assert result.exit_code == 130 and result.stderr.strip().endswith("interrupted") and not out.exists()
+
+
+# --------------------------------------------------------------------------- outputs that cannot be one
+def test_an_output_that_cannot_hold_the_run_is_refused_in_one_line(cli, shots, tmp_path, monkeypatch):
+    """Each refusal names the output and the reason, before the model loads; nothing is written."""
+    picture = str(shots / "s0.png")
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    resume = "--resume needs --output FILE: the file whose finished items are skipped"
+    cases = [
+        (["-o", "-", "--resume"], f"error: {resume}"),
+        (["--resume"], f"error: {resume}"),
+        (["-o", str(folder)], f"error: --output {folder}: is a directory"),
+        (
+            ["-o", "/dev/null", "--resume"],
+            "error: --output /dev/null: not a regular file; --resume and several processes need one",
+        ),
+        (["-o", f"{picture}/out.jsonl"], f"error: --output {picture}/out.jsonl: Not a directory"),
+    ]
+    before = tree_hashes(tmp_path)
+    for args, line in cases:
+        result = cli("caption", picture, *args)
+        assert (result.exit_code, one_error_line(result.stderr), result.stdout) == (2, line, ""), args
+    assert tree_hashes(tmp_path) == before
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)  # a device we may not write (as root, none)
+    result = cli("caption", picture, "-o", "/dev/null")
+    assert one_error_line(result.stderr) == "error: --output /dev/null: cannot write there (permission denied)"
+
+
+def test_a_run_of_several_processes_needs_a_file_of_its_own(tmp_path):
+    """Processes of one run meet in part files beside a regular file: a stream cannot hold them."""
+    from granite_cli.distributed import Ranks
+    from granite_cli.output import open_output
+
+    several = "a run of several processes needs --output FILE, on a filesystem all of them share"
+    for name, message in (
+        (None, several),
+        ("-", several),
+        ("/dev/null", "--output /dev/null: not a regular file; --resume and several processes need one"),
+    ):
+        with pytest.raises(UsageError) as refused:
+            open_output(name, "jsonl", False, ranks=Ranks(1, 2))
+        assert str(refused.value) == message
+
+
+def test_each_process_of_a_run_writes_its_own_part_and_rank_0_merges_them(tmp_path, shots):
+    """Through `open_output`, as the CLI opens it: each process appends to its own part file,
+    named with the run's id; every process waits at the barrier; rank 0 merges the parts into
+    the report, with the schema's columns, and removes them."""
+    from granite_cli.distributed import Ranks
+    from granite_cli.output import open_output
+    from granite_cli.records import Record
+    from granite_cli.sources import Item
+
+    out = tmp_path / "out.csv"
+    waited = []
+    sinks = [
+        open_output(
+            str(out), "csv", False, ranks=Ranks(rank, 2, barrier=lambda r=rank: waited.append(r)),
+            columns=["title"], run_id="r7",
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    items = [Item(str(shots / "s0.png")), Item(str(shots / "s1.png"))]
+    for sink in sinks:
+        sink.check(items)
+        sink.plan(items, None)
+    for rank, sink in enumerate(sinks):
+        answer = json.dumps({"title": f"t{rank}"})
+        sink.write(Record(items[rank].source, None, "Describe", answer, None, "m", data={"title": f"t{rank}"}))
+    parts = tmp_path / "out.csv.jsonl.parts"
+    assert sorted(p.name for p in parts.iterdir()) == ["rank-00000-of-00002-r7.jsonl", "rank-00001-of-00002-r7.jsonl"]
+    assert sinks[1].finish(items) == []
+    merged = sinks[0].finish(items)
+    assert [r.source for r in merged] == [item.source for item in items] and waited == [1, 0]
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [(row["source"], row["title"]) for row in rows] == [(items[0].source, "t0"), (items[1].source, "t1")]
+    assert not parts.exists()
+
+
+def test_a_second_run_on_the_same_output_says_it_waits_for_the_first(tmp_path, shots):
+    from granite_cli.output import open_output
+    from granite_cli.sources import Item
+
+    out, items = tmp_path / "out.jsonl", [Item(str(shots / "s0.png"))]
+    first = open_output(str(out), "jsonl", False)
+    first.check(items)
+    said = []
+
+    def notify(text: str) -> None:  # the first run finishes while the second waits
+        said.append(text)
+        first.release()
+
+    second = open_output(str(out), "jsonl", False, notify=notify)
+    second.check(items)
+    second.release()
+    assert said == [f"--output {out}: another granite-vision run is writing it; waiting for it to finish"]
+
+
+def test_a_stream_named_by_o_gets_the_schemas_columns(cli, shots, tmp_path):
+    """`-o FIFO -f csv --schema ...`: the header and the rows hold the schema's fields, as on stdout."""
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()))
+    reader.start()
+    result = cli("caption", str(shots / "s0.png"), "-o", str(fifo), "-f", "csv", "--schema", "title, pages:integer")
+    reader.join(timeout=60)
+    header = read[0].splitlines()[0].split(",")
+    assert header == ["source", "page", "prompt", "answer", "title", "pages", "error"], read
+
+
+def test_the_refusal_of_a_hand_edited_report_quotes_the_row_and_says_what_to_do(cli, shots, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("caption", "shots/s0.png", "-o", "c.csv").exit_code == 0
+    text = Path("c.csv").read_text()
+    edited = text.replace(",Describe this image in detail.,", ",Describe this image in detail.,MY FIX ", 1)
+    Path("c.csv").write_text(edited)
+    resumed = cli("caption", "shots/s0.png", "-o", "c.csv", "--resume")
+    line = one_error_line(resumed.stderr)
+    assert line.startswith("error: --output c.csv: a row was changed since granite-vision wrote it ('shots/s0.png,,")
+    assert line.endswith(
+        "'); refusing to replace hand edits. Hint: move it away (--resume then rebuilds it from its journal), or --overwrite"
+    )
