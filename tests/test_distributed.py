@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import MAX_NEW, make_pdf, noise
 
-from granite_cli.distributed import split
+from granite_cli.distributed import item_cost, split
 
 
 def free_port() -> int:
@@ -84,6 +84,31 @@ def test_split_is_deterministic_complete_and_balanced_by_cost():
     assert abs(loads[0] - loads[1]) <= 10  # by count it would be 6/6 items, 197 vs 7 cost units
     assert split([1.0] * 5, 3) == [[0, 3], [1, 4], [2]]
     assert split([], 4) == [[], [], [], []]
+
+
+def test_split_gives_the_costliest_items_out_first_and_depends_on_the_costs_ratios_alone():
+    """In input order, two thumbnails would go one to each process and the page after them to the
+    first: 3 units against 1. Costliest first, the page is one process's share and the thumbnails
+    the other's. Costs are in no particular unit: the same costs, however scaled, split alike."""
+    assert split([1, 1, 2], 2) == [[2], [0, 1]]
+    costs = [100, 1, 1, 1, 1, 1, 1, 1, 1, 1, 90, 5]
+    for scale in (2.0**-70, 2.0**-20, 1.0, 2.0**40):  # powers of two: scaled exactly
+        shares = split([cost * scale for cost in costs], 2)
+        assert shares == [[0, 6, 8], [1, 2, 3, 4, 5, 7, 9, 10, 11]], scale  # 102 units each
+    assert split([2.0**-70, 2.0**-71], 2) == [[0], [1]]  # two items, two processes: one each
+
+
+def test_an_items_cost_is_its_image_tokens_plus_twenty_per_answer_token():
+    """Each answer token runs one at a time, at a fraction of prefill speed per token: it weighs
+    20 image tokens. An input that cannot be read costs one unit: it fails at once."""
+
+    def image_tokens(width: int, height: int) -> int:
+        return (width // 14) * (height // 14)
+
+    assert item_cost((1400, 700), image_tokens, 0) == 5000.0
+    assert item_cost((1400, 700), image_tokens, 50) == 6000.0
+    assert item_cost((56, 56), image_tokens, 50) == 1016.0
+    assert item_cost(None, image_tokens, 50) == 1.0
 
 
 def ranks_of(path: Path, run_id: str, fmt: str = "jsonl", **options) -> list:

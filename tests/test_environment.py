@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import platform
 import random
 import subprocess
 import sys
@@ -121,6 +122,33 @@ def test_info_shows_the_same_check(cli, monkeypatch):
         ' (pip install -U "transformers>=5.24.0")',
     }
     assert "transformers: 5.17.0 (needs >= 5.24.0: NOT SUPPORTED)" in cli("info").stdout
+
+
+def test_info_shows_the_python_running_and_a_python_too_old_stops_the_run(cli, monkeypatch, tmp_path):
+    running = platform.python_version()
+    facts = json.loads(cli("info", "--json").ok().stdout)
+    assert facts["environment"][0] == {
+        "name": "python",
+        "installed": running,
+        "needed": "3.11",
+        "supported": True,
+        "problem": None,
+    }
+
+    monkeypatch.setattr(environment, "PYTHON", (99, 0))  # as a Python older than the floor would be
+    problem = f"Python {running} is running; granite-vision needs >= 99.0"
+    result = cli("info", "--json")
+    assert result.exit_code == 2 and result.stderr == f"error: {problem}\n"
+    assert json.loads(result.stdout)["environment"][0] == {
+        "name": "python",
+        "installed": running,
+        "needed": "99.0",
+        "supported": False,
+        "problem": problem,
+    }
+    noise(40, 40).save(tmp_path / "a.png")
+    caption = cli("caption", str(tmp_path / "a.png"))
+    assert caption.exit_code == 2 and caption.stderr == f"error: {problem}\n" and caption.stdout == ""
 
 
 def test_a_torchvision_build_that_does_not_load_is_one_line(cli, monkeypatch, tmp_path, tiny_model, real_loading):

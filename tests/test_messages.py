@@ -1,0 +1,232 @@
+"""What a user reads on stderr, word for word: the one line a failed item gets (and its record
+carries), the notes on what resolving the inputs left out, the closing summary (interrupted or
+not, one process or several), and the one line a failed output gets."""
+
+from __future__ import annotations
+
+import errno
+import re
+import sys
+
+import pytest
+from helpers import noise
+from rich.text import Text
+
+from granite_cli import ui
+from granite_cli.api import CaptionResult
+from granite_cli.errors import InputError, OutputError, describe
+from granite_cli.records import Record
+from granite_cli.sources import Resolution
+from granite_cli.ui import Reporter
+
+
+def said(action) -> list[str]:
+    """The lines `action` prints on the tool's stderr console, as a user reads them (no colours)."""
+    with ui.console.capture() as captured:
+        action()
+    return Text.from_ansi(captured.get()).plain.splitlines()
+
+
+def failed(source: str, error: str, page: int | None = None) -> Record:
+    return Record(source, page, "Describe", None, error, "m")
+
+
+def answered(source: str) -> Record:
+    return Record(source, None, "Describe", "an answer", None, "m")
+
+
+# --------------------------------------------------------------------------- one line per failed item
+LONG = "word " * 80  # 400 characters
+
+
+@pytest.mark.parametrize(
+    ("exc", "line"),
+    [
+        (
+            InputError("corrupt or truncated image (broken data stream)"),
+            "corrupt or truncated image (broken data stream)",
+        ),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "a.png"), "no such file"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", "photos"), "is a directory"),
+        (PermissionError(errno.EACCES, "Permission denied", "a.png"), "permission denied"),
+        (MemoryError(), "out of memory"),
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device (ENOSPC)"),
+        (OSError(errno.EIO, "the card reader went away"), "the card reader went away (EIO)"),  # the library's words
+        (OSError(9999, ""), "Unknown error 9999 (9999)"),  # an errno this system has no name for
+        (RuntimeError("decoder said:\n\tbad   header"), "RuntimeError: decoder said: bad header"),
+        (RuntimeError(), "RuntimeError: RuntimeError"),  # no message: its kind at least
+        (ValueError("x" * 300), "ValueError: " + "x" * 300),  # up to 300 characters: whole
+        (ValueError("x" * 301), "ValueError: " + "x" * 297 + "..."),
+        (ValueError(LONG), "ValueError: " + LONG[:297] + "..."),
+    ],
+)
+def test_an_items_failure_is_one_line_in_the_words_a_user_knows(exc, line):
+    assert describe(exc) == line
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "--output out.jsonl: No space left on device (ENOSPC)"),
+        (OSError("the share went offline"), "--output out.jsonl: the share went offline"),  # no errno
+        (OSError(), "--output out.jsonl: OSError"),
+        (OSError("x" * 200), "--output out.jsonl: " + "x" * 200),  # up to 200 characters: whole
+        (OSError("x" * 201), "--output out.jsonl: " + "x" * 197 + "..."),
+    ],
+)
+def test_a_failed_output_is_one_line_naming_it(error, line):
+    assert str(OutputError("--output out.jsonl", error)) == line
+
+
+def test_a_failed_items_line_on_stderr_is_its_records_error_after_its_name(cli, tmp_path):
+    r"""Names are shown as they are (a backslash stays one backslash), with the reason the record
+    carries; an OS error the tool has no words of its own for keeps the system's, and its name."""
+    noise(30, 30).save(tmp_path / "good.png")
+    (tmp_path / "back\\slash.png").write_bytes((tmp_path / "good.png").read_bytes()[:100])  # truncated
+    not_a_folder = tmp_path / "good.png" / "inside.png"
+    result = cli("caption", str(tmp_path / "back\\slash.png"), str(not_a_folder), str(tmp_path / "good.png"))
+    assert result.exit_code == 1
+    records = result.records()
+    assert records[1]["error"] == "Not a directory (ENOTDIR)"
+    assert records[0]["error"].startswith("corrupt or truncated image (")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {tmp_path}/back\\slash.png: {records[0]['error']}",
+        f"error: {not_a_folder}: Not a directory (ENOTDIR)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("record", "line"),
+    [
+        (failed("a.png", "no such file"), "error: a.png: no such file"),
+        (
+            failed("doc.pdf", "page 2 could not be rendered (bad xref)", page=2),
+            "error: doc.pdf (page 2): page 2 could not be rendered (bad xref)",
+        ),
+        (failed("new\nline.png", "no such file"), "error: new\\nline.png: no such file"),  # one message, one line
+        (failed("[bold]a.png", "not [an] image"), "error: [bold]a.png: not [an] image"),  # brackets are text
+        (failed(r"C:\scans\a.png", ""), "error: C:\\scans\\a.png: "),  # an empty reason stays empty
+    ],
+)
+def test_each_failed_item_gets_one_line_and_answered_ones_none(record, line):
+    reporter = Reporter()
+
+    def run() -> None:
+        with reporter.progress(2) as done:
+            done(answered("fine.png"))
+            done(record)
+
+    assert said(run) == [line]
+    assert reporter.errors == 1
+
+
+# --------------------------------------------------------------------------- what resolving left out
+RESOLUTION = Resolution(
+    unsupported={(1, 1): "photos/a.heic", (1, 2): "photos/new\nline.djvu"},
+    special=1,
+    unmatched=["scans/*.tif"],
+    duplicates=3,
+)
+NOTES = [
+    "warning: scans/*.tif: matched no supported file",
+    "skipped 2 file(s) of unsupported type inside folders (--verbose lists them)",
+    "skipped 1 pipe(s), socket(s) or device(s) met in folders or globs",
+    "3 picture(s) named more than once: each is captioned once",
+]
+
+
+def test_what_resolving_left_out_is_one_line_each_and_the_skipped_files_are_listed_only_when_asked():
+    assert said(lambda: Reporter().resolution(RESOLUTION)) == NOTES
+    assert said(lambda: Reporter().resolution(RESOLUTION, verbose=False)) == NOTES
+    assert said(lambda: Reporter().resolution(RESOLUTION, verbose=True)) == [
+        NOTES[0],
+        "skipped 2 file(s) of unsupported type inside folders",
+        "  skipped: photos/a.heic",
+        "  skipped: photos/new\\nline.djvu",
+        *NOTES[2:],
+    ]
+
+
+@pytest.mark.parametrize("reporter", [Reporter(quiet=True), Reporter(rank=1, world=2)], ids=["library", "rank 1"])
+def test_a_library_caller_and_every_process_but_the_first_say_nothing_of_the_inputs(reporter):
+    assert said(lambda: reporter.resolution(RESOLUTION, verbose=True)) == []
+    assert said(lambda: reporter.warn("a warning")) == []
+    assert said(lambda: reporter.note("a note")) == []
+    assert said(lambda: Reporter(rank=0, world=2).warn("a warning")) == ["warning: a warning"]
+
+
+# --------------------------------------------------------------------------- the closing summary
+@pytest.mark.parametrize(
+    ("stats", "seconds", "output", "line"),
+    [
+        (CaptionResult(4, 3, 1), 0.5, "out.jsonl", "3 of 4 answered, 1 failed in 0.5 s (8.00 items/s) -> out.jsonl"),
+        (CaptionResult(6, 6, 0), 2.0, "-", "6 of 6 answered in 2.0 s (3.00 items/s)"),  # stdout: not named
+        (CaptionResult(6, 2, 4), 4.0, None, "2 of 6 answered, 4 failed in 4.0 s (1.50 items/s)"),  # a library call
+        (CaptionResult(2, 2, 0), 0.0, "out.md", "2 of 2 answered in 0.0 s (0.00 items/s) -> out.md"),  # no time
+        (
+            CaptionResult(24, 8, 0, stopped=True),
+            2.0,
+            "out.jsonl",
+            "interrupted: 8 of 24 answered in 2.0 s (4.00 items/s) -> out.jsonl;"
+            " run the same command with --resume to finish",
+        ),
+        (
+            CaptionResult(24, 8, 1, stopped=True),
+            3.0,
+            "-",
+            "interrupted: 8 of 24 answered, 1 failed in 3.0 s (3.00 items/s)",
+        ),
+        (CaptionResult(24, 0, 0, stopped=True), 1.0, None, "interrupted: 0 of 24 answered in 1.0 s (0.00 items/s)"),
+    ],
+)
+def test_the_closing_line_says_what_was_done_how_fast_where_and_how_to_finish(stats, seconds, output, line):
+    """Only a file can be resumed: the hint to --resume names no stdout and no library call."""
+    assert said(lambda: Reporter().summary(stats, seconds, output)) == [line]
+    assert said(lambda: Reporter(quiet=True).summary(stats, seconds, output)) == []
+
+
+def test_the_closing_line_is_never_wrapped_however_long_the_output_path():
+    output = "/" + "/".join(["a-rather-long-folder-name"] * 40) + "/captions.jsonl"
+    lines = said(lambda: Reporter().summary(CaptionResult(24, 8, 0, stopped=True), 2.0, output))
+    assert lines == [
+        f"interrupted: 8 of 24 answered in 2.0 s (4.00 items/s) -> {output};"
+        " run the same command with --resume to finish"
+    ]
+
+
+def test_several_processes_each_say_their_share_and_the_first_the_merged_output():
+    merged = [answered("a.png"), failed("b.png", "no such file"), answered("c.png")]
+    first = said(lambda: Reporter(rank=0, world=2).summary(CaptionResult(2, 1, 1), 1.0, "out.jsonl", merged))
+    second = said(lambda: Reporter(rank=1, world=2).summary(CaptionResult(2, 1, 1), 2.0, "out.jsonl", merged))
+    assert first == [
+        "rank 0/2: 1 of 2 answered, 1 failed in 1.0 s (2.00 items/s) -> out.jsonl",
+        "merged 3 records from 2 processes (1 failed) -> out.jsonl",
+    ]
+    assert second == ["rank 1/2: 1 of 2 answered, 1 failed in 2.0 s (1.00 items/s) -> out.jsonl"]
+
+
+def test_a_runs_closing_line_on_stderr_names_its_output_file(cli, tmp_path):
+    noise(30, 30).save(tmp_path / "good.png")
+    out = tmp_path / "out.jsonl"
+    result = cli("caption", str(tmp_path / "good.png"), str(tmp_path / "missing.png"), "-o", str(out))
+    assert result.exit_code == 1
+    last = result.stderr.splitlines()[-1]
+    assert re.fullmatch(rf"1 of 2 answered, 1 failed in \d+\.\d s \(\d+\.\d\d items/s\) -> {re.escape(str(out))}", last)
+
+
+# --------------------------------------------------------------------------- a failed stdout
+def test_a_stdout_that_fails_is_one_line_and_is_not_failed_again_at_exit(tiny_model, tmp_path, monkeypatch, capsys):
+    """`ask ... > /dev/full`, in this process: exit 2, one line naming stdout (nothing to resume
+    there), and what Python still holds for stdout goes nowhere rather than failing again."""
+    from granite_cli.cli import app
+
+    noise(30, 30).save(tmp_path / "a.png")
+    with open("/dev/full", "w") as full, monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", full)
+        with pytest.raises(SystemExit) as exited:
+            app(["ask", str(tmp_path / "a.png"), "What is shown?", "--model", str(tiny_model), "--max-new-tokens", "4"])
+        full.write("left over\n")
+        full.flush()  # stdout now leads nowhere: no second failure
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n"
