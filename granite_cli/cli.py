@@ -103,12 +103,12 @@ def _command(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except UsageError as exc:
             print_traceback(exc)
-            console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            console.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
         except DeviceError as exc:
             print_traceback(exc)
             kept = "every record written before it is kept; --resume continues once the device is well"
-            console.print(f"[red]error:[/] the run stopped, {escape(str(exc))}; {kept}", soft_wrap=True)
+            console.print(f"[red]error:[/] the run stopped, {escape(str(exc))}; {kept}")
             raise typer.Exit(2) from None
         except OutputError as exc:
             if exc.where == "stdout":
@@ -117,7 +117,7 @@ def _command(func: Callable) -> Callable:
                 raise typer.Exit(141) from None
             print_traceback(exc)
             kept = "; every record written before it is kept (--resume continues)" if exc.resumable else ""
-            console.print(f"[red]error:[/] {escape(str(exc))}{kept}", soft_wrap=True)
+            console.print(f"[red]error:[/] {escape(str(exc))}{kept}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted")
@@ -236,7 +236,7 @@ def ask(
     job = AskJob(**options, model_origin=_model_origin(ctx), from_cli=True)
     record = run_ask(job, stream=None if json_output else stdout, reporter=Reporter()).record
     if not record.ok:
-        console.print(error_line(record), soft_wrap=True)
+        console.print(error_line(record))
     _print_stdout(record.to_json() if json_output else "" if record.ok else None)
     raise typer.Exit(0 if record.ok else 1)
 

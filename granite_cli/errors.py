@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import traceback
 
 
@@ -53,7 +52,7 @@ def debug() -> bool:
 def print_traceback(exc: BaseException) -> None:
     """The traceback behind a one-line error, with its causes, on stderr, under GRANITE_VISION_DEBUG."""
     if debug():
-        traceback.print_exception(exc, file=sys.stderr)
+        traceback.print_exception(exc)  # on stderr
 
 
 def describe(exc: BaseException) -> str:

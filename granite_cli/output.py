@@ -92,7 +92,7 @@ def open_output(
     if not path.parent.is_dir():
         raise UsageError(f"{label}: folder {path.parent} does not exist")
     output = FileOutput(
-        path, fmt, resume, overwrite=overwrite, world=world, barrier=ranks.barrier,
+        path, fmt, resume, overwrite=overwrite, rank=ranks.rank, world=world, barrier=ranks.barrier,
         columns=columns, label=label, run_id=run_id, notify=notify,
     )  # fmt: skip
     if ranks.rank == 0:

@@ -97,7 +97,7 @@ class Reporter:
             def plain(record: Record) -> None:
                 if not record.ok:
                     self.errors += 1
-                    console.print(error_line(record), soft_wrap=True)
+                    console.print(error_line(record))
 
             yield plain
             return
@@ -120,7 +120,7 @@ class Reporter:
             def advance(record: Record) -> None:
                 if not record.ok:
                     self.errors += 1
-                    bar.console.print(error_line(record), soft_wrap=True)
+                    bar.console.print(error_line(record))
                 elapsed = bar.tasks[task].elapsed or 0.0
                 done = bar.tasks[task].completed + 1
                 bar.update(
@@ -145,7 +145,7 @@ class Reporter:
         if stats.stopped:
             hint = "; run the same command with --resume to finish" if output and output != "-" else ""
             line = f"interrupted: {line}{hint}"
-        console.print(self.prefix + line, soft_wrap=True)
+        console.print(self.prefix + line)
         if merged is not None and self.rank == 0:
             failed = sum(not record.ok for record in merged)
             console.print(

@@ -1125,7 +1125,7 @@ def test_a_stream_named_by_o_gets_the_schemas_columns(cli, shots, tmp_path):
     read = []
     reader = threading.Thread(target=lambda: read.append(fifo.read_text()))
     reader.start()
-    result = cli("caption", str(shots / "s0.png"), "-o", str(fifo), "-f", "csv", "--schema", "title, pages:integer")
+    cli("caption", str(shots / "s0.png"), "-o", str(fifo), "-f", "csv", "--schema", "title, pages:integer")
     reader.join(timeout=60)
     header = read[0].splitlines()[0].split(",")
     assert header == ["source", "page", "prompt", "answer", "title", "pages", "error"], read
@@ -1141,5 +1141,6 @@ def test_the_refusal_of_a_hand_edited_report_quotes_the_row_and_says_what_to_do(
     line = one_error_line(resumed.stderr)
     assert line.startswith("error: --output c.csv: a row was changed since granite-vision wrote it ('shots/s0.png,,")
     assert line.endswith(
-        "'); refusing to replace hand edits. Hint: move it away (--resume then rebuilds it from its journal), or --overwrite"
+        "'); refusing to replace hand edits."
+        " Hint: move it away (--resume then rebuilds it from its journal), or --overwrite"
     )
