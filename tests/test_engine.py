@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from helpers import Collect, make_pdf, model_card_answers, noise
@@ -163,3 +164,284 @@ def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_i
     assert [r.source for r in records] == [str(p) for p in mixed_images]
     assert [r.ok for r in records] == [True, True, True, True, False, True, True]
     assert "out of memory" in records[4].error and stats.failed == 1
+
+
+# --------------------------------------------------------------------------- prompts
+GRANITE_32 = Path(__file__).parent.parent / "benchmarks" / "configs" / "granite-vision-3.2-2b"
+
+
+def granite_32_prompts(tiny_model, context_window: int | None = 131072):
+    """`Prompts` over Granite Vision 3.2's real image side (its 27 grids of 384-px tiles) with the
+    tiny model's tokenizer and Granite template, built fresh (its memos empty)."""
+    from transformers import AutoProcessor, LlavaNextImageProcessor, LlavaNextProcessor
+
+    from granite_cli.engine.prompts import Prompts
+
+    tiny = AutoProcessor.from_pretrained(tiny_model)
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor.from_pretrained(GRANITE_32),
+        tokenizer=tiny.tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="full",
+        chat_template=tiny.chat_template,
+    )
+    return Prompts(processor, context_window, "granite-vision-3.2-2b")
+
+
+def test_granite_32_picture_sizes_give_the_documented_image_tokens_and_fitted_sizes(tiny_model):
+    """NOTES §3's table (the processor's count, validated against the model): a picture larger than
+    its grid is shrunk to it, aspect kept, with the same tokens; a smaller one is left as it is."""
+    prompts = granite_32_prompts(tiny_model)
+    table = {  # (width, height): (image tokens, the size the model uses)
+        (384, 384): (1485, (384, 384)),
+        (640, 480): (2929, (640, 480)),
+        (1024, 768): (4725, (1024, 768)),
+        (2480, 3508): (5427, (815, 1152)),  # A4 at 300 dpi: into 1152 x 1152
+        (3508, 2480): (5403, (1152, 815)),
+        (4032, 3024): (5731, (1152, 864)),  # a phone photo
+        (359, 3578): (8289, (359, 3578)),  # the 1:10 strip, the most tokens
+        (1, 5000): (prompts.image_tokens(1, 5000), (1, 384)),  # a hairline keeps its one pixel
+        (5000, 1): (prompts.image_tokens(5000, 1), (384, 1)),
+    }
+    assert {size: (prompts.image_tokens(*size), prompts.fit(*size)) for size in table} == table
+    assert all(
+        prompts.image_tokens(*prompts.fit(*size)) == tokens for size, (tokens, _) in table.items() if size[0] > 1
+    )
+
+
+def test_a_shrunk_picture_is_exactly_the_size_the_processor_resizes_it_to(tiny_model):
+    """`fit` promises the size the processor would resize a picture to, so that a page rendered or
+    a picture shrunk to it is not resampled again. The processor gives the limiting side the grid's
+    size exactly; scaling it by a float could round one pixel over (80 x 3841 for 100 x 4845, which
+    the processor then shrank to 80 x 3840 a second time)."""
+    import numpy as np
+    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+    from transformers.image_utils import ChannelDimension
+
+    prompts = granite_32_prompts(tiny_model)
+    pinpoints = prompts.processor.image_processor.image_grid_pinpoints
+    pixel = np.zeros((1, 1, 3), dtype=np.uint8)
+    assert prompts.fit(100, 4845) == (80, 3840)
+    for width in range(100, 5000, 97):
+        for height in range(100, 5000, 89):
+            fitted = prompts.fit(width, height)
+            assert prompts.fit(*fitted) == fitted  # a fitted picture is not shrunk again
+            grid = select_best_resolution((height, width), pinpoints)
+            if grid[0] < height or grid[1] < width:  # larger than its grid: the processor shrinks it
+                image = np.broadcast_to(pixel, (height, width, 3))
+                resized = get_patch_output_size(image, grid, ChannelDimension.LAST)
+                assert fitted == resized[::-1], (width, height)
+
+
+def test_a_prompt_beyond_the_context_says_how_many_tokens_it_has(tiny_model):
+    """Granite 3.2's 131,072-token context: an A4 page (5,427 image tokens) and the template."""
+    prompts = granite_32_prompts(tiny_model)
+    text_tokens = len(prompts.tokenizer(prompts.text("Describe."))["input_ids"]) - 1  # less the <image>
+    assert prompts.check_fits("Describe.", 2480, 3508, 131072 - 5427 - text_tokens) is None  # just fits
+    assert prompts.check_fits("Describe.", 2480, 3508, 130000) == (
+        f"prompt too long: {5427 + text_tokens:,} prompt tokens (5,427 of them for the picture) + --max-new-tokens"
+        " 130000 exceed the model's context of 131,072 tokens"
+    )
+    assert granite_32_prompts(tiny_model, None).check_fits("Describe.", 2480, 3508, 10**9) is None  # no limit known
+
+
+def test_a_long_run_keeps_a_bounded_memo_of_questions_and_picture_sizes(tiny_model):
+    """The memos of prompts and sizes are bounded: a run over many questions and sizes does not
+    keep every one it saw."""
+    prompts = granite_32_prompts(tiny_model)
+    for n in range(100):
+        prompts.tokens(f"Question {n}?", 640, 480)
+    for n in range(5000):
+        prompts.image_tokens(100 + n, 300)
+        prompts.fit(4000 + n, 300)
+    sizes = [f.cache_info().currsize for f in (prompts.text, prompts.ids, prompts.image_tokens, prompts.fit)]
+    assert sizes[0] < 100 and sizes[1] < 100 and sizes[2] < 5000 and sizes[3] < 5000
+
+
+def variant_processor(tiny_model, folder: Path, *, image_token: str = "<image>", bos: bool = False, template=None):
+    """The tiny model's processor, as another family might ship it: its image token spelled
+    `image_token`, a tokenizer that starts every text with a BOS (`<|end_of_text|>`, id 0), or a
+    chat template of its own."""
+    from transformers import AutoProcessor
+
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
+        text = (tiny_model / name).read_text().replace("<image>", image_token)
+        if name == "chat_template.jinja" and template is not None:
+            text = template(text)
+        if name == "tokenizer.json" and bos:
+            tokenizer = json.loads(text)
+            bos_text = "<|end_of_text|>"
+            first = {"SpecialToken": {"id": bos_text, "type_id": 0}}
+            tokenizer["post_processor"] = {
+                "type": "TemplateProcessing",
+                "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [first, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {
+                    "<|end_of_text|>": {"id": "<|end_of_text|>", "ids": [0], "tokens": ["<|end_of_text|>"]}
+                },
+            }
+            text = json.dumps(tokenizer)
+        (folder / name).write_text(text)
+    return AutoProcessor.from_pretrained(folder)
+
+
+def test_another_image_token_and_a_bos_tokenizer_keep_typed_text_text(tiny_model, tmp_path):
+    """A processor whose image token is `<img>` and whose tokenizer starts each text with a BOS:
+    the prompt is the processor's own tokenization, split at its image token; a question holding
+    control-token texts is tokenized as plain text, and the prompt still has one BOS, first."""
+    from granite_cli.engine.prompts import Prompts
+
+    processor = variant_processor(tiny_model, tmp_path / "variant", image_token="<img>", bos=True)
+    tokenizer, image_id = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<img>")
+    assert processor.image_token == "<img>" and image_id == 4
+    prompts = Prompts(processor, 4096, "variant")
+    whole = tokenizer(prompts.text("What is shown?"))["input_ids"]
+    head, tail = prompts.ids("What is shown?")
+    assert [*head, image_id, *tail] == whole and whole[0] == 0 and whole.count(0) == 1
+    question = "Is <img> or <|end_of_text|> a token?"
+    head, tail = prompts.ids(question)
+    ids = [*head, image_id, *tail]
+    assert ids[0] == 0 and ids.count(0) == 1 and ids.count(image_id) == 1  # typed: text, not tokens
+    assert question in tokenizer.decode(ids)
+    assert prompts.tokens(question, 56, 56) == len(ids) - 1 + prompts.image_tokens(56, 56)
+
+
+def test_a_processor_without_image_token_grid_or_token_count_has_the_llava_defaults(tiny_model):
+    """A processor from outside the LLaVA-NeXT family (no `image_token`, no grid list, no token
+    count helper): `<image>` is its image token, pictures keep their size, and a picture's tokens
+    are estimated from its area (one per 14 x 14 patch)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoProcessor
+
+    from granite_cli.engine.prompts import Prompts
+
+    tiny = AutoProcessor.from_pretrained(tiny_model)
+    bare = SimpleNamespace(
+        tokenizer=tiny.tokenizer, apply_chat_template=tiny.apply_chat_template, image_processor=SimpleNamespace()
+    )
+    prompts = Prompts(bare, 4096, "bare")
+    assert prompts.ids("Hi") == Prompts(tiny, 4096, "tiny").ids("Hi")
+    assert prompts.fit(5000, 4000) == (5000, 4000)
+    assert prompts.image_tokens(1400, 700) == 5000
+
+
+def test_a_chat_template_without_the_picture_is_refused_naming_the_model(cli, tiny_model, tmp_path):
+    broken = tmp_path / "no-picture"
+    shutil.copytree(tiny_model, broken)
+    template = broken / "chat_template.jinja"
+    template.write_text(template.read_text().replace("{{ '<image>", "{{ '"))
+    noise(64, 64).save(tmp_path / "x.png")
+    result = cli("caption", str(tmp_path / "x.png"), model=broken)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"error: model {str(broken)!r}: its chat template does not place exactly one <image>\n"
+
+
+# --------------------------------------------------------------------------- the grammar
+def test_the_grammar_starts_at_the_answer_and_ends_on_every_end_token(tiny_model):
+    """--schema '{"type": "boolean"}' on a model whose logits are wider than its tokenizer (448 vs
+    400) and whose generation config names two end tokens (0 and 2): the first step allows what
+    starts `true` or `false` whatever the prompt ended with (the prompt is not the answer); once
+    `true` is produced, only the end tokens, every one of them."""
+    import torch
+    from transformers import AutoProcessor
+
+    from granite_cli.engine import grammar
+
+    tokenizer = AutoProcessor.from_pretrained(tiny_model).tokenizer
+    info = grammar.tokenizer_info(tokenizer, 448, {2, 0})
+    assert (info.vocab_size, sorted(info.stop_token_ids)) == (448, [0, 2])
+    compiled = grammar.compile_schema(info, json.dumps({"type": "boolean"}))
+    true = tokenizer("true", add_special_tokens=False)["input_ids"]
+    starts = {
+        tokenizer("t", add_special_tokens=False)["input_ids"][0],
+        tokenizer("f", add_special_tokens=False)["input_ids"][0],
+    }
+
+    def allowed(mask, ids):
+        scores = mask(torch.tensor([ids]), torch.zeros(1, 448))
+        return set(torch.nonzero(scores[0] == 0).flatten().tolist())
+
+    for prompt in ([5, 6, 203], [5, 6, true[0]]):  # ending with a newline, or with a `t`
+        mask = grammar.GrammarMask(compiled, 1)
+        assert allowed(mask, prompt) == starts
+        for step in range(1, len(true) + 1):
+            seen = allowed(mask, prompt + true[:step])
+        assert seen == {0, 2}
+
+
+def test_the_grammar_mask_works_on_the_logits_own_device(tiny_model):
+    """Masks are applied with tensor operations on the logits' device, never the CPU's (the meta
+    device stands in for a GPU here: an operation that mixes devices fails on it)."""
+    import torch
+    from transformers import AutoProcessor
+
+    from granite_cli.engine import grammar
+
+    info = grammar.tokenizer_info(AutoProcessor.from_pretrained(tiny_model).tokenizer, 448, {0})
+    mask = grammar.GrammarMask(grammar.compile_schema(info, json.dumps({"type": "boolean"})), 2)
+    scores = torch.zeros(2, 448, device="meta")
+    assert mask(torch.zeros(2, 3, dtype=torch.long, device="meta"), scores) is scores
+    bitmask = torch.zeros(3, 14, dtype=torch.int32, device="meta")
+    grammar.apply_bitmask(scores, bitmask, 448, [0, 1])
+
+
+# --------------------------------------------------------------------------- ranks
+@pytest.mark.parametrize(
+    "device, cuda, cpu",
+    [("cpu", True, True), ("cuda:1", False, False), ("auto", False, True), ("auto", True, False), (None, False, True)],
+)
+def test_a_launched_rank_joins_the_group_on_its_backend_and_takes_rank_0s_values(monkeypatch, device, cuda, cpu):
+    """Under `accelerate launch`/torchrun (WORLD_SIZE 2): accelerate's state is made on the CPU
+    (gloo) for --device cpu, or auto without CUDA, else on the GPU (nccl), waiting up to 7 days;
+    the ranks are accelerate's, and `broadcast` gives rank 0's value."""
+    from datetime import timedelta
+
+    import accelerate
+    import torch
+    import torch.distributed as dist
+
+    from granite_cli.engine import ranks
+
+    made = []
+
+    class State:
+        process_index, num_processes, device = 1, 2, "cuda:1"
+
+        def __init__(self, **options):
+            made.append(options)
+
+        def wait_for_everyone(self):
+            pass
+
+    def broadcast_object_list(box, src):
+        assert box == [None] and src == 0  # rank 1 sends nothing
+        box[0] = "rank 0's"
+
+    monkeypatch.setattr(accelerate, "PartialState", State)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    here = ranks.current() if device is None else ranks.current(device)
+    assert made == [{"cpu": cpu, "timeout": timedelta(days=7)}]
+    assert (here.rank, here.world, here.device, here.distributed) == (1, 2, "cuda:1", True)
+    assert here.broadcast("mine") == "rank 0's" and here.barrier() is None
+
+
+@pytest.mark.parametrize("world", [None, "1"])
+def test_a_single_process_run_touches_no_process_group(monkeypatch, world):
+    import accelerate
+
+    from granite_cli.distributed import Ranks
+    from granite_cli.engine import ranks
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda **_: pytest.fail("a process group was made"))
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    here = ranks.current("cpu")
+    assert (here.rank, here.world, here.device, here.distributed) == (0, 1, None, False)
+    assert here.broadcast("mine") == "mine"
+    assert Ranks().world == 1

@@ -97,7 +97,11 @@ class Prompts:
         if not pinpoints:
             return width, height
         grid_h, grid_w = select_best_resolution((height, width), pinpoints)
-        scale = min(grid_w / width, grid_h / height)
-        if scale >= 1:
+        scale_w, scale_h = grid_w / width, grid_h / height
+        if min(scale_w, scale_h) >= 1:
             return width, height
-        return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+        # As the processor resizes (get_patch_output_size): the limiting side becomes the grid's
+        # exactly (scaling it by a float can round one pixel over), the other side follows.
+        if scale_w < scale_h:
+            return grid_w, min(math.ceil(height * scale_w), grid_h)
+        return min(math.ceil(width * scale_h), grid_w), grid_h
