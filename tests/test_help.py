@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: typer reads the toy commands' annotations at run time.
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -153,8 +154,6 @@ def help_sections(text: str, width: int) -> tuple[list[str], dict[str, dict[str,
     the help of every term starts in one column, two spaces after the longest term or at column
     36, a longer term alone on its line; help wraps between words only, filling each line up to
     the width left beside that column (at least 40); only a word longer than that is wider."""
-    import re
-
     head, sections = [], {}
     body, examples, rest = text.rstrip("\n").partition("\n\nExamples:\n")
     epilog = ["Examples:", *rest.split("\n")] if examples else []
@@ -191,8 +190,6 @@ def help_sections(text: str, width: int) -> tuple[list[str], dict[str, dict[str,
 
 def extras(rows: dict[str, str]) -> dict[str, str]:
     """Each term's bracketed defaults, range, variable (what --help | grep looks for), or ''."""
-    import re
-
     return {term: (re.search(r"\[[^\[\]]*\]$", text) or [""])[0] for term, text in rows.items()}
 
 
