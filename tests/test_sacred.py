@@ -1123,7 +1123,7 @@ def test_a_stream_named_by_o_gets_the_schemas_columns(cli, shots, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     read = []
-    reader = threading.Thread(target=lambda: read.append(fifo.read_text()))
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)  # never holds up exit
     reader.start()
     cli("caption", str(shots / "s0.png"), "-o", str(fifo), "-f", "csv", "--schema", "title, pages:integer")
     reader.join(timeout=60)
