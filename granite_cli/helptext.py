@@ -7,8 +7,6 @@ flags, arguments by name (`SOURCE QUESTION`), and one style for every usage erro
 from __future__ import annotations
 
 import sys
-import types
-import typing
 from enum import Enum
 
 import typer
@@ -111,13 +109,11 @@ def _panels(params) -> list[tuple[str, list[tuple[str, str]]]]:
     """Options by help panel, in the order panels first appear ("Options" for those in none)."""
     panels: dict[str, list[tuple[str, str]]] = {}
     for param in params:
-        if param.param_type_name != "option" or getattr(param, "hidden", False):
+        if param.param_type_name != "option" or param.hidden:
             continue
         names = ", ".join(sorted(param.opts, key=len)) + "".join(f" / {name}" for name in param.secondary_opts)
         metavar = "" if param.is_flag else f" {_metavar(param)}"
-        panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(
-            (names + metavar, _describe(param))
-        )
+        panels.setdefault(param.rich_help_panel or "Options", []).append((names + metavar, _describe(param)))
     return list(panels.items())
 
 
@@ -131,12 +127,8 @@ def _metavar(param) -> str:
 
 
 def _annotation(param):
-    """The parameter's Python type, without Optional."""
-    annotation = param.type_descriptor.annotation
-    arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
-    return (
-        arguments[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and arguments else annotation
-    )
+    """The parameter's Python type (typer has already taken Optional off it)."""
+    return param.type_descriptor.annotation
 
 
 def _describe(param) -> str:
@@ -147,7 +139,7 @@ def _describe(param) -> str:
         extras.append(f"default: {param.show_default}")
     elif param.show_default is not False and default is not None and default is not False and default != ():
         extras.append(f"default: {getattr(default, 'value', default)}")
-    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    low, high = param.min, param.max
     if low is not None or high is not None:
         extras.append(
             f"{low}<=x<={high}"
@@ -156,11 +148,11 @@ def _describe(param) -> str:
             if low is not None
             else f"x<={high}"
         )
-    if getattr(param, "envvar", None):
+    if param.envvar:
         extras.append(f"env var: {param.envvar}")
-    if getattr(param, "required", False) and param.param_type_name == "argument":
+    if param.required and param.param_type_name == "argument":
         extras.append("required")
-    help_text = (getattr(param, "help", None) or "").strip()
+    help_text = (param.help or "").strip()
     return " ".join(filter(None, [help_text, f"[{'; '.join(extras)}]" if extras else ""]))
 
 
@@ -169,15 +161,15 @@ def _one_line(exc, args) -> str:
     message = " ".join(exc.format_message().split())
     param = getattr(exc, "param", None)
     if param is None or param.param_type_name != "option":
-        return message.rstrip(".") + _hint(exc, list(args if args is not None else sys.argv[1:]))
+        return message.rstrip(".") + _hint(exc)
     option = max(param.opts, key=len)
     given = _given(param, list(args if args is not None else sys.argv[1:]))
     return f"{option}{' ' + given if given is not None else ''}: {_reason(param, message)}"
 
 
-def _hint(exc, argv: list[str]) -> str:
+def _hint(exc) -> str:
     """What a wrong argument count most likely means: `ask` takes one picture, then one question."""
-    command = getattr(getattr(exc, "ctx", None), "info_name", None)
+    command = getattr(exc.ctx, "info_name", None)
     if command == "ask" and "unexpected extra argument" in exc.format_message().lower():
         return (
             ". Hint: ask takes one picture, then one question (quote it: 'What is shown?'); for several pictures:"
@@ -193,7 +185,7 @@ def _reason(param, message: str) -> str:
         return "expected one of " + "|".join(member.value for member in kind)
     if kind in (int, float):
         expected = "a whole number" if kind is int else "a number"
-        low, high = getattr(param, "min", None), getattr(param, "max", None)
+        low, high = param.min, param.max
         bounds = [f"at least {low}" if low is not None else "", f"at most {high}" if high is not None else ""]
         return " ".join(["expected", expected, " and ".join(filter(None, bounds))]).strip()
     return message.split(": ", 1)[-1] if message.startswith("Invalid value") else message

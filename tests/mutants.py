@@ -397,18 +397,24 @@ def main() -> int:
         seconds = run(chosen, args.jobs)
         print(f"mutmut ran {len(chosen)} module(s) in {seconds / 60:.1f} min", file=sys.stderr)
     modules = results()
+    # A module the copy holds no mutants of now (a later run was over others) keeps the README's
+    # row: its survivors can no longer be matched with their equivalents here.
+    readme = ROOT / "README.md"
+    head, inside, tail = readme_parts(readme.read_text())
+    earlier = readme_rows(inside)
+    modules = {
+        path: m for path, m in modules.items() if mutated(path) or path.removeprefix("granite_cli/") not in earlier
+    }
     if args.modules:
         modules = {path: m for path, m in modules.items() if path in {module_path(n) for n in args.modules}}
     if args.survivors:
         print(survivors(modules))
         return 0
-    report = table(modules)
+    report = table(modules, None if args.modules else earlier)
     (WORK / "report.md").write_text(report + "\n")
     print(report)
-    if args.readme:  # modules this copy never ran keep the README's row: the table is the project's
-        readme = ROOT / "README.md"
-        head, inside, tail = readme_parts(readme.read_text())
-        merged = table({path: m for path, m in modules.items() if mutated(path)}, readme_rows(inside))
+    if args.readme:
+        merged = table(modules, earlier)
         readme.write_text(f"{head}<!-- mutants:begin -->\n{merged}\n<!-- mutants:end -->{tail}")
     failing = [m.name for m in modules.values() if m.score < TARGET[m.guard]]
     return 1 if failing else 0

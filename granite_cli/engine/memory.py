@@ -83,8 +83,8 @@ def costs(model, processor) -> Costs:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    tile = int(getattr(vision, "image_size", 384)) if vision is not None else 384
-    patch = int(getattr(vision, "patch_size", 14)) if vision is not None else 14
+    tile = int(getattr(vision, "image_size", 384))  # getattr(None, ...) gives the default too
+    patch = int(getattr(vision, "patch_size", 14))
     tower = (getattr(vision, "num_hidden_layers", 0) + 1) * (tile // patch) ** 2 * getattr(vision, "hidden_size", 0)
     pinpoints = getattr(processor.image_processor, "image_grid_pinpoints", None) or [[tile, tile]]
     return Costs(
