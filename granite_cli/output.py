@@ -231,7 +231,7 @@ class FileOutput:
                 f"--resume: {stream} is a stream (a pipe or a device), which has no identity to be found again"
                 " by: its earlier record may be another picture's. Hint: resume with files (save the stream to one)"
             )
-        if self.world == 1 or self.rank == 0:
+        if self.rank == 0:  # (a run of one process is rank 0)
             check_report(self.path, self.journal, self.fmt, self.columns, self.label, self.overwrite)
         ours = {item.identity for item in items}
         previous = self.previous = Previous(kept=[record for record in records if record.ok], torn=torn)

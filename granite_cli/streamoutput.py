@@ -50,7 +50,8 @@ class StreamOutput:
         with writing(self.label):
             if self.writer is None:
                 self.stream = sys.stdout if self.name is None else open(self.name, "a", encoding="utf-8")
-                self.writer = open_writer(self.fmt, self.stream, None, self.columns)
+                anchor = Path(self.name) if self.name is not None and WRITERS[self.fmt].anchored else None
+                self.writer = open_writer(self.fmt, self.stream, anchor, self.columns)
             self.writer.write(record)
 
     def close(self) -> None:

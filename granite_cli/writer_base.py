@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 class StreamWriter:
     """The part of a writer that is the same for every format."""
 
+    anchored = False
+    """Whether its rows name pictures relative to the output's folder (imagefolder's `file_name`):
+    such a writer is given the output's name even when that is a pipe; the others link nothing
+    from a stream, as from stdout (the reader may keep the document anywhere)."""
+
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
         self.stream = stream
         self.base = path.resolve().parent if path else None
@@ -56,7 +61,7 @@ def shown(text: str) -> str:
     """Text for a document a person reads (markdown, CSV, HTML), always valid UTF-8: a byte of a
     file name that is not UTF-8 (a lone surrogate to Python) is shown as `\\xff`. The JSONL
     journal keeps the exact name (see `records.dumps`)."""
-    return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
+    return _SURROGATE.sub(_escape_surrogate, text)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

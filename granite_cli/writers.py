@@ -127,7 +127,7 @@ class MarkdownWriter(StreamWriter):
 
     @staticmethod
     def recognizes(text: str) -> bool:
-        return text.split("\n", 1)[0].rstrip("\r") == f"# {REPORT_TITLE}"
+        return text.partition("\n")[0].removesuffix("\r") == f"# {REPORT_TITLE}"
 
     @staticmethod
     def holds_records(text: str) -> bool:
@@ -241,6 +241,7 @@ class ImagefolderWriter(StreamWriter):
     suffixes = (".jsonl",)
     report = True
     METADATA = "metadata.jsonl"
+    anchored = True
 
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
         super().__init__(stream, path)

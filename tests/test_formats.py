@@ -251,7 +251,14 @@ def test_the_html_report_shows_each_card_as_a_reader_and_its_filter_need_it(tmp_
         + '</p>\n<input id="filter" type="search" placeholder="Filter by name, answer or error" autofocus>\n'
         '<label><input id="errors-only" type="checkbox"> errors only</label> <span id="shown"></span>\n'
     )
-    assert '<meta name="viewport" content="width=device-width, initial-scale=1">\n' in page
+    head = page[page.index("<head>") : page.index("<style>")]  # readable on a phone: the viewport is declared
+    assert re.fullmatch(
+        '<head>\n<meta charset="utf-8">\n<meta name="generator" content="[^"]+">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>granite-vision report</title>\n',
+        head,
+    ), head
+    silent = render("html", [Record(pic, None, "p", "", None, "granite-m")], tmp_path / "r.html")
+    assert '<p class="answer"></p></div></article>' in silent  # an empty answer shows as empty, not as text
     streamed = render("html", [], None)  # on stdout: no folder for pictures, and no model to name
     assert "Pictures show only in a report written to a file (-o report.html): they are linked from its folder." in (
         streamed

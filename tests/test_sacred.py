@@ -292,14 +292,15 @@ def test_12_resuming_with_nothing_left_leaves_a_whole_report(cli, shots, tmp_pat
 
 
 def test_13_schema_fields_may_not_take_a_formats_own_columns(cli, shots, tmp_path):
-    for fmt, fields, taken in [
-        ("csv", "source:boolean, page:boolean, error:boolean", "'source', 'page', 'error'"),
-        ("imagefolder", "file_name, text, ok:boolean", "'file_name', 'text'"),
-    ]:
+    for fmt, fields, taken, own in [
+        ("csv", "source:boolean, page:boolean, error:boolean", "'source', 'page', 'error'",
+         "source, page, prompt, answer, error"),
+        ("imagefolder", "file_name, text, ok:boolean", "'file_name', 'text'", "file_name, text, page"),
+    ]:  # fmt: skip
         out = shots / "metadata.jsonl" if fmt == "imagefolder" else tmp_path / "t.csv"
         result = cli("caption", str(shots), "-f", fmt, "-o", str(out), "--schema", fields)
-        said = f"--format {fmt}: the --schema field(s) {taken} would share a column"
-        assert result.exit_code == 2 and said in result.stderr
+        said = f"error: --format {fmt}: the --schema field(s) {taken} would share a column with {fmt}'s own ({own})"
+        assert result.exit_code == 2 and one_error_line(result.stderr) == f"{said}; rename the field(s)"
         assert not out.exists()
 
 
@@ -1019,7 +1020,99 @@ def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption
     assert result.exit_code == 130 and result.stderr.strip().endswith("interrupted") and not out.exists()
 
 
+def test_ctrl_c_while_the_model_loads_with_records_going_to_stdout_ends_as_an_interruption(cli, shots, monkeypatch):
+    """Nothing was written to stdout yet: the run ends as interrupted (130), stdout empty."""
+    from granite_cli import cli as commands
+
+    monkeypatch.setattr("granite_cli.engine.load_engine", lambda *args, **kwargs: commands.interrupt())
+    monkeypatch.setattr(commands, "INTERRUPTED", __import__("threading").Event())
+    result = cli("caption", str(shots / "s0.png"))
+    assert (result.exit_code, result.stdout) == (130, "") and result.stderr.strip().endswith("interrupted")
+
+
+def test_a_stream_output_that_fails_before_its_first_record_is_abandoned_quietly(tmp_path):
+    """A run that fails before writing anything to stdout or a named pipe: abandoning the output
+    closes nothing it did not open (the original error is what the user sees)."""
+    from granite_cli.streamoutput import NoOutput, StreamOutput
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for sink in (StreamOutput(None, "jsonl", (), "stdout"), StreamOutput(str(fifo), "csv", (), "pipe"), NoOutput()):
+        sink.abandon()
+        sink.close()
+        assert sink.finish([]) == [] and sink.stream is None
+
+
+def test_the_library_without_an_output_returns_the_records_and_prints_nothing(tiny_model, shots, capfd):
+    """`granite_cli.caption(...)` with no `output`: the records are the result; stdout stays the caller's."""
+    result = granite_cli.caption([str(shots / "s0.png"), str(shots / "s1.png")], model=str(tiny_model))
+    assert [Path(r.source).name for r in result.records] == ["s0.png", "s1.png"]
+    assert capfd.readouterr().out == ""
+
+
+def test_the_library_does_not_replace_an_earlier_output_unless_asked(cli, tmp_path, shots):
+    """`open_output` as a library caller gets it: an output with records is neither resumed nor
+    replaced by default (the CLI passes --overwrite explicitly)."""
+    from granite_cli.output import open_output
+    from granite_cli.sources import Item
+
+    out = tmp_path / "out.jsonl"
+    item = Item(str(shots / "s0.png"))
+    assert cli("caption", item.source, "-o", str(out)).exit_code == 0
+    sink = open_output(str(out), "jsonl", False)
+    with pytest.raises(UsageError) as refused:
+        sink.check([item])
+        sink.plan([item], None)
+    sink.release()
+    assert "--resume" in str(refused.value) and "--overwrite" in str(refused.value)
+
+
 # --------------------------------------------------------------------------- outputs that cannot be one
+def test_files_beside_the_output_that_are_in_the_way_are_refused_by_name(cli, shots, tmp_path):
+    """The output's lock, its folder of part files and its journal are the run's own names: where
+    something else holds one, the run refuses in one line naming it, and writes nothing."""
+    picture = str(shots / "s0.png")
+    out = tmp_path / "out.jsonl"
+    (tmp_path / ".out.jsonl.lock").mkdir()
+    result = cli("caption", picture, "-o", str(out))
+    assert one_error_line(result.stderr) == f"error: --output {out}: cannot lock it (Is a directory)"
+    (tmp_path / ".out.jsonl.lock").rmdir()
+    (tmp_path / "out.jsonl.parts").write_text("mine")
+    result = cli("caption", picture, "-o", str(out))
+    parts = tmp_path / "out.jsonl.parts"
+    assert one_error_line(result.stderr) == (
+        f"error: --output {out}: {parts} is not a folder of part files; refusing to touch it"
+    )
+    parts.unlink()
+    report = tmp_path / "out.md"
+    (tmp_path / "out.md.jsonl").symlink_to("out.md.jsonl")  # a loop: stat fails, not "missing"
+    result = cli("caption", picture, "-o", str(report), "-f", "markdown")
+    assert one_error_line(result.stderr) == f"error: --output {report}: Too many levels of symbolic links"
+    assert result.exit_code == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["out.md.jsonl", "shots"]
+
+
+def test_an_imagefolder_dataset_streamed_to_a_named_pipe_is_checked_like_a_file(cli, shots, tmp_path):
+    """`-o DIR/metadata.jsonl` being a FIFO: the pictures must still be inside DIR (the loader
+    reads the folder), and the records flow through the pipe."""
+    import threading
+
+    data = tmp_path / "data"
+    data.mkdir()
+    noise(24, 24).save(data / "cat.png")
+    fifo = data / "metadata.jsonl"
+    os.mkfifo(fifo)
+    outside = cli("caption", str(shots / "s0.png"), "-f", "imagefolder", "-o", str(fifo))
+    assert one_error_line(outside.stderr) == (
+        f"error: --format imagefolder: {shots / 's0.png'} is not a file inside {data}, the dataset folder"
+    )
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)
+    reader.start()
+    result = cli("caption", str(data / "cat.png"), "-f", "imagefolder", "-o", str(fifo))
+    reader.join(timeout=60)
+    assert result.exit_code == 0 and [json.loads(line)["file_name"] for line in read[0].splitlines()] == ["cat.png"]
+
+
 def test_an_output_that_cannot_hold_the_run_is_refused_in_one_line(cli, shots, tmp_path, monkeypatch):
     """Each refusal names the output and the reason, before the model loads; nothing is written."""
     picture = str(shots / "s0.png")
