@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Collect, make_pdf, model_card_answers, noise
+from helpers import Collect, make_pdf, model_card_answers, noise, one_error_line
 
 
 @pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])
@@ -445,3 +445,56 @@ def test_a_single_process_run_touches_no_process_group(monkeypatch, world):
     assert (here.rank, here.world, here.device, here.distributed) == (0, 1, None, False)
     assert here.broadcast("mine") == "mine"
     assert Ranks().world == 1
+
+
+# --------------------------------------------------------------------------- model names and devices
+def test_a_model_named_like_a_path_that_is_no_folder_is_one_line(cli, tmp_path, monkeypatch):
+    """Anything spelled as a path (absolute, ./, ../, ~, or more than one slash: a Hub id is
+    owner/name) can only mean a folder: a missing one says so, not "not a Hub id"."""
+    noise(20, 20).save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    hint = "Hint: pass a folder holding config.json, or a Hub id like ibm-granite/granite-vision-3.3-2b"
+    for value in ("./gone", "../gone", str(tmp_path / "gone"), "~/gone", "models/granite/3.3"):
+        result = cli("caption", "a.png", "--model", value)
+        assert (result.exit_code, one_error_line(result.stderr)) == (
+            2,
+            f"error: --model {value!r}: model folder does not exist. {hint}",
+        ), value
+
+
+def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
+    """On a machine with GPUs (faked here: torch's own queries), each is listed after the CPU,
+    by index, with the memory in GiB to a tenth and the dtypes it runs: its own, on a machine of
+    mixed cards, native bfloat16 only (compute capability 8 on)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from granite_cli.engine import devices
+
+    cards = {0: ("NVIDIA H200", 150_754_820_096, 9), 1: ("NVIDIA T4", 15_828_320_256, 7)}  # a T4: no bfloat16
+
+    def properties(device):
+        name, memory, major = cards[device if isinstance(device, int) else device.index]
+        return SimpleNamespace(name=name, total_memory=memory, major=major, minor=0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(devices.platform, "processor", lambda: "")
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    assert devices.describe_devices() == [
+        {"device": "cpu", "name": "x86_64", "dtypes": ["float32", "bfloat16"]},
+        {"device": "cuda:0", "name": "NVIDIA H200", "memory_gib": 140.4, "dtypes": ["bfloat16", "float16", "float32"]},
+        {"device": "cuda:1", "name": "NVIDIA T4", "memory_gib": 14.7, "dtypes": ["float16", "float32"]},
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver that lists cards it cannot use
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(devices.platform, "processor", lambda: "arm")
+    assert devices.describe_devices() == [
+        {"device": "cpu", "name": "arm", "dtypes": ["float32", "bfloat16"]},
+        {"device": "mps", "name": "Apple Metal", "dtypes": ["float16", "float32"]},
+    ]

@@ -70,7 +70,9 @@ def supported_dtypes(device: torch.device) -> list[str]:
     import torch
 
     if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
+        # Native bfloat16 from compute capability 8 (Ampere) on, and on ROCm. Not torch's
+        # is_bf16_supported(): it answers for the current card, and counts slow emulation.
+        bf16 = torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
         return ["bfloat16", "float16", "float32"] if bf16 else ["float16", "float32"]
     if device.type == "mps":
         return ["float16", "float32"]
