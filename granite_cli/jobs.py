@@ -194,6 +194,7 @@ class AskJob(Options):
     def __post_init__(self) -> None:
         self.source = as_source(self.source)
         super().__post_init__()
+        _check_named(self, "source", [self.source])
 
     def check_order(self) -> None:
         """`ask "What is shown?" photo.png`: the question and the picture swapped; say so, not
@@ -242,6 +243,7 @@ class CaptionJob(Options):
         if not isinstance(self.sources, (list, tuple)):
             raise UsageError(f"sources={self.sources!r}: expected a list of paths, folders, globs or URLs")
         self.sources = [as_source(source) for source in self.sources]
+        _check_named(self, "sources", self.sources)
         if isinstance(self.output, os.PathLike):
             self.output = os.fspath(self.output)
         super().__post_init__()
@@ -312,6 +314,13 @@ def _plain_types(annotation) -> tuple[type, ...]:
         return tuple(kind for argument in typing.get_args(annotation) for kind in _plain_types(argument))
     origin = typing.get_origin(annotation)
     return (origin if origin is not None else annotation,)
+
+
+def _check_named(job: Options, name: str, sources: list) -> None:
+    """An empty source names nothing (an unset shell variable: `caption "$DIR"`): a slip in the
+    command, said before the model loads, not a failed item called "no such file"."""
+    if "" in sources:
+        raise UsageError(f"{job.given(name, '')}: empty (it names no file, folder or URL)")
 
 
 def _type_name(kind: type) -> str:

@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutants"
 EQUIVALENTS = ROOT / "tests" / "equivalent_mutants.toml"
+SLOW_LANE = ROOT / "tests" / "slow_lane_mutants.toml"
+SLOW_VERDICTS = WORK / "slow-lane.json"
 #: What the copy needs besides the package: the tests and what they read.
 COPIED = ["granite_cli", "tests", "benchmarks", "examples", "docs", ".ci", "README.md", "LICENSE", "pyproject.toml"]
 #: Modules that guard a user's files and records (and what was split out of them).
@@ -240,10 +242,70 @@ def fastest_first() -> None:
             runner.submit = ordered(runner.submit)
 
 
+def slow_lane(jobs: int) -> float:
+    """The survivors of the functions that only a real process shows (signals, exit codes,
+    several processes: `tests/slow_lane_mutants.toml` names them and the slow tests that reach
+    them), each against those tests. mutmut's map is made in-process and cannot see them; here
+    each mutant is switched on by its name in the environment (`MUTANT_UNDER_TEST`, which mutmut's
+    trampolines read in every process), and the processes the tests start import the mutated copy
+    (`PYTHONPATH`). The tests must pass without a mutant first. A verdict is kept (in
+    `build/mutants/slow-lane.json`) while its function's code stays the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries = tomllib.loads(SLOW_LANE.read_text()).get("function", []) if SLOW_LANE.exists() else []
+    hashes, kept = function_hashes(), slow_verdicts()
+    todo = []
+    for module in results().values():
+        for name in module.survived + module.untested:
+            tests = [
+                t
+                for e in entries
+                if e["file"] == module.name and e["function"] == function_of(name)
+                for t in e["tests"]
+            ]
+            if tests and kept.get(name, {}).get("code") not in KILLED:  # (a survivor again: tests may be new)
+                todo.append((name, tests))
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(WORK / "models")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORK / "mutants"), env.get("PYTHONPATH")]))
+
+    def verdict(name: str, tests: list[str]) -> tuple[str, int]:
+        command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+        try:
+            done = subprocess.run(command, cwd=WORK / "mutants", env={**env, "MUTANT_UNDER_TEST": name},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return name, 24  # never finished: the tests noticed (as for mutmut's timeouts)
+        return name, 1 if done.returncode == 1 else 0  # 1: a test failed (2-5: pytest itself could not run)
+
+    started = time.monotonic()
+    for tests in {tuple(t) for _, t in todo}:  # the tests pass as they are, or no verdict means anything
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+        clean = subprocess.run(command, cwd=WORK / "mutants", env={**env, "MUTANT_UNDER_TEST": ""}, capture_output=True)
+        if clean.returncode != 0:
+            raise SystemExit(f"the slow-lane tests fail without a mutant: {' '.join(tests)}")
+    with ThreadPoolExecutor(jobs) as pool:
+        for name, code in pool.map(lambda job: verdict(*job), todo):
+            kept[name] = {"code": code, "hash": hashes.get(function_key(name))}
+            SLOW_VERDICTS.write_text(json.dumps(kept, indent=1, ensure_ascii=False))
+            print(f"{'killed' if code else 'SURVIVED'}: {name}", file=sys.stderr)
+    return time.monotonic() - started
+
+
+def slow_verdicts() -> dict[str, dict]:
+    """The slow lane's verdicts whose function is still the code they were made on."""
+    if not SLOW_VERDICTS.exists():
+        return {}
+    hashes = function_hashes()
+    kept = json.loads(SLOW_VERDICTS.read_text())
+    return {name: v for name, v in kept.items() if v["hash"] == hashes.get(function_key(name))}
+
+
 def results() -> dict[str, Module]:
-    """Every mutant's verdict, by module, from mutmut's result files."""
+    """Every mutant's verdict, by module, from mutmut's result files (and the slow lane's, for
+    the mutants mutmut's fast lane cannot reach)."""
     modules: dict[str, Module] = {}
     equivalents = load_equivalents()
+    slow = {name: v["code"] for name, v in slow_verdicts().items()}
     for meta in sorted((WORK / "mutants" / "granite_cli").rglob("*.py.meta")):
         path = str(meta.relative_to(WORK / "mutants")).removesuffix(".meta")
         if path in NOT_MUTATED:
@@ -254,6 +316,7 @@ def results() -> dict[str, Module]:
             data.get("estimated_durations_by_key", {}).values()
         )
         for name, code in data.get("exit_code_by_key", {}).items():
+            code = slow.get(name) if code in SURVIVED | NO_TEST and name in slow else code
             if code in KILLED:
                 module.killed.append(name)
             elif code in SURVIVED or code in NO_TEST:
@@ -384,12 +447,18 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
     parser.add_argument("--readme", action="store_true", help="put the table in the README's development section")
     parser.add_argument(
+        "--slow", action="store_true", help="run the survivors that only slow tests reach against them (after a run)"
+    )
+    parser.add_argument(
         "--recheck", action="store_true", help="run the survivors again (after adding tests), keeping other results"
     )
     args = parser.parse_args()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
-    if args.recheck:
+    if args.slow:
+        seconds = slow_lane(args.jobs)
+        print(f"the slow lane checked its survivors in {seconds / 60:.1f} min", file=sys.stderr)
+    elif args.recheck:
         seconds = recheck(args.jobs)
         print(f"mutmut checked the survivors and the changed functions in {seconds / 60:.1f} min", file=sys.stderr)
     elif not (args.report or args.survivors):

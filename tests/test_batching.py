@@ -376,6 +376,22 @@ def test_answers_stay_token_for_token_under_budgets_chunked_prefill_and_static_c
         assert [r.token_ids for r in caption(engine, paths, limits, max_new_tokens=10)] == expected, options
 
 
+def test_the_same_loaded_model_run_another_way_answers_the_same(tiny_engine, mixed_images):
+    """`engine.with_options` (the benchmark's way to compare caches and prefill without loading
+    the weights again): the same model and name, token-for-token the same answers; a change of
+    the image grid needs a new processor, so it is refused."""
+    expected = [r.token_ids for r in caption(tiny_engine, mixed_images, BatchLimits(7), max_new_tokens=6)]
+    for options in (EngineOptions(prefill_chunk=16), EngineOptions(cache="static")):
+        other = tiny_engine.with_options(options)
+        assert (other.model, other.processor, other.name, other.options) == (
+            tiny_engine.model, tiny_engine.processor, tiny_engine.name, options,
+        )  # fmt: skip
+        records = caption(other, mixed_images, BatchLimits(7), max_new_tokens=6)
+        assert [r.token_ids for r in records] == expected, options
+    with pytest.raises(ValueError, match="^max_tiles changes the processor: load the model again$"):
+        tiny_engine.with_options(EngineOptions(max_tiles=4))
+
+
 # --------------------------------------------------------------------------- memory during decode
 def test_no_vision_hidden_state_is_alive_during_a_decode_step(tiny_engine, pictures, monkeypatch):
     from PIL import Image

@@ -498,3 +498,67 @@ def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
         {"device": "cpu", "name": "arm", "dtypes": ["float32", "bfloat16"]},
         {"device": "mps", "name": "Apple Metal", "dtypes": ["float16", "float32"]},
     ]
+
+
+def test_every_way_a_model_cannot_be_found_is_one_line_with_the_hint_that_fits(tmp_path, monkeypatch):
+    """What `from_pretrained` raises when a model is not there (the hub client's exception types,
+    or transformers' OSError/ValueError texts) is one "not found" line whose hint fits the case;
+    anything else keeps its type and text."""
+    from huggingface_hub import constants
+
+    from granite_cli.engine.hub import model_load_error
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # (the suite runs offline)
+
+    def error(kind: str, text: str, base: type = OSError) -> BaseException:
+        return type(kind, (base,), {})(text)  # named as the hub client names them
+
+    hub_id, hint = (
+        "ibm/none",
+        (
+            "check the id or pass --model PATH to a downloaded model folder"
+            " (offline? set HF_HUB_OFFLINE=1 and use a cached id or a local folder)"
+        ),
+    )
+    texts = [
+        "ibm/none is not a valid model identifier listed on 'https://huggingface.co/models'",
+        "ibm/none is not a local folder",
+        "ibm/none does not appear to have a file named config.json",
+        "We couldn't connect to 'https://huggingface.co' to load the files",
+        "You are trying to access a file in offline mode",
+        "Repo id must be in the form 'repo_name' or 'namespace/repo_name'",
+        "Incorrect path_or_model_id or repo_id",
+        "Can't load the configuration of 'ibm/none'",
+        "Cannot find the requested files in the disk cache and outgoing traffic has been disabled",
+        "404 Client Error: Not Found for url",
+    ]
+    for text in texts:
+        for kind in (OSError, ValueError):
+            said = str(model_load_error(hub_id, kind(f"{text}. More   words")))
+            assert said == f"model 'ibm/none' not found or not loadable: {text}. Hint: {hint}", said
+    for kind in ("RepositoryNotFoundError", "HFValidationError", "GatedRepoError", "RevisionNotFoundError"):
+        said = str(model_load_error(hub_id, error(kind, "401 Client Error", Exception)))
+        assert said.startswith("model 'ibm/none' not found or not loadable: 401 Client Error. Hint: "), said
+    gated = str(model_load_error(hub_id, error("GatedRepoError", "gated", Exception)))
+    assert gated.endswith(
+        "Hint: the repository is gated: accept its licence on the Hub and log in with `hf auth login`"
+    )
+    assert str(model_load_error(hub_id, error("RevisionNotFoundError", "r", Exception))).endswith(
+        "Hint: check --revision"
+    )
+    folder = str(model_load_error(str(tmp_path), OSError("does not appear to have a file named model.safetensors")))
+    assert folder.endswith(
+        "Hint: the model folder is incomplete or damaged: copy it again, every file of its Hub repository"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = str(model_load_error(hub_id, OSError("Cannot find the requested files in the disk cache")))
+    assert offline.endswith(
+        "Hint: HF_HUB_OFFLINE is set, so only cached ids and local folders load; check the id or unset it"
+    )
+    assert str(model_load_error(hub_id, RuntimeError("404 not found"))) == (
+        "could not load model 'ibm/none': RuntimeError: 404 not found"
+    )  # not a lookup failure: its type says what it is
+    assert (
+        str(model_load_error(hub_id, KeyError("llava_next")))
+        == "could not load model 'ibm/none': KeyError: 'llava_next'"
+    )

@@ -218,6 +218,8 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
         ({"temperature": "hot"}, "temperature='hot': expected a number"),
         ({"max_new_tokens": 0}, "max_new_tokens=0: expected at least 1"),
         ({"resume": "yes"}, "resume='yes': expected True or False"),
+        ({"prompt": 5}, "prompt=5: expected text or None"),
+        ({"max_tiles": "4"}, "max_tiles='4': expected a whole number or None"),
         ({"max_new_token": 4}, "no keyword 'max_new_token' (did you mean max_new_tokens?)"),
         ({"format": "pdf"}, "--format 'pdf': expected one of"),
     ]:
@@ -225,6 +227,42 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
             granite_cli.caption([str(shots / "s0.png")], **(model | bad))
     with pytest.raises(UsageError, match="expected a path, a URL, - or a PIL image"):
         granite_cli.ask(b"bytes", "q", **model)
+
+
+    with pytest.raises(UsageError, match="^sources='': empty \\(it names no file, folder or URL\\)$"):
+        granite_cli.caption([str(shots / "s0.png"), ""], **model)
+
+
+def test_a_picture_in_memory_is_read_as_the_same_picture_in_a_file_would_be(tiny_model, tmp_path):
+    """A PIL image passed to the library: its EXIF orientation is applied (as for a file), and
+    modes PNG cannot hold (CMYK, 32-bit) are read too, at their size."""
+    from PIL import Image
+
+    model = {"model": str(tiny_model), "max_new_tokens": 2}
+    upright = noise(40, 20)
+    exif = upright.getexif()
+    exif[0x0112] = 6  # "rotate 90° to show": a phone photo taken in portrait
+    upright.save(tmp_path / "turned.jpg", exif=exif)
+    from_file = granite_cli.ask(str(tmp_path / "turned.jpg"), "q", **model).record
+    in_memory = granite_cli.ask(Image.open(tmp_path / "turned.jpg"), "q", **model).record
+    assert (from_file.width, from_file.height) == (in_memory.width, in_memory.height) == (20, 40)
+    for mode in ("CMYK", "I", "F"):
+        record = granite_cli.ask(upright.convert(mode), "q", **model).record
+        assert record.ok and (record.width, record.height) == (40, 20), (mode, record.error)
+
+
+def test_an_empty_argument_is_a_slip_named_as_the_command_spells_it(cli, shots):
+    """`caption "$DIR"` with DIR unset, `ask img.png ""`: one line naming the argument, exit 2,
+    before the model loads; nothing on stdout."""
+    picture = str(shots / "s0.png")
+    for args, line in [
+        (("caption", picture, ""), "error: SOURCE '': empty (it names no file, folder or URL)"),
+        (("ask", "", "What is shown?"), "error: SOURCE '': empty (it names no file, folder or URL)"),
+        (("ask", picture, ""), "error: QUESTION '': empty (there is nothing to ask)"),
+        (("caption", picture, "--prompt", ""), "error: --prompt '': empty (there is nothing to ask)"),
+    ]:
+        result = cli(*args)
+        assert (result.exit_code, one_error_line(result.stderr), result.stdout) == (2, line, ""), args
 
 
 # --------------------------------------------------------------------------- results that say what is true

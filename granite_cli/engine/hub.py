@@ -123,7 +123,6 @@ def model_load_error(model: str, exc: BaseException) -> UsageError:
                 "offline mode",
                 "repo id must",
                 "repo_id",
-                "we couldn't connect",
                 "can't load",
                 "cannot find the requested files",
                 "not found",
