@@ -71,7 +71,7 @@ from .options import (
 )
 from .pictures import DEFAULT_MAX_PIXELS
 from .readers import DEFAULT_DPI
-from .ui import Reporter, console, error_line
+from .ui import Reporter, console, error_line, printable
 
 app = typer.Typer(
     name="granite-vision",
@@ -103,12 +103,12 @@ def _command(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except UsageError as exc:
             print_traceback(exc)
-            console.print(f"[red]error:[/] {escape(str(exc))}")
+            console.print(f"[red]error:[/] {escape(printable(str(exc)))}")
             raise typer.Exit(2) from None
         except DeviceError as exc:
             print_traceback(exc)
             kept = "every record written before it is kept; --resume continues once the device is well"
-            console.print(f"[red]error:[/] the run stopped, {escape(str(exc))}; {kept}")
+            console.print(f"[red]error:[/] the run stopped, {escape(printable(str(exc)))}; {kept}")
             raise typer.Exit(2) from None
         except OutputError as exc:
             if exc.where == "stdout":
@@ -117,7 +117,7 @@ def _command(func: Callable) -> Callable:
                 raise typer.Exit(141) from None
             print_traceback(exc)
             kept = "; every record written before it is kept (--resume continues)" if exc.resumable else ""
-            console.print(f"[red]error:[/] {escape(str(exc))}{kept}")
+            console.print(f"[red]error:[/] {escape(printable(str(exc)))}{kept}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted")

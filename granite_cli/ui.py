@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .writer_base import shown
+
 if TYPE_CHECKING:
     from .api import CaptionResult
     from .journal import Previous
@@ -30,8 +32,9 @@ def error_line(record: Record) -> str:
 
 
 def printable(text: str) -> str:
-    """Control characters (a newline in a file name) shown escaped: one message, one line."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    """Control characters (a newline in a file name) shown escaped: one message, one line; a
+    byte of a name that is not UTF-8 as that byte (`\\xff`), as the documents show it."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in shown(text))
 
 
 class Reporter:

@@ -150,3 +150,17 @@ def test_ask_sees_a_pdf_page_as_caption_does(cli, tmp_path):
     captioned = cli("caption", str(pdf), "--prompt", "Describe").answered(1)[0]
     assert (asked["width"], asked["height"]) == (captioned["width"], captioned["height"])
     assert asked["answer"] == captioned["answer"]
+
+
+def test_names_not_utf8_or_with_newlines_are_shown_as_their_bytes_on_one_line(cli, tmp_path):
+    """A name's byte that is not UTF-8 shows as `\\xff` (as in the documents), a newline as `\\n`:
+    in an item's error line and in a usage error alike, each one line."""
+    noise(20, 20).save(tmp_path / "ok.png")
+    odd = str(tmp_path / "caf\udce9\nx.png")  # b"caf\xe9\nx.png": Latin-1 bytes and a newline
+    result = cli("caption", odd, str(tmp_path / "ok.png"))
+    assert result.stderr.splitlines()[0] == f"error: {tmp_path}/caf\\xe9\\nx.png: no such file"
+    report = str(tmp_path / "d\udcff\n" / "r.md")
+    result = cli("caption", str(tmp_path / "ok.png"), "-o", report)
+    assert result.stderr.splitlines() == [
+        f"error: --output {tmp_path}/d\\xff\\n/r.md: folder {tmp_path}/d\\xff\\n does not exist"
+    ]
