@@ -31,7 +31,7 @@ from rich.markup import escape
 
 from . import __version__
 from .api import Stop, run_ask, run_caption
-from .errors import DeviceError, OutputError, UsageError, debug, print_traceback
+from .errors import DeviceError, OutputError, UsageError, debug, print_traceback, silence_stdout
 from .helptext import Command, Group
 from .jobs import AskJob, CaptionJob
 from .options import (
@@ -112,7 +112,7 @@ def _command(func: Callable) -> Callable:
             raise typer.Exit(2) from None
         except OutputError as exc:
             if exc.where == "stdout":
-                _silence_stdout()  # whatever Python still holds for stdout must not fail again at exit
+                silence_stdout()  # whatever Python still holds for stdout must not fail again at exit
             if exc.broken_pipe:
                 raise typer.Exit(141) from None
             print_traceback(exc)
@@ -368,9 +368,6 @@ def main() -> None:
             _flush_quietly()
             os._exit(130)
         raise
-    except BrokenPipeError:  # a reader gone between our own checks (`--version | head -c0`)
-        _silence_stdout()
-        sys.exit(141)
     finally:
         # The work is done and written: a signal now would only turn the exit code into a kill
         # during interpreter shutdown (which resets Python handlers, but keeps ignored signals).
@@ -382,10 +379,3 @@ def _flush_quietly() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-
-
-def _silence_stdout() -> None:
-    """After stdout failed, stop Python from complaining again at exit."""
-    with contextlib.suppress(Exception):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())

@@ -8,8 +8,10 @@ item's error record and the batch goes on. Anything else is a bug and keeps its 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import sys
 import traceback
 
 
@@ -87,3 +89,11 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's message on one line, whitespace collapsed, cut at `limit` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def silence_stdout() -> None:
+    """After stdout failed (a reader gone), stop Python from complaining again at exit, when it
+    flushes what it still holds: stdout becomes /dev/null."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())

@@ -6,11 +6,14 @@ flags, arguments by name (`SOURCE QUESTION`), and one style for every usage erro
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 
 import typer
 from typer.core import TyperCommand, TyperGroup
+
+from .errors import silence_stdout
 
 #: Width of help that goes to a pipe or a file: wide enough that little wraps, and nothing is cut.
 PIPED_WIDTH = 100
@@ -41,6 +44,14 @@ class Group(TyperGroup):
         sections = [("Commands", commands), *_panels(self.get_params(ctx))]
         _write_help(formatter, ctx, "[OPTIONS] COMMAND [ARGS]...", sections)
 
+    def make_context(self, *args, **kwargs):
+        with _reader_gone():  # --help and --version print while the arguments are parsed
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _reader_gone():
+            return super().invoke(ctx)
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -56,6 +67,17 @@ class Group(TyperGroup):
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         sys.exit(code or 0)
+
+
+@contextlib.contextmanager
+def _reader_gone():
+    """stdout's reader gone (`--version | head -c0`): end as a writer to a closed pipe does, 141,
+    silently; click would say nothing and exit 1, as if the command had failed."""
+    try:
+        yield
+    except BrokenPipeError:
+        silence_stdout()
+        raise typer.Exit(141) from None
 
 
 def _write_help(formatter, ctx, usage: str, sections: list[tuple[str, list[tuple[str, str]]]]) -> None:

@@ -558,7 +558,49 @@ def test_every_way_a_model_cannot_be_found_is_one_line_with_the_hint_that_fits(t
     assert str(model_load_error(hub_id, RuntimeError("404 not found"))) == (
         "could not load model 'ibm/none': RuntimeError: 404 not found"
     )  # not a lookup failure: its type says what it is
+    long = "x" * 300  # a first sentence of 200 characters stays whole; a longer one is cut to 200
+    assert str(model_load_error(hub_id, RuntimeError("y" * 200 + ". Then more"))).endswith("RuntimeError: " + "y" * 200)
+    assert str(model_load_error(hub_id, RuntimeError(long))).endswith("RuntimeError: " + "x" * 197 + "...")
     assert (
         str(model_load_error(hub_id, KeyError("llava_next")))
         == "could not load model 'ibm/none': KeyError: 'llava_next'"
     )
+
+
+def test_max_tiles_below_a_models_smallest_grid_is_one_line(tiny_g4):
+    """The tiny Granite 4 model's grids are 1x2 tiles at least (3 with the overview): asking for
+    fewer says so; asking for 3 keeps exactly the grids of 3, in the processor and the config."""
+    from granite_cli import UsageError
+    from granite_cli.engine import EngineOptions, load_engine
+
+    with pytest.raises(UsageError) as refused:
+        load_engine(str(tiny_g4), device="cpu", options=EngineOptions(max_tiles=2))
+    assert str(refused.value) == "--max-tiles 2: this model's smallest grid needs 3 tiles"
+    engine = load_engine(str(tiny_g4), device="cpu", options=EngineOptions(max_tiles=3))
+    kept = engine.model.config.image_grid_pinpoints
+    assert kept == engine.processor.image_processor.image_grid_pinpoints == [[32, 64], [64, 32]]
+
+
+def test_a_streamed_answer_is_the_stored_answer_whatever_special_tokens_it_holds(tiny_model):
+    """`ask` streams what it stores: special tokens (the image token, padding) in the generated
+    ids are shown by neither, up to the end of the stream (and nothing after the end of text)."""
+    import io
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from granite_cli.engine.generation import TextStream
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    words = tokenizer.encode(" a small red barn", add_special_tokens=False)
+    special = [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id][:2]
+    generated = [words[0], special[0], *words[1:], special[-1]]
+    out = io.StringIO()
+    stream = TextStream(tokenizer, out, {tokenizer.eos_token_id})
+    stream.put(torch.tensor([[1, 2, 3]]))  # the prompt, which is never shown
+    for token in generated:
+        stream.put(torch.tensor([token]))
+    stream.put(torch.tensor([tokenizer.eos_token_id]))
+    stream.put(torch.tensor([words[0]]))  # after the end of text: not part of the answer
+    stream.end()
+    assert out.getvalue() == tokenizer.decode(generated, skip_special_tokens=True).strip() == "a small red barn"

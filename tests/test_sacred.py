@@ -228,9 +228,51 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
     with pytest.raises(UsageError, match="expected a path, a URL, - or a PIL image"):
         granite_cli.ask(b"bytes", "q", **model)
 
-
     with pytest.raises(UsageError, match="^sources='': empty \\(it names no file, folder or URL\\)$"):
         granite_cli.caption([str(shots / "s0.png"), ""], **model)
+
+
+def test_the_library_names_a_keyword_it_does_not_take_and_shows_its_own_signature(tiny_model):
+    """A misspelt keyword: one line with the closest real one, or none when nothing is close;
+    the CLI's own fields are no keywords. `help(granite_cli.caption)` lists the real ones, typed,
+    with their defaults, after the positional arguments."""
+    import inspect
+
+    for call, said in [
+        (lambda: granite_cli.caption(["x.png"], max_new_token=4),
+         "caption(): no keyword 'max_new_token' (did you mean max_new_tokens?)"),
+        (lambda: granite_cli.ask("x.png", "q", max_tile=4), "ask(): no keyword 'max_tile' (did you mean max_tiles?)"),
+        (lambda: granite_cli.caption(["x.png"], zzz=1), "caption(): no keyword 'zzz'"),
+        (lambda: granite_cli.caption(["x.png"], from_cli=True), "caption(): no keyword 'from_cli'"),
+        (lambda: granite_cli.caption(["x.png"], model_origin="--model"), "caption(): no keyword 'model_origin'"),
+    ]:  # fmt: skip
+        with pytest.raises(UsageError) as refused:
+            call()
+        assert str(refused.value) == said
+    for function, first in ((granite_cli.ask, ["source", "question"]), (granite_cli.caption, ["sources"])):
+        parameters = list(inspect.signature(function).parameters.values())
+        assert [p.name for p in parameters[: len(first)]] == first
+        assert all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in parameters[: len(first)])
+        rest = {p.name: p for p in parameters[len(first) :]}
+        assert all(p.kind is p.KEYWORD_ONLY for p in rest.values()) and not {"from_cli", "model_origin"} & set(rest)
+        assert (rest["max_new_tokens"].default, rest["max_new_tokens"].annotation) == (256, int)
+        assert (rest["model"].default, rest["temperature"].annotation) == (granite_cli.DEFAULT_MODEL, float)
+    assert str(inspect.signature(granite_cli.caption)).startswith("(sources: list[str], *, model: str = ")
+    assert "pages: str | None = None" in str(inspect.signature(granite_cli.caption))
+
+
+def test_the_library_reads_paths_from_its_stdin_for_a_dash(tiny_model, shots, monkeypatch):
+    """`caption(["-"])` reads paths from the process's stdin; a closed one is one line."""
+    import io
+
+    model = {"model": str(tiny_model), "max_new_tokens": 2}
+    paths = f"{shots / 's0.png'}\n{shots / 's1.png'}\n".encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(paths)))
+    read = granite_cli.caption(["-"], **model)
+    assert [r.source for r in read.records] == [str(shots / "s0.png"), str(shots / "s1.png")]
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(UsageError, match="^caption -: stdin is closed, so there are no paths to read$"):
+        granite_cli.caption(["-"], **model)
 
 
 def test_a_picture_in_memory_is_read_as_the_same_picture_in_a_file_would_be(tiny_model, tmp_path):

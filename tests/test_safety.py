@@ -386,6 +386,20 @@ def test_a_closed_pipe_is_exit_141_and_silent(photos, tiny_model, tmp_path):
         assert "Traceback" not in stderr and "error" not in stderr, stderr
 
 
+@pytest.mark.slow
+def test_a_pipe_closed_before_the_first_byte_is_exit_141_and_silent_for_every_command():
+    """`granite-vision --version | head -c0`, `--help | true`: the reader is gone before anything is
+    written; the process ends as a writer to a closed pipe does (141), without a word on stderr."""
+    for args in (("--version",), ("--help",), ("caption", "--help")):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = subprocess.run([sys.executable, "-m", "granite_cli", *args], stdout=write, stderr=subprocess.PIPE)
+        finally:
+            os.close(write)
+        assert (done.returncode, done.stderr.decode()) == (141, ""), args
+
+
 def test_an_output_folder_that_cannot_hold_the_file_is_refused_before_the_model_loads(cli, photos, broken_model):
     result = cli("caption", str(photos), "-o", "/proc/out.jsonl", model=broken_model)
     assert result.exit_code == 2

@@ -124,7 +124,7 @@ def limit_tiles(processor, network, max_tiles: int) -> None:
     A letter page uses 10 tiles (about 5,900 tokens); fewer tiles cost proportionally less
     prefill, for CPUs and small GPUs, at the price of detail.
     """
-    tile = _tile_size(processor, network)
+    tile = int(network.config.vision_config.image_size)  # (every vision tower's config has it)
     pinpoints = network.config.image_grid_pinpoints
     kept = [list(p) for p in pinpoints if (p[0] // tile) * (p[1] // tile) + 1 <= max_tiles]
     if not kept:
@@ -132,14 +132,6 @@ def limit_tiles(processor, network, max_tiles: int) -> None:
         raise UsageError(f"--max-tiles {max_tiles}: this model's smallest grid needs {smallest} tiles")
     network.config.image_grid_pinpoints = kept
     processor.image_processor.image_grid_pinpoints = kept
-
-
-def _tile_size(processor, network) -> int:
-    vision = getattr(network.config, "vision_config", None)
-    if vision is not None and getattr(vision, "image_size", None):
-        return int(vision.image_size)
-    crop = getattr(processor.image_processor, "crop_size", None) or {}
-    return int(crop.get("height") if isinstance(crop, dict) else crop.height)
 
 
 def _torchvision_backend(processor) -> bool:
