@@ -604,3 +604,12 @@ def test_a_streamed_answer_is_the_stored_answer_whatever_special_tokens_it_holds
     stream.put(torch.tensor([words[0]]))  # after the end of text: not part of the answer
     stream.end()
     assert out.getvalue() == tokenizer.decode(generated, skip_special_tokens=True).strip() == "a small red barn"
+    accents = tokenizer.encode(" crème brûlée ✓", add_special_tokens=False)  # bytes split over tokens
+    out, writes = io.StringIO(), []
+    out.write = lambda text: writes.append(text) or len(text)
+    stream = TextStream(tokenizer, out, {tokenizer.eos_token_id})
+    stream.put(torch.tensor([[1, 2, 3]]))
+    for token in accents:
+        stream.put(torch.tensor([token]))
+    stream.end()
+    assert "".join(writes) == "crème brûlée ✓" and not any("\ufffd" in text for text in writes), writes

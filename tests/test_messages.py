@@ -222,11 +222,13 @@ def test_a_stdout_that_fails_is_one_line_and_is_not_failed_again_at_exit(tiny_mo
     from granite_cli.cli import app
 
     noise(30, 30).save(tmp_path / "a.png")
-    with open("/dev/full", "w") as full, monkeypatch.context() as patch:
-        patch.setattr(sys, "stdout", full)
-        with pytest.raises(SystemExit) as exited:
-            app(["ask", str(tmp_path / "a.png"), "What is shown?", "--model", str(tiny_model), "--max-new-tokens", "4"])
-        full.write("left over\n")
-        full.flush()  # stdout now leads nowhere: no second failure
-    assert exited.value.code == 2
-    assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n"
+    ask = ["ask", str(tmp_path / "a.png"), "What is shown?", "--model", str(tiny_model), "--max-new-tokens", "4"]
+    for args in (ask, [*ask, "--json"], ["info", "--json"]):  # streamed, one record, the facts
+        with open("/dev/full", "w") as full, monkeypatch.context() as patch:
+            patch.setattr(sys, "stdout", full)
+            with pytest.raises(SystemExit) as exited:
+                app(args)
+            full.write("left over\n")
+            full.flush()  # stdout now leads nowhere: no second failure
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n", args

@@ -261,6 +261,18 @@ def test_the_library_names_a_keyword_it_does_not_take_and_shows_its_own_signatur
     assert "pages: str | None = None" in str(inspect.signature(granite_cli.caption))
 
 
+def test_every_name_the_package_exports_is_there_and_others_are_an_attribute_error():
+    """`from granite_cli import *` and each name in `__all__` (imported when first used); a name
+    it lacks raises AttributeError as a module does (so hasattr and getattr defaults work)."""
+    for name in [*granite_cli.__all__, "AskJob", "CaptionJob"]:
+        value = getattr(granite_cli, name)
+        assert value == "ibm-granite/granite-vision-3.3-2b" if name == "DEFAULT_MODEL" else value.__name__ == name
+    with pytest.raises(AttributeError) as missing:
+        granite_cli.nothing_here  # noqa: B018
+    assert str(missing.value) == "module 'granite_cli' has no attribute 'nothing_here'"
+    assert not hasattr(granite_cli, "askjob") and getattr(granite_cli, "Ask", None) is None
+
+
 def test_the_library_reads_paths_from_its_stdin_for_a_dash(tiny_model, shots, monkeypatch):
     """`caption(["-"])` reads paths from the process's stdin; a closed one is one line."""
     import io
