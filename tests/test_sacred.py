@@ -517,6 +517,18 @@ def test_21_wrong_argument_order_gets_a_hint(cli, shots):
     assert extra.exit_code == 2 and "granite-vision caption a.png b.png" in one_error_line(extra.stderr)
 
 
+def test_a_question_that_names_a_file_is_still_a_question_after_a_real_picture(cli, shots, http_root, monkeypatch):
+    """The swap hint is for a first argument that is no picture: after an existing file, a URL
+    or `-`, a question that happens to name a file in this folder is asked as it is."""
+    base, folder = http_root
+    monkeypatch.chdir(shots)
+    (shots / "describe").write_text("a file named like the question")
+    for args, stdin in (((str(shots / "s0.png"), "describe"), None), ((f"{base}/remote.png", "describe"), None),
+                        (("-", "describe"), (shots / "s1.png").read_bytes())):  # fmt: skip
+        result = cli("ask", *args, "--json", input=stdin)
+        assert result.exit_code == 0 and json.loads(result.stdout)["prompt"] == "describe", (args, result.stderr)
+
+
 def test_22_an_incomplete_model_folder_names_what_it_lacks(cli, shots, tiny_model, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
