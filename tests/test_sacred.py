@@ -511,8 +511,15 @@ def test_20_an_html_report_on_stdout_says_why_it_has_no_pictures(cli, shots):
 
 
 def test_21_wrong_argument_order_gets_a_hint(cli, shots):
-    swapped = cli("ask", "What is shown?", str(shots / "s0.png"))
-    assert swapped.exit_code == 2 and "ask takes the picture first, then the question" in swapped.stderr
+    picture = str(shots / "s0.png")
+    swapped = cli("ask", "What is shown?", picture)
+    hint = "What is shown?: no such file. Hint: ask takes the picture first, then the question:"
+    assert (swapped.exit_code, one_error_line(swapped.stderr)) == (
+        2, f"error: {hint} granite-vision ask {picture} 'What is shown?'",
+    )  # fmt: skip
+    with pytest.raises(UsageError) as refused:  # the library says it in its own words
+        granite_cli.ask("What is shown?", picture)
+    assert str(refused.value) == f"{hint} ask({picture!r}, 'What is shown?')"
     extra = cli("ask", str(shots / "s0.png"), str(shots / "s1.png"), "hi")
     assert extra.exit_code == 2 and "granite-vision caption a.png b.png" in one_error_line(extra.stderr)
 
