@@ -311,3 +311,19 @@ def test_compact_field_names_in_any_script(cli, pictures):
         "caption", pictures[0], "--schema", "émetteur:boolean, 名前:boolean", "--max-new-tokens", "60"
     ).answered(1)[0]
     assert set(record["data"]) == {"émetteur", "名前"}
+
+
+def test_ask_answers_a_json_object_too_from_the_cli_and_the_library(cli, pictures, tiny_model, capfd):
+    """`ask --json-object` / `ask(..., json_object=True)`: the answer is a JSON object, as in
+    `caption`; the library says nothing on stderr while it works (seed at temperature 0 included)."""
+    import granite_cli
+
+    line = cli("ask", str(pictures[0]), "Fields?", "--json-object", "--json", "--max-new-tokens", "40").stdout
+    record = json.loads(line)
+    assert isinstance(record["data"], dict) and record["data"] == json.loads(record["answer"], strict=False)
+    capfd.readouterr()
+    asked = granite_cli.ask(
+        str(pictures[0]), "Fields?", json_object=True, max_new_tokens=40, seed=3, model=str(tiny_model)
+    ).record
+    assert isinstance(asked.data, dict) and asked.answer == record["answer"]
+    assert capfd.readouterr().err == ""
