@@ -273,6 +273,28 @@ def test_every_name_the_package_exports_is_there_and_others_are_an_attribute_err
     assert not hasattr(granite_cli, "askjob") and getattr(granite_cli, "Ask", None) is None
 
 
+def test_ask_dash_with_no_picture_coming_says_where_to_pipe_it(tiny_model, shots, monkeypatch):
+    """`ask -` reads the picture's bytes from stdin: a terminal or a closed stdin would wait
+    forever or read nothing, so each is one line saying how to pipe a picture in."""
+    import io
+
+    class Terminal(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    pipe = "; pipe a picture in: cat photo.jpg | granite-vision ask - 'What is shown?'"
+    model = {"model": str(tiny_model), "max_new_tokens": 2}
+    for stdin, state in ((None, "closed"), (Terminal(io.BytesIO(b"")), "a terminal")):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        with pytest.raises(UsageError) as refused:
+            granite_cli.ask("-", "What is shown?", **model)
+        assert str(refused.value) == f"ask -: stdin is {state}{pipe}"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((shots / "s0.png").read_bytes())))
+    assert granite_cli.ask("-", "What is shown?", **model).record.ok  # piped in: read
+    monkeypatch.setattr(sys, "stdin", None)
+    assert granite_cli.ask(str(shots / "s1.png"), "What is shown?", **model).record.ok  # a file: stdin is no matter
+
+
 def test_the_library_reads_paths_from_its_stdin_for_a_dash(tiny_model, shots, monkeypatch):
     """`caption(["-"])` reads paths from the process's stdin; a closed one is one line."""
     import io
