@@ -232,3 +232,23 @@ def test_a_stdout_that_fails_is_one_line_and_is_not_failed_again_at_exit(tiny_mo
             full.flush()  # stdout now leads nowhere: no second failure
         assert exited.value.code == 2
         assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n", args
+
+
+def test_on_a_terminal_ask_and_caption_say_which_model_loads_and_where(cli, tmp_path, tiny_model, monkeypatch):
+    """The seconds a model takes to load are named on a terminal: the model, and the device when
+    one was asked for; `ask` notes an option that does nothing here, as `caption` does."""
+    import io
+
+    from rich.console import Console
+
+    noise(30, 30).save(tmp_path / "a.png")
+    for command, device, where in (("ask", "cpu", " on cpu"), ("caption", "auto", "")):
+        screen = io.StringIO()
+        monkeypatch.setattr(
+            ui, "console", Console(file=screen, force_terminal=True, no_color=True, highlight=False, soft_wrap=True)
+        )
+        args = [str(tmp_path / "a.png"), *(["What is shown?"] if command == "ask" else [])]
+        assert cli(command, *args, "--device", device, "--seed", "3").exit_code == 0
+        lines = screen.getvalue().splitlines()
+        assert lines[0] == "note: --seed has no effect at --temperature 0 (greedy decoding is deterministic)"
+        assert lines[1] == f"loading {tiny_model}{where}…", lines

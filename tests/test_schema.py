@@ -327,3 +327,7 @@ def test_ask_answers_a_json_object_too_from_the_cli_and_the_library(cli, picture
     ).record
     assert isinstance(asked.data, dict) and asked.answer == record["answer"]
     assert capfd.readouterr().err == ""
+    schema = '{"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}'
+    structured = json.loads(cli("ask", str(pictures[0]), "Fields?", "--schema", schema, "--json").stdout)
+    assert record["schema"] == "json-object" or record["schema"].startswith("sha256:")  # what the answer obeyed
+    assert structured["schema"].startswith("sha256:") and structured["schema"] != record["schema"]
