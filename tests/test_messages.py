@@ -5,6 +5,7 @@ not, one process or several), and the one line a failed output gets."""
 from __future__ import annotations
 
 import errno
+import json
 import re
 import sys
 
@@ -252,3 +253,25 @@ def test_on_a_terminal_ask_and_caption_say_which_model_loads_and_where(cli, tmp_
         lines = screen.getvalue().splitlines()
         assert lines[0] == "note: --seed has no effect at --temperature 0 (greedy decoding is deterministic)"
         assert lines[1] == f"loading {tiny_model}{where}…", lines
+
+
+def test_ask_whose_generation_fails_answers_with_the_reason(cli, tmp_path, monkeypatch):
+    """A failure inside the model (a kernel error, a bug in a library) is the item's error, as in
+    `caption`: a record naming it (`--json`), one line on stderr, exit 1; not a traceback."""
+    from granite_cli import engine
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine, "generate", fail)
+    noise(30, 30).save(tmp_path / "a.png")
+    result = cli("ask", str(tmp_path / "a.png"), "What is shown?", "--json")
+    record = json.loads(result.stdout)
+    why = "generation failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert (result.exit_code, record["source"], record["answer"], record["error"]) == (
+        1,
+        str(tmp_path / "a.png"),
+        None,
+        why,
+    )
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'a.png'}: {why}"]
