@@ -613,3 +613,56 @@ def test_a_streamed_answer_is_the_stored_answer_whatever_special_tokens_it_holds
         stream.put(torch.tensor([token]))
     stream.end()
     assert "".join(writes) == "crème brûlée ✓" and not any("\ufffd" in text for text in writes), writes
+
+
+def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, tmp_path, shots_dir=None):
+    """A model whose generation config names several end-of-text tokens (Granite's chat models
+    do) stops at any of them, and the answer holds none of their text; without one in its
+    config, the tokenizer's end of text is the end."""
+    import shutil
+
+    from granite_cli.engine import EngineOptions, load_engine
+
+    noise(40, 40).save(tmp_path / "a.png")
+    picture = [str(tmp_path / "a.png")]
+    first = model_card_answers(str(tiny_model), picture, "Describe", max_new_tokens=4, token_ids=True)[0][0]
+    for eos in ("list", "none"):
+        model = tmp_path / f"model-{eos}"
+        shutil.copytree(tiny_model, model)
+        config = json.loads((model / "generation_config.json").read_text())
+        tokenizer_eos = config["eos_token_id"]
+        config["eos_token_id"] = [tokenizer_eos, first] if eos == "list" else None
+        (model / "generation_config.json").write_text(json.dumps(config))
+        engine = load_engine(str(model), device="cpu", options=EngineOptions())
+        assert engine.generator.eos_ids == ({tokenizer_eos, first} if eos == "list" else {tokenizer_eos})
+        if eos == "list":
+            records = Collect()
+            from granite_cli import pipeline
+            from granite_cli.engine import BatchLimits, GenerationSettings
+            from granite_cli.records import Job
+            from granite_cli.sources import resolve
+
+            job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=4, repetition_stop=False)
+            pipeline.caption(resolve(picture).items, engine, records, job=job, settings=settings, limits=BatchLimits(1))
+            assert (records[0].answer, records[0].finish_reason, records[0].token_ids) == ("", "stop", ())
+
+
+def test_a_bfloat16_model_prefills_in_chunks_on_the_cpu(tiny_model, mixed_images):
+    """--dtype bfloat16 with prefill in chunks: the pictures' pixels are cast to the model's dtype
+    chunk by chunk, and every picture is answered."""
+    import torch
+
+    from granite_cli.engine import BatchLimits, EngineOptions, load_engine
+
+    engine = load_engine(str(tiny_model), device="cpu", dtype="bfloat16", options=EngineOptions(prefill_chunk=16))
+    assert engine.model.dtype == torch.bfloat16
+    from granite_cli import pipeline
+    from granite_cli.engine import GenerationSettings
+    from granite_cli.records import Job
+    from granite_cli.sources import resolve
+
+    records = Collect()
+    job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=3)
+    items = resolve([str(p) for p in mixed_images[:3]]).items
+    pipeline.caption(items, engine, records, job=job, settings=settings, limits=BatchLimits(3))
+    assert [r.ok for r in records] == [True] * 3, [r.error for r in records]
