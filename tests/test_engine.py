@@ -615,13 +615,16 @@ def test_a_streamed_answer_is_the_stored_answer_whatever_special_tokens_it_holds
     assert "".join(writes) == "crème brûlée ✓" and not any("\ufffd" in text for text in writes), writes
 
 
-def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, tmp_path, shots_dir=None):
+def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, tmp_path):
     """A model whose generation config names several end-of-text tokens (Granite's chat models
     do) stops at any of them, and the answer holds none of their text; without one in its
     config, the tokenizer's end of text is the end."""
     import shutil
 
-    from granite_cli.engine import EngineOptions, load_engine
+    from granite_cli import pipeline
+    from granite_cli.engine import BatchLimits, EngineOptions, GenerationSettings, load_engine
+    from granite_cli.records import Job
+    from granite_cli.sources import resolve
 
     noise(40, 40).save(tmp_path / "a.png")
     picture = [str(tmp_path / "a.png")]
@@ -637,11 +640,6 @@ def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, t
         assert engine.generator.eos_ids == ({tokenizer_eos, first} if eos == "list" else {tokenizer_eos})
         if eos == "list":
             records = Collect()
-            from granite_cli import pipeline
-            from granite_cli.engine import BatchLimits, GenerationSettings
-            from granite_cli.records import Job
-            from granite_cli.sources import resolve
-
             job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=4, repetition_stop=False)
             pipeline.caption(resolve(picture).items, engine, records, job=job, settings=settings, limits=BatchLimits(1))
             assert (records[0].answer, records[0].finish_reason, records[0].token_ids) == ("", "stop", ())
@@ -652,14 +650,13 @@ def test_a_bfloat16_model_prefills_in_chunks_on_the_cpu(tiny_model, mixed_images
     chunk by chunk, and every picture is answered."""
     import torch
 
-    from granite_cli.engine import BatchLimits, EngineOptions, load_engine
+    from granite_cli import pipeline
+    from granite_cli.engine import BatchLimits, EngineOptions, GenerationSettings, load_engine
+    from granite_cli.records import Job
+    from granite_cli.sources import resolve
 
     engine = load_engine(str(tiny_model), device="cpu", dtype="bfloat16", options=EngineOptions(prefill_chunk=16))
     assert engine.model.dtype == torch.bfloat16
-    from granite_cli import pipeline
-    from granite_cli.engine import GenerationSettings
-    from granite_cli.records import Job
-    from granite_cli.sources import resolve
 
     records = Collect()
     job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=3)
