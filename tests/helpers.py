@@ -238,3 +238,18 @@ def seen_picture(source, engine, *, page: int | None = None, **read):
 
 def seen_size(source, engine, *, page: int | None = None, **read) -> tuple[int, int]:
     return seen_picture(source, engine, page=page, **read).size
+
+
+def caption_with(engine, paths, limits, max_new_tokens: int = 4, **settings) -> list:
+    """The pipeline over `paths` with a loaded engine (no CLI, no output file): the records, after
+    checking every item came back once, in input order."""
+    from granite_cli import pipeline
+    from granite_cli.engine import GenerationSettings
+    from granite_cli.records import Job
+    from granite_cli.sources import resolve
+
+    records = Collect()
+    job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=max_new_tokens, **settings)
+    pipeline.caption(resolve([str(p) for p in paths]).items, engine, records, job=job, settings=settings, limits=limits)
+    assert [r.source for r in records] == [str(p) for p in paths]  # every item once, in input order
+    return records

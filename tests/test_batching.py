@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Collect, model_card_answers, noise, one_error_line
+from helpers import caption_with as caption
+from helpers import model_card_answers, noise, one_error_line
 
-from granite_cli import pipeline
-from granite_cli.engine import BatchLimits, EngineOptions, GenerationSettings, load_engine
-from granite_cli.records import Job
-from granite_cli.sources import resolve
+from granite_cli.engine import BatchLimits, EngineOptions, load_engine
 
 
 @pytest.fixture
@@ -26,14 +24,6 @@ def pictures(tmp_path) -> list[Path]:
         noise(40 + i, 40, seed=i).save(tmp_path / f"{i:02d}.png")
         paths.append(tmp_path / f"{i:02d}.png")
     return paths
-
-
-def caption(engine, paths, limits: BatchLimits, max_new_tokens: int = 4, **settings) -> list:
-    records = Collect()
-    job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=max_new_tokens, **settings)
-    pipeline.caption(resolve([str(p) for p in paths]).items, engine, records, job=job, settings=settings, limits=limits)
-    assert [r.source for r in records] == [str(p) for p in paths]  # every item once, in input order
-    return records
 
 
 class Injector:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Collect, make_pdf, model_card_answers, noise, one_error_line
+from helpers import Collect, caption_with, make_pdf, model_card_answers, noise, one_error_line
 
 
 @pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])
@@ -621,10 +621,7 @@ def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, t
     config, the tokenizer's end of text is the end."""
     import shutil
 
-    from granite_cli import pipeline
-    from granite_cli.engine import BatchLimits, EngineOptions, GenerationSettings, load_engine
-    from granite_cli.records import Job
-    from granite_cli.sources import resolve
+    from granite_cli.engine import BatchLimits, EngineOptions, load_engine
 
     noise(40, 40).save(tmp_path / "a.png")
     picture = [str(tmp_path / "a.png")]
@@ -639,9 +636,7 @@ def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, t
         engine = load_engine(str(model), device="cpu", options=EngineOptions())
         assert engine.generator.eos_ids == ({tokenizer_eos, first} if eos == "list" else {tokenizer_eos})
         if eos == "list":
-            records = Collect()
-            job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=4, repetition_stop=False)
-            pipeline.caption(resolve(picture).items, engine, records, job=job, settings=settings, limits=BatchLimits(1))
+            records = caption_with(engine, picture, BatchLimits(1), max_new_tokens=4, repetition_stop=False)
             assert (records[0].answer, records[0].finish_reason, records[0].token_ids) == ("", "stop", ())
 
 
@@ -650,16 +645,9 @@ def test_a_bfloat16_model_prefills_in_chunks_on_the_cpu(tiny_model, mixed_images
     chunk by chunk, and every picture is answered."""
     import torch
 
-    from granite_cli import pipeline
-    from granite_cli.engine import BatchLimits, EngineOptions, GenerationSettings, load_engine
-    from granite_cli.records import Job
-    from granite_cli.sources import resolve
+    from granite_cli.engine import BatchLimits, EngineOptions, load_engine
 
     engine = load_engine(str(tiny_model), device="cpu", dtype="bfloat16", options=EngineOptions(prefill_chunk=16))
     assert engine.model.dtype == torch.bfloat16
-
-    records = Collect()
-    job, settings = Job("Describe", engine.name), GenerationSettings(max_new_tokens=3)
-    items = resolve([str(p) for p in mixed_images[:3]]).items
-    pipeline.caption(items, engine, records, job=job, settings=settings, limits=BatchLimits(3))
+    records = caption_with(engine, mixed_images[:3], BatchLimits(3), max_new_tokens=3)
     assert [r.ok for r in records] == [True] * 3, [r.error for r in records]
