@@ -38,6 +38,25 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under a mutant (`tests/mutants.py` sets $GRANITE_TEST_LIMIT), a test that runs past the
+    limit ends the session as failed: the mutant hangs it, and the tests have noticed. A thread
+    exits the process, since the hang may be in C code or a blocked read that no signal ends."""
+    limit = float(os.environ.get("GRANITE_TEST_LIMIT", "0"))
+    if not limit:
+        return (yield)
+    import threading
+
+    watchdog = threading.Timer(limit, os._exit, (1,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return (yield)
+    finally:
+        watchdog.cancel()
+
+
 def _tiny(family: str, build, tmp_path_factory) -> Path:
     """A tiny model of `family`, built for this session; or, where $GRANITE_TEST_MODELS names a
     folder already holding one (the mutation runs, thousands of short sessions), that one."""
