@@ -11,6 +11,7 @@ what a stopped run left, unless `--overwrite`.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import stat
@@ -121,16 +122,16 @@ def _check_folder(folder: Path) -> None:
 
 
 def _is_text(head: bytes) -> bool:
-    """UTF-8 without NUL bytes (a character cut at the end of the block read is still text)."""
+    """UTF-8 without NUL bytes. The block read may end inside a character: the incremental decoder
+    keeps an unfinished sequence at the end for later, while any byte that cannot be UTF-8 (a
+    Latin-1 "é" three bytes from the end included) is an error."""
     if b"\0" in head:
         return False
-    for cut in range(4):
-        try:
-            head[: len(head) - cut].decode("utf-8")
-            return True
-        except UnicodeDecodeError:
-            continue
-    return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class SidecarOutput:

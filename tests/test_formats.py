@@ -76,6 +76,10 @@ def test_sidecars_never_write_over_an_input_or_a_foreign_file(cli, album, tmp_pa
     (album / "beach.txt").write_text("UTF-16 notes", encoding="utf-16-le")  # valid UTF-8 bytes, but NULs
     foreign = cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite")
     assert foreign.exit_code == 2 and "is not a text file" in one_error_line(foreign.stderr)
+    (album / "beach.txt").write_bytes(b"notes, n\xe9e.")  # Latin-1, not ours: its last bytes are no cut character
+    foreign = cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite")
+    assert foreign.exit_code == 2 and "is not a text file" in one_error_line(foreign.stderr)
+    assert (album / "beach.txt").read_bytes() == b"notes, n\xe9e."
     (album / "beach.txt").write_text("a" * 8191 + "é" * 10)  # a character cut where the check stops reading
     cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite").ok()
     assert not (album / "beach.txt").read_text().startswith("a" * 8191)  # a caption of ours: replaced
