@@ -17,15 +17,18 @@ from .pictures import Blob, sniff
 
 #: Refuse to download (or read from a pipe) more than this for one input.
 MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
+#: A download whose server sends nothing for this long (to connect, or between two reads) fails.
+DOWNLOAD_STALL_S = 60.0
 #: A named pipe that no program writes to within this long is an error, not a hang.
 PIPE_WRITER_WAIT_S = 5.0
 
 
-def fetch_url(url: str, timeout: float = 60.0) -> Blob:
-    """Download an http(s) input into memory (bounded), with errors as `InputError`."""
+def fetch_url(url: str) -> Blob:
+    """Download an http(s) input into memory, bounded in size and in how long the server may stall,
+    with errors as `InputError`."""
     request = urllib.request.Request(url, headers={"User-Agent": "granite-vision"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_STALL_S) as response:
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except urllib.error.HTTPError as exc:
         raise InputError(f"download failed: HTTP {exc.code} {exc.reason}") from exc

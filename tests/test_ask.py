@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from helpers import make_pdf, noise
+from helpers import deadline, make_pdf, noise
 
 
 def test_streamed_answer_equals_the_json_answer(cli, inputs):
@@ -77,6 +77,64 @@ def test_a_download_is_bounded(cli, http_root, monkeypatch):
     assert cli("ask", f"{base}/exact.png", "Describe", "--json").record()["answer"] is not None
     large = cli("ask", f"{base}/large.png", "Describe", "--json")
     assert large.exit_code == 1 and large.records()[0]["error"] == "download larger than 1 MiB"
+
+
+@pytest.fixture
+def bad_server():
+    """A web server on loopback that lets a download down in each way a real one can: it streams
+    without end (/endless), accepts and then says nothing (/stall); it notes who asked."""
+    import http.server
+    import threading
+
+    seen, released = [], threading.Event()
+
+    class Bad(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers["User-Agent"])
+            if self.path == "/stall":
+                released.wait(30)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            try:
+                while not released.is_set():
+                    self.wfile.write(b"\x89PNG" * 16384)
+            except OSError:  # the client hung up: what a bounded download does
+                pass
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bad)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    released.set()
+    server.shutdown()
+
+
+def test_a_download_that_fails_says_why_in_one_line_and_never_hangs(cli, bad_server, monkeypatch):
+    """A server that streams without end is cut at the size limit; one that stalls fails after the
+    stall limit; one that is not there is named as such. The run goes on, each failure is its own
+    record, and the servers see who asked."""
+    import socket
+
+    base, seen = bad_server
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/x.png"
+    monkeypatch.setattr("granite_cli.inputs.MAX_DOWNLOAD_BYTES", 2**20)
+    monkeypatch.setattr("granite_cli.inputs.DOWNLOAD_STALL_S", 0.5)
+    with deadline(20):
+        result = cli("caption", f"{base}/endless", f"{base}/stall", closed)
+    errors = {record["source"]: record["error"] for record in result.records()}
+    assert errors == {
+        f"{base}/endless": "download larger than 1 MiB",
+        f"{base}/stall": "download failed: timed out",
+        closed: "download failed: [Errno 111] Connection refused",
+    }
+    assert result.exit_code == 1 and seen == ["granite-vision", "granite-vision"]
 
 
 @pytest.mark.parametrize(
