@@ -366,7 +366,7 @@ def test_answers_stay_token_for_token_under_budgets_chunked_prefill_and_static_c
         assert [r.token_ids for r in caption(engine, paths, limits, max_new_tokens=10)] == expected, options
 
 
-def test_the_same_loaded_model_run_another_way_answers_the_same(tiny_engine, mixed_images):
+def test_the_same_loaded_model_run_another_way_answers_the_same(tiny_engine, tiny_model, mixed_images):
     """`engine.with_options` (the benchmark's way to compare caches and prefill without loading
     the weights again): the same model and name, token-for-token the same answers; a change of
     the image grid needs a new processor, so it is refused."""
@@ -374,12 +374,44 @@ def test_the_same_loaded_model_run_another_way_answers_the_same(tiny_engine, mix
     for options in (EngineOptions(prefill_chunk=16), EngineOptions(cache="static")):
         other = tiny_engine.with_options(options)
         assert (other.model, other.processor, other.name, other.options) == (
-            tiny_engine.model, tiny_engine.processor, tiny_engine.name, options,
+            tiny_engine.model, tiny_engine.processor, str(tiny_model), options,
         )  # fmt: skip
         records = caption(other, mixed_images, BatchLimits(7), max_new_tokens=6)
         assert [r.token_ids for r in records] == expected, options
     with pytest.raises(ValueError, match="^max_tiles changes the processor: load the model again$"):
         tiny_engine.with_options(EngineOptions(max_tiles=4))
+
+
+def test_on_a_gpu_the_engine_plans_by_memory_prefills_in_chunks_and_prepares_on_the_card(tiny_model, monkeypatch):
+    """What a run on an 80 GiB card plans, shown on the CPU with the card faked (the model's own
+    device and the card's size are all the engine asks of it): batches of up to GPU_ROWS rows
+    within the memory budget (the default, or --max-memory), prefill in chunks of
+    GPU_PREFILL_CHUNK tokens unless told otherwise, and the torchvision image processor resizing
+    on the card (the PIL one cannot). On the CPU: rows only, whole prompts, resizing on the CPU."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from granite_cli.engine import devices, hf, memory
+
+    card, cuda = 80 * 2**30, torch.device("cuda", 0)
+    monkeypatch.setattr(devices, "card_bytes", lambda device: card if device.type == "cuda" else None)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    fast, pil = (AutoProcessor.from_pretrained(tiny_model, backend=name) for name in ("torchvision", "pil"))
+    monkeypatch.setattr(type(model), "device", property(lambda self: cuda))
+    on_card = hf.HfEngine(fast, model, str(tiny_model), EngineOptions())
+    costs = memory.costs(model, fast)
+    assert on_card.limits() == BatchLimits(
+        devices.GPU_ROWS, None, memory.MemoryModel(costs, memory.budget(card, None), devices.GPU_PREFILL_CHUNK)
+    )
+    assert on_card.limits(rows=3, tokens=500).memory.budget == memory.budget(card, None)
+    assert on_card.prepare_device == cuda and on_card.generator.prefill_chunk == devices.GPU_PREFILL_CHUNK
+    told = hf.HfEngine(pil, model, str(tiny_model), EngineOptions(prefill_chunk=0, max_memory=12.0))
+    assert told.limits().memory == memory.MemoryModel(costs, 12 * 2**30, None)
+    assert told.prepare_device is None and told.generator.prefill_chunk is None
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cpu")))
+    on_cpu = hf.HfEngine(fast, model, str(tiny_model), EngineOptions())
+    assert on_cpu.limits() == BatchLimits(devices.CPU_ROWS) and on_cpu.limits(rows=3, tokens=9) == BatchLimits(3, 9)
+    assert on_cpu.prepare_device is None and on_cpu.generator.prefill_chunk is None
 
 
 # --------------------------------------------------------------------------- memory during decode

@@ -163,7 +163,8 @@ def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_i
     )
     assert [r.source for r in records] == [str(p) for p in mixed_images]
     assert [r.ok for r in records] == [True, True, True, True, False, True, True]
-    assert "out of memory" in records[4].error and stats.failed == 1
+    assert records[4].error == "out of memory even alone: RuntimeError: CUDA out of memory (simulated)"
+    assert stats.failed == 1
 
 
 # --------------------------------------------------------------------------- prompts
@@ -491,6 +492,8 @@ def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
         {"device": "cuda:0", "name": "NVIDIA H200", "memory_gib": 140.4, "dtypes": ["bfloat16", "float16", "float32"]},
         {"device": "cuda:1", "name": "NVIDIA T4", "memory_gib": 14.7, "dtypes": ["float16", "float32"]},
     ]
+    assert devices.card_bytes(torch.device("cuda", 1)) == 15_828_320_256  # the budget is the named card's
+    assert devices.card_bytes(torch.device("cpu")) is None  # no budget: the CPU runs by rows
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver that lists cards it cannot use
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(devices.platform, "processor", lambda: "arm")
