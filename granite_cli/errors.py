@@ -94,6 +94,8 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
 def silence_stdout() -> None:
     """After stdout failed (a reader gone), stop Python from complaining again at exit, when it
     flushes what it still holds: stdout becomes /dev/null."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # a stdout that is no file (an embedding program's) has nothing to silence
+        target = sys.stdout.fileno()
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, target)
+        os.close(devnull)

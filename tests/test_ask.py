@@ -205,6 +205,29 @@ def test_ask_reads_a_picture_from_a_named_pipe(cli, tmp_path):
     assert piped["answer"] == cli("ask", str(tmp_path / "a.png"), "Describe", "--json").record()["answer"]
 
 
+def test_a_stream_that_ends_empty_or_never_ends_is_one_line_at_once(cli, tmp_path, monkeypatch):
+    """A pipe whose writer comes, writes nothing and leaves is an empty stream as soon as it
+    leaves (not a writer that never came, after the wait for one); a device that never ends
+    (`/dev/urandom`) is read as bytes up to the size limit, then refused."""
+    import threading
+    import time
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def writer_that_says_nothing() -> None:
+        with open(fifo, "wb"):
+            time.sleep(0.5)
+
+    monkeypatch.setattr("granite_cli.inputs.PIPE_WRITER_WAIT_S", 3.0)
+    monkeypatch.setattr("granite_cli.inputs.MAX_DOWNLOAD_BYTES", 2**20)
+    threading.Thread(target=writer_that_says_nothing, daemon=True).start()
+    started = time.monotonic()
+    result = cli("caption", str(fifo), "/dev/urandom")
+    assert [r["error"] for r in result.records()] == ["empty stream", "stream larger than 1 MiB"]
+    assert time.monotonic() - started < 3.0  # no wait for a writer that had come and gone
+
+
 def test_max_new_tokens_is_respected(cli, inputs):
     cut = cli("ask", str(inputs / "a.png"), "Describe", "--json", "--max-new-tokens", "3").record()
     assert (cut["answer_tokens"], cut["finish_reason"]) == (3, "length")  # random weights never stop this soon

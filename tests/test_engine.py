@@ -456,7 +456,7 @@ def test_a_model_named_like_a_path_that_is_no_folder_is_one_line(cli, tmp_path, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     hint = "Hint: pass a folder holding config.json, or a Hub id like ibm-granite/granite-vision-3.3-2b"
-    for value in ("./gone", "../gone", str(tmp_path / "gone"), "~/gone", "models/granite/3.3"):
+    for value in ("./gone", "../gone", str(tmp_path / "gone"), "/gone", "~/gone", "models/granite/3.3"):
         result = cli("caption", "a.png", "--model", value)
         assert (result.exit_code, one_error_line(result.stderr)) == (
             2,

@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers import make_pdf, noise, one_error_line
+from helpers import disk_full, make_pdf, noise, one_error_line
 
 from granite_cli.records import Record
 from granite_cli.writers import render
@@ -61,6 +61,18 @@ def test_sidecars_sit_beside_each_picture_and_a_rerun_skips_them(cli, album):
     assert (album / "beach.txt").read_text() == "my own edit\n"  # skipped, so kept
     cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt", "--overwrite").ok()
     assert (album / "beach.txt").read_text() == records[("beach.jpg", None)]["answer"] + "\n"
+
+
+def test_a_sidecar_that_cannot_be_written_stops_the_run_in_one_line_naming_it(cli, album, monkeypatch):
+    """A full disk under a sidecar: exit 2 and one line naming the sidecar's path (not the
+    output's), every record before it kept."""
+    monkeypatch.setattr("granite_cli.sidecars.write_atomic", disk_full)
+    result = cli("caption", str(album / "beach.jpg"), "--sidecar", ".txt")
+    assert (result.exit_code, one_error_line(result.stderr)) == (
+        2,
+        f"error: --sidecar {album / 'beach.txt'}: No space left on device (ENOSPC)",
+    )
+    assert not (album / "beach.txt").exists()
 
 
 def test_sidecars_never_write_over_an_input_or_a_foreign_file(cli, album, tmp_path):

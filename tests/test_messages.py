@@ -235,6 +235,24 @@ def test_a_stdout_that_fails_is_one_line_and_is_not_failed_again_at_exit(tiny_mo
         assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n", args
 
 
+def test_a_stdout_that_fails_and_is_no_file_is_the_same_one_line(monkeypatch, capsys):
+    """A program that runs the CLI with its own stdout object (no file descriptor behind it) gets
+    the same: exit 2 and one line, the failure not turned into a traceback by the silencing."""
+    import io
+
+    from granite_cli.cli import app
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stdout", Full())
+    with pytest.raises(SystemExit) as exited:
+        app(["info", "--json"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n"
+
+
 def test_on_a_terminal_ask_and_caption_say_which_model_loads_and_where(cli, tmp_path, tiny_model, monkeypatch):
     """The seconds a model takes to load are named on a terminal: the model, and the device when
     one was asked for; `ask` notes an option that does nothing here, as `caption` does."""

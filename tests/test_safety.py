@@ -66,6 +66,21 @@ def test_an_output_that_is_an_input_is_refused_by_identity(cli, photos, tmp_path
     assert tree_hashes(photos) == before
 
 
+def test_an_output_that_cannot_even_be_looked_at_is_one_line_naming_it(cli, photos, tmp_path, broken_model):
+    """A symlink loop, a "folder" that is a file: the system's reason, after the output's name,
+    before any model loads; nothing is made."""
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = tree_hashes(tmp_path)
+    for output, reason in [
+        (tmp_path / "loop.jsonl", "Too many levels of symbolic links"),
+        (tmp_path / "notes.txt" / "out.jsonl", "Not a directory"),
+    ]:
+        result = cli("caption", str(photos / "img00.png"), "-o", str(output), model=broken_model)
+        assert (result.exit_code, one_error_line(result.stderr)) == (2, f"error: --output {output}: {reason}")
+    assert tree_hashes(tmp_path) == before
+
+
 def test_the_forgotten_output_name_glob(cli, photos, monkeypatch, broken_model):
     """`cd photos && granite-vision caption -o *.png`: the shell made img00.png the output."""
     before = tree_hashes(photos)
@@ -434,7 +449,10 @@ def test_image_bytes_on_caption_stdin_point_to_ask(cli, photos):
     result = cli("caption", "-", input=(photos / "img00.png").read_bytes())
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
-    assert "stdin holds PNG data, not a list of paths" in line and "ask -" in line
+    assert line == (
+        "error: caption -: stdin holds PNG data, not a list of paths."
+        " Hint: `granite-vision ask - QUESTION` answers about one picture on stdin"
+    )
     pdf = cli("caption", "-", input=b"%PDF-1.4\n%...")
     assert pdf.exit_code == 2 and "PDF data" in pdf.stderr
 
