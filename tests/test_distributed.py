@@ -124,6 +124,36 @@ def answered(source: str, answer: str):
     return Record(source, None, "Describe", answer, None, "m")
 
 
+def test_each_process_takes_a_share_weighed_by_the_sizes_its_pictures_have(tiny_engine, tmp_path):
+    """Two processes weigh each item by its size, read cheaply (a picture's header, a PDF page's
+    own box, not the first page's): the one large page of a PDF (146 image tokens with the tiny
+    model) is a share on its own; its small first page and three small pictures (36 each), a
+    broken file and a URL (read later: one unit each) are the other. Each process computes the
+    same split."""
+    from types import SimpleNamespace
+
+    from granite_cli.api import _share
+    from granite_cli.distributed import Ranks
+    from granite_cli.readers import ReadOptions
+    from granite_cli.sources import resolve
+
+    pages = [noise(20, 15, 1), noise(1600, 1200, 2)]
+    pages[0].save(tmp_path / "doc.pdf", save_all=True, append_images=pages[1:], resolution=72)
+    for i in range(3):
+        noise(40, 30, 10 + i).save(tmp_path / f"small{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    names = ["doc.pdf", "small0.png", "broken.png", "small1.png", "http://127.0.0.1:9/x.png", "small2.png"]
+    items = resolve([name if name.startswith("http") else str(tmp_path / name) for name in names]).items
+    shares = [
+        _share(SimpleNamespace(ranks=Ranks(rank, 2), todo=items, read=ReadOptions()), tiny_engine, 0) for rank in (0, 1)
+    ]
+    assert [(Path(item.source).name, item.page) for item in shares[0]] == [("doc.pdf", 2)]
+    assert [(Path(item.source).name, item.page) for item in shares[1]] == [
+        ("doc.pdf", 1), ("small0.png", None), ("broken.png", None), ("small1.png", None), ("x.png", None),
+        ("small2.png", None),
+    ]  # fmt: skip
+
+
 def test_a_fresh_run_of_two_processes_never_brings_back_a_dead_runs_answers(tmp_path):
     """A run of two processes died before merging; the next run (--overwrite) names only a.png,
     all of it on rank 0: its output holds that run's answer alone, and no part file is left."""

@@ -253,6 +253,30 @@ def test_a_stdout_that_fails_and_is_no_file_is_the_same_one_line(monkeypatch, ca
     assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n"
 
 
+def test_caption_dash_on_a_terminal_says_it_waits_for_paths_and_piped_says_nothing(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    """`caption -` typed at a terminal would look hung while it waits for paths: it says what it
+    waits for and how to end; fed by a pipe it says nothing of it."""
+    import io
+    from types import SimpleNamespace
+
+    from granite_cli.cli import app
+
+    class Terminal(io.BytesIO):
+        def isatty(self) -> bool:
+            return True
+
+    noise(20, 20).save(tmp_path / "a.png")
+    for stdin, said in ((Terminal, True), (io.BytesIO, False)):
+        monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=stdin(f"{tmp_path / 'a.png'}\n".encode())))
+        with pytest.raises(SystemExit) as exited:
+            app(["caption", "-", "--model", str(tiny_model), "--max-new-tokens", "2"])
+        out, err = capsys.readouterr()
+        assert exited.value.code == 0 and len(out.splitlines()) == 1
+        assert ("reading paths from stdin, one per line; end with Ctrl-D" in err.splitlines()) is said, err
+
+
 def test_on_a_terminal_ask_and_caption_say_which_model_loads_and_where(cli, tmp_path, tiny_model, monkeypatch):
     """The seconds a model takes to load are named on a terminal: the model, and the device when
     one was asked for; `ask` notes an option that does nothing here, as `caption` does."""
