@@ -314,8 +314,9 @@ def _execute(plan: _Plan, engine, job: CaptionJob, stop: Stop) -> CaptionResult:
         stop.running = False
     merged = plan.sink.finish(plan.items)
     result.total, result.answered, result.failed = stats.total, stats.answered, stats.failed
-    # A signal after the last item was done stopped nothing: the run is complete.
-    result.stopped = (stats.stopped or stop.event.is_set()) and stats.answered + stats.failed < stats.total
+    # The pipeline says whether it stopped before a batch; one that stopped with every item done
+    # (a second Ctrl-C while the last records were written) is complete.
+    result.stopped = stats.stopped and stats.answered + stats.failed < stats.total
     plan.reporter.summary(result, time.monotonic() - started, job.output, merged if plan.ranks.distributed else None)
     if plan.ranks.distributed and plan.ranks.rank == 0:
         result.records, result.failed = merged, sum(not record.ok for record in merged)

@@ -256,6 +256,23 @@ def test_a_broken_device_stops_the_run_and_resume_finishes_it(cli, tiny_engine, 
 
 
 # --------------------------------------------------------------------------- batches by budget
+def test_the_cli_batch_options_reach_the_batches(cli, tiny_engine, tmp_path, monkeypatch):
+    """`--batch-size` bounds the rows of every batch and `--max-batch-tokens` their tokens (rows x
+    (longest prompt + answer room)), as the help says; without them the CPU runs 8 rows."""
+    paths = []
+    for i in range(10):
+        noise(40, 40, seed=i).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    shapes: list[tuple[int, int]] = []
+    Injector(tiny_engine, monkeypatch, lambda rows, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)))
+    for options, budget in (([], None), (["--batch-size", "3"], None), (["--max-batch-tokens", "600"], 600)):
+        shapes.clear()
+        cli("caption", *paths, "--max-new-tokens", "4", *options).answered(10)
+        (length,) = {length for _, length in shapes}  # every 40x40 picture's prompt is as long
+        most = 600 // (length + 4) if budget else int(options[1]) if options else 8
+        assert sum(rows for rows, _ in shapes) == 10 and max(rows for rows, _ in shapes) == most, (options, shapes)
+
+
 def test_batches_follow_the_token_budget(tiny_engine, tmp_path, monkeypatch):
     sizes = [(40, 40)] * 6 + [(1275, 1650)] * 6  # thumbnails and pages
     paths = []

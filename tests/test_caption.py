@@ -423,3 +423,55 @@ def test_the_skipped_count_counts_files_not_links(cli, tmp_path):
     assert "skipped 2 file(s) of unsupported type inside folders (--verbose lists them)" in result.stderr
     verbose = cli("caption", str(root), "--verbose")
     assert f"skipped: {root / 'elsewhere' / 'also.heic'}" in verbose.stderr and "notes.txt" not in verbose.stderr
+
+
+def test_a_stop_asked_for_ends_the_run_after_its_batch_and_says_so(tiny_model, tmp_path):
+    """What Ctrl-C does, asked for by a program (`Stop`, from a signal handler or another thread):
+    asked before the run, nothing runs; asked after the first answer, the batch ends and the
+    rest waits for --resume. Either way the result says stopped, counts what was to do, and the
+    output holds exactly the records answered. Asked after the last answer, it stopped nothing."""
+    import contextlib
+
+    from granite_cli.api import Stop, run_caption
+    from granite_cli.jobs import CaptionJob
+    from granite_cli.ui import Reporter
+
+    for i in range(3):
+        noise(30, 30, i).save(tmp_path / f"p{i}.png")
+    sources = [str(tmp_path / f"p{i}.png") for i in range(3)]
+
+    class StopAfterFirst(Reporter):
+        """Asks to stop when the first record is done; keeps the total the bar was given, and
+        whether the run said records may flow (a signal then lets the batch finish)."""
+
+        @contextlib.contextmanager
+        def progress(self, total):
+            self.total, self.running = total, stop.running
+            yield lambda record: stop.event.set()
+
+    class StopAfterLast(Reporter):
+        """Asks to stop when the last record is done: nothing was left to stop."""
+
+        @contextlib.contextmanager
+        def progress(self, total):
+            done = []
+            yield lambda record: done.append(record) or (len(done) == total and stop.event.set())
+
+    def job(output: Path) -> CaptionJob:
+        return CaptionJob(sources=sources, model=str(tiny_model), device="cpu", max_new_tokens=2, batch_size=1,
+                          output=str(output))  # fmt: skip
+
+    stop = Stop()
+    stop.event.set()
+    before = run_caption(job(tmp_path / "before.jsonl"), stop=stop)
+    assert (before.stopped, before.total, before.answered, before.failed, before.records) == (True, 3, 0, 0, [])
+    assert not (tmp_path / "before.jsonl").exists() and stop.running is False  # nothing was made
+    stop, reporter = Stop(), StopAfterFirst(quiet=True)
+    after = run_caption(job(tmp_path / "after.jsonl"), stop=stop, reporter=reporter)
+    assert (after.stopped, after.total, after.answered, reporter.total) == (True, 3, 1, 3)
+    assert reporter.running is True and stop.running is False
+    stop = Stop()
+    last = run_caption(job(tmp_path / "last.jsonl"), stop=stop, reporter=StopAfterLast(quiet=True))
+    assert (last.stopped, last.answered, len((tmp_path / "last.jsonl").read_text().splitlines())) == (False, 3, 3)
+    lines = (tmp_path / "after.jsonl").read_text().splitlines()
+    assert [json.loads(line)["source"] for line in lines] == [sources[0]] == [r.source for r in after.records]
