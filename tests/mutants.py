@@ -89,6 +89,12 @@ def module_path(name: str) -> str:
     return f"granite_cli/{name}.py"
 
 
+def source_of(module: str) -> str:
+    """`granite_cli.engine.hf` -> `granite_cli/engine/hf.py`; a package -> its `__init__.py`."""
+    path = module.replace(".", "/")
+    return f"{path}/__init__.py" if (ROOT / path).is_dir() else f"{path}.py"
+
+
 def all_modules() -> list[str]:
     paths = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "granite_cli").rglob("*.py"))
     return [p for p in paths if p not in NOT_MUTATED and not p.endswith("__main__.py")]
@@ -230,12 +236,21 @@ def fastest_first() -> None:
     """Each mutant's tests in order of their measured duration, the quickest first. pytest stops
     at the first failure (`-x`), so a killed mutant (most of them) costs its quickest failing test
     instead of a random share of every test that reaches its function (mutmut hands them over in
-    a set's order). A survivor still runs them all."""
+    a set's order). A survivor still runs them all, and so would a listed equivalent, every run:
+    one whose change is still the one listed for its function is answered "survived" without
+    running (the report counts it as equivalent), unless $GRANITE_MUTANTS_EQUIVALENTS=run."""
     import mutmut.workers.isolation as isolation
     from mutmut.state import state
 
+    equivalents = [] if os.environ.get("GRANITE_MUTANTS_EQUIVALENTS") == "run" else load_equivalents()
+    listed = {(e["file"], e["function"]) for e in equivalents}
+
     def ordered(submit):
         def submit_ordered(self, mutant_name, tests, *args, **kwargs):
+            path = source_of(mutant_name.rpartition(".")[0])
+            if (path, function_of(mutant_name)) in listed and is_equivalent(mutant_name, path, equivalents):
+                self._no_tests_results.append(isolation.MutantResult(mutant_name=mutant_name, exit_code=0, duration=0))
+                return None
             durations = state().duration_by_test
             tests = sorted(tests, key=lambda test: (durations.get(test, float("inf")), test))
             return submit(self, mutant_name, tests, *args, **kwargs)
