@@ -57,6 +57,17 @@ def pytest_runtest_protocol(item, nextitem):
         watchdog.cancel()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftovers_under_mutants(tmp_path_factory):
+    """Under a mutant, the session ends in `os._exit` and pytest never prunes its temporary
+    folders: this session's go when it ends (thousands of them once filled the disk)."""
+    yield
+    if os.environ.get("GRANITE_TEST_LIMIT"):
+        import shutil
+
+        shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
+
+
 def _tiny(family: str, build, tmp_path_factory) -> Path:
     """A tiny model of `family`, built for this session; or, where $GRANITE_TEST_MODELS names a
     folder already holding one (the mutation runs, thousands of short sessions), that one."""

@@ -23,6 +23,7 @@ Targets: 90% for the modules that guard a user's files and records, 75% elsewher
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -53,6 +54,10 @@ NO_TEST = {33}  # no test of the fast lane reaches its function in-process: a su
 #: Seconds one test may take under a mutant (the slowest fast-lane test takes 5): a mutant that
 #: hangs a test is killed then, not after mutmut's limit for all its tests (up to 9 min).
 TEST_LIMIT = 30
+#: Where the tests' temporary folders go during these runs, emptied before and after each. Each
+#: mutant's session ends in `os._exit`, so pytest never prunes its old folders: left under the
+#: system's temp folder, thousands of sessions once filled a 250 GB disk.
+TEMP_ROOT = WORK / "tmp"
 
 
 @dataclass
@@ -154,16 +159,35 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
             subprocess.run([sys.executable, "-m", "granite_cli.tiny_model", str(models / family), family], cwd=ROOT,
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     started = time.monotonic()
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(models)}
-    env["GRANITE_TEST_LIMIT"] = str(TEST_LIMIT)
+    env = {**test_env(), "GRANITE_TEST_LIMIT": str(TEST_LIMIT)}
     command = [sys.executable, str(Path(__file__).resolve()), "--mutmut", "run", "--max-children", str(jobs), *names]
-    with open(WORK / "mutmut.log", "wb") as log:  # its spinners, and why it stopped if it did
+    with open(WORK / "mutmut.log", "wb") as log, fresh_temp_root():  # the log: its spinners, and why it stopped
         done = subprocess.run(command, cwd=WORK, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:  # e.g. "Failed to run clean test": a fast-lane test fails in the copy
         lines = (WORK / "mutmut.log").read_text(errors="replace").replace("\r", "\n").strip().splitlines()
         why = lines[-1] if lines else "?"
         raise SystemExit(f"mutmut stopped (exit {done.returncode}): {why}; see {WORK / 'mutmut.log'}")
     return time.monotonic() - started
+
+
+def test_env() -> dict[str, str]:
+    """The environment of every test session these runs start: the shared tiny models, and the
+    temporary folders under TEMP_ROOT (pytest's own setting for where they go)."""
+    return {
+        **os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(WORK / "models"),
+        "PYTEST_DEBUG_TEMPROOT": str(TEMP_ROOT),
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def fresh_temp_root():
+    """TEMP_ROOT empty while a run uses it, and gone after, however the run ends."""
+    shutil.rmtree(TEMP_ROOT, ignore_errors=True)
+    TEMP_ROOT.mkdir(parents=True)
+    try:
+        yield
+    finally:
+        shutil.rmtree(TEMP_ROOT, ignore_errors=True)
 
 
 def recheck(jobs: int) -> float:
@@ -323,7 +347,7 @@ def slow_lane(jobs: int) -> float:
             ]
             if tests and kept.get(name, {}).get("code") not in KILLED:  # (a survivor again: tests may be new)
                 todo.append((name, tests))
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(WORK / "models")}
+    env = test_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORK / "mutants"), env.get("PYTHONPATH")]))
 
     def verdict(name: str, tests: list[str]) -> tuple[str, int]:
@@ -336,16 +360,18 @@ def slow_lane(jobs: int) -> float:
         return name, 1 if done.returncode == 1 else 0  # 1: a test failed (2-5: pytest itself could not run)
 
     started = time.monotonic()
-    for tests in {tuple(t) for _, t in todo}:  # the tests pass as they are, or no verdict means anything
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-        clean = subprocess.run(command, cwd=WORK / "mutants", env={**env, "MUTANT_UNDER_TEST": ""}, capture_output=True)
-        if clean.returncode != 0:
-            raise SystemExit(f"the slow-lane tests fail without a mutant: {' '.join(tests)}")
-    with ThreadPoolExecutor(jobs) as pool:
-        for name, code in pool.map(lambda job: verdict(*job), todo):
-            kept[name] = {"code": code, "hash": hashes.get(function_key(name))}
-            SLOW_VERDICTS.write_text(json.dumps(kept, indent=1, ensure_ascii=False))
-            print(f"{'killed' if code else 'SURVIVED'}: {name}", file=sys.stderr)
+    with fresh_temp_root():
+        for tests in {tuple(t) for _, t in todo}:  # the tests pass as they are, or no verdict means anything
+            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+            clean = subprocess.run(command, cwd=WORK / "mutants", env={**env, "MUTANT_UNDER_TEST": ""},
+                                   capture_output=True)  # fmt: skip
+            if clean.returncode != 0:
+                raise SystemExit(f"the slow-lane tests fail without a mutant: {' '.join(tests)}")
+        with ThreadPoolExecutor(jobs) as pool:
+            for name, code in pool.map(lambda job: verdict(*job), todo):
+                kept[name] = {"code": code, "hash": hashes.get(function_key(name))}
+                SLOW_VERDICTS.write_text(json.dumps(kept, indent=1, ensure_ascii=False))
+                print(f"{'killed' if code else 'SURVIVED'}: {name}", file=sys.stderr)
     return time.monotonic() - started
 
 
