@@ -97,5 +97,7 @@ def silence_stdout() -> None:
     with contextlib.suppress(Exception):  # a stdout that is no file (an embedding program's) has nothing to silence
         target = sys.stdout.fileno()
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, target)
-        os.close(devnull)
+        try:
+            os.dup2(devnull, target)
+        finally:
+            os.close(devnull)
