@@ -334,27 +334,27 @@ FORMATS = tuple(WRITERS)
 
 
 def writer_class(fmt: str, columns: Sequence[str] = ()) -> type[Writer]:
-    """The writer of `--format fmt`, checked against the job (`columns`: the schema fields)."""
-    if fmt not in WRITERS:
-        raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
+    """The writer of `fmt` (one `format_for` accepted), checked against the job (`columns`: the
+    schema fields)."""
     WRITERS[fmt].check(columns)
     return WRITERS[fmt]
 
 
-def format_for(fmt: str | None, output: str | None) -> str:
+def format_for(fmt: str | None, output: str | None, option=lambda name: f"--{name}") -> str:
     """The format of a run: `fmt` as given, else the one the output's ending names (`-o
     report.html` is an HTML report), else jsonl. A format that contradicts the ending is refused:
-    `-f markdown -o report.html` would leave a markdown file named .html."""
-    suffix = os.path.splitext(output or "")[1].lower() if output not in (None, "-") else ""
+    `-f markdown -o report.html` would leave a markdown file named .html. `option` spells an
+    option as the caller does (`--format`, or the library's `format`)."""
+    suffix = os.path.splitext(output)[1].lower() if output else ""
     named = next((name for name, writer in WRITERS.items() if suffix in writer.suffixes), None)
     if fmt is None:
         return named or "jsonl"
     if fmt not in WRITERS:
-        raise UsageError(f"--format {fmt!r}: expected one of {'|'.join(FORMATS)}")
+        raise UsageError(f"{option('format')} {fmt!r}: expected one of {'|'.join(FORMATS)}")
     if named is not None and suffix not in WRITERS[fmt].suffixes:
         raise UsageError(
-            f"--format {fmt}, but --output {output} ends in {suffix}, which is {named}; leave out -f, or name"
-            f" the output *{WRITERS[fmt].suffixes[0]}"
+            f"{option('format')} {fmt}, but {option('output')} {output} ends in {suffix}, which is {named};"
+            f" leave out {option('format')}, or name the output *{WRITERS[fmt].suffixes[0]}"
         )
     return fmt
 

@@ -63,6 +63,17 @@ def test_sidecars_sit_beside_each_picture_and_a_rerun_skips_them(cli, album):
     assert (album / "beach.txt").read_text() == records[("beach.jpg", None)]["answer"] + "\n"
 
 
+def test_a_folder_walk_takes_this_runs_sidecars_for_its_own_files(cli, tmp_path):
+    """`caption folder --sidecar .cap` run again finds last run's .cap files in the folder: they
+    are this run's own, passed over without a word; another run counts them as unsupported."""
+    noise(20, 20).save(tmp_path / "a.png")
+    (tmp_path / "a.cap").write_text("a caption\n")
+    own = cli("caption", str(tmp_path), "--sidecar", ".cap", "--overwrite")
+    assert own.exit_code == 0 and "skipped" not in own.stderr, own.stderr
+    other = cli("caption", str(tmp_path))
+    assert "skipped 1 file(s) of unsupported type inside folders (--verbose lists them)" in other.stderr
+
+
 def test_a_sidecar_that_cannot_be_written_stops_the_run_in_one_line_naming_it(cli, album, monkeypatch):
     """A full disk under a sidecar: exit 2 and one line naming the sidecar's path (not the
     output's), every record before it kept."""

@@ -235,6 +235,21 @@ def test_a_stdout_that_fails_is_one_line_and_is_not_failed_again_at_exit(tiny_mo
         assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n", args
 
 
+def test_a_closed_stdout_is_one_line_before_any_work(monkeypatch, capsys, broken_model, tmp_path):
+    """`granite-vision ... >&-`: where the data would go is checked first, before the model."""
+    from granite_cli.cli import app
+
+    noise(20, 20).save(tmp_path / "a.png")
+    monkeypatch.setattr(sys, "stdout", None)
+    for args in (["info"], ["caption", str(tmp_path / "a.png"), "--model", str(broken_model)]):
+        with pytest.raises(SystemExit) as exited:
+            app(args)
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == (
+            "error: stdout is closed, so the data would go nowhere. Hint: run without >&-, or write to -o FILE\n"
+        ), args
+
+
 def test_a_stdout_that_fails_and_is_no_file_is_the_same_one_line(monkeypatch, capsys):
     """A program that runs the CLI with its own stdout object (no file descriptor behind it) gets
     the same: exit 2 and one line, the failure not turned into a traceback by the silencing."""

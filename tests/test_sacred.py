@@ -522,7 +522,11 @@ def test_19_the_format_comes_from_the_outputs_ending(cli, shots, tmp_path):
         assert cli("caption", str(shots / "s0.png"), "-o", str(tmp_path / name)).exit_code == 0
         assert (tmp_path / name).read_text().startswith(starts)
     clash = cli("caption", str(shots / "s0.png"), "-f", "markdown", "-o", str(tmp_path / "x.html"))
-    assert clash.exit_code == 2 and "--format markdown, but --output" in clash.stderr
+    assert (clash.exit_code, one_error_line(clash.stderr)) == (
+        2,
+        f"error: --format markdown, but --output {tmp_path / 'x.html'} ends in .html, which is html; leave out"
+        " --format, or name the output *.md",
+    )
     assert not (tmp_path / "x.html").exists()
 
 
@@ -933,6 +937,27 @@ def test_library_errors_speak_python(tiny_model, shots):
         granite_cli.caption([], **model)
     pdf = make_pdf(shots / "doc.pdf", 3)
     assert [r.page for r in granite_cli.caption([pdf], pages=[1, 3], **model).records] == [1, 3]
+    for sources, options, said in [
+        (42, {}, "sources=42: expected a list of paths, folders, globs or URLs"),
+        ([shots / "s0.png"], {"format": "xml"}, "format 'xml': expected one of jsonl|markdown|csv|imagefolder|html"),
+        ([shots / "s0.png"], {"format": "markdown", "output": "r.html"},
+         "format markdown, but output r.html ends in .html, which is html; leave out format, or name the output *.md"),
+    ]:  # fmt: skip
+        with pytest.raises(UsageError) as refused:
+            granite_cli.caption(sources, **options, **model)
+        assert str(refused.value) == said
+
+
+def test_the_library_takes_one_picture_or_an_output_path_as_python_gives_them(tiny_model, shots, tmp_path):
+    """A single PIL image is one source, like a single path; an output may be a Path."""
+    from PIL import Image
+
+    model = {"model": str(tiny_model), "max_new_tokens": 3}
+    with Image.open(shots / "s0.png") as picture:
+        alone = granite_cli.caption(picture, **model)
+    assert alone.total == 1 and alone.records[0].ok
+    written = granite_cli.caption([shots / "s0.png"], output=tmp_path / "out.jsonl", **model)
+    assert [r.source for r in written.records] == [json.loads(line)["source"] for line in (tmp_path / "out.jsonl").open()]
 
 
 # --------------------------------------------------------------------------- found by generated mutants
