@@ -957,7 +957,8 @@ def test_the_library_takes_one_picture_or_an_output_path_as_python_gives_them(ti
         alone = granite_cli.caption(picture, **model)
     assert alone.total == 1 and alone.records[0].ok
     written = granite_cli.caption([shots / "s0.png"], output=tmp_path / "out.jsonl", **model)
-    assert [r.source for r in written.records] == [json.loads(line)["source"] for line in (tmp_path / "out.jsonl").open()]
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [r.source for r in written.records] == [json.loads(line)["source"] for line in lines]
 
 
 # --------------------------------------------------------------------------- found by generated mutants
