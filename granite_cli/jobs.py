@@ -94,6 +94,11 @@ class Options:
         for name in CHOICES:
             if hasattr(self, name) and isinstance(getattr(self, name), str):
                 setattr(self, name, getattr(self, name).strip().lower())
+        from .engine import CACHES  # (the engine's package, not its backend: no torch)
+
+        for name, allowed in (("cache", CACHES), ("pdf_renderer", RENDERERS)):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{self.given(name, getattr(self, name))}: expected one of {'|'.join(allowed)}")
         for name, (low, high) in RANGES.items():
             value = getattr(self, name, None)
             if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
@@ -149,8 +154,6 @@ class Options:
         environment.check(tuple(features))
 
     def read_options(self) -> ReadOptions:
-        if self.pdf_renderer not in RENDERERS:
-            raise UsageError(f"--pdf-renderer {self.pdf_renderer!r}: expected one of {'|'.join(RENDERERS)}")
         return ReadOptions(self.pdf_renderer, self.dpi, self.pdf_password, self.max_pixels)
 
     def answer_settings(self) -> dict[str, Any]:
@@ -163,10 +166,8 @@ class Options:
 
     def load(self, model: str, device: str | None = None):
         """The engine, loaded (the only step that imports torch)."""
-        from .engine import CACHES, EngineOptions, load_engine
+        from .engine import EngineOptions, load_engine
 
-        if self.cache not in CACHES:
-            raise UsageError(f"--cache {self.cache!r}: expected one of {'|'.join(CACHES)}")
         options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache, max_memory=self.max_memory)
         device = device or self.device
         return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)

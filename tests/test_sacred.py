@@ -940,6 +940,8 @@ def test_library_errors_speak_python(tiny_model, shots):
     for sources, options, said in [
         (42, {}, "sources=42: expected a list of paths, folders, globs or URLs"),
         ([shots / "s0.png"], {"format": "xml"}, "format 'xml': expected one of jsonl|markdown|csv|imagefolder|html"),
+        ([shots / "s0.png"], {"cache": "Warm"}, "cache='warm': expected one of auto|dynamic|static"),
+        ([shots / "s0.png"], {"pdf_renderer": "mupdf"}, "pdf_renderer='mupdf': expected one of pypdfium2|poppler"),
         ([shots / "s0.png"], {"format": "markdown", "output": "r.html"},
          "format markdown, but output r.html ends in .html, which is html; leave out format, or name the output *.md"),
     ]:  # fmt: skip
