@@ -252,7 +252,7 @@ class CaptionJob(Options):
             raise UsageError(f"{self.given('output', '')}: an empty file name (- is stdout)")
         from .writers import format_for
 
-        self.format = format_for(self.format, self.output, self.option)
+        self.format = format_for(self.format, self.output, self.given, self.option)
 
     def made_by_us(self) -> tuple[str, ...]:
         """File name endings a folder walk passes over without counting them as unsupported: text

@@ -340,17 +340,22 @@ def writer_class(fmt: str, columns: Sequence[str] = ()) -> type[Writer]:
     return WRITERS[fmt]
 
 
-def format_for(fmt: str | None, output: str | None, option=lambda name: f"--{name}") -> str:
+def format_for(
+    fmt: str | None,
+    output: str | None,
+    given=lambda name, value: f"--{name} {value!r}",
+    option=lambda name: f"--{name}",
+) -> str:
     """The format of a run: `fmt` as given, else the one the output's ending names (`-o
     report.html` is an HTML report), else jsonl. A format that contradicts the ending is refused:
-    `-f markdown -o report.html` would leave a markdown file named .html. `option` spells an
-    option as the caller does (`--format`, or the library's `format`)."""
+    `-f markdown -o report.html` would leave a markdown file named .html. `given` and `option`
+    spell a value and an option as the caller does (`--format 'xml'`, or the library's `format='xml'`)."""
     suffix = os.path.splitext(output)[1].lower() if output else ""
     named = next((name for name, writer in WRITERS.items() if suffix in writer.suffixes), None)
     if fmt is None:
         return named or "jsonl"
     if fmt not in WRITERS:
-        raise UsageError(f"{option('format')} {fmt!r}: expected one of {'|'.join(FORMATS)}")
+        raise UsageError(f"{given('format', fmt)}: expected one of {'|'.join(FORMATS)}")
     if named is not None and suffix not in WRITERS[fmt].suffixes:
         raise UsageError(
             f"{option('format')} {fmt}, but {option('output')} {output} ends in {suffix}, which is {named};"

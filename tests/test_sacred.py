@@ -221,7 +221,7 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
         ({"prompt": 5}, "prompt=5: expected text or None"),
         ({"max_tiles": "4"}, "max_tiles='4': expected a whole number or None"),
         ({"max_new_token": 4}, "no keyword 'max_new_token' (did you mean max_new_tokens?)"),
-        ({"format": "pdf"}, "--format 'pdf': expected one of"),
+        ({"format": "pdf"}, "format='pdf': expected one of"),
     ]:
         with pytest.raises(UsageError, match=pytest.importorskip("re").escape(said)):
             granite_cli.caption([str(shots / "s0.png")], **(model | bad))
@@ -939,7 +939,7 @@ def test_library_errors_speak_python(tiny_model, shots):
     assert [r.page for r in granite_cli.caption([pdf], pages=[1, 3], **model).records] == [1, 3]
     for sources, options, said in [
         (42, {}, "sources=42: expected a list of paths, folders, globs or URLs"),
-        ([shots / "s0.png"], {"format": "xml"}, "format 'xml': expected one of jsonl|markdown|csv|imagefolder|html"),
+        ([shots / "s0.png"], {"format": "xml"}, "format='xml': expected one of jsonl|markdown|csv|imagefolder|html"),
         ([shots / "s0.png"], {"cache": "Warm"}, "cache='warm': expected one of auto|dynamic|static"),
         ([shots / "s0.png"], {"pdf_renderer": "mupdf"}, "pdf_renderer='mupdf': expected one of pypdfium2|poppler"),
         ([shots / "s0.png"], {"format": "markdown", "output": "r.html"},
