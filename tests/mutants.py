@@ -58,6 +58,8 @@ TEST_LIMIT = 30
 #: mutant's session ends in `os._exit`, so pytest never prunes its old folders: left under the
 #: system's temp folder, thousands of sessions once filled a 250 GB disk.
 TEMP_ROOT = WORK / "tmp"
+#: The tiny models every test session of these runs shares (built once: thousands of sessions).
+MODELS = WORK / "models"
 
 
 @dataclass
@@ -153,10 +155,9 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
             (WORK / "mutants" / module).unlink(missing_ok=True)
     chosen.write_text(json.dumps(modules))
     configure(modules, jobs)
-    models = WORK / "models"  # built once: thousands of short test sessions share them
     for family in ("llava_next", "granite4_vision"):
-        if not (models / family / "config.json").exists():
-            subprocess.run([sys.executable, "-m", "granite_cli.tiny_model", str(models / family), family], cwd=ROOT,
+        if not (MODELS / family / "config.json").exists():
+            subprocess.run([sys.executable, "-m", "granite_cli.tiny_model", str(MODELS / family), family], cwd=ROOT,
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     started = time.monotonic()
     env = {**test_env(), "GRANITE_TEST_LIMIT": str(TEST_LIMIT)}
@@ -174,7 +175,7 @@ def test_env() -> dict[str, str]:
     """The environment of every test session these runs start: the shared tiny models, and the
     temporary folders under TEMP_ROOT (pytest's own setting for where they go)."""
     return {
-        **os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(WORK / "models"),
+        **os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(MODELS),
         "PYTEST_DEBUG_TEMPROOT": str(TEMP_ROOT),
     }  # fmt: skip
 
