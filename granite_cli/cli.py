@@ -161,17 +161,16 @@ def main_options(
 
 def _configure_process() -> None:
     """The command line owns its process, so it sets what the library never does: PIL's own pixel
-    limit off (`--max-pixels` is the limit, checked from each header), and the warnings of the
-    libraries underneath (a damaged file's, a deprecation's) kept off stderr, whose lines are the
-    user's. Under GRANITE_VISION_DEBUG those warnings stay."""
+    limit off (`--max-pixels` is the limit, checked from each header), and Python's warnings (a
+    damaged file's from PIL, a deprecation's from the libraries underneath) kept off stderr, whose
+    lines are the user's: what matters about a file is its one line. Under GRANITE_VISION_DEBUG
+    they stay."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None
     _hold_standard_streams()
-    if debug():
-        return
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    warnings.filterwarnings("ignore", module=r"(transformers|torch|torchvision|accelerate|huggingface_hub)(\.|$)")
+    if not debug():
+        warnings.simplefilter("ignore")
 
 
 def _hold_standard_streams() -> None:
@@ -231,7 +230,7 @@ def ask(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Answer one question about one image or PDF page; the answer streams to stdout."""
-    options = _plain({key: value for key, value in locals().items() if key not in ("ctx", "json_output")})
+    options = {key: value for key, value in locals().items() if key not in ("ctx", "json_output")}
     stdout = _stdout()
     job = AskJob(**options, model_origin=_model_origin(ctx), from_cli=True)
     record = run_ask(job, stream=None if json_output else stdout, reporter=Reporter()).record
@@ -283,7 +282,7 @@ def caption(
     repetition_stop: RepetitionStopOpt = True,
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
-    options = _plain({key: value for key, value in locals().items() if key != "ctx"})
+    options = {key: value for key, value in locals().items() if key != "ctx"}
     job = CaptionJob(
         **options | {"output": "-" if output is None else output}, model_origin=_model_origin(ctx), from_cli=True
     )
@@ -308,11 +307,6 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSO
     problem = next((entry["problem"] for entry in facts["environment"] if entry["name"] == "torchvision"), None)
     if problem is not None:
         raise UsageError(problem)
-
-
-def _plain(options: dict) -> dict:
-    """Option values as the library takes them: a choice's value."""
-    return {key: getattr(value, "value", value) for key, value in options.items()}
 
 
 def _model_origin(ctx: typer.Context) -> str:

@@ -57,6 +57,15 @@ def pytest_runtest_protocol(item, nextitem):
         watchdog.cancel()
 
 
+def pytest_runtest_logreport(report) -> None:
+    """Under a mutant, the test that failed is written down ($GRANITE_MUTANT_KILLERS): the next
+    mutants of the same function run it first (see `tests/mutants.py`)."""
+    killers, mutant = os.environ.get("GRANITE_MUTANT_KILLERS"), os.environ.get("MUTANT_UNDER_TEST", "")
+    if killers and report.failed and "__mutmut_" in mutant:
+        with open(killers, "a", encoding="utf-8") as handle:
+            handle.write(f"{mutant}\t{report.nodeid}\n")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftovers_under_mutants(tmp_path_factory):
     """Under a mutant, the session ends in `os._exit` and pytest never prunes its temporary

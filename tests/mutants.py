@@ -58,6 +58,9 @@ TEST_LIMIT = 30
 #: mutant's session ends in `os._exit`, so pytest never prunes its old folders: left under the
 #: system's temp folder, thousands of sessions once filled a 250 GB disk.
 TEMP_ROOT = WORK / "tmp"
+#: Which test killed which mutant (the conftest writes it): kept between runs, so that each
+#: mutant runs first the tests that killed its function's other mutants.
+KILLERS = WORK / "killers.tsv"
 #: The tiny models every test session of these runs shares (built once: thousands of sessions).
 MODELS = WORK / "models"
 
@@ -160,7 +163,7 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
             subprocess.run([sys.executable, "-m", "granite_cli.tiny_model", str(MODELS / family), family], cwd=ROOT,
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     started = time.monotonic()
-    env = {**test_env(), "GRANITE_TEST_LIMIT": str(TEST_LIMIT)}
+    env = {**test_env(), "GRANITE_TEST_LIMIT": str(TEST_LIMIT), "GRANITE_MUTANT_KILLERS": str(KILLERS)}
     command = [sys.executable, str(Path(__file__).resolve()), "--mutmut", "run", "--max-children", str(jobs), *names]
     with open(WORK / "mutmut.log", "wb") as log, fresh_temp_root():  # the log: its spinners, and why it stopped
         done = subprocess.run(command, cwd=WORK, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -253,15 +256,37 @@ def mutmut(argv: list[str]) -> None:
     ]
     fastest_first()
     warm_fork_server()
+    atomic_results()
     sys.argv = ["mutmut", *argv]
     cli()
 
 
+def atomic_results() -> None:
+    """mutmut rewrites a module's result file after each mutant, in place: a run stopped while
+    it writes (a kill, a full disk) left half a file, and every verdict of that module was lost.
+    Written beside it and renamed over it, the file is always whole: the old one or the new."""
+    from mutmut.mutation.data import SourceFileMutationData
+
+    save = SourceFileMutationData.save
+
+    def save_whole(self) -> None:
+        final = self.meta_path
+        self.meta_path = f"{final}.partial"
+        try:
+            save(self)
+            os.replace(self.meta_path, final)
+        finally:
+            self.meta_path = final
+
+    SourceFileMutationData.save = save_whole
+
+
 def fastest_first() -> None:
-    """Each mutant's tests in order of their measured duration, the quickest first. pytest stops
-    at the first failure (`-x`), so a killed mutant (most of them) costs its quickest failing test
-    instead of a random share of every test that reaches its function (mutmut hands them over in
-    a set's order). A survivor still runs them all, and so would a listed equivalent, every run:
+    """Each mutant's tests in order: first those that killed another mutant of its function (in
+    this run or an earlier one: `KILLERS`), then by measured duration, the quickest first. pytest
+    stops at the first failure (`-x`), so a killed mutant (most of them) costs one test that kills
+    it instead of a random share of every test that reaches its function (mutmut hands them over
+    in a set's order). A survivor still runs them all, and so would a listed equivalent, every run:
     one whose change is still the one listed for its function is answered "survived" without
     running (the report counts it as equivalent), unless $GRANITE_MUTANTS_EQUIVALENTS=run."""
     import mutmut.workers.isolation as isolation
@@ -276,8 +301,8 @@ def fastest_first() -> None:
             if (path, function_of(mutant_name)) in listed and is_equivalent(mutant_name, path, equivalents):
                 self._no_tests_results.append(isolation.MutantResult(mutant_name=mutant_name, exit_code=0, duration=0))
                 return None
-            durations = state().duration_by_test
-            tests = sorted(tests, key=lambda test: (durations.get(test, float("inf")), test))
+            durations, killers = state().duration_by_test, killers_of(function_key(mutant_name))
+            tests = sorted(tests, key=lambda test: (test not in killers, durations.get(test, float("inf")), test))
             return submit(self, mutant_name, tests, *args, **kwargs)
 
         return submit_ordered
@@ -285,6 +310,18 @@ def fastest_first() -> None:
     for runner in vars(isolation).values():
         if isinstance(runner, type) and "submit" in vars(runner):
             runner.submit = ordered(runner.submit)
+
+
+def killers_of(function: tuple[str, str], _seen: dict = {}) -> set[str]:  # noqa: B006 - the cache
+    """The tests that killed a mutant of `function`, from `KILLERS` (read again when it grew)."""
+    size = KILLERS.stat().st_size if KILLERS.exists() else 0
+    if _seen.get("size") != size:
+        table: dict[tuple[str, str], set[str]] = {}
+        for line in KILLERS.read_text(encoding="utf-8").splitlines() if size else ():
+            mutant, _, test = line.partition("\t")
+            table.setdefault(function_key(mutant), set()).add(test)
+        _seen.update(size=size, table=table)
+    return _seen["table"].get(function, set())
 
 
 def warm_fork_server() -> None:

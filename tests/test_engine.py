@@ -570,6 +570,49 @@ def test_every_way_a_model_cannot_be_found_is_one_line_with_the_hint_that_fits(t
     )
 
 
+def test_a_pinned_revision_loads_that_revision_of_a_cached_hub_model(tiny_model, tmp_path, monkeypatch):
+    """`revision="v2"` (`--revision v2`) loads the snapshot that revision names; a cache that
+    holds only that revision has nothing for the default one, which is said in one line."""
+    from huggingface_hub import constants
+
+    import granite_cli
+    from granite_cli.errors import UsageError
+
+    repo = tmp_path / "hub" / "models--ibm-granite--tiny-vision"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v2").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    noise(40, 40).save(tmp_path / "a.png")
+    options = {"model": "ibm-granite/tiny-vision", "max_new_tokens": 3, "device": "cpu"}
+    record = granite_cli.ask(tmp_path / "a.png", "What is shown?", revision="v2", **options).record
+    assert record.ok and record.model == "ibm-granite/tiny-vision" and record.settings["revision"] == "v2"
+    with pytest.raises(UsageError, match="^model 'ibm-granite/tiny-vision' not found or not loadable: "):
+        granite_cli.ask(tmp_path / "a.png", "What is shown?", **options)
+
+
+def test_max_memory_reaches_the_engine_that_plans_the_batches(cli, tiny_model, tmp_path, monkeypatch):
+    """On a GPU the batches are planned within --max-memory (see test_memory): the budget a user
+    gives, from the CLI or the library, is the engine's; none given leaves the engine's default."""
+    import granite_cli
+    from granite_cli import engine
+
+    loaded, real = [], engine.load_engine
+
+    def load(model, **options):
+        loaded.append(options["options"].max_memory)
+        return real(model, **options)
+
+    monkeypatch.setattr(engine, "load_engine", load)
+    noise(40, 40).save(tmp_path / "a.png")
+    assert cli("caption", str(tmp_path / "a.png"), "--max-memory", "12").exit_code == 0
+    assert cli("ask", str(tmp_path / "a.png"), "What?", "--max-memory", "7.5").exit_code == 0
+    assert granite_cli.caption([tmp_path / "a.png"], model=str(tiny_model), max_new_tokens=3).exit_code == 0
+    assert loaded == [12.0, 7.5, None]
+
+
 def test_max_tiles_below_a_models_smallest_grid_is_one_line(tiny_g4):
     """The tiny Granite 4 model's grids are 1x2 tiles at least (3 with the overview): asking for
     fewer says so; asking for 3 keeps exactly the grids of 3, in the processor and the config."""

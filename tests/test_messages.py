@@ -235,6 +235,29 @@ def test_a_stdout_that_fails_is_one_line_and_is_not_failed_again_at_exit(tiny_mo
         assert capsys.readouterr().err == "error: stdout: No space left on device (ENOSPC)\n", args
 
 
+def test_the_command_line_keeps_python_warnings_off_stderr_unless_debugging(cli, tmp_path):
+    """A picture whose EXIF block is damaged makes PIL warn ("Tag data larger than file"); the
+    picture is still answered, and the user's stderr holds no Python warning lines. Under
+    GRANITE_VISION_DEBUG=1 they show, for whoever is debugging."""
+    import struct
+    import warnings
+
+    from PIL import Image
+
+    # One entry, Make, whose 100 bytes lie beyond the end of the block.
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x010F, 2, 100, 1000) + struct.pack("<I", 0)
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "exif.jpg", exif=b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd)
+    for env, shown in (({}, False), ({"GRANITE_VISION_DEBUG": "1"}, True)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")  # (pytest's own filters would hide it either way)
+            result = cli("caption", str(tmp_path / "exif.jpg"), env=env)
+        assert result.answered(1)
+        damaged = [w for w in seen if "Tag data larger than file" in str(w.message)]
+        assert bool(damaged) == shown, [str(w.message) for w in seen]
+        if not shown:
+            assert seen == []
+
+
 def test_a_closed_stdout_is_one_line_before_any_work(monkeypatch, capsys, broken_model, tmp_path):
     """`granite-vision ... >&-`: where the data would go is checked first, before the model."""
     from granite_cli.cli import app

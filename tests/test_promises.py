@@ -568,6 +568,48 @@ def test_answers_are_256_tokens_at_most_by_default(inputs, tiny_model):
     assert (record["answer_tokens"], record["finish_reason"]) == (256, "length")  # not transformers' 20
 
 
+def test_a_looping_answer_stops_unless_told_not_to_or_forced_to_a_length(inputs, tiny_model):
+    """The tiny model loops at once: by default the answer stops there ("repetition");
+    `repetition_stop=False` lets it run to the limit; `min_new_tokens` (benchmarks) forces at
+    least that many tokens, through loops and past the end-of-answer token (here a sampled answer
+    that ends after a few tokens when nothing forces it)."""
+    import granite_cli
+
+    picture, model = inputs / "a.png", {"model": str(tiny_model), "device": "cpu"}
+
+    def answer(**options):
+        record = granite_cli.ask(picture, "Describe", **model, **options).record
+        return record.answer_tokens, record.finish_reason
+
+    looped, reason = answer(max_new_tokens=64)
+    assert reason == "repetition" and looped < 64
+    assert answer(max_new_tokens=64, repetition_stop=False) == (64, "length")
+    assert answer(max_new_tokens=40, min_new_tokens=40) == (40, "length")
+    sampled = {"temperature": 5.0, "seed": 24, "max_new_tokens": 64, "repetition_stop": False}
+    ended, reason = answer(**sampled)
+    assert reason == "stop" and ended < 40, "(this seed no longer ends early: pick one that does)"
+    assert answer(**sampled, min_new_tokens=40)[0] >= 40
+
+
+def test_a_seed_at_temperature_0_is_no_setting_so_resume_continues_without_it(cli, inputs, tmp_path):
+    """Greedy answers do not depend on the seed: the record keeps no seed, and a run resumed
+    without the seed (or with another) continues, answering only what is new."""
+    out = tmp_path / "out.jsonl"
+    assert cli("caption", str(inputs / "a.png"), "-o", str(out), "--seed", "7").exit_code == 0
+    first = read_jsonl(out)
+    assert first[0]["settings"]["seed"] is None
+    assert set(first[0]["settings"]) == {
+        "revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer", "repetition_stop"
+    }  # fmt: skip
+    resumed = cli("caption", str(inputs / "a.png"), str(inputs / "b.jpg"), "-o", str(out), "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [r["source"] for r in read_jsonl(out)] == [str(inputs / "a.png"), str(inputs / "b.jpg")]
+    assert read_jsonl(out)[0] == first[0]
+    sampled = tmp_path / "sampled.jsonl"
+    assert cli("caption", str(inputs / "a.png"), "-o", str(sampled), "--temperature", "1", "--seed", "7").ok()
+    assert read_jsonl(sampled)[0]["settings"]["seed"] == 7
+
+
 @pytest.mark.slow
 def test_a_cached_model_loads_at_once_without_a_network(inputs, tiny_model, tmp_path):
     """A Hub id already in the cache, the Hub unreachable: the cached copy, no retries."""

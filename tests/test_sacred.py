@@ -198,6 +198,53 @@ def test_8_a_closed_stdout_and_an_ascii_locale(tiny_model, shots, tmp_path):
     assert result.returncode == 0 and json.loads(result.stdout.decode("utf-8"))["source"] == str(emoji)
 
 
+#: The CLI, with a library under it that writes to file descriptor 2 itself (as C libraries do)
+#: whenever it opens a picture, and tells (on stdout, which the run leaves alone with -o) where
+#: descriptors 0 and 2 lead at that moment.
+LOUD_LIBRARY = """
+import contextlib, os, runpy, sys
+from PIL import Image
+real = Image.open
+def loud(*args, **kwargs):
+    with contextlib.suppress(OSError):
+        os.write(2, b"written to fd 2\\n")
+    for fd in (0, 2):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = "closed"
+        os.write(1, f"{fd} {target}\\n".encode())
+    return real(*args, **kwargs)
+Image.open = loud
+sys.argv[0] = "granite-vision"
+runpy.run_module("granite_cli", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_closed_stdin_and_stderr_take_none_of_our_files(tiny_model, shots, tmp_path):
+    """`caption ... -o out.jsonl <&- 2>&-`: the numbers 0 and 2 are held (on /dev/null), so the
+    files a run opens (its output, its lock, its journal) never take them, and whatever writes to
+    "stderr" (a library, a child process) cannot land in one: the output holds its records."""
+    out = tmp_path / "out.jsonl"
+    command = ["caption", str(shots), str(shots / "missing.png"), "-o", str(out), "--batch-size", "1"]
+
+    def close_0_and_2():
+        os.close(0)
+        os.close(2)
+
+    result = subprocess.run(
+        [sys.executable, "-c", LOUD_LIBRARY, *command, "--model", str(tiny_model), "--max-new-tokens", MAX_NEW],
+        stdout=subprocess.PIPE, preexec_fn=close_0_and_2, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    seen = set(result.stdout.decode().splitlines())
+    assert seen == {"0 /dev/null", "2 /dev/null"}, seen
+    records = read_jsonl(out)
+    assert len(records) == 5 and sum(r["error"] is not None for r in records) == 1
+    assert b"written to fd 2" not in out.read_bytes()
+
+
 def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tmp_path):
     from PIL import Image
 
@@ -532,7 +579,11 @@ def test_19_the_format_comes_from_the_outputs_ending(cli, shots, tmp_path):
 
 def test_20_an_html_report_on_stdout_says_why_it_has_no_pictures(cli, shots):
     result = cli("caption", str(shots / "s0.png"), "-f", "html")
-    assert result.exit_code == 0 and "shows no pictures" in result.stderr
+    warned = (
+        "warning: an HTML report on stdout shows no pictures: they are linked from the report's own folder;"
+        " write it to a file (-o report.html) to see them"
+    )
+    assert result.exit_code == 0 and warned in result.stderr.splitlines()
     assert "Pictures show only in a report written to a file" in result.stdout
 
 
@@ -942,6 +993,10 @@ def test_library_errors_speak_python(tiny_model, shots):
         ([shots / "s0.png"], {"format": "xml"}, "format='xml': expected one of jsonl|markdown|csv|imagefolder|html"),
         ([shots / "s0.png"], {"cache": "Warm"}, "cache='warm': expected one of auto|dynamic|static"),
         ([shots / "s0.png"], {"pdf_renderer": "mupdf"}, "pdf_renderer='mupdf': expected one of pypdfium2|poppler"),
+        ([shots / "s0.png"], {"dpi": 20}, "dpi=20: expected at least 36 and at most 1200"),
+        ([shots / "s0.png"], {"dpi": 1201}, "dpi=1201: expected at least 36 and at most 1200"),
+        ([shots / "s0.png"], {"max_tiles": 1}, "max_tiles=1: expected at least 2"),
+        ([shots / "s0.png"], {"pages": [True, 3]}, "pages=[True, 3]: expected text or None"),
         ([shots / "s0.png"], {"format": "markdown", "output": "r.html"},
          "format markdown, but output r.html ends in .html, which is html; leave out format, or name the output *.md"),
     ]:  # fmt: skip
@@ -961,6 +1016,16 @@ def test_the_library_takes_one_picture_or_an_output_path_as_python_gives_them(ti
     written = granite_cli.caption([shots / "s0.png"], output=tmp_path / "out.jsonl", **model)
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [r.source for r in written.records] == [json.loads(line)["source"] for line in lines]
+
+
+def test_the_library_takes_a_model_folder_as_a_path_and_the_bounds_themselves(tiny_model, shots):
+    """`model=Path(...)` loads like the string and is recorded as the string; a value at a bound
+    (dpi=1200, max_tiles=2) is allowed, only beyond it refused."""
+    from pathlib import Path
+
+    result = granite_cli.caption([shots / "s0.png"], model=Path(tiny_model), max_new_tokens=3, dpi=1200, max_tiles=2)
+    assert result.exit_code == 0 and result.records[0].model == str(tiny_model)
+    assert type(result.records[0].model) is str and json.loads(result.records[0].to_json())["model"] == str(tiny_model)
 
 
 # --------------------------------------------------------------------------- found by generated mutants
