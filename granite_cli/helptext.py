@@ -45,11 +45,11 @@ class Group(TyperGroup):
         _write_help(formatter, ctx, "[OPTIONS] COMMAND [ARGS]...", sections)
 
     def make_context(self, *args, **kwargs):
-        with _reader_gone():  # --help and --version print while the arguments are parsed
+        with _process_endings():  # --help and --version print while the arguments are parsed
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx):
-        with _reader_gone():
+        with _process_endings():
             return super().invoke(ctx)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -63,21 +63,23 @@ class Group(TyperGroup):
             else:
                 print(f"error: {_one_line(exc, args)}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        except typer.Abort:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
         sys.exit(code or 0)
 
 
 @contextlib.contextmanager
-def _reader_gone():
+def _process_endings():
     """stdout's reader gone (`--version | head -c0`): end as a writer to a closed pipe does, 141,
-    silently; click would say nothing and exit 1, as if the command had failed."""
+    silently; click would say nothing and exit 1, as if the command had failed. And a Ctrl-C
+    before a command's own body runs (the group's set-up), where typer would end silently with
+    130: "interrupted", as a command says it."""
     try:
         yield
     except BrokenPipeError:
         silence_stdout()
         raise typer.Exit(141) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        raise typer.Exit(130) from None
 
 
 def _write_help(formatter, ctx, usage: str, sections: list[tuple[str, list[tuple[str, str]]]]) -> None:

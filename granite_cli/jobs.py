@@ -108,6 +108,8 @@ class Options:
                 raise UsageError(f"{self.given(name, value)}: expected {bounds}")
         for name in TEXTS:
             _check_text(self, name, getattr(self, name, None))
+        if self.schema is not None and self.json_object:
+            raise UsageError(f"{self.option('schema')} and {self.option('json_object')}: give one of them")
 
     def option(self, name: str) -> str:
         """A field as the caller spells it: `--max-new-tokens` on the command line, else

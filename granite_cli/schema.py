@@ -79,13 +79,12 @@ class OutputSchema:
 
 
 def load(spec: str | None, json_object: bool = False) -> OutputSchema | None:
-    """The schema named by --schema (file, inline JSON or compact form) or --json-object, checked
-    now — before any model loads — for validity and for what xgrammar can compile."""
+    """The schema named by --schema (file, inline JSON or compact form) or --json-object (the job
+    has refused both at once), checked now — before any model loads — for validity and for what
+    xgrammar can compile."""
     if spec is None and not json_object:
         return None
-    if spec is not None and json_object:
-        raise UsageError("--schema and --json-object: give one of them")
-    schema = {"type": "object"} if json_object else parse(spec or "")
+    schema = {"type": "object"} if json_object else parse(spec)
     _check(schema, spec or "--json-object")
     return OutputSchema(schema, json.dumps(schema))  # key order kept: it is the output field order
 

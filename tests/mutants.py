@@ -69,8 +69,10 @@ MODELS = WORK / "models"
 class Module:
     name: str
     seconds: float = 0.0
-    """Test time its mutants cost: mutmut's estimate (the tests that reach each mutant's function,
-    at their measured durations; a killed mutant stops at its first failing test, so less)."""
+    """Wall time its timed mutants took, each from its submission to its verdict (one worker's
+    time: with two at once, a run takes about half)."""
+    timed: int = 0
+    """Mutants whose time was measured (runs before the timing was added have none)."""
     killed: list[str] = field(default_factory=list)
     survived: list[str] = field(default_factory=list)
     equivalent: list[str] = field(default_factory=list)
@@ -303,13 +305,26 @@ def fastest_first() -> None:
                 return None
             durations, killers = state().duration_by_test, killers_of(function_key(mutant_name))
             tests = sorted(tests, key=lambda test: (test not in killers, durations.get(test, float("inf")), test))
+            started[mutant_name] = time.monotonic()
             return submit(self, mutant_name, tests, *args, **kwargs)
 
         return submit_ordered
 
+    def timed(wait):
+        def wait_timed(self, *args, **kwargs):
+            result = wait(self, *args, **kwargs)
+            begun = started.pop(result.mutant_name, None)
+            if not result.duration and begun is not None:
+                result.duration = time.monotonic() - begun
+            return result
+
+        return wait_timed
+
+    started: dict[str, float] = {}  # mutmut's fork-server runner reports no time: measured here
     for runner in vars(isolation).values():
         if isinstance(runner, type) and "submit" in vars(runner):
             runner.submit = ordered(runner.submit)
+            runner.wait_for_result = timed(runner.wait_for_result)
 
 
 def killers_of(function: tuple[str, str], _seen: dict = {}) -> set[str]:  # noqa: B006 - the cache
@@ -434,9 +449,8 @@ def results() -> dict[str, Module]:
             continue
         data = json.loads(meta.read_text())
         module = modules.setdefault(path, Module(path))
-        module.seconds = sum(data.get("durations_by_key", {}).values()) or sum(
-            data.get("estimated_durations_by_key", {}).values()
-        )
+        timed = [seconds for seconds in data.get("durations_by_key", {}).values() if seconds]
+        module.seconds, module.timed = sum(timed), len(timed)
         for name, code in data.get("exit_code_by_key", {}).items():
             code = slow.get(name) if code in SURVIVED | NO_TEST and name in slow else code
             if code in KILLED:
@@ -505,7 +519,7 @@ def is_equivalent(name: str, path: str, equivalents: list[dict]) -> bool:
 
 
 HEADER = [
-    "| module | killed / counted | score | target | survivors | no test | equivalent | not run | time (est.) |",
+    "| module | killed / counted | score | target | survivors | no test | equivalent | not run | time (timed) |",
     "|---|---|---|---|---|---|---|---|---|",
 ]
 
@@ -518,8 +532,23 @@ def row(module: Module) -> str:
     return (
         f"| {name} | {len(module.killed)} / {module.counted} | {score} | {target:.0%}"
         f" | {len(module.survived)} | {len(module.untested)} | {len(module.equivalent)} | {len(module.pending)}"
-        f" | {module.seconds / 60:.0f} min |"
+        f" | {f'{module.seconds / 60:.1f} min ({module.timed})' if module.timed else '–'} |"
     )
+
+
+def full_run_hours(modules: dict[str, Module], jobs: int = 2) -> float | None:
+    """A whole run's hours, `jobs` at once, from the measured time per mutant of each module (the
+    mean of all timed mutants for a module with none timed): every mutant that must run (not the
+    listed equivalents, not those no test reaches)."""
+    timed = sum(m.timed for m in modules.values())
+    if not timed:
+        return None
+    mean = sum(m.seconds for m in modules.values()) / timed
+    seconds = sum(
+        (len(m.killed) + len(m.survived) + len(m.pending)) * (m.seconds / m.timed if m.timed else mean)
+        for m in modules.values()
+    )
+    return seconds / jobs / 3600
 
 
 def table(modules: dict[str, Module], earlier: dict[str, str] | None = None) -> str:
@@ -532,7 +561,9 @@ def table(modules: dict[str, Module], earlier: dict[str, str] | None = None) -> 
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         done, total = (int(n) for n in cells[1].split("/"))
         killed, counted, pending = killed + done, counted + total, pending + int(cells[7])
-    total_row = f"| **all** | {killed} / {counted} | {killed / max(counted, 1):.0%} | | | | | {pending} | |"
+    hours = full_run_hours(modules)
+    whole = f"a full run ≈ {hours:.1f} h, 2 at once" if hours is not None else ""
+    total_row = f"| **all** | {killed} / {counted} | {killed / max(counted, 1):.0%} | | | | | {pending} | {whole} |"
     return "\n".join([*HEADER, *(rows[name] for name in sorted(rows)), total_row])
 
 

@@ -323,6 +323,8 @@ def test_group_help_lists_each_command_with_the_line_its_help_starts_with(cli):
         "-h, --help": "Show this message and exit.",
     }
     assert list(sections) == ["Commands", "Options"]
+    bare = cli(env={"COLUMNS": "60"})  # `granite-vision` alone: the same help, as a usage error's exit code
+    assert (bare.exit_code, bare.stdout, bare.stderr) == (2, text, "")
     assert epilog == [
         "Examples:",
         "  granite-vision ask photo.jpg 'What is shown?'",

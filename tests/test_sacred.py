@@ -1260,6 +1260,19 @@ def test_ctrl_c_while_the_model_loads_with_records_going_to_stdout_ends_as_an_in
     assert (result.exit_code, result.stdout) == (130, "") and result.stderr.strip().endswith("interrupted")
 
 
+def test_ctrl_c_before_any_command_runs_is_the_same_interruption(cli, monkeypatch):
+    """A Ctrl-C while the command line is still being read (the group's own set-up, before any
+    command's body): not click's "Aborted!" and exit 1, but ours: "interrupted", exit 130."""
+    from granite_cli import cli as commands
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "_configure_process", interrupted)
+    result = cli("info")
+    assert (result.exit_code, result.stdout, result.stderr.strip()) == (130, "", "interrupted")
+
+
 def test_a_stream_output_that_fails_before_its_first_record_is_abandoned_quietly(tmp_path):
     """A run that fails before writing anything to stdout or a named pipe: abandoning the output
     closes nothing it did not open (the original error is what the user sees)."""

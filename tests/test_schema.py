@@ -110,6 +110,18 @@ def test_json_object_mode(cli, pictures):
         assert record["answer"].startswith("{") and record["finish_reason"] == "stop"
 
 
+def test_a_schema_and_any_json_object_at_once_are_refused_in_the_callers_words(cli, pictures, tiny_model):
+    import granite_cli
+    from granite_cli.errors import UsageError
+
+    both = cli("caption", str(pictures[0]), "--schema", "title", "--json-object")
+    assert (both.exit_code, both.stdout) == (2, "")
+    assert both.stderr == "error: --schema and --json-object: give one of them\n"
+    with pytest.raises(UsageError) as refused:
+        granite_cli.ask(pictures[0], "Fields?", schema="title", json_object=True, model=str(tiny_model))
+    assert str(refused.value) == "schema and json_object: give one of them"
+
+
 def test_batched_structured_answers_equal_one_by_one(cli, pictures):
     schema = json.dumps(SCHEMAS["nested"])
     one = cli("caption", *pictures, "--schema", schema, "--batch-size", "1", "--max-new-tokens", "120").answered(6)

@@ -21,7 +21,7 @@ FOLDER_FILES = (
 )
 
 
-def model_name(value: str, where: str = "--model") -> str:
+def model_name(value: str, where: str) -> str:
     """The model to load, checked before anything heavy: a local folder by its absolute path (so
     records and --resume know it however it was spelled), or a well-formed Hub id as given.
     `where` says which option or variable the value came from, for the error line."""
