@@ -1260,6 +1260,30 @@ def test_ctrl_c_while_the_model_loads_with_records_going_to_stdout_ends_as_an_in
     assert (result.exit_code, result.stdout) == (130, "") and result.stderr.strip().endswith("interrupted")
 
 
+def test_a_second_ctrl_c_mid_batch_stops_at_once_keeping_the_finished_batches(cli, shots, monkeypatch, tmp_path):
+    """The second Ctrl-C (a KeyboardInterrupt while a batch runs): the run ends at once as
+    interrupted, exit 130, the batches finished before it written, and --resume takes the rest."""
+    from granite_cli.engine import hf
+
+    real, calls = hf.HfEngine.run, []
+
+    def run(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(hf.HfEngine, "run", run)
+    out = tmp_path / "out.jsonl"
+    result = cli("caption", str(shots), "-o", str(out), "--batch-size", "2")
+    assert result.exit_code == 130 and "interrupted: 2 of 4 answered" in result.stderr, result.stderr
+    first = read_jsonl(out)
+    assert len(first) == 2 and all(r["answer"] is not None for r in first)  # one batch (by size)
+    resumed = cli("caption", str(shots), "-o", str(out), "--batch-size", "2", "--resume")
+    assert resumed.exit_code == 0 and "2 answered before, 2 to run" in resumed.stderr
+    assert sorted(Path(r["source"]).name for r in read_jsonl(out)) == ["s0.png", "s1.png", "s2.png", "s3.png"]
+
+
 def test_ctrl_c_before_any_command_runs_is_the_same_interruption(cli, monkeypatch):
     """A Ctrl-C while the command line is still being read (the group's own set-up, before any
     command's body): not click's "Aborted!" and exit 1, but ours: "interrupted", exit 130."""
