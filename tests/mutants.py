@@ -61,6 +61,9 @@ TEMP_ROOT = WORK / "tmp"
 #: Which test killed which mutant (the conftest writes it): kept between runs, so that each
 #: mutant runs first the tests that killed its function's other mutants.
 KILLERS = WORK / "killers.tsv"
+#: While a --recheck runs: the tests that existed when the survivors survived. The others, new
+#: since, are the likeliest to kill them, and run first.
+OLD_TESTS = WORK / "old-tests.json"
 #: The tiny models every test session of these runs shares (built once: thousands of sessions).
 MODELS = WORK / "models"
 
@@ -155,9 +158,10 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     if chosen.exists() and json.loads(chosen.read_text()) != modules:
         (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     sync()
-    for module in modules:  # mutmut takes a plain copy (left by a run over other modules) for "unmodified"
-        if not mutated(module):
-            (WORK / "mutants" / module).unlink(missing_ok=True)
+    for module in modules:  # mutmut takes a plain copy (left by a run over other modules) for "unmodified",
+        copy = WORK / "mutants" / module  # and a mutated copy without its result file for done: made again
+        if not mutated(module) or not Path(f"{copy}.meta").exists():
+            copy.unlink(missing_ok=True)
     chosen.write_text(json.dumps(modules))
     configure(modules, jobs)
     for family in ("llava_next", "granite4_vision"):
@@ -201,10 +205,16 @@ def recheck(jobs: int) -> float:
     since (mutmut forgets their verdicts when it makes them again); every other verdict stays.
     The same selection of modules as the last run, and the map of tests made afresh."""
     chosen = json.loads((WORK / "modules.json").read_text())
-    (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    stats = WORK / "mutants" / "mutmut-stats.json"
+    if stats.exists():  # the tests the survivors ran against: any other test is new, and runs first
+        OLD_TESTS.write_text(json.dumps(sorted(json.loads(stats.read_text())["duration_by_test"])))
+    stats.unlink(missing_ok=True)
     before, decided = function_hashes(), set(verdicts(WORK / "mutants"))
     again = [name for m in results().values() for name in m.survived + m.untested]
-    seconds = run(chosen, jobs, again)
+    try:
+        seconds = run(chosen, jobs, again)
+    finally:
+        OLD_TESTS.unlink(missing_ok=True)
     changed = {key for key, value in function_hashes().items() if before.get(key) != value}
     pending = [  # what mutmut forgot (it forgets a changed file's verdicts), and what changed
         name
@@ -285,7 +295,8 @@ def atomic_results() -> None:
 
 def fastest_first() -> None:
     """Each mutant's tests in order: first those that killed another mutant of its function (in
-    this run or an earlier one: `KILLERS`), then by measured duration, the quickest first. pytest
+    this run or an earlier one: `KILLERS`), then, in a --recheck, the tests added since the
+    survivors survived, then by measured duration, the quickest first. pytest
     stops at the first failure (`-x`), so a killed mutant (most of them) costs one test that kills
     it instead of a random share of every test that reaches its function (mutmut hands them over
     in a set's order). A survivor still runs them all, and so would a listed equivalent, every run:
@@ -304,7 +315,9 @@ def fastest_first() -> None:
                 self._no_tests_results.append(isolation.MutantResult(mutant_name=mutant_name, exit_code=0, duration=0))
                 return None
             durations, killers = state().duration_by_test, killers_of(function_key(mutant_name))
-            tests = sorted(tests, key=lambda test: (test not in killers, durations.get(test, float("inf")), test))
+            tests = sorted(
+                tests, key=lambda test: (test not in killers, test in old, durations.get(test, float("inf")), test)
+            )
             started[mutant_name] = time.monotonic()
             return submit(self, mutant_name, tests, *args, **kwargs)
 
@@ -321,6 +334,7 @@ def fastest_first() -> None:
         return wait_timed
 
     started: dict[str, float] = {}  # mutmut's fork-server runner reports no time: measured here
+    old = set(json.loads(OLD_TESTS.read_text())) if OLD_TESTS.exists() else set()
     for runner in vars(isolation).values():
         if isinstance(runner, type) and "submit" in vars(runner):
             runner.submit = ordered(runner.submit)

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import make_pdf, minimal_pdf, noise, seen_picture, seen_size
+from helpers import deadline, make_pdf, minimal_pdf, noise, seen_picture, seen_size
 from PIL import Image, ImageChops
 
 from granite_cli.readers import poppler_available
@@ -423,6 +423,51 @@ def test_the_skipped_count_counts_files_not_links(cli, tmp_path):
     assert "skipped 2 file(s) of unsupported type inside folders (--verbose lists them)" in result.stderr
     verbose = cli("caption", str(root), "--verbose")
     assert f"skipped: {root / 'elsewhere' / 'also.heic'}" in verbose.stderr and "notes.txt" not in verbose.stderr
+
+
+def test_a_stop_reads_no_more_pictures_than_were_already_under_way(tiny_model, tmp_path, monkeypatch):
+    """Ctrl-C in a run of many pictures: the run ends after its batch without reading the rest of
+    the input first (a folder of 100 000 pictures must not be read through before it stops), and
+    at once, whether the reading stage had batches waiting or was in the middle of reading (here
+    pictures are slow to read, so it is)."""
+    import contextlib
+    import threading
+    import time
+
+    from granite_cli import pipeline
+    from granite_cli.api import Stop, run_caption
+    from granite_cli.jobs import CaptionJob
+    from granite_cli.ui import Reporter
+
+    for i in range(40):
+        noise(30, 30, i).save(tmp_path / f"p{i:02d}.png")
+    read, reading, real, lock = [], [], pipeline.load_item, threading.Lock()
+
+    def slow_load(*args, **kwargs):
+        with lock:
+            read.append(1)
+            reading.append(1)
+        try:
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                reading.pop()
+
+    monkeypatch.setattr(pipeline, "load_item", slow_load)
+    stop = Stop()
+
+    class StopAfterFirst(Reporter):
+        @contextlib.contextmanager
+        def progress(self, total):
+            yield lambda record: stop.event.set()
+
+    job = CaptionJob(sources=[str(tmp_path)], model=str(tiny_model), device="cpu", max_new_tokens=2, batch_size=1)
+    with deadline(60):
+        result = run_caption(job, stop=stop, reporter=StopAfterFirst(quiet=True))
+    assert (result.stopped, result.answered) == (True, 1)
+    assert len(read) <= 3 * pipeline.WINDOW_BATCHES, len(read)  # the windows under way, not the 40
+    assert reading == []  # and nothing still reads the user's files once the run has returned
 
 
 def test_a_stop_asked_for_ends_the_run_after_its_batch_and_says_so(tiny_model, tmp_path):
