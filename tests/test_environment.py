@@ -45,6 +45,20 @@ def test_versions_compare_by_release():
     assert environment.release("5.17.0") < environment.release("5.24") < environment.release("5.24.1")
     assert environment.release("5.25.0.dev0") > environment.release("5.24.0")
     assert environment.release("10.3.0") > environment.release("9.5.0")
+    assert environment.release("5") == (5, 0) == environment.release("5.0.0") < environment.release("5.0.1")
+    assert environment.release("unknown") == (0, 0)  # a version that names no release: older than any
+
+
+def test_every_problem_of_an_environment_is_counted_in_its_one_line(cli, monkeypatch, tmp_path):
+    """The first problem is the line; the others are counted, and `info` lists them all."""
+    noise(40, 40).save(tmp_path / "a.png")
+    old = 'transformers 5.17.0 is installed; granite-vision needs >= 5.24.0 (pip install -U "transformers>=5.24.0")'
+    installed(monkeypatch, transformers="5.17.0")
+    one = cli("caption", str(tmp_path / "a.png"))
+    assert (one.exit_code, one.stderr) == (2, f"error: {old}\n")
+    installed(monkeypatch, transformers="5.17.0", accelerate=None, pillow="9.0.0")
+    three = cli("caption", str(tmp_path / "a.png"))
+    assert (three.exit_code, three.stderr) == (2, f"error: {old} (and 2 more: see `granite-vision info`)\n")
 
 
 # --------------------------------------------------------------------------- one line before any work
