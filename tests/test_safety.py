@@ -64,6 +64,11 @@ def test_an_output_that_is_an_input_is_refused_by_identity(cli, photos, tmp_path
             " Hint: name the output file, e.g. -o captions.jsonl"
         ), line
     assert tree_hashes(photos) == before
+    make_pdf(photos / "doc.pdf", 2)  # an input that is itself an error (no page of it selected)
+    refused = cli("caption", "doc.pdf", "--pages", "9", "-o", "doc.pdf", model=broken_model)
+    assert refused.exit_code == 2 and one_error_line(refused.stderr).endswith(
+        "is one of the inputs (doc.pdf); refusing to write over it. Hint: name the output file, e.g. -o captions.jsonl"
+    ), refused.stderr
 
 
 def test_an_output_that_cannot_even_be_looked_at_is_one_line_naming_it(cli, photos, tmp_path, broken_model):
