@@ -12,6 +12,7 @@ special file the user names on purpose (`<(curl ...)`, `/dev/stdin`) is read, as
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import stat
@@ -248,8 +249,8 @@ def _stat(name: str) -> os.stat_result | OSError:
         return os.stat(name)
     except OSError as exc:
         return exc
-    except ValueError as exc:  # an embedded NUL
-        return OSError(0, str(exc))
+    except ValueError:  # an embedded NUL (a library caller's string: no command line or path list holds one)
+        return OSError(errno.EINVAL, "a name with a NUL character names no file")
 
 
 def walk(root: Path) -> Iterator[tuple[Path, os.stat_result | OSError]]:

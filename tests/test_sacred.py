@@ -794,6 +794,35 @@ def test_a_fifo_named_as_an_input_cannot_be_resumed_into(cli, shots, tmp_path):
     assert len(read_jsonl(out)) == 1
 
 
+def test_a_pdf_through_a_named_pipe_takes_pages_like_a_file(cli, tmp_path):
+    """`caption <(cat doc.pdf) --pages 2`: a document read from a pipe is still a document whose
+    pages are chosen."""
+    import threading
+
+    fifo = tmp_path / "doc.pdf"
+    os.mkfifo(fifo)
+    data = make_pdf(tmp_path / "real.pdf", 3).read_bytes()
+    feeder = threading.Thread(target=fifo.write_bytes, args=(data,), daemon=True)
+    feeder.start()
+    result = cli("caption", str(fifo), "--pages", "2")
+    feeder.join(10)
+    assert [(r["source"], r["page"]) for r in result.answered(1)] == [(str(fifo), 2)]
+
+
+def test_a_name_with_a_nul_is_one_record_and_a_repeated_picture_is_counted(cli, shots, tiny_model):
+    """A library caller's name holding a NUL character names no file: its record says so (no
+    command line can pass one). A picture named twice is answered once, and the note counts it."""
+    nul = f"{shots}/s0\0.png"
+    result = granite_cli.caption([nul, shots / "s1.png"], model=str(tiny_model), max_new_tokens=3)
+    assert [(r.source, r.error) for r in result.records] == [
+        (nul, "a name with a NUL character names no file (EINVAL)"),
+        (str(shots / "s1.png"), None),
+    ]
+    twice = cli("caption", str(shots / "s0.png"), str(shots / "s1.png"), str(shots / "s0.png"))
+    assert len(twice.answered(2)) == 2
+    assert "1 picture(s) named more than once: each is captioned once" in twice.stderr.splitlines()
+
+
 def test_an_output_that_is_a_pipe_gets_every_record_in_utf8_then_its_end(cli, shots, tmp_path):
     """`-o fifo` read by another program: the records as UTF-8 whatever the locale says, then
     end of file when the run ends (the program reading it is not left waiting)."""
