@@ -326,8 +326,32 @@ def test_nothing_to_do_is_exit_2(cli, tmp_path):
     for args in ([str(tmp_path / "*.png")], [str(tmp_path / "empty")]):
         result = cli("caption", *args)
         assert result.exit_code == 2
-        assert "matched no supported file" in result.stderr and "nothing to caption" in result.stderr
-        assert result.stdout == ""
+        assert f"warning: {args[0]}: matched no supported file" in result.stderr.splitlines()
+        assert "nothing to caption" in result.stderr and result.stdout == ""
+
+
+def test_pages_choose_the_pages_of_documents_named_on_stdin_and_by_url(cli, http_root, tmp_path):
+    """--pages applies to every document however it is named: a path read from stdin (`find |
+    caption -`), or an http(s) URL."""
+    base, folder = http_root
+    make_pdf(folder / "doc.pdf", 3)
+    listed = cli("caption", "-", "--pages", "2", input=f"{folder / 'doc.pdf'}\n")
+    assert [(r["source"], r["page"]) for r in listed.answered(1)] == [(str(folder / "doc.pdf"), 2)]
+    fetched = cli("caption", f"{base}/doc.pdf", "--pages", "3")
+    assert [(r["source"], r["page"]) for r in fetched.answered(1)] == [(f"{base}/doc.pdf", 3)]
+
+
+def test_a_library_caller_hands_over_the_stream_that_dash_reads(tiny_model, tmp_path):
+    """`run_caption(job, stdin=...)`: `-` reads the paths from the stream given, not the process's."""
+    import io
+
+    from granite_cli.api import run_caption
+    from granite_cli.jobs import CaptionJob
+
+    noise(40, 40).save(tmp_path / "a.png")
+    job = CaptionJob(sources=["-"], model=str(tiny_model), max_new_tokens=2)
+    result = run_caption(job, stdin=io.BytesIO(f"{tmp_path / 'a.png'}\n".encode()))
+    assert [(r.source, r.error) for r in result.records] == [(str(tmp_path / "a.png"), None)]
 
 
 def test_symlink_loops_and_broken_links_are_safe(cli, tmp_path):
