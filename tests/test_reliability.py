@@ -72,6 +72,61 @@ def test_legitimately_large_image_is_shrunk_while_decoding(cli, tmp_path, tiny_m
     assert [(r["width"], r["height"]) for r in caption_records(cli, str(tmp_path / "big.jpg"))[1]] == [(4000, 4000)]
 
 
+@pytest.mark.parametrize(
+    ("turned", "shown", "decoded"),
+    [(False, (6000, 4000), (1500, 1000)), (True, (6000, 4000), (1500, 1000)), (True, (7000, 5600), (1750, 1400))],
+)
+def test_a_huge_jpeg_is_decoded_at_the_smallest_scale_that_covers_what_the_model_uses(
+    tmp_path, monkeypatch, turned, shown, decoded
+):
+    """A photo of 24 or 39 megapixels, stored sideways with an EXIF turn or not, for a model
+    that uses 1008 x 672 of it as shown: the JPEG decoder gives the smallest of its 1/2, 1/4 and
+    1/8 scales that still covers that size in the file's own orientation (1/4 here; 1/8 would
+    fall short on one side), never a larger bitmap; then it is turned upright and resized to
+    exactly the size used. A picture of exactly 16 megapixels (the threshold) is decoded whole."""
+    from granite_cli.pictures import LARGE_PIXELS, decode
+
+    stored = shown[::-1] if turned else shown
+    exif = Image.Exif()
+    exif[0x0112] = 6 if turned else 1  # 6: stored a quarter turn from how it is shown
+    Image.new("RGB", stored, (20, 120, 200)).save(tmp_path / "huge.jpg", quality=80, exif=exif)
+    resized_from: list[tuple[int, int]] = []
+    real_resize = Image.Image.resize
+
+    def resize(self, size, *args, **kwargs):
+        resized_from.append(self.size)
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    with Image.open(tmp_path / "huge.jpg") as image:
+        picture = decode(image, lambda width, height: (1008, 672) if width > height else (672, 1008))
+    assert picture.size == (1008, 672) and resized_from == [decoded]
+    side = int(LARGE_PIXELS**0.5)
+    Image.new("RGB", (side, side)).save(tmp_path / "threshold.jpg")
+    resized_from.clear()
+    with Image.open(tmp_path / "threshold.jpg") as image:
+        assert decode(image, lambda width, height: (672, 672)).size == (side, side)
+    assert resized_from == []  # whole, left to the processor to resize
+
+
+def test_a_huge_jpeg_read_again_by_its_reader_is_the_whole_picture_again(tmp_path):
+    """A reader that has drawn a huge JPEG (decoded small, in draft mode) and is asked again for
+    its size or its pixels reads the file anew: the size is the picture's own, not the draft's,
+    and the second drawing equals the first."""
+    from granite_cli.readers import ReadOptions, open_document
+
+    Image.new("RGB", (6000, 4000), (20, 120, 200)).save(tmp_path / "huge.jpg", quality=80)
+    fit = lambda width, height: (1008, 672)  # noqa: E731
+    document = open_document(tmp_path / "huge.jpg", ReadOptions())
+    try:
+        first = document.render(None, fit)
+        assert document.page_size(None) == (6000, 4000)
+        second = document.render(None, fit)
+        assert first.size == second.size == (1008, 672) and first.tobytes() == second.tobytes()
+    finally:
+        document.close()
+
+
 def test_empty_and_truncated_files(cli, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "empty.pdf").write_bytes(b"")
