@@ -127,6 +127,21 @@ def test_a_huge_jpeg_read_again_by_its_reader_is_the_whole_picture_again(tmp_pat
         document.close()
 
 
+def test_a_picture_whose_exif_cannot_be_read_is_taken_unturned(cli, tmp_path):
+    """An EXIF block that is not TIFF data at all (PIL raises reading it): the picture is what
+    its pixels are, not turned, by the reader's size (which plans the batches) as by its record."""
+    from granite_cli.readers import ReadOptions, open_document
+
+    Image.new("RGB", (60, 30), "red").save(tmp_path / "odd.png", exif=b"XX*\0garbage")
+    document = open_document(tmp_path / "odd.png", ReadOptions())
+    try:
+        assert document.page_size(None) == (60, 30)
+    finally:
+        document.close()
+    record = cli("caption", str(tmp_path / "odd.png")).answered(1)[0]
+    assert (record["width"], record["height"]) == (60, 30)
+
+
 def test_empty_and_truncated_files(cli, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "empty.pdf").write_bytes(b"")
