@@ -142,6 +142,22 @@ def test_a_picture_whose_exif_cannot_be_read_is_taken_unturned(cli, tmp_path):
     assert (record["width"], record["height"]) == (60, 30)
 
 
+def test_a_picture_refused_from_its_header_says_exactly_why(cli, tmp_path):
+    """--max-pixels is the most a picture may claim (that many is read); over it, and a header
+    cut short, each is refused in words that say what to do."""
+    (tmp_path / "at.png").write_bytes(bomb_png(1000, 1000))
+    (tmp_path / "over.png").write_bytes(bomb_png(1000, 1001))
+    (tmp_path / "cut.png").write_bytes(bomb_png(10, 10)[:20])
+    names = [str(tmp_path / name) for name in ("at.png", "over.png", "cut.png")]
+    _, records = caption_records(cli, *names, "--max-pixels", "1000000")
+    assert records[0]["error"].startswith("corrupt or truncated image (image file is truncated")  # read: no pixels
+    assert [r["error"] for r in records[1:]] == [
+        "image claims 1000x1001 = 1,001,000 pixels, over the limit of 1,000,000 (a decompression bomb?);"
+        " raise --max-pixels to read it",
+        "corrupt or truncated image (Truncated File Read)",
+    ]
+
+
 def test_empty_and_truncated_files(cli, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "empty.pdf").write_bytes(b"")
