@@ -76,6 +76,9 @@ class Module:
     time: with two at once, a run takes about half)."""
     timed: int = 0
     """Mutants whose time was measured (runs before the timing was added have none)."""
+    survivor_seconds: float = 0.0
+    survivors_timed: int = 0
+    """Of those, the survivors: a survivor runs every test that reaches it, a killed mutant one."""
     killed: list[str] = field(default_factory=list)
     survived: list[str] = field(default_factory=list)
     equivalent: list[str] = field(default_factory=list)
@@ -463,8 +466,10 @@ def results() -> dict[str, Module]:
             continue
         data = json.loads(meta.read_text())
         module = modules.setdefault(path, Module(path))
-        timed = [seconds for seconds in data.get("durations_by_key", {}).values() if seconds]
-        module.seconds, module.timed = sum(timed), len(timed)
+        durations = {name: seconds for name, seconds in data.get("durations_by_key", {}).items() if seconds}
+        module.seconds, module.timed = sum(durations.values()), len(durations)
+        lived = [seconds for name, seconds in durations.items() if data["exit_code_by_key"].get(name) in SURVIVED]
+        module.survivor_seconds, module.survivors_timed = sum(lived), len(lived)
         for name, code in data.get("exit_code_by_key", {}).items():
             code = slow.get(name) if code in SURVIVED | NO_TEST and name in slow else code
             if code in KILLED:
@@ -551,17 +556,22 @@ def row(module: Module) -> str:
 
 
 def full_run_hours(modules: dict[str, Module], jobs: int = 2) -> float | None:
-    """A whole run's hours, `jobs` at once, from the measured time per mutant of each module (the
-    mean of all timed mutants for a module with none timed): every mutant that must run (not the
-    listed equivalents, not those no test reaches)."""
-    timed = sum(m.timed for m in modules.values())
-    if not timed:
+    """A whole run's hours, `jobs` at once: every mutant that must run (not the listed
+    equivalents, not those no test reaches), a killed one at its module's measured mean for a
+    killed mutant and a survivor at the mean survivor's time (it runs every test that reaches it);
+    where a module has none timed, the means of all; a mutant not run yet counts as killed, as
+    most are."""
+    killed_timed = sum(m.timed - m.survivors_timed for m in modules.values())
+    survivors_timed = sum(m.survivors_timed for m in modules.values())
+    if not killed_timed:
         return None
-    mean = sum(m.seconds for m in modules.values()) / timed
-    seconds = sum(
-        (len(m.killed) + len(m.survived) + len(m.pending)) * (m.seconds / m.timed if m.timed else mean)
-        for m in modules.values()
-    )
+    killed_mean = sum(m.seconds - m.survivor_seconds for m in modules.values()) / killed_timed
+    survivor_mean = sum(m.survivor_seconds for m in modules.values()) / max(survivors_timed, 1)
+    seconds = 0.0
+    for m in modules.values():
+        own = m.timed - m.survivors_timed
+        kill = (m.seconds - m.survivor_seconds) / own if own else killed_mean
+        seconds += (len(m.killed) + len(m.pending)) * kill + len(m.survived) * survivor_mean
     return seconds / jobs / 3600
 
 
