@@ -46,6 +46,19 @@ def test_decompression_bomb_is_refused_from_its_header(cli, tmp_path):
     assert "corrupt or truncated" in relaxed[0]["error"]
 
 
+def resizes_seen(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every picture PIL resizes from here on (the bitmap a decode left)."""
+    seen: list[tuple[int, int]] = []
+    real_resize = Image.Image.resize
+
+    def resize(self, size, *args, **kwargs):
+        seen.append(self.size)
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    return seen
+
+
 def test_legitimately_large_image_is_shrunk_while_decoding(cli, tmp_path, tiny_model, monkeypatch):
     """*While* decoding: the JPEG decoder is asked for a reduced scale (draft mode), so the full
     24-megapixel bitmap is never in memory; only that smaller bitmap is resized to the size the
@@ -53,14 +66,7 @@ def test_legitimately_large_image_is_shrunk_while_decoding(cli, tmp_path, tiny_m
     from granite_cli.engine import load_engine
 
     Image.new("RGB", (6000, 4000), (20, 120, 200)).save(tmp_path / "huge.jpg", quality=80)
-    resized_from: list[tuple[int, int]] = []
-    real_resize = Image.Image.resize
-
-    def resize(self, size, *args, **kwargs):
-        resized_from.append(self.size)
-        return real_resize(self, size, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "resize", resize)
+    resized_from = resizes_seen(monkeypatch)
     engine = load_engine(str(tiny_model), device="cpu")
     fitted = engine.fit(6000, 4000)
     assert seen_size(tmp_path / "huge.jpg", engine) == fitted
@@ -90,14 +96,7 @@ def test_a_huge_jpeg_is_decoded_at_the_smallest_scale_that_covers_what_the_model
     exif = Image.Exif()
     exif[0x0112] = 6 if turned else 1  # 6: stored a quarter turn from how it is shown
     Image.new("RGB", stored, (20, 120, 200)).save(tmp_path / "huge.jpg", quality=80, exif=exif)
-    resized_from: list[tuple[int, int]] = []
-    real_resize = Image.Image.resize
-
-    def resize(self, size, *args, **kwargs):
-        resized_from.append(self.size)
-        return real_resize(self, size, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "resize", resize)
+    resized_from = resizes_seen(monkeypatch)
     with Image.open(tmp_path / "huge.jpg") as image:
         picture = decode(image, lambda width, height: (1008, 672) if width > height else (672, 1008))
     assert picture.size == (1008, 672) and resized_from == [decoded]
