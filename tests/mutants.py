@@ -162,8 +162,11 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
         (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     sync()
     for module in modules:  # mutmut takes a plain copy (left by a run over other modules) for "unmodified",
-        copy = WORK / "mutants" / module  # and a mutated copy without its result file for done: made again
-        if not mutated(module) or not Path(f"{copy}.meta").exists():
+        copy = WORK / "mutants" / module  # and a mutated copy without its result file for done: made again,
+        lost = mutated(module) and not Path(f"{copy}.meta").exists()
+        if lost:  # and the map made afresh: its mutants get new names the old map does not know
+            (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        if lost or not mutated(module):
             copy.unlink(missing_ok=True)
     chosen.write_text(json.dumps(modules))
     configure(modules, jobs)
