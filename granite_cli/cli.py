@@ -95,7 +95,9 @@ app = typer.Typer(
 def _command(func: Callable) -> Callable:
     """Give a command the CLI's error contract, never a traceback: a `UsageError` is one line
     and exit 2; an output that fails is one line and exit 2, or silently 141 when the reader of
-    a pipe went away; Ctrl-C or SIGTERM before any record exists is one line and exit 130."""
+    a pipe went away. Ctrl-C or SIGTERM before any record exists (a KeyboardInterrupt, or the
+    error a library made of it) is one line and exit 130, said where the group ends every
+    interruption (`helptext._process_endings`)."""
 
     @functools.wraps(func)
     def run(*args, **kwargs):
@@ -119,13 +121,9 @@ def _command(func: Callable) -> Callable:
             kept = "; every record written before it is kept (--resume continues)" if exc.resumable else ""
             console.print(f"[red]error:[/] {escape(printable(str(exc)))}{kept}")
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("interrupted")
-            raise typer.Exit(130) from None
         except Exception:
             if INTERRUPTED.is_set():  # a library turned our Ctrl-C into an error of its own (a lazy import's)
-                console.print("interrupted")
-                raise typer.Exit(130) from None
+                raise KeyboardInterrupt from None  # still a Ctrl-C: said by the group (helptext), as any
             raise
 
     return run

@@ -70,8 +70,8 @@ class Group(TyperGroup):
 def _process_endings():
     """stdout's reader gone (`--version | head -c0`): end as a writer to a closed pipe does, 141,
     silently; click would say nothing and exit 1, as if the command had failed. And a Ctrl-C
-    before a command's own body runs (the group's set-up), where typer would end silently with
-    130: "interrupted", as a command says it."""
+    (SIGTERM too) that ends the run before its records flow, in the group's set-up or in a
+    command, where typer would end silently with 130: "interrupted", exit 130."""
     try:
         yield
     except BrokenPipeError:
