@@ -163,10 +163,11 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     sync()
     for module in modules:  # mutmut takes a plain copy (left by a run over other modules) for "unmodified",
         copy = WORK / "mutants" / module  # and a mutated copy without its result file for done: made again,
-        lost = mutated(module) and not Path(f"{copy}.meta").exists()
+        instrumented = mutated(module)
+        lost = instrumented and not Path(f"{copy}.meta").exists()
         if lost:  # and the map made afresh: its mutants get new names the old map does not know
             (WORK / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-        if lost or not mutated(module):
+        if lost or not instrumented:
             copy.unlink(missing_ok=True)
     chosen.write_text(json.dumps(modules))
     configure(modules, jobs)
@@ -341,22 +342,23 @@ def fastest_first() -> None:
 
     started: dict[str, float] = {}  # mutmut's fork-server runner reports no time: measured here
     old = set(json.loads(OLD_TESTS.read_text())) if OLD_TESTS.exists() else set()
+    seen = {"size": -1, "table": {}}  # KILLERS as last read
+
+    def killers_of(function: tuple[str, str]) -> set[str]:
+        """The tests that killed a mutant of `function`, from `KILLERS` (read again when it grew)."""
+        size = KILLERS.stat().st_size if KILLERS.exists() else 0
+        if seen["size"] != size:
+            table: dict[tuple[str, str], set[str]] = {}
+            for line in KILLERS.read_text(encoding="utf-8").splitlines() if size else ():
+                mutant, _, test = line.partition("\t")
+                table.setdefault(function_key(mutant), set()).add(test)
+            seen.update(size=size, table=table)
+        return seen["table"].get(function, set())
+
     for runner in vars(isolation).values():
         if isinstance(runner, type) and "submit" in vars(runner):
             runner.submit = ordered(runner.submit)
             runner.wait_for_result = timed(runner.wait_for_result)
-
-
-def killers_of(function: tuple[str, str], _seen: dict = {}) -> set[str]:  # noqa: B006 - the cache
-    """The tests that killed a mutant of `function`, from `KILLERS` (read again when it grew)."""
-    size = KILLERS.stat().st_size if KILLERS.exists() else 0
-    if _seen.get("size") != size:
-        table: dict[tuple[str, str], set[str]] = {}
-        for line in KILLERS.read_text(encoding="utf-8").splitlines() if size else ():
-            mutant, _, test = line.partition("\t")
-            table.setdefault(function_key(mutant), set()).add(test)
-        _seen.update(size=size, table=table)
-    return _seen["table"].get(function, set())
 
 
 def warm_fork_server() -> None:
