@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import sys
 
@@ -236,7 +237,7 @@ def test_a_stdout_that_fails_is_one_line_and_is_not_failed_again_at_exit(tiny_mo
 
 
 def test_the_command_line_keeps_python_warnings_off_stderr_unless_debugging(cli, tmp_path):
-    """A picture whose EXIF block is damaged makes PIL warn ("Tag data larger than file"); the
+    """A picture whose EXIF block is damaged makes PIL warn (e.g. "Tag data larger than file"); the
     picture is still answered, and the user's stderr holds no Python warning lines. Under
     GRANITE_VISION_DEBUG=1 they show, for whoever is debugging."""
     import struct
@@ -252,7 +253,8 @@ def test_the_command_line_keeps_python_warnings_off_stderr_unless_debugging(cli,
             warnings.simplefilter("always")  # (pytest's own filters would hide it either way)
             result = cli("caption", str(tmp_path / "exif.jpg"), env=env)
         assert result.answered(1)
-        damaged = [w for w in seen if "Tag data larger than file" in str(w.message)]
+        # Pillow's words differ by version ("Tag data larger than file", "Truncated File Read").
+        damaged = [w for w in seen if f"{os.sep}PIL{os.sep}" in w.filename]
         assert bool(damaged) == shown, [str(w.message) for w in seen]
         if not shown:
             assert seen == []
