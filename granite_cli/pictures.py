@@ -87,11 +87,14 @@ def sniff(data: bytes) -> str | None:
 
 def open_image(source: Source, max_pixels: int) -> Image.Image:
     """Open (not decode) a picture, refusing from its header one that claims more than
-    `max_pixels` pixels (a decompression bomb) or none at all."""
+    `max_pixels` pixels (a decompression bomb). A picture whose signature is known but whose
+    header no reader accepts (a PNG claiming zero columns) is called damaged, not unknown."""
     try:
         image = Image.open(io.BytesIO(source.data) if isinstance(source, Blob) else source)
     except UnidentifiedImageError as exc:
-        raise InputError("not an image or PDF (unrecognised content)") from exc
+        known = sniff(read_head(source, 16))
+        reason = f"damaged {known} header (no reader accepts it)" if known else "not an image or PDF (unrecognised content)"
+        raise InputError(reason) from exc
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Image.DecompressionBombError as exc:  # PIL's own limit: the application's, process-wide
@@ -105,10 +108,7 @@ def open_image(source: Source, max_pixels: int) -> Image.Image:
             f"image claims {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
             " (a decompression bomb?); raise --max-pixels to read it"
         )
-    if width < 1 or height < 1:
-        image.close()
-        raise InputError(f"image has no pixels ({width}x{height})")
-    return image
+    return image  # never a zero side: PIL refuses one on open ("not identified by this driver")
 
 
 def decode(image: Image.Image, fit: Fit | None) -> Image.Image:

@@ -39,13 +39,13 @@ def test_transparency_is_composited_on_white(tmp_path):
     assert loaded.getpixel((0, 0)) == (255, 0, 0)
 
 
-@pytest.mark.parametrize("mode", ["CMYK", "L", "1", "P", "I;16", "LA", "I", "F"])
+@pytest.mark.parametrize("mode", ["CMYK", "L", "1", "P", "I;16", "I;16B", "LA", "I", "F"])
 def test_any_mode_becomes_rgb(tmp_path, mode):
     base = noise(40, 30)
-    if mode == "I;16":
-        image = Image.new("I;16", (40, 30))
+    if mode.startswith("I;16"):  # I;16B: a big-endian 16-bit TIFF, as scanners write
+        image = Image.new(mode, (40, 30))
         image.putdata([i * 50 for i in range(40 * 30)])
-        path = tmp_path / "deep.png"
+        path = tmp_path / ("deep.tiff" if mode == "I;16B" else "deep.png")
     elif mode in ("I", "F"):
         image = base.convert("L").convert(mode)
         path = tmp_path / "deep.tiff"
@@ -55,7 +55,8 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
     image.save(path)
     loaded = load(path, None)
     assert loaded.mode == "RGB" and loaded.size == (40, 30)
-    if mode == "I;16":  # 16-bit data is scaled to 8 bits, not clipped to white
+    if mode.startswith("I;16"):  # 16-bit data is scaled to 8 bits, not clipped to white
+        assert Image.open(path).mode == mode
         assert len(set(loaded.convert("L").tobytes())) > 100
 
 
@@ -94,6 +95,26 @@ def test_kind_is_detected_by_content_not_name(tmp_path):
     (tmp_path / "fake.png").write_bytes(b"\x00\x01binary junk" * 10)
     with pytest.raises(InputError, match="not an image"):
         load(tmp_path / "fake.png", None)
+
+
+def test_a_known_signature_with_a_header_no_reader_accepts_is_called_damaged(tmp_path):
+    """A PNG whose header claims zero columns is a damaged PNG (that is what the user has), not
+    "not an image"; the same bytes from stdin or a URL say the same."""
+    import struct
+    import zlib
+
+    from granite_cli.pictures import Blob, open_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (tmp_path / "zero.png").write_bytes(png)
+    for source in (tmp_path / "zero.png", Blob(png)):
+        with pytest.raises(InputError) as raised:
+            open_image(source, 1000)
+        assert str(raised.value) == "damaged PNG header (no reader accepts it)"
 
 
 def test_multipage_tiff_frames_and_animated_gif(tmp_path):
