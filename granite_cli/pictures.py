@@ -143,14 +143,14 @@ def _large_target(image: Image.Image, fit: Fit | None) -> tuple[tuple[int, int] 
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright RGB copy: EXIF orientation applied, transparency composited on white, any mode
+    """Upright RGB copy: EXIF orientation applied, transparency (an alpha channel or a
+    transparent colour) composited on white, any mode
     (CMYK, palette, 16-bit, 1-bit, float) mapped to 8-bit RGB."""
     image = ImageOps.exif_transpose(image) or image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode.startswith("I") or image.mode == "F":  # I, I;16, I;16B, ... and float
         image = _to_8bit(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    # A transparent colour (a palette entry, or an RGB or grey PNG's colour key) counts as an alpha.
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -164,5 +164,6 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
     array = np.asarray(image, dtype=np.float64)
     low, high = float(array.min()), float(array.max())
-    scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+    # Multiplied before divided: the brightest value is exactly 255 (255/range first can land at 254.999).
+    scaled = (array - low) * 255.0 / (high - low) if high > low else np.zeros_like(array)
     return Image.fromarray(scaled.astype(np.uint8))

@@ -72,6 +72,11 @@ def test_deep_greyscale_is_stretched_over_its_own_range(tmp_path):
     flat = Image.new("I;16", (4, 4), 5000)
     flat.save(tmp_path / "flat.png")
     assert list(load(tmp_path / "deep.png", None).convert("L").tobytes()) == [0, 127, 255]
+    for mode, values in (("I", [-5000, 0, 5000]), ("F", [0.0, 0.25, 0.5])):  # 32-bit and float scans
+        wide = Image.new(mode, (3, 1))
+        wide.putdata(values)
+        wide.save(tmp_path / "wide.tiff")
+        assert list(load(tmp_path / "wide.tiff", None).convert("L").tobytes()) == [0, 127, 255], mode
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded = load(tmp_path / "flat.png", None)
@@ -84,6 +89,25 @@ def test_palette_transparency(tmp_path):
     image.info["transparency"] = 1
     image.save(tmp_path / "p.png", transparency=1)
     assert load(tmp_path / "p.png", None).getpixel((3, 3)) == (255, 255, 255)
+    image.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)  # the same without a transparent entry
+    del image.info["transparency"]
+    image.save(tmp_path / "opaque.png")
+    assert load(tmp_path / "opaque.png", None).getpixel((3, 3)) == (10, 200, 10)
+
+
+def test_a_transparent_colour_key_is_white_like_any_transparency(tmp_path):
+    """An RGB or grey PNG may mark one colour transparent (tRNS): those pixels show as white,
+    the others keep their colour."""
+    rgb = Image.new("RGB", (4, 4), (10, 200, 10))
+    rgb.putpixel((0, 0), (1, 2, 3))
+    rgb.save(tmp_path / "key.png", transparency=(10, 200, 10))
+    loaded = load(tmp_path / "key.png", None)
+    assert loaded.getpixel((3, 3)) == (255, 255, 255) and loaded.getpixel((0, 0)) == (1, 2, 3)
+    grey = Image.new("L", (4, 4), 7)
+    grey.putpixel((0, 0), 100)
+    grey.save(tmp_path / "grey.png", transparency=7)
+    loaded = load(tmp_path / "grey.png", None)
+    assert loaded.getpixel((3, 3)) == (255, 255, 255) and loaded.getpixel((0, 0)) == (100, 100, 100)
 
 
 def test_kind_is_detected_by_content_not_name(tmp_path):
