@@ -149,8 +149,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image) or image
     if image.mode.startswith("I") or image.mode == "F":  # I, I;16, I;16B, ... and float
         image = _to_8bit(image)
-    # A transparent colour (a palette entry, or an RGB or grey PNG's colour key) counts as an alpha.
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    # An alpha channel, a palette with alpha, or a transparent colour (an RGB or grey PNG's key).
+    if image.has_transparency_data:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))

@@ -95,6 +95,30 @@ def test_palette_transparency(tmp_path):
     assert load(tmp_path / "opaque.png", None).getpixel((3, 3)) == (10, 200, 10)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_an_alpha_channel_is_composited_on_white(tmp_path, mode):
+    """Clear pixels are white, opaque ones keep their colour, half-clear ones lie between."""
+    image = Image.new("RGBA", (3, 1))
+    image.putdata([(200, 40, 40, 0), (200, 40, 40, 255), (200, 40, 40, 128)])
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "PA":
+        image = image.convert("P").convert("PA")
+        image.putalpha(Image.frombytes("L", (3, 1), bytes([0, 255, 128])))
+    loaded = load_image(image)
+    clear, opaque, half = (loaded.getpixel((x, 0)) for x in range(3))
+    colour = opaque if mode != "RGBA" else (200, 40, 40)
+    assert clear == (255, 255, 255) and opaque == colour and opaque != clear, mode
+    assert all(c < h < 255 for c, h in zip(colour, half) if c < 250), (mode, half)
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """What the model sees of a PIL image a library caller passes (`caption([image])`)."""
+    from granite_cli.jobs import as_source
+
+    return load(as_source(image), None)
+
+
 def test_a_transparent_colour_key_is_white_like_any_transparency(tmp_path):
     """An RGB or grey PNG may mark one colour transparent (tRNS): those pixels show as white,
     the others keep their colour."""
