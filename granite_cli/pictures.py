@@ -152,7 +152,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     # An alpha channel, a palette with alpha, or a transparent colour (an RGB or grey PNG's key).
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background = Image.new("RGB", rgba.size, "white")
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB") if image.mode != "RGB" else image.copy()
