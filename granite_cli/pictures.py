@@ -155,7 +155,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, "white")
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    return image.convert("RGB")  # (a copy when it is RGB already: never the caller's image)
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
