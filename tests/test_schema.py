@@ -343,3 +343,35 @@ def test_ask_answers_a_json_object_too_from_the_cli_and_the_library(cli, picture
     structured = json.loads(cli("ask", str(pictures[0]), "Fields?", "--schema", schema, "--json").stdout)
     assert record["schema"] == "json-object" or record["schema"].startswith("sha256:")  # what the answer obeyed
     assert structured["schema"].startswith("sha256:") and structured["schema"] != record["schema"]
+
+
+def test_a_model_whose_logits_are_wider_than_its_vocabulary_still_answers_valid_json(
+    loaded_engines, monkeypatch, tiny_model, pictures
+):
+    """Models pad their output layer past the tokenizer's last token (to a multiple of 64, say).
+    Those columns are no text: the grammar must forbid them too, even where the model favours
+    them (here by a wide margin), and the answer is still schema-valid JSON."""
+    import torch
+
+    import granite_cli
+
+    def padded(model: str, **options):
+        engine = loaded_engines.real(model, **options)
+        words = engine.model.get_output_embeddings().weight.shape[0]
+        engine.model.resize_token_embeddings(words + 64)
+
+        def favour_padding(module, inputs, logits):
+            logits[..., words:] += 1e4  # the padding would win every step unless masked
+            return logits
+
+        engine.model.get_output_embeddings().register_forward_hook(favour_padding)
+        return engine
+
+    monkeypatch.setattr("granite_cli.engine.load_engine", padded)
+    with torch.no_grad():
+        records = granite_cli.caption(
+            pictures[:1], model=str(tiny_model), schema=json.dumps(BOUNDED), max_new_tokens=60
+        ).records
+    assert [r.error for r in records] == [None]
+    for record in records:
+        jsonschema.validate(record.data, BOUNDED)
