@@ -228,7 +228,7 @@ def test_an_item_error_is_found_running_each_item_alone_once(tiny_engine, pictur
     monkeypatch.setattr(tiny_engine, "prepare", prepare)
     records = caption(tiny_engine, pictures, BatchLimits(4))
     assert [r.ok for r in records] == [i != 8 for i in range(12)]
-    assert "preprocessing failed" in records[8].error
+    assert records[8].error == "preprocessing failed: ValueError: an unreadable picture (simulated)"
     batch_of_bad = [size for size, count in runs.items() if count == 2]
     assert bad in batch_of_bad and len(batch_of_bad) == 4  # its batch: each of the four run once more, no more
     assert all(count in (1, 2) for count in runs.values())
