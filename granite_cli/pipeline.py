@@ -254,7 +254,6 @@ class _Producer:
         self.engine = engine
         self.prompt = prompt
         self.sizer = sizer
-        self.read = read
         self.documents = OpenDocuments(read)
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.stop = threading.Event()
