@@ -8,7 +8,8 @@ import os
 import stat
 from pathlib import Path
 
-from helpers import Collect, make_pdf, noise, seen_size
+import pytest
+from helpers import Collect, caption_with, make_pdf, noise, seen_size
 from PIL import Image
 
 
@@ -104,14 +105,23 @@ def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkey
     assert records[1].error == "preprocessing failed: ValueError: unsupported picture (simulated)"  # the reason, in its words
 
 
-def test_huge_portrait_photo_keeps_its_orientation(cli, tmp_path, tiny_model):
-    from granite_cli.engine import load_engine
+def test_huge_portrait_photo_keeps_its_orientation(cli, tmp_path, tiny_model, monkeypatch):
+    from granite_cli.engine import BatchLimits, load_engine
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait
     Image.new("RGB", (6000, 4000), (200, 100, 50)).save(tmp_path / "portrait.jpg", exif=exif, quality=70)
     engine = load_engine(str(tiny_model), device="cpu")
     assert seen_size(tmp_path / "portrait.jpg", engine) == engine.fit(4000, 6000)  # shrunk, upright
+    handed, prepare = [], engine.prepare
+
+    def spy(images, questions):
+        handed.extend(image.size for image in images)
+        return prepare(images, questions)
+
+    monkeypatch.setattr(engine, "prepare", spy)
+    caption_with(engine, [tmp_path / "portrait.jpg"], BatchLimits(4), max_new_tokens=1)
+    assert handed == [engine.fit(4000, 6000)]  # a run hands the model no more than it uses
     record = cli("caption", str(tmp_path / "portrait.jpg")).records()[0]
     assert (record["width"], record["height"]) == (4000, 6000)  # its own size, as shown
 
@@ -164,3 +174,54 @@ def test_names_not_utf8_or_with_newlines_are_shown_as_their_bytes_on_one_line(cl
     assert result.stderr.splitlines() == [
         f"error: --output {tmp_path}/d\\xff\\n/r.md: folder {tmp_path}/d\\xff\\n does not exist"
     ]
+
+
+def test_once_the_output_fails_no_later_record_is_written_past_the_gap():
+    """Records wait for every earlier one; when writing one fails (a full disk), the finished
+    records still waiting are not written after it: the file never skips a record, and a
+    `--resume` finds exactly what is missing."""
+    from granite_cli.errors import OutputError
+    from granite_cli.pipeline import OrderedEmitter
+    from granite_cli.records import Record
+
+    written, counted = [], []
+
+    class FullAfterNothing:
+        def write(self, record):
+            if record.source == "0.png":
+                raise OutputError("out.jsonl", OSError(28, "No space left on device"))
+            written.append(record.source)
+
+    emitter = OrderedEmitter(FullAfterNothing(), counted.append)
+    emitter.add(1, Record("1.png", None, "p", "one", None, "m"))  # finished first: waits for 0
+    with pytest.raises(OutputError):
+        emitter.add(0, Record("0.png", None, "p", "zero", None, "m"))
+    emitter.flush()  # (as the run's ending does)
+    emitter.add(2, Record("2.png", None, "p", "two", None, "m"))
+    assert written == [] and counted == []
+
+
+def test_a_failure_inside_the_reading_stage_reaches_the_caller_as_itself(tiny_engine, tmp_path, monkeypatch):
+    """Pictures are read and prepared in a background thread; an unexpected error there (a bug,
+    a library failing) ends the run with that very error in the caller's thread, not a hang or
+    some other error about a missing batch."""
+    from granite_cli import pipeline
+    from granite_cli.engine import BatchLimits, GenerationSettings
+    from granite_cli.records import Job
+    from granite_cli.sources import resolve
+
+    noise(40, 30).save(tmp_path / "a.png")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the prompt counter broke (simulated)")
+
+    monkeypatch.setattr(tiny_engine, "check_fits", broken)
+    with pytest.raises(RuntimeError, match=r"^the prompt counter broke \(simulated\)$"):
+        pipeline.caption(
+            resolve([str(tmp_path / "a.png")]).items,
+            tiny_engine,
+            Collect(),
+            job=Job("Describe", tiny_engine.name),
+            settings=GenerationSettings(max_new_tokens=2),
+            limits=BatchLimits(4),
+        )

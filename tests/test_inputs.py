@@ -168,7 +168,10 @@ def test_a_known_signature_with_a_header_no_reader_accepts_is_called_damaged(tmp
 def test_multipage_tiff_frames_and_animated_gif(tmp_path):
     frames = [noise(30 + 10 * i, 20, i) for i in range(3)]
     frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
-    assert readers.open_document(tmp_path / "scan.tif").page_count() == 3
+    scan = readers.open_document(tmp_path / "scan.tif")
+    assert scan.page_count() == 3
+    assert [scan.page_size(page) for page in (3, 1, 2)] == [(50, 20), (30, 20), (40, 20)]  # each its own
+    scan.close()
     assert load(tmp_path / "scan.tif", 3).size == (50, 20)
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     assert readers.open_document(tmp_path / "anim.gif").page_count() is None  # a GIF is one picture: its first frame
