@@ -173,6 +173,10 @@ def test_multipage_tiff_frames_and_animated_gif(tmp_path):
     assert [scan.page_size(page) for page in (3, 1, 2)] == [(50, 20), (30, 20), (40, 20)]  # each its own
     scan.close()
     assert load(tmp_path / "scan.tif", 3).size == (50, 20)
+    for page in (0, 4):  # (a file that lost frames since its pages were counted)
+        with pytest.raises(InputError) as raised:
+            load(tmp_path / "scan.tif", page)
+        assert str(raised.value) == f"page {page} out of range (the image has 3 page(s))"
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     assert readers.open_document(tmp_path / "anim.gif").page_count() is None  # a GIF is one picture: its first frame
     assert load(tmp_path / "anim.gif", None).size == (30, 20)
