@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import Collect, caption_with, make_pdf, model_card_answers, noise, one_error_line
 
+from granite_cli.errors import UsageError
+
 
 @pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])
 def test_batched_answers_equal_the_model_card_loop(cli, mixed_images, tiny_model, tiny_g4, family):
@@ -494,6 +496,12 @@ def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
     ]
     assert devices.card_bytes(torch.device("cuda", 1)) == 15_828_320_256  # the budget is the named card's
     assert devices.card_bytes(torch.device("cpu")) is None  # no budget: the CPU runs by rows
+    chosen = devices.resolve_device
+    assert [chosen("auto"), chosen("CUDA"), chosen("cuda:1"), chosen(" cpu ")] == [
+        torch.device("cuda:0"), torch.device("cuda:0"), torch.device("cuda:1"), torch.device("cpu")
+    ]  # fmt: skip
+    with pytest.raises(UsageError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\)\. Hint"):
+        chosen("cuda:2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver that lists cards it cannot use
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(devices.platform, "processor", lambda: "arm")
@@ -501,6 +509,13 @@ def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
         {"device": "cpu", "name": "arm", "dtypes": ["float32", "bfloat16"]},
         {"device": "mps", "name": "Apple Metal", "dtypes": ["float16", "float32"]},
     ]
+    assert chosen("auto") == chosen("mps") == torch.device("mps")  # a Mac: its GPU first
+    with pytest.raises(UsageError, match=r"^--device cuda: this machine has no CUDA device\. Hint"):
+        chosen("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert chosen("auto") == torch.device("cpu")
+    with pytest.raises(UsageError, match=r"^--device mps: Apple Metal \(MPS\) is not available"):
+        chosen("mps")
 
 
 def test_every_way_a_model_cannot_be_found_is_one_line_with_the_hint_that_fits(tmp_path, monkeypatch):

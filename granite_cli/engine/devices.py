@@ -23,7 +23,7 @@ def resolve_device(spec: str) -> torch.device:
 
     spec = spec.strip().lower()
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()  # (False where torch was built without Metal)
     if spec == "auto":
         return torch.device("cuda:0" if cuda_count else "mps" if mps else "cpu")
     if spec == "cpu":
@@ -117,7 +117,7 @@ def describe_devices() -> list[dict]:
                 "dtypes": supported_dtypes(torch.device("cuda", index)),
             }
         )
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         devices.append({"device": "mps", "name": "Apple Metal", "dtypes": supported_dtypes(torch.device("mps"))})
     return devices
 
