@@ -93,8 +93,9 @@ def open_image(source: Source, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(source.data) if isinstance(source, Blob) else source)
     except UnidentifiedImageError as exc:
         known = sniff(read_head(source, 16))
-        reason = f"damaged {known} header (no reader accepts it)" if known else "not an image or PDF (unrecognised content)"
-        raise InputError(reason) from exc
+        if known:
+            raise InputError(f"damaged {known} header (no reader accepts it)") from exc
+        raise InputError("not an image or PDF (unrecognised content)") from exc
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Image.DecompressionBombError as exc:  # PIL's own limit: the application's, process-wide

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import caption_with as caption
 from helpers import model_card_answers, noise, one_error_line
+from PIL import Image
 
 from granite_cli.engine import BatchLimits, EngineOptions, load_engine
 
@@ -554,6 +555,55 @@ def test_a_row_that_loops_stops_and_the_others_keep_their_tokens(tiny_engine, pi
     others = [i for i in range(3) if i != looping]
     assert [stopped[i].token_ids for i in others] == [free[i].token_ids for i in others]
     assert [stopped[i].finish_reason for i in others] == [free[i].finish_reason for i in others]
+
+
+def test_a_one_token_loop_stops_beside_a_row_that_ended(tiny_engine, pictures, monkeypatch):
+    """A row saying one token over and over stops as a loop of that one token (the answer keeps
+    it once), while another row of its batch has ended with its end-of-text token (an ended row
+    stops no one else's check) and a third talks on, never repeating itself, to the limit."""
+    model_class = type(tiny_engine.generator.model)
+    real = model_class.generate
+    end = min(tiny_engine.generator.eos_ids)
+
+    said = None
+
+    class Force:  # row 0 ends at once; row 1 says 7 7 7 ...; row 2 counts 10, 11, ... 49, 10, ...
+        def __call__(self, input_ids, scores):
+            tokens = said or (end, 7, 10 + input_ids.shape[1] % 40)  # (a cycle of 40: longer than any checked)
+            for row, token in enumerate(tokens):
+                scores[row] = float("-inf")
+                scores[row, token] = 0
+            return scores
+
+    def generate(self, *args, **kwargs):
+        kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), Force()]
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "generate", generate)
+    records = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=60)
+    outcomes = sorted((r.finish_reason, r.token_ids[:2], r.answer_tokens) for r in records)
+    assert [(reason, kept) for reason, kept, _ in outcomes] == [
+        ("length", outcomes[0][1]), ("repetition", (7,)), ("stop", ())
+    ]  # fmt: skip
+    assert outcomes[0][2] == 60 and len(set(outcomes[0][1])) == 2
+    said = (7, 7, 7)  # now every row loops, in prompts of three lengths: the shorter ones' rows
+    shapes = []  # (padded on the left) stop too
+    for width, height in ((40, 40), (400, 60), (60, 400)):
+        noise(width, height).save(pictures[0].parent / f"{width}x{height}.png")
+        shapes.append(pictures[0].parent / f"{width}x{height}.png")
+    assert len({tiny_engine.tokens("Describe", *Image.open(p).size) for p in shapes}) == 3
+    records = caption(tiny_engine, shapes, BatchLimits(3), max_new_tokens=60)
+    assert {(r.finish_reason, r.token_ids) for r in records} == {("repetition", (7,))}
+
+
+def test_the_loop_check_keeps_to_the_device_of_the_tokens():
+    """Every tensor of the loop check is made on the tokens' device ('meta' stands in for a GPU
+    here: mixing it with the CPU fails as a GPU would)."""
+    from granite_cli.engine.generation import RepetitionStop
+
+    stop = RepetitionStop(2, 3, {0})
+    stopped = stop(torch.ones(2, 50, dtype=torch.long, device="meta"), None)
+    assert stopped.device.type == stop.found.device.type == "meta"
 
 
 def test_a_static_cache_never_compiles_behind_our_back(tiny_model, pictures, monkeypatch):

@@ -102,7 +102,7 @@ def test_a_batch_whose_preprocessing_fails_is_split(tiny_model, tmp_path, monkey
         limits=BatchLimits(4),
     )
     assert [r.ok for r in records] == [True, False, True, True]
-    assert records[1].error == "preprocessing failed: ValueError: unsupported picture (simulated)"  # the reason, in its words
+    assert records[1].error == "preprocessing failed: ValueError: unsupported picture (simulated)"
 
 
 def test_huge_portrait_photo_keeps_its_orientation(cli, tmp_path, tiny_model, monkeypatch):

@@ -109,7 +109,7 @@ def test_an_alpha_channel_is_composited_on_white(tmp_path, mode):
     clear, opaque, half = (loaded.getpixel((x, 0)) for x in range(3))
     colour = opaque if mode != "RGBA" else (200, 40, 40)
     assert clear == (255, 255, 255) and opaque == colour and opaque != clear, mode
-    assert all(c < h < 255 for c, h in zip(colour, half) if c < 250), (mode, half)
+    assert all(c < h < 255 for c, h in zip(colour, half, strict=True) if c < 250), (mode, half)
 
 
 def load_image(image: Image.Image) -> Image.Image:

@@ -182,14 +182,14 @@ class RepetitionStop:
         import torch
 
         new = input_ids[:, self.prompt_length :]
-        found = torch.zeros(new.shape[0], dtype=torch.long, device=new.device)
+        found = torch.zeros_like(new[:, 0])  # (on the tokens' device, as everything here)
         for cycle in range(MAX_CYCLE, 0, -1):  # the shortest cycle wins
             span = (repeats(cycle) - 1) * cycle
             if new.shape[1] < span + cycle:
                 continue
             same = (new[:, -span:] == new[:, -span - cycle : -cycle]).all(dim=1)
             found = torch.where(same, cycle, found)
-        ended = torch.isin(new, torch.tensor(self.eos_ids, device=new.device)).any(dim=1)
+        ended = torch.stack([new == eos for eos in self.eos_ids]).any(dim=0).any(dim=1)
         found = torch.where(ended, 0, found)
         self.found = found if self.found is None else torch.where(self.found > 0, self.found, found)
         return found > 0
