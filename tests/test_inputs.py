@@ -240,3 +240,12 @@ def test_pages_apply_to_the_documents_found_in_a_folder(tmp_path):
             ("docs/doc.pdf", 2),
             ("docs/doc.pdf", 3),
         ]
+
+
+def test_a_pdf_is_told_by_its_marker_within_the_first_kib():
+    """`%PDF-` may follow a little junk (the PDF spec allows up to 1 KiB): ending at byte 1024
+    it makes a PDF, one byte later it does not."""
+    from granite_cli.pictures import Blob
+
+    assert readers.detect(Blob(b"x" * 1019 + b"%PDF-1.7\n")) == "pypdfium2"
+    assert readers.detect(Blob(b"x" * 1020 + b"%PDF-1.7\n")) != "pypdfium2"
