@@ -502,6 +502,10 @@ def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
     ]  # fmt: skip
     with pytest.raises(UsageError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\)\. Hint"):
         chosen("cuda:2")
+    with pytest.raises(UsageError, match=r"^--device cuda:one: expected cuda or cuda:N with N a GPU number$"):
+        chosen("cuda:one")
+    with pytest.raises(UsageError, match=r"^--device 'tpu': expected one of "):
+        chosen("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver that lists cards it cannot use
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(devices.platform, "processor", lambda: "arm")
