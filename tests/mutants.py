@@ -591,7 +591,12 @@ def table(modules: dict[str, Module], earlier: dict[str, str] | None = None) -> 
         done, total = (int(n) for n in cells[1].split("/"))
         killed, counted, pending = killed + done, counted + total, pending + int(cells[7])
     hours = full_run_hours(modules)
-    whole = f"a full run ≈ {hours:.1f} h, 2 at once" if hours is not None else ""
+    which = (
+        "of the modules run here "
+        if set(rows) - {m.name.removeprefix("granite_cli/") for m in modules.values()}
+        else ""
+    )
+    whole = f"a full run {which}≈ {hours:.1f} h, 2 at once" if hours is not None else ""
     total_row = f"| **all** | {killed} / {counted} | {killed / max(counted, 1):.0%} | | | | | {pending} | {whole} |"
     return "\n".join([*HEADER, *(rows[name] for name in sorted(rows)), total_row])
 
