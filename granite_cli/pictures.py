@@ -145,8 +145,8 @@ def _large_target(image: Image.Image, fit: Fit | None) -> tuple[tuple[int, int] 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright RGB copy: EXIF orientation applied, transparency (an alpha channel or a
-    transparent colour) composited on white, any mode
-    (CMYK, palette, 16-bit, 1-bit, float) mapped to 8-bit RGB."""
+    transparent colour) composited on white, any mode (CMYK, palette, 16-bit, 1-bit, float)
+    mapped to 8-bit RGB."""
     image = ImageOps.exif_transpose(image) or image
     if image.mode.startswith("I") or image.mode == "F":  # I, I;16, I;16B, ... and float
         image = _to_8bit(image)

@@ -240,6 +240,19 @@ def seen_size(source, engine, *, page: int | None = None, **read) -> tuple[int, 
     return seen_picture(source, engine, page=page, **read).size
 
 
+def force_tokens(monkeypatch, model, processor) -> None:
+    """Every `generate` of this model's class (every engine of it, the CLI's too) runs `processor`
+    after its own logits processors: a test's way to make rows say what it needs (a loop, an end)."""
+    model_class = type(model)
+    real = model_class.generate
+
+    def generate(self, *args, **kwargs):
+        kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), processor]
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "generate", generate)
+
+
 def caption_with(engine, paths, limits, max_new_tokens: int = 4, **settings) -> list:
     """The pipeline over `paths` with a loaded engine (no CLI, no output file): the records, after
     checking every item came back once, in input order."""

@@ -583,19 +583,15 @@ def full_run_hours(modules: dict[str, Module], jobs: int = 2) -> float | None:
 def table(modules: dict[str, Module], earlier: dict[str, str] | None = None) -> str:
     """The score table; `earlier` rows (module -> its row in an earlier table) stand for the
     modules this copy holds no results of (the copy is local, a README's table is not)."""
-    rows = {module.name.removeprefix("granite_cli/"): row(module) for module in modules.values()}
-    rows = {**(earlier or {}), **rows}
+    own = {module.name.removeprefix("granite_cli/"): row(module) for module in modules.values()}
+    rows = {**(earlier or {}), **own}
     killed = counted = pending = 0
     for line in rows.values():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         done, total = (int(n) for n in cells[1].split("/"))
         killed, counted, pending = killed + done, counted + total, pending + int(cells[7])
     hours = full_run_hours(modules)
-    which = (
-        "of the modules run here "
-        if set(rows) - {m.name.removeprefix("granite_cli/") for m in modules.values()}
-        else ""
-    )
+    which = "of the modules run here " if set(rows) - set(own) else ""
     whole = f"a full run {which}≈ {hours:.1f} h, 2 at once" if hours is not None else ""
     total_row = f"| **all** | {killed} / {counted} | {killed / max(counted, 1):.0%} | | | | | {pending} | {whole} |"
     return "\n".join([*HEADER, *(rows[name] for name in sorted(rows)), total_row])

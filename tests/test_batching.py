@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import caption_with as caption
-from helpers import model_card_answers, noise, one_error_line
+from helpers import force_tokens, model_card_answers, noise, one_error_line
 from PIL import Image
 
 from granite_cli.engine import BatchLimits, EngineOptions, load_engine
@@ -531,8 +531,6 @@ def test_on_a_gpu_batches_have_a_token_budget_and_answers_match_the_cpu(tiny_mod
 def test_a_row_that_loops_stops_and_the_others_keep_their_tokens(tiny_engine, pictures, monkeypatch):
     """Granite models fall into loops; a looping row stops (finish_reason "repetition", one turn
     of the loop kept), in batched decoding, and no other row's tokens change."""
-    model_class = type(tiny_engine.generator.model)
-    real = model_class.generate
     loop = [7, 8, 9]
 
     class ForceLoop:  # the second row of every batch says 7 8 9 7 8 9 ... whatever it sees
@@ -542,11 +540,7 @@ def test_a_row_that_loops_stops_and_the_others_keep_their_tokens(tiny_engine, pi
                 scores[1, loop[input_ids.shape[1] % 3]] = 0
             return scores
 
-    def generate(self, *args, **kwargs):
-        kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), ForceLoop()]
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(model_class, "generate", generate)
+    force_tokens(monkeypatch, tiny_engine.generator.model, ForceLoop())
     free = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=60, repetition_stop=False)
     stopped = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=60)
     looping = next(i for i, r in enumerate(free) if r.token_ids[:6] in ((7, 8, 9) * 2, (8, 9, 7) * 2, (9, 7, 8) * 2))
@@ -561,8 +555,6 @@ def test_a_one_token_loop_stops_beside_a_row_that_ended(tiny_engine, pictures, m
     """A row saying one token over and over stops as a loop of that one token (the answer keeps
     it once), while another row of its batch has ended with its end-of-text token (an ended row
     stops no one else's check) and a third talks on, never repeating itself, to the limit."""
-    model_class = type(tiny_engine.generator.model)
-    real = model_class.generate
     end = min(tiny_engine.generator.eos_ids)
 
     said = None
@@ -575,11 +567,7 @@ def test_a_one_token_loop_stops_beside_a_row_that_ended(tiny_engine, pictures, m
                 scores[row, token] = 0
             return scores
 
-    def generate(self, *args, **kwargs):
-        kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), Force()]
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(model_class, "generate", generate)
+    force_tokens(monkeypatch, tiny_engine.generator.model, Force())
     records = caption(tiny_engine, pictures[:3], BatchLimits(3), max_new_tokens=60)
     outcomes = sorted((r.finish_reason, r.token_ids[:2], r.answer_tokens) for r in records)
     assert [(reason, kept) for reason, kept, _ in outcomes] == [

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import Collect, c_locale, disk_full, make_pdf, noise, read_jsonl
+from helpers import Collect, c_locale, disk_full, force_tokens, make_pdf, noise, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -587,8 +587,7 @@ def test_a_looping_answer_stops_unless_told_not_to_or_forced_to_a_length(inputs,
     assert answer(max_new_tokens=64, repetition_stop=False) == (64, "length")
     assert answer(max_new_tokens=40, min_new_tokens=40) == (40, "length")
     # A model that would end its answer at once, wherever the end-of-text token is allowed:
-    model_class = type(granite_cli.engine.load_engine(str(tiny_model), device="cpu").generator.model)
-    real = model_class.generate
+    weights = granite_cli.engine.load_engine(str(tiny_model), device="cpu").generator.model
 
     class EndAtOnce:
         def __call__(self, input_ids, scores):
@@ -596,12 +595,8 @@ def test_a_looping_answer_stops_unless_told_not_to_or_forced_to_a_length(inputs,
             scores[:, 0] = torch.where(allowed, torch.full_like(scores[:, 0], 1e4), scores[:, 0])
             return scores
 
-    def generate(self, *args, **kwargs):
-        kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), EndAtOnce()]
-        return real(self, *args, **kwargs)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model_class, "generate", generate)
+        force_tokens(patch, weights, EndAtOnce())
         assert answer(max_new_tokens=64) == (0, "stop")
         assert answer(max_new_tokens=64, min_new_tokens=40) == (40, "stop")  # held back to 40, then ends
 
