@@ -217,7 +217,10 @@ def recheck(jobs: int) -> float:
         OLD_TESTS.write_text(json.dumps(sorted(json.loads(stats.read_text())["duration_by_test"])))
     stats.unlink(missing_ok=True)
     before, decided = function_hashes(), set(verdicts(WORK / "mutants"))
-    again = [name for m in results().values() for name in m.survived + m.untested]
+    slow = {(e["file"], e["function"]) for e in slow_lane_entries()}  # their fast-lane verdict cannot change
+    again = [
+        name for m in results().values() for name in m.survived + m.untested if (m.name, function_of(name)) not in slow
+    ]
     try:
         seconds = run(chosen, jobs, again)
     finally:
@@ -409,7 +412,7 @@ def slow_lane(jobs: int) -> float:
     `build/mutants/slow-lane.json`) while its function's code stays the same."""
     from concurrent.futures import ThreadPoolExecutor
 
-    entries = tomllib.loads(SLOW_LANE.read_text()).get("function", []) if SLOW_LANE.exists() else []
+    entries = slow_lane_entries()
     hashes, kept = function_hashes(), slow_verdicts()
     todo = []
     for module in results().values():
@@ -448,6 +451,11 @@ def slow_lane(jobs: int) -> float:
                 SLOW_VERDICTS.write_text(json.dumps(kept, indent=1, ensure_ascii=False))
                 print(f"{'killed' if code else 'SURVIVED'}: {name}", file=sys.stderr)
     return time.monotonic() - started
+
+
+def slow_lane_entries() -> list[dict]:
+    """`tests/slow_lane_mutants.toml`: each function only a real process shows, and its slow tests."""
+    return tomllib.loads(SLOW_LANE.read_text()).get("function", []) if SLOW_LANE.exists() else []
 
 
 def slow_verdicts() -> dict[str, dict]:

@@ -275,7 +275,7 @@ def test_the_cli_batch_options_reach_the_batches(cli, tiny_engine, tmp_path, mon
 
 
 def test_batches_follow_the_token_budget(tiny_engine, tmp_path, monkeypatch):
-    sizes = [(40, 40)] * 6 + [(1275, 1650)] * 6  # thumbnails and pages
+    sizes = [(40, 40)] * 6 + [(1275, 1650)] * 3  # thumbnails and pages
     paths = []
     for i, size in enumerate(sizes):
         noise(*size, seed=i).save(tmp_path / f"{i:02d}.png")
@@ -365,6 +365,8 @@ def test_limits_follow_the_memory_budget_on_a_gpu_and_rows_on_the_cpu(tiny_engin
     monkeypatch.setattr(tiny_engine, "card", 80 * gib)
     on_a_card = tiny_engine.limits()
     assert on_a_card.rows == 128 and on_a_card.memory.budget == 40 * gib
+    chosen = tiny_engine.limits(3, 500)  # on a card too, --batch-size and --max-batch-tokens still bound a batch
+    assert (chosen.rows, chosen.tokens, chosen.memory.budget) == (3, 500, 40 * gib)
     monkeypatch.setattr(tiny_engine, "options", EngineOptions(max_memory=6))
     assert tiny_engine.limits().memory.budget == 6 * gib  # --max-memory 6
 

@@ -124,6 +124,16 @@ def test_huge_portrait_photo_keeps_its_orientation(cli, tmp_path, tiny_model, mo
     assert handed == [engine.fit(4000, 6000)]  # a run hands the model no more than it uses
     record = cli("caption", str(tmp_path / "portrait.jpg")).records()[0]
     assert (record["width"], record["height"]) == (4000, 6000)  # its own size, as shown
+    handed.clear()  # `ask` too, in whichever engine of this kind the command loads
+    prepare_any = type(engine).prepare
+
+    def spy_any(self, images, questions):
+        handed.extend(image.size for image in images)
+        return prepare_any(self, images, questions)
+
+    monkeypatch.setattr(type(engine), "prepare", spy_any)
+    asked = cli("ask", str(tmp_path / "portrait.jpg"), "What is shown?", "--json").record()
+    assert handed == [engine.fit(4000, 6000)] and (asked["width"], asked["height"]) == (4000, 6000)
 
 
 def test_schema_with_boolean_subschemas(cli, inputs):

@@ -244,6 +244,7 @@ def test_the_library_changes_nothing_process_wide(tiny_model, tmp_path, real_loa
         hf_logging.set_verbosity_warning()
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_any_module_of_the_package_changes_nothing_process_wide():
     """In a fresh interpreter: state before any import of ours equals state after importing every
     module of the package (a module-level `Image.MAX_IMAGE_PIXELS = None` would show here)."""

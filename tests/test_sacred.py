@@ -845,6 +845,32 @@ def test_an_output_that_is_a_pipe_gets_every_record_in_utf8_then_its_end(cli, sh
     assert [json.loads(line)["source"] for line in received[0].decode("utf-8").splitlines()] == [str(picture)]
 
 
+def test_the_library_closes_a_pipe_it_wrote_and_a_report_in_a_pipe_is_the_one_stdout_gets(
+    shots, tiny_model, tmp_path, capfd
+):
+    """`granite_cli.caption(..., output="report.pipe")` in a process that goes on: the run closes
+    the pipe itself (the reader sees the end; no "unclosed file" warning under `python -X dev`).
+    A report written into a pipe is the one stdout gets: no links (where the pipe's reader puts
+    it, links relative to the pipe mean nothing)."""
+    import threading
+
+    fifo = tmp_path / "report.pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    options = dict(model=str(tiny_model), max_new_tokens=3, format="markdown")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)  # as `python -X dev` shows them
+        result = granite_cli.caption([str(shots / "s0.png")], output=str(fifo), **options)
+        gc.collect()
+    reader.join(10)
+    assert not reader.is_alive() and result.answered == 1
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # closed by the run, not by luck
+    granite_cli.caption([str(shots / "s0.png")], output="-", **options)
+    assert received[0].decode("utf-8") == capfd.readouterr().out and "s0.png" in received[0].decode("utf-8")
+
+
 def test_a_stdout_that_fails_is_named_stdout(shots, tiny_model, monkeypatch):
     """(Through the library, its stdout a full disk: the CLI's test runner keeps its own stdout.)"""
     from granite_cli.errors import OutputError
@@ -1341,7 +1367,9 @@ def test_a_stream_output_that_fails_before_its_first_record_is_abandoned_quietly
 
 def test_the_library_without_an_output_returns_the_records_and_prints_nothing(tiny_model, shots, capfd):
     """`granite_cli.caption(...)` with no `output`: the records are the result; stdout stays the caller's."""
-    result = granite_cli.caption([str(shots / "s0.png"), str(shots / "s1.png")], model=str(tiny_model))
+    result = granite_cli.caption(
+        [str(shots / "s0.png"), str(shots / "s1.png")], model=str(tiny_model), max_new_tokens=2
+    )
     assert [Path(r.source).name for r in result.records] == ["s0.png", "s1.png"]
     assert capfd.readouterr().out == ""
 
