@@ -149,7 +149,7 @@ def run_ask(
         return AskResult(pipeline.make_record(todo, pipeline.Loaded(0, item), error=item.error))
     if engine is None:
         reporter.loading(model, job.device)
-        engine = job.load(model)
+        engine = job.load(model, job.device)
     documents = OpenDocuments(read)
     try:
         loaded = pipeline.load_item(0, item, documents, engine.fit)  # as caption loads it
@@ -187,7 +187,7 @@ def run_caption(
     plan = _plan(job, reporter, stdin)
     try:
         if engine is None and any(item.error is None for item in plan.todo):  # a model only when needed
-            device = plan.ranks.device if plan.ranks.distributed and job.device in ("auto", "cuda") else job.device
+            device = plan.ranks.device_for(job.device)
             plan.reporter.loading(plan.job.model, device)
             engine = job.load(plan.job.model, device)  # each process on its own GPU
         if engine is not None:

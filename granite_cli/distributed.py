@@ -32,6 +32,14 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world > 1
 
+    def device_for(self, requested: str) -> str:
+        """Where this process loads the model: among several, `auto` and `cuda` mean the GPU
+        this process was given (else every process would load onto the first one); a device
+        named exactly (`cpu`, `cuda:1`) stays the caller's choice."""
+        if self.distributed and self.device is not None and requested in ("auto", "cuda"):
+            return self.device
+        return requested
+
 
 def split(costs: Sequence[float], world: int) -> list[list[int]]:
     """Deterministic, cost-balanced shares: item indices for each rank, in input order.

@@ -166,12 +166,12 @@ class Options:
             values["seed"] = None
         return values
 
-    def load(self, model: str, device: str | None = None):
-        """The engine, loaded (the only step that imports torch)."""
+    def load(self, model: str, device: str):
+        """The engine, loaded on `device` (this process's: see `Ranks.device_for`); the only
+        step that imports torch."""
         from .engine import EngineOptions, load_engine
 
         options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache, max_memory=self.max_memory)
-        device = device or self.device
         return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)
 
     def settings(self, structured):

@@ -290,3 +290,15 @@ def test_a_dead_run_keeps_every_finished_record_of_every_rank(tiny_model, tmp_pa
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source"] for r in records] == sorted(str(p) for p in root.glob("*.png"))
     assert not parts.exists()
+
+
+def test_each_process_of_several_loads_onto_its_own_gpu_unless_a_device_is_named():
+    """`accelerate launch` on a 2-GPU machine: rank 1 was given cuda:1. `--device auto` or
+    `cuda` mean that GPU (else both processes would load onto cuda:0); `cuda:0` or `cpu`, named
+    exactly, are obeyed; a single process keeps what it was asked."""
+    from granite_cli.distributed import Ranks
+
+    second = Ranks(rank=1, world=2, device="cuda:1")
+    assert [second.device_for(d) for d in ("auto", "cuda", "cuda:0", "cpu")] == ["cuda:1", "cuda:1", "cuda:0", "cpu"]
+    assert [Ranks().device_for(d) for d in ("auto", "cuda", "cpu")] == ["auto", "cuda", "cpu"]
+    assert Ranks(rank=1, world=2).device_for("auto") == "auto"  # (a rank without a device of its own)

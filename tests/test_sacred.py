@@ -1039,8 +1039,13 @@ def test_library_errors_speak_python(tiny_model, shots):
         granite_cli.caption([shots / "s0.png"], max_new_token=3)
     with pytest.raises(UsageError, match=r"takes the picture first, then the question: ask\("):
         granite_cli.ask("What is shown?", str(shots / "s0.png"), **model)
-    with pytest.raises(UsageError, match="no sources given"):
+    with pytest.raises(UsageError) as nothing:
         granite_cli.caption([], **model)
+    assert str(nothing.value) == "nothing to caption: no image or PDF found (no sources given)"
+    (shots / "e1").mkdir(), (shots / "e2").mkdir()
+    with pytest.raises(UsageError) as nothing:
+        granite_cli.caption([shots / "e1", str(shots / "e2")], **model)
+    assert str(nothing.value) == f"nothing to caption: no image or PDF found ('{shots}/e1', '{shots}/e2')"
     pdf = make_pdf(shots / "doc.pdf", 3)
     assert [r.page for r in granite_cli.caption([pdf], pages=[1, 3], **model).records] == [1, 3]
     for sources, options, said in [
@@ -1315,6 +1320,48 @@ def test_ctrl_c_while_the_model_loads_with_records_going_to_stdout_ends_as_an_in
     assert (result.exit_code, result.stdout) == (130, "") and result.stderr.strip().endswith("interrupted")
 
 
+def test_a_real_ctrl_c_while_the_model_loads_stops_at_once(cli, shots, monkeypatch, tmp_path):
+    """A SIGINT delivered while the model loads (the signal handler itself, not a simulation):
+    nothing runs yet, so the run stops at once (exit 130, "interrupted"), without waiting for
+    the load to end and without the "stopping after the current batch" of a running run."""
+    import signal
+    import time
+
+    def load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # a load that takes a while: the Ctrl-C must not wait for it
+        raise AssertionError("the Ctrl-C waited for the model to load")
+
+    from granite_cli import cli as commands
+
+    monkeypatch.setattr("granite_cli.engine.load_engine", load)
+    monkeypatch.setattr(commands, "INTERRUPTED", __import__("threading").Event())  # (this process's, set once)
+    out = tmp_path / "out.jsonl"
+    result = cli("caption", str(shots / "s0.png"), "-o", str(out))
+    assert result.exit_code == 130 and result.stderr.strip().endswith("interrupted"), result.stderr
+    assert "current batch" not in result.stderr and not out.exists()
+
+
+def test_a_caption_run_whose_output_another_run_holds_says_it_waits_then_writes(cli, shots, tmp_path):
+    import threading
+
+    from granite_cli.journal import OutputLock
+
+    out = tmp_path / "out.jsonl"
+    other = OutputLock(out)
+    other.acquire(lambda text: None, "other")
+    threading.Timer(1.0, other.release).start()  # the other run ends a second later
+    result = cli("caption", str(shots / "s0.png"), "-o", str(out))
+    assert result.exit_code == 0 and len(read_jsonl(out)) == 1
+    assert f"--output {out}: another granite-vision run is writing it; waiting for it to finish" in result.stderr
+
+
+def test_a_caption_run_says_a_revision_for_a_local_folder_is_ignored(cli, shots, tiny_model):
+    result = cli("caption", str(shots / "s0.png"), "--revision", "v2")
+    assert result.exit_code == 0 and len(result.records()) == 1
+    assert f"warning: --revision v2 is ignored: {tiny_model} is a local folder" in result.stderr.splitlines()
+
+
 def test_a_second_ctrl_c_mid_batch_stops_at_once_keeping_the_finished_batches(cli, shots, monkeypatch, tmp_path):
     """The second Ctrl-C (a KeyboardInterrupt while a batch runs): the run ends at once as
     interrupted, exit 130, the batches finished before it written, and --resume takes the rest."""
@@ -1371,7 +1418,7 @@ def test_the_library_without_an_output_returns_the_records_and_prints_nothing(ti
         [str(shots / "s0.png"), str(shots / "s1.png")], model=str(tiny_model), max_new_tokens=2
     )
     assert [Path(r.source).name for r in result.records] == ["s0.png", "s1.png"]
-    assert capfd.readouterr().out == ""
+    assert capfd.readouterr() == ("", "")  # nor stderr: no progress, no summary (the caller reports)
 
 
 def test_the_library_does_not_replace_an_earlier_output_unless_asked(cli, tmp_path, shots):
