@@ -56,6 +56,13 @@ def test_version_and_module_entry_point():
     assert result.stdout.decode().strip() == __version__
 
 
+def test_version_is_the_installed_packages(cli):
+    from importlib.metadata import version
+
+    result = cli("--version")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, version("granite-vision") + "\n", "")
+
+
 def test_unknown_option_is_a_usage_error(cli):
     result = cli("caption", "--no-such-option", "x")
     assert result.exit_code == 2
