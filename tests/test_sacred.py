@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -1340,6 +1341,34 @@ def test_a_real_ctrl_c_while_the_model_loads_stops_at_once(cli, shots, monkeypat
     result = cli("caption", str(shots / "s0.png"), "-o", str(out))
     assert result.exit_code == 130 and result.stderr.strip().endswith("interrupted"), result.stderr
     assert "current batch" not in result.stderr and not out.exists()
+
+
+def test_a_ctrl_c_during_the_last_batch_ends_a_complete_run_in_its_own_time(cli, shots, monkeypatch, tmp_path):
+    """The first Ctrl-C (a real SIGINT) while the last batch runs: the batch finishes, and since
+    nothing is left, the run is complete: not "interrupted", no exit 130, its exit code that of
+    its failure (a missing file). The summary's time is the run's own (at most its wall time)."""
+    import re
+    import signal
+
+    from granite_cli import cli as commands
+    from granite_cli.engine import hf
+
+    real = hf.HfEngine.run
+
+    def run(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled before the batch goes on: "after the current batch"
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(hf.HfEngine, "run", run)
+    monkeypatch.setattr(commands, "INTERRUPTED", __import__("threading").Event())
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    result = cli("caption", str(shots / "s0.png"), str(shots / "gone.png"), "-o", str(out))
+    wall = time.monotonic() - started
+    assert result.exit_code == 1 and "interrupted" not in result.stderr, result.stderr
+    assert "stopping after the current batch" in result.stderr and len(read_jsonl(out)) == 2
+    seconds = float(re.search(r"1 of 2 answered, 1 failed in ([0-9.]+) s", result.stderr)[1])
+    assert seconds <= wall + 0.05
 
 
 def test_a_caption_run_whose_output_another_run_holds_says_it_waits_then_writes(cli, shots, tmp_path):
