@@ -29,8 +29,8 @@ from .sources import MADE_BY_US, URL_PREFIXES
 
 DEFAULT_PROMPT = "Describe this image in detail."
 
-#: Bounds of numeric options, (lowest, highest) with None for open: the CLI's and the library's.
-RANGES: dict[str, tuple[float | None, float | None]] = {
+#: Bounds of numeric options, (lowest, highest or None): the CLI's and the library's.
+RANGES: dict[str, tuple[float, float | None]] = {
     "max_new_tokens": (1, None),
     "min_new_tokens": (1, None),
     "temperature": (0.0, None),
@@ -101,10 +101,8 @@ class Options:
                 raise UsageError(f"{self.given(name, getattr(self, name))}: expected one of {'|'.join(allowed)}")
         for name, (low, high) in RANGES.items():
             value = getattr(self, name, None)
-            if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
-                bounds = " and ".join(
-                    filter(None, [f"at least {low}" if low is not None else "", f"at most {high}" if high else ""])
-                )
+            if value is not None and (value < low or (high is not None and value > high)):
+                bounds = f"at least {low}" + (f" and at most {high}" if high is not None else "")
                 raise UsageError(f"{self.given(name, value)}: expected {bounds}")
         for name in TEXTS:
             _check_text(self, name, getattr(self, name, None))

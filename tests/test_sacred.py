@@ -144,12 +144,15 @@ def test_5_a_name_that_is_not_utf8_is_answered_written_and_resumed(cli, shots, t
 
 
 def test_6_a_prompt_that_is_not_utf8_is_one_line_before_the_model(cli, shots, broken_model):
-    for args in (
-        ("ask", str(shots / "s0.png"), "bad \udcff prompt"),
-        ("caption", str(shots), "--prompt", "caf\udce9"),
-    ):
+    for args, where in (
+        (
+            ("ask", str(shots / "s0.png"), "bad \udcff prompt"),
+            "QUESTION: not valid UTF-8 text (byte 0xff at character 5)",
+        ),
+        (("caption", str(shots), "--prompt", "caf\udce9"), "--prompt: not valid UTF-8 text (byte 0xe9 at character 4)"),
+    ):  # the byte a Latin-1 terminal sent, where a user counts (from 1)
         result = cli(*args, model=broken_model)
-        assert result.exit_code == 2 and "not valid UTF-8 text (byte 0x" in one_error_line(result.stderr)
+        assert result.exit_code == 2 and one_error_line(result.stderr).startswith(f"error: {where};"), result.stderr
 
 
 def test_a_missing_file_in_a_sidecar_run_is_its_own_error_not_the_runs(cli, shots):
