@@ -9,6 +9,7 @@ import gc
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -152,7 +153,8 @@ def test_6_a_prompt_that_is_not_utf8_is_one_line_before_the_model(cli, shots, br
         (("caption", str(shots), "--prompt", "caf\udce9"), "--prompt: not valid UTF-8 text (byte 0xe9 at character 4)"),
     ):  # the byte a Latin-1 terminal sent, where a user counts (from 1)
         result = cli(*args, model=broken_model)
-        assert result.exit_code == 2 and one_error_line(result.stderr).startswith(f"error: {where};"), result.stderr
+        said = f"error: {where}; check your terminal's encoding (it should be UTF-8)"
+        assert result.exit_code == 2 and one_error_line(result.stderr) == said, result.stderr
 
 
 def test_a_missing_file_in_a_sidecar_run_is_its_own_error_not_the_runs(cli, shots):
@@ -276,8 +278,9 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
     ]:
         with pytest.raises(UsageError, match=pytest.importorskip("re").escape(said)):
             granite_cli.caption([str(shots / "s0.png")], **(model | bad))
-    with pytest.raises(UsageError, match="expected a path, a URL, - or a PIL image"):
+    with pytest.raises(UsageError, match="^source b'bytes': expected a path, a URL, - or a PIL image, not bytes$"):
         granite_cli.ask(b"bytes", "q", **model)
+    assert re.fullmatch(r"<image [0-9a-f]{12}>", asked.source)  # as the README shows it
 
     with pytest.raises(UsageError, match="^sources='': empty \\(it names no file, folder or URL\\)$"):
         granite_cli.caption([str(shots / "s0.png"), ""], **model)
