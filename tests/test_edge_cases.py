@@ -235,3 +235,21 @@ def test_a_failure_inside_the_reading_stage_reaches_the_caller_as_itself(tiny_en
             settings=GenerationSettings(max_new_tokens=2),
             limits=BatchLimits(4),
         )
+
+
+def test_a_url_named_twice_is_answered_once_and_counted(cli, http_root):
+    base, _ = http_root
+    url = f"{base}/remote.png"
+    result = cli("caption", url, f"{base}/gone.png", url)
+    assert [(r["source"], r["error"] is None) for r in result.records()] == [(url, True), (f"{base}/gone.png", False)]
+    assert "1 picture(s) named more than once: each is captioned once" in result.stderr.splitlines()
+
+
+def test_a_path_read_from_stdin_is_taken_literally_never_as_a_glob(cli, tmp_path):
+    """`find ... | caption -` hands over names, not patterns: a line `*.png` is a file of that
+    name (here: none), never every PNG of the folder."""
+    for name in ("a.png", "b.png"):
+        noise(40, 40).save(tmp_path / name)
+    pattern = str(tmp_path / "*.png")
+    records = cli("caption", "-", input=f"{pattern}\n").records()
+    assert [(r["source"], r["error"]) for r in records] == [(pattern, "no such file")]

@@ -627,8 +627,14 @@ def test_22_an_incomplete_model_folder_names_what_it_lacks(cli, shots, tiny_mode
         (partial / name).write_bytes((tiny_model / name).read_bytes())
     result = cli("ask", str(shots / "s0.png"), "hi", model=partial)
     line = one_error_line(result.stderr)
-    assert result.exit_code == 2 and "lacks its image processor" in line and "its tokenizer" in line
-    assert "HF_HUB_OFFLINE" not in line
+    assert result.exit_code == 2 and line == (
+        f"error: model folder {str(partial)!r} lacks its image processor (preprocessor_config.json) and its"
+        " tokenizer (tokenizer.json or tokenizer_config.json): copy the whole model folder (every file of its"
+        " Hub repository), not only some of its files"
+    )
+    (partial / "config.json").unlink()  # a folder that is no model at all
+    line = one_error_line(cli("ask", str(shots / "s0.png"), "hi", model=partial).stderr)
+    assert line == f"error: model folder {str(partial)!r} has no config.json: it is not a Hugging Face model folder"
 
 
 def test_23_sidecar_messages(cli, shots):
