@@ -438,6 +438,9 @@ def slow_lane(jobs: int) -> float:
         return name, 1 if done.returncode == 1 else 0  # 1: a test failed (2-5: pytest itself could not run)
 
     started = time.monotonic()
+    copied = WORK / "mutants" / "tests"  # the tests as they are now (mutmut copied them when its run began)
+    shutil.rmtree(copied, ignore_errors=True)
+    shutil.copytree(ROOT / "tests", copied, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     with fresh_temp_root():
         for tests in {tuple(t) for _, t in todo}:  # the tests pass as they are, or no verdict means anything
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
