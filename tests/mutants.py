@@ -122,15 +122,19 @@ def sync() -> None:
     """Copy the tree into the work folder (mutmut's own `mutants/` there is kept: its cache)."""
     WORK.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
-        source, target = ROOT / name, WORK / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif source.exists():
-            shutil.copy2(source, target)
+        replace(ROOT / name, WORK / name)
+
+
+def replace(source: Path, target: Path) -> None:
+    """`target` made a fresh copy of `source` (a folder without its bytecode, or a file)."""
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    if source.is_dir():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    elif source.exists():
+        shutil.copy2(source, target)
 
 
 def configure(modules: list[str], jobs: int) -> None:
@@ -217,7 +221,7 @@ def recheck(jobs: int) -> float:
         OLD_TESTS.write_text(json.dumps(sorted(json.loads(stats.read_text())["duration_by_test"])))
     stats.unlink(missing_ok=True)
     before, decided = function_hashes(), set(verdicts(WORK / "mutants"))
-    slow = {(e["file"], e["function"]) for e in slow_lane_entries()}  # their fast-lane verdict cannot change
+    slow = slow_lane_tests()  # their fast-lane verdict cannot change
     again = [
         name for m in results().values() for name in m.survived + m.untested if (m.name, function_of(name)) not in slow
     ]
@@ -412,17 +416,11 @@ def slow_lane(jobs: int) -> float:
     `build/mutants/slow-lane.json`) while its function's code stays the same."""
     from concurrent.futures import ThreadPoolExecutor
 
-    entries = slow_lane_entries()
-    hashes, kept = function_hashes(), slow_verdicts()
+    slow, hashes, kept = slow_lane_tests(), function_hashes(), slow_verdicts()
     todo = []
     for module in results().values():
         for name in module.survived + module.untested:
-            tests = [
-                t
-                for e in entries
-                if e["file"] == module.name and e["function"] == function_of(name)
-                for t in e["tests"]
-            ]
+            tests = slow.get((module.name, function_of(name)), [])
             if tests and kept.get(name, {}).get("code") not in KILLED:  # (a survivor again: tests may be new)
                 todo.append((name, tests))
     env = test_env()
@@ -438,9 +436,7 @@ def slow_lane(jobs: int) -> float:
         return name, 1 if done.returncode == 1 else 0  # 1: a test failed (2-5: pytest itself could not run)
 
     started = time.monotonic()
-    copied = WORK / "mutants" / "tests"  # the tests as they are now (mutmut copied them when its run began)
-    shutil.rmtree(copied, ignore_errors=True)
-    shutil.copytree(ROOT / "tests", copied, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    replace(ROOT / "tests", WORK / "mutants" / "tests")  # the tests as they are now (mutmut's copy: its run's start)
     with fresh_temp_root():
         for tests in {tuple(t) for _, t in todo}:  # the tests pass as they are, or no verdict means anything
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
@@ -456,9 +452,14 @@ def slow_lane(jobs: int) -> float:
     return time.monotonic() - started
 
 
-def slow_lane_entries() -> list[dict]:
-    """`tests/slow_lane_mutants.toml`: each function only a real process shows, and its slow tests."""
-    return tomllib.loads(SLOW_LANE.read_text()).get("function", []) if SLOW_LANE.exists() else []
+def slow_lane_tests() -> dict[tuple[str, str], list[str]]:
+    """`tests/slow_lane_mutants.toml`: (file, function) of each function only a real process
+    shows -> the tests that reach it."""
+    entries = tomllib.loads(SLOW_LANE.read_text()).get("function", []) if SLOW_LANE.exists() else []
+    tests: dict[tuple[str, str], list[str]] = {}
+    for entry in entries:
+        tests.setdefault((entry["file"], entry["function"]), []).extend(entry["tests"])
+    return tests
 
 
 def slow_verdicts() -> dict[str, dict]:

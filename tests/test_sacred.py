@@ -1055,7 +1055,8 @@ def test_library_errors_speak_python(tiny_model, shots):
     with pytest.raises(UsageError) as nothing:
         granite_cli.caption([], **model)
     assert str(nothing.value) == "nothing to caption: no image or PDF found (no sources given)"
-    (shots / "e1").mkdir(), (shots / "e2").mkdir()
+    for empty in ("e1", "e2"):
+        (shots / empty).mkdir()
     with pytest.raises(UsageError) as nothing:
         granite_cli.caption([shots / "e1", str(shots / "e2")], **model)
     assert str(nothing.value) == f"nothing to caption: no image or PDF found ('{shots}/e1', '{shots}/e2')"
@@ -1305,10 +1306,23 @@ def test_resume_says_what_differs_both_ways_and_briefly(cli, shots, tmp_path):
         assert line.endswith(". Hint: resume with the same options, or write to another --output"), line
 
 
-def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption(cli, shots, monkeypatch, tmp_path):
+@pytest.fixture
+def commands(monkeypatch):
+    """The CLI module, its "interrupted" flag fresh for this test (it is set once per process:
+    a test that interrupts must not leave the next run interrupted)."""
+    import threading
+
+    from granite_cli import cli
+
+    monkeypatch.setattr(cli, "INTERRUPTED", threading.Event())
+    return cli
+
+
+def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption(
+    cli, shots, monkeypatch, tmp_path, commands
+):
     """transformers' lazy imports re-raise a KeyboardInterrupt as ModuleNotFoundError: a Ctrl-C
     while the model loads must still end as one, exit 130, the output untouched."""
-    from granite_cli import cli as commands
 
     def load(*args, **kwargs):
         try:
@@ -1317,23 +1331,22 @@ def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption
             raise ModuleNotFoundError("Could not import module 'AutoProcessor'") from None
 
     monkeypatch.setattr("granite_cli.engine.load_engine", load)
-    monkeypatch.setattr(commands, "INTERRUPTED", __import__("threading").Event())
     out = tmp_path / "out.jsonl"
     result = cli("caption", str(shots / "s0.png"), "-o", str(out))
     assert result.exit_code == 130 and result.stderr.strip().endswith("interrupted") and not out.exists()
 
 
-def test_ctrl_c_while_the_model_loads_with_records_going_to_stdout_ends_as_an_interruption(cli, shots, monkeypatch):
+def test_ctrl_c_while_the_model_loads_with_records_going_to_stdout_ends_as_an_interruption(
+    cli, shots, monkeypatch, commands
+):
     """Nothing was written to stdout yet: the run ends as interrupted (130), stdout empty."""
-    from granite_cli import cli as commands
 
     monkeypatch.setattr("granite_cli.engine.load_engine", lambda *args, **kwargs: commands.interrupt())
-    monkeypatch.setattr(commands, "INTERRUPTED", __import__("threading").Event())
     result = cli("caption", str(shots / "s0.png"))
     assert (result.exit_code, result.stdout) == (130, "") and result.stderr.strip().endswith("interrupted")
 
 
-def test_a_real_ctrl_c_while_the_model_loads_stops_at_once(cli, shots, monkeypatch, tmp_path):
+def test_a_real_ctrl_c_while_the_model_loads_stops_at_once(cli, shots, monkeypatch, tmp_path, commands):
     """A SIGINT delivered while the model loads (the signal handler itself, not a simulation):
     nothing runs yet, so the run stops at once (exit 130, "interrupted"), without waiting for
     the load to end and without the "stopping after the current batch" of a running run."""
@@ -1345,24 +1358,22 @@ def test_a_real_ctrl_c_while_the_model_loads_stops_at_once(cli, shots, monkeypat
         time.sleep(5)  # a load that takes a while: the Ctrl-C must not wait for it
         raise AssertionError("the Ctrl-C waited for the model to load")
 
-    from granite_cli import cli as commands
-
     monkeypatch.setattr("granite_cli.engine.load_engine", load)
-    monkeypatch.setattr(commands, "INTERRUPTED", __import__("threading").Event())  # (this process's, set once)
     out = tmp_path / "out.jsonl"
     result = cli("caption", str(shots / "s0.png"), "-o", str(out))
     assert result.exit_code == 130 and result.stderr.strip().endswith("interrupted"), result.stderr
     assert "current batch" not in result.stderr and not out.exists()
 
 
-def test_a_ctrl_c_during_the_last_batch_ends_a_complete_run_in_its_own_time(cli, shots, monkeypatch, tmp_path):
+def test_a_ctrl_c_during_the_last_batch_ends_a_complete_run_in_its_own_time(
+    cli, shots, monkeypatch, tmp_path, commands
+):
     """The first Ctrl-C (a real SIGINT) while the last batch runs: the batch finishes, and since
     nothing is left, the run is complete: not "interrupted", no exit 130, its exit code that of
     its failure (a missing file). The summary's time is the run's own (at most its wall time)."""
     import re
     import signal
 
-    from granite_cli import cli as commands
     from granite_cli.engine import hf
 
     real = hf.HfEngine.run
@@ -1372,7 +1383,6 @@ def test_a_ctrl_c_during_the_last_batch_ends_a_complete_run_in_its_own_time(cli,
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(hf.HfEngine, "run", run)
-    monkeypatch.setattr(commands, "INTERRUPTED", __import__("threading").Event())
     out = tmp_path / "out.jsonl"
     started = time.monotonic()
     result = cli("caption", str(shots / "s0.png"), str(shots / "gone.png"), "-o", str(out))
