@@ -592,6 +592,117 @@ def test_every_way_a_model_cannot_be_found_is_one_line_with_the_hint_that_fits(t
     )
 
 
+def cache_hub_model(model: Path, cache: Path, repo: str) -> None:
+    """`model` as the Hugging Face cache under `cache` holds a download of the Hub id `repo`."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model, folder / "snapshots" / commit)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+
+
+class ProbedHub:
+    """A Hugging Face Hub on loopback that answers every request with 404 and keeps their paths."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        paths = self.paths = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                paths.append(f"{self.command} {self.path}")
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_a_hub_id_asks_a_reachable_hub_once_and_an_unreachable_one_never_stalls(tiny_model, tmp_path, monkeypatch):
+    """Whether a Hub id loads from the Hub or from the cache is decided by one quick question to
+    the Hub: answered, the Hub is used; refused or unanswered within the probe's seconds, the
+    cached copy is, and without one the error says where the cache is and why the Hub failed."""
+    import socket
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    from granite_cli.engine import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cache_hub_model(tiny_model, tmp_path / "hub", "ibm-granite/tiny-vision")
+    probed = ProbedHub()
+    monkeypatch.setattr(constants, "ENDPOINT", probed.url)
+    try:
+        assert hub.load_locally("ibm-granite/tiny-vision", None) is False  # cached, but the Hub answers
+        assert hub.load_locally("ibm-granite/not-cached", None) is False
+    finally:
+        probed.server.shutdown()
+    assert probed.paths == ["HEAD /api/models/ibm-granite/tiny-vision", "HEAD /api/models/ibm-granite/not-cached"]
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # port 9: nothing listens
+    assert hub.load_locally("ibm-granite/tiny-vision", None) is True
+    with pytest.raises(UsageError) as refused:
+        hub.load_locally("ibm-granite/not-cached", None)
+    assert str(refused.value) == (
+        f"model 'ibm-granite/not-cached' is not in the local cache ({tmp_path / 'hub'}) and the Hugging Face Hub"
+        " cannot be reached (ConnectError). Hint: connect once to download it, or pass --model PATH to a"
+        " downloaded model folder"
+    )
+    silent = socket.create_server(("127.0.0.1", 0))  # takes the connection, never answers
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setattr(hub, "HUB_PROBE_SECONDS", 0.5)
+    outcome: list = []
+
+    def probe() -> None:
+        try:
+            outcome.append(hub.load_locally("ibm-granite/not-cached", None))
+        except UsageError as exc:
+            outcome.append(str(exc))
+
+    started = time.monotonic()
+    with silent:
+        waiting = threading.Thread(target=probe, daemon=True)
+        waiting.start()
+        waiting.join(10)
+        assert outcome and time.monotonic() - started < 5, "a silent Hub stalled the probe"
+    assert "the Hugging Face Hub cannot be reached (ReadTimeout)" in outcome[0]
+
+
+def test_a_cached_hub_model_loads_quietly_while_the_hub_is_unreachable(
+    tiny_model, tmp_path, monkeypatch, capfd, caplog
+):
+    """No network, not told HF_HUB_OFFLINE: the cached copy answers, with no word of the Hub on
+    stderr (the loader is not sent to a Hub already found unreachable: "Could not reach the Hub"
+    is a warning of huggingface_hub's logger, which a user's process prints)."""
+    import logging
+
+    from huggingface_hub import constants
+
+    import granite_cli
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # port 9: nothing listens
+    cache_hub_model(tiny_model, tmp_path / "hub", "ibm-granite/tiny-vision")
+    noise(40, 40).save(tmp_path / "a.png")
+    capfd.readouterr()
+    answer = granite_cli.ask(tmp_path / "a.png", "What?", model="ibm-granite/tiny-vision", max_new_tokens=3, device="cpu")
+    assert answer.record.ok and answer.record.model == "ibm-granite/tiny-vision"
+    assert capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_a_pinned_revision_loads_that_revision_of_a_cached_hub_model(tiny_model, tmp_path, monkeypatch):
     """`revision="v2"` (`--revision v2`) loads the snapshot that revision names; a cache that
     holds only that revision has nothing for the default one, which is said in one line."""

@@ -20,6 +20,10 @@ FOLDER_FILES = (
     ("its tokenizer (tokenizer.json or tokenizer_config.json)", ("tokenizer.json", "tokenizer_config.json")),
 )
 
+#: How long the probe of the Hub waits for an answer before it counts the Hub as unreachable: long
+#: enough for a slow network, short beside the half minute of retries it saves.
+HUB_PROBE_SECONDS = 5.0
+
 
 def model_name(value: str, where: str) -> str:
     """The model to load, checked before anything heavy: a local folder by its absolute path (so
@@ -75,7 +79,7 @@ def load_locally(model: str, revision: str | None) -> bool:
     if constants.HF_HUB_OFFLINE:
         return True
     try:
-        get_session().head(f"{constants.ENDPOINT}/api/models/{model}", timeout=5.0)
+        get_session().head(f"{constants.ENDPOINT}/api/models/{model}", timeout=HUB_PROBE_SECONDS)
         return False
     except Exception as exc:  # noqa: BLE001 - any failure to connect means "offline" here
         if cached:
