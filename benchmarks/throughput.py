@@ -12,19 +12,24 @@ Answers are forced to exactly --new-tokens tokens (min = max), so random weights
     python benchmarks/throughput.py --random-weights granite-vision-3.2-2b --layers 2 --device cpu --items 8
     python benchmarks/throughput.py --model ibm-granite/granite-vision-3.3-2b --max-tiles-sweep 3,5,10
 
-Prints a markdown table (stdout) and writes the full result as JSON (--json).
+Prints a markdown table (stdout) and writes the full result as JSON (--json). Each row runs on its
+own (rows.py): one that fails is recorded with its reason and the next runs; --out saves the files
+after every row and --deadline-at stops the run in time (benchmarks/gpu_check.sh uses both).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import os
 import platform
 import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +37,8 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+
+from rows import LABELS, Journal, empty_report, paths, render  # noqa: E402
 
 from granite_cli import pipeline, tiny_model  # noqa: E402
 from granite_cli.api import CaptionJob, run_caption  # noqa: E402
@@ -281,61 +288,147 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="write the result here (default benchmarks/results/<time>.json)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", help="save PREFIX.json, PREFIX.md and"
+                        " PREFIX.rows.jsonl after every row, so a run cut short keeps its finished rows")  # fmt: skip
+    parser.add_argument("--deadline-at", type=float, metavar="UNIX_TIME", help="rows not started by then are"
+                        " skipped, and the row running then is stopped (the GPU lane's time limit)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Every row through one journal: a row that fails is recorded with its reason and the next one
+    runs; the report holds whatever finished (see rows.py)."""
     args = arguments(argv)
-    tiny = args.tiny or not (args.model or args.random_weights)
-    items_n = args.items or (12 if tiny else 64)
-    new_tokens = args.new_tokens or (8 if tiny else 64)
-    baseline = args.baseline_batch or (4 if tiny else 32)
-    device = "cpu" if tiny and args.device == "auto" else args.device
+    report = empty_report()
+    journal = Journal(report, args.out, args.deadline_at)
     with tempfile.TemporaryDirectory(prefix="granite-bench-") as tmp:
-        tmp_path = Path(tmp)
-        if args.model:
-            model_dir = args.model
-        elif args.random_weights:
-            model_dir = str(
-                build_random_weights(args.random_weights, tmp_path / "model", args.layers, args.dtype, device)
-            )
-        else:
-            model_dir = str(tiny_model.build_llava_next(tmp_path / "model"))
-        engine = load_engine(model_dir, device=device, dtype=args.dtype)
-        files = build_workload(tmp_path / "inputs", items_n, pages_only=args.workload == "pages")
-        items = resolve([str(f) for f in files], read=READ).items
-        # (a) and (b) get exactly the pictures (c) renders, loaded before their clocks start.
-        documents = OpenDocuments(READ)
-        images = [pipeline.load_item(i, item, documents, engine.fit).image for i, item in enumerate(items)]
-        documents.close()
-
-        run_engine(engine, files[:baseline], new_tokens, args.batch_size)  # warm-up
-        card, card_tokens = run_card(
-            engine, model_dir, images[: min(args.card_items or (4 if tiny else 8), items_n)], new_tokens
-        )
-        batched, batched_tokens = run_batched(engine, model_dir, images, new_tokens, baseline)
-        ours, our_tokens, records = run_engine(engine, files, new_tokens, args.batch_size)
-        report = {
-            "setup": setup(args, engine, records, baseline, new_tokens),
-            "card": card,
-            "batched": batched,
-            "engine": ours,
-            "ratio_engine_vs_card": round(ours["images_per_s"] / card["images_per_s"], 2),
-            "ratio_engine_vs_batched": round(ours["images_per_s"] / batched["images_per_s"], 2),
-            "agreement_engine_vs_batched": agreement(our_tokens, batched_tokens),
-            "agreement_engine_vs_card": agreement(our_tokens[: len(card_tokens)], card_tokens),
-            "variants": variants(engine, files, new_tokens, args, batched_tokens) if args.variants else [],
-            "schema": schema_row(engine, files, new_tokens, args) if args.schema else None,
-            "max_tiles_sweep": sweep(model_dir, device, args, files, new_tokens),
-        }
+        run = Run(args, report, Path(tmp))
+        rows = run.rows()
+        journal.plan([(key, label) for key, label, _ in rows])
+        for key, _, measure in rows:
+            journal.run(key, measure, needs=None if key == "setup" else "setup")
     return write(report, args)
 
 
-def setup(args, engine, records: list[Record], baseline: int, new_tokens: int) -> dict:
+#: (c) run other ways on the same loaded model: key -> (label, engine options changed, run_engine keywords).
+VARIANTS = {
+    "static": ("static cache (sized per batch)", {"cache": "static"}, {}),
+    "no-chunks": ("prefill in one piece (no chunks)", {"prefill_chunk": 0}, {}),
+    "oom-backoff": (
+        "budget forced too large: out-of-memory back-off", {}, {"max_batch_tokens": 10**9, "batch_size": 10**6},
+    ),
+}  # fmt: skip
+
+
+class Run:
+    """One run's shared state (the model, the workload, each path's tokens for the agreement
+    figures) and its rows: each row method measures one line of the table into the report, so a
+    row that fails leaves the others theirs."""
+
+    def __init__(self, args: argparse.Namespace, report: dict, tmp: Path) -> None:
+        self.args, self.report, self.tmp = args, report, tmp
+        tiny = args.tiny or not (args.model or args.random_weights)
+        self.items_n = args.items or (12 if tiny else 64)
+        self.new_tokens = args.new_tokens or (8 if tiny else 64)
+        self.baseline = args.baseline_batch or (4 if tiny else 32)
+        self.card_items = min(args.card_items or (4 if tiny else 8), self.items_n)
+        self.device = "cpu" if tiny and args.device == "auto" else args.device
+        self.tokens: dict[str, list[list[int]]] = {}
+
+    def rows(self) -> list[tuple[str, str, Callable[[], None]]]:
+        """The rows this run makes, in order, as (key, label, measure)."""
+        measures = {"setup": self.setup, "card": self.card, "batched": self.batched, "engine": self.ours}
+        rows = [(key, LABELS[key], measure) for key, measure in measures.items()]
+        if self.args.variants:
+            rows += [(key, f"(c) {label}", functools.partial(self.variant, key))
+                     for key, (label, _, _) in VARIANTS.items()]  # fmt: skip
+        if self.args.schema:
+            rows.append(("schema", LABELS["schema"], self.schema))
+        for value in [int(v) for v in self.args.max_tiles_sweep.split(",") if v.strip()]:
+            rows.append((f"tiles-{value}", f"(c) --max-tiles {value}", functools.partial(self.tiles, value)))
+        return rows
+
+    def setup(self) -> None:
+        """The model, the workload and its pictures, and a warm-up of the engine."""
+        args = self.args
+        if args.model:
+            self.model_dir = args.model
+        elif args.random_weights:
+            model = build_random_weights(args.random_weights, self.tmp / "model", args.layers, args.dtype, self.device)
+            self.model_dir = str(model)
+        else:
+            self.model_dir = str(tiny_model.build_llava_next(self.tmp / "model"))
+        self.engine = load_engine(self.model_dir, device=self.device, dtype=args.dtype)
+        self.files = build_workload(self.tmp / "inputs", self.items_n, pages_only=args.workload == "pages")
+        self.items = resolve([str(f) for f in self.files], read=READ).items
+        # (a) and (b) get exactly the pictures (c) renders, loaded before their clocks start.
+        documents = OpenDocuments(READ)
+        self.images = [
+            pipeline.load_item(i, item, documents, self.engine.fit).image for i, item in enumerate(self.items)
+        ]
+        documents.close()
+        _, _, warm = run_engine(self.engine, self.files[: self.baseline], self.new_tokens, args.batch_size)  # warm-up
+        self.report["setup"] = setup(args, self.engine, self.items, warm, self.baseline, self.new_tokens)
+
+    def card(self) -> None:
+        self.report["card"], self.tokens["card"] = run_card(
+            self.engine, self.model_dir, self.images[: self.card_items], self.new_tokens
+        )
+
+    def batched(self) -> None:
+        self.report["batched"], self.tokens["batched"] = run_batched(
+            self.engine, self.model_dir, self.images, self.new_tokens, self.baseline
+        )
+
+    def ours(self) -> None:
+        """(c), and how it compares with whichever of (a) and (b) finished."""
+        report = self.report
+        report["engine"], tokens, records = run_engine(self.engine, self.files, self.new_tokens, self.args.batch_size)
+        report["setup"] = setup(self.args, self.engine, self.items, records, self.baseline, self.new_tokens)
+        speed = report["engine"]["images_per_s"]
+        for name in ("card", "batched"):
+            if report[name] is not None:
+                report[f"ratio_engine_vs_{name}"] = round(speed / report[name]["images_per_s"], 2)
+        if "batched" in self.tokens:
+            report["agreement_engine_vs_batched"] = agreement(tokens, self.tokens["batched"])
+        if "card" in self.tokens:
+            report["agreement_engine_vs_card"] = agreement(tokens[: len(self.tokens["card"])], self.tokens["card"])
+
+    def variant(self, key: str) -> None:
+        """(c) run another way on the same loaded model: what each engine choice is worth."""
+        label, changes, extra = VARIANTS[key]
+        engine = self.engine
+        variant = engine.with_options(replace(engine.generator.options, **changes)) if changes else engine
+        squeeze(engine, "max_batch_tokens" in extra)
+        try:
+            result, tokens, records = run_engine(variant, self.files, self.new_tokens,
+                                                 extra.get("batch_size", self.args.batch_size),
+                                                 max_batch_tokens=extra.get("max_batch_tokens"))  # fmt: skip
+        finally:
+            squeeze(engine, False)
+        batched = self.tokens.get("batched")
+        result.update(
+            key=key, label=label, answered=sum(r.ok for r in records),
+            agreement_vs_batched=agreement(tokens, batched) if batched else None,
+        )  # fmt: skip
+        self.report["variants"].append(result)
+
+    def schema(self) -> None:
+        self.report["schema"] = schema_row(self.engine, self.files, self.new_tokens, self.args)
+
+    def tiles(self, value: int) -> None:
+        row = tiles_row(self.model_dir, self.device, self.args, self.files, self.new_tokens, value)
+        self.report["max_tiles_sweep"].append({"key": f"tiles-{value}", **row})
+
+
+def setup(args, engine, items: list, records: list[Record], baseline: int, new_tokens: int) -> dict:
+    """What ran: the workload's make-up from its items, prompt lengths from `records` (the warm-up's
+    until (c) has answered every item)."""
     import torch
     import transformers
 
     pages = [r for r in records if r.page is not None]
+    page_items = sum(item.page is not None for item in items)
     limits = engine.limits(args.batch_size)
     return {
         "model": args.model or args.random_weights or "tiny",
@@ -343,9 +436,9 @@ def setup(args, engine, records: list[Record], baseline: int, new_tokens: int) -
         "device": str(engine.device),
         "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
         "dtype": str(engine.dtype).replace("torch.", ""),
-        "items": len(records),
-        "pages": len(pages),
-        "photos": len(records) - len(pages),
+        "items": len(items),
+        "pages": page_items,
+        "photos": len(items) - page_items,
         "baseline_batch": baseline,
         "engine_rows": limits.rows,
         "engine_tokens": limits.tokens,
@@ -356,26 +449,6 @@ def setup(args, engine, records: list[Record], baseline: int, new_tokens: int) -
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-
-
-def variants(engine, files: list[Path], new_tokens: int, args, batched_tokens) -> list[dict]:
-    """(c) run other ways on the same loaded model: what each engine choice is worth."""
-    options = engine.generator.options
-    rows = []
-    for label, variant, extra in [
-        ("static cache (sized per batch)", engine.with_options(replace(options, cache="static")), {}),
-        ("prefill in one piece (no chunks)", engine.with_options(replace(options, prefill_chunk=0)), {}),
-        ("budget forced too large: out-of-memory back-off", engine, {"max_batch_tokens": 10**9, "batch_size": 10**6}),
-    ]:
-        squeeze(engine, "max_batch_tokens" in extra)
-        result, tokens, records = run_engine(variant, files, new_tokens, extra.get("batch_size", args.batch_size),
-                                             max_batch_tokens=extra.get("max_batch_tokens"))  # fmt: skip
-        result.update(
-            label=label, answered=sum(r.ok for r in records), agreement_vs_batched=agreement(tokens, batched_tokens)
-        )
-        rows.append(result)
-    squeeze(engine, False)
-    return rows
 
 
 def squeeze(engine, on: bool) -> None:
@@ -399,21 +472,19 @@ def schema_row(engine, files: list[Path], new_tokens: int, args) -> dict:
     return structured
 
 
-def sweep(model_dir: str, device: str, args, files: list[Path], new_tokens: int) -> list[dict]:
-    rows = []
-    for value in [int(v) for v in args.max_tiles_sweep.split(",") if v.strip()]:
-        limited = load_engine(model_dir, device=device, dtype=args.dtype, options=EngineOptions(max_tiles=value))
-        result, _, swept = run_engine(limited, files, new_tokens, args.batch_size)
-        del limited
-        pages = [r for r in swept if r.page is not None]
-        result["max_tiles"] = value
-        result["prompt_tokens_per_page"] = round(sum(r.prompt_tokens for r in pages) / max(len(pages), 1))
-        rows.append(result)
-    return rows
+def tiles_row(model_dir: str, device: str, args, files: list[Path], new_tokens: int, value: int) -> dict:
+    limited = load_engine(model_dir, device=device, dtype=args.dtype, options=EngineOptions(max_tiles=value))
+    result, _, swept = run_engine(limited, files, new_tokens, args.batch_size)
+    del limited
+    pages = [r for r in swept if r.page is not None]
+    result["max_tiles"] = value
+    result["prompt_tokens_per_page"] = round(sum(r.prompt_tokens for r in pages) / max(len(pages), 1))
+    return result
 
 
 def write(report: dict, args) -> dict:
-    out = args.json or ROOT / "results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamped = ROOT / "results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.json or (paths(args.out)["json"] if args.out else stamped)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     table = render(report)
@@ -424,57 +495,12 @@ def write(report: dict, args) -> dict:
     return report
 
 
-def _row(label: str, row: dict) -> str:
-    peak = "-" if row["peak_gpu_gib"] is None else row["peak_gpu_gib"]
-    return (
-        f"| {label} | {row['items']} | {row['images_per_s']} | {row['new_tokens_per_s']} | {row['first_result_s']}"
-        f" | {peak} |"
-    )
-
-
-def render(report: dict) -> str:
-    setup = report["setup"]
-    budget = f", engine rows <= {setup['engine_rows']}" + (
-        f", <= {setup['engine_tokens']:,} tokens" if setup["engine_tokens"] else ""
-    )
-    lines = [
-        f"model {setup['model']} ({setup['dtype']}, {setup['device']}{', ' + setup['gpu'] if setup['gpu'] else ''}),"
-        f" {setup['items']} items ({setup['pages']} pages, {setup['photos']} photos), (b) batch"
-        f" {setup['baseline_batch']}{budget}, {setup['new_tokens']} new tokens, ~{setup['prompt_tokens_per_page']}"
-        " prompt tokens/page",
-        "",
-        "| path | items | images/s | new tokens/s | first result s | peak GPU GiB |",
-        "|---|---|---|---|---|---|",
-        _row("(a) model card loop", report["card"]),
-        _row("(b) batched generate", report["batched"]),
-        _row("(c) granite-vision", report["engine"]),
-    ]
-    for row in report["variants"]:
-        first = row["agreement_vs_batched"]["first_token"]
-        lines.append(
-            _row(f"(c) {row['label']} ({row['answered']}/{row['items']} answered, first tokens {first:.0%})", row)
-        )
-    for row in report["max_tiles_sweep"]:
-        lines.append(_row(f"(c) --max-tiles {row['max_tiles']} (~{row['prompt_tokens_per_page']} tok/page)", row))
-    if report.get("schema"):
-        row = report["schema"]
-        lines.append(_row(f"(c) --schema ({row['valid']}/{row['items']} valid)", row))
-    lines += [
-        "",
-        f"c/a = {report['ratio_engine_vs_card']}x, c/b = {report['ratio_engine_vs_batched']}x",
-        f"agreement (c) vs (b): first token {report['agreement_engine_vs_batched']['first_token']:.1%},"
-        f" all tokens {report['agreement_engine_vs_batched']['all_tokens']:.1%};"
-        f" (c) vs (a): first token {report['agreement_engine_vs_card']['first_token']:.1%},"
-        f" all tokens {report['agreement_engine_vs_card']['all_tokens']:.1%}",
-    ]
-    if report.get("schema"):
-        row = report["schema"]
-        lines.append(
-            f"schema slowdown vs free text of the same length ({row['answer_tokens_mean']} tokens, same limits):"
-            f" {row['slowdown']:.1%} ({row['free_text_same_length']['images_per_s']} -> {row['images_per_s']} images/s)"
-        )
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    main()
+    finished = main()
+    settled_ok = all(row["status"] == "ok" for row in finished["rows"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A row stopped at the deadline may leave the engine's worker threads behind: leave at once.
+    if any(row["status"] == "killed" for row in finished["rows"]):
+        os._exit(1)
+    sys.exit(0 if settled_ok else 1)

@@ -6,10 +6,12 @@ that every path ran over the same work and that, greedy in float32, they agree t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,88 @@ def test_the_gpu_lane_script_runs_its_plumbing_on_a_cpu(tmp_path):
         assert row["answered"] == 6 and row["agreement_vs_batched"]["all_tokens"] == 1.0, row["label"]
     assert report["schema"]["items"] == 6
     assert (tmp_path / "gpu.md").read_text().startswith("model tiny")
+
+
+# --------------------------------------------------------------------------- the rows' journal
+def _rows():
+    """benchmarks/rows.py, loaded by path (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location("benchmark_rows", ROOT / "benchmarks" / "rows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SETUP = {
+    "model": "tiny", "dtype": "float32", "device": "cpu", "gpu": None, "items": 6, "pages": 6, "photos": 0,
+    "baseline_batch": 3, "engine_rows": 8, "engine_tokens": None, "new_tokens": 4, "prompt_tokens_per_page": 225,
+}  # fmt: skip
+TIMED = {"items": 6, "seconds": 0.5, "images_per_s": 12.0, "new_tokens_per_s": 48.0, "first_result_s": 0.2,
+         "peak_gpu_gib": None}  # fmt: skip
+PLAN = [("setup", "setup"), ("card", "(a) model card loop"), ("batched", "(b) batched generate")]
+
+
+def _events(prefix: Path) -> list[tuple[str, str]]:
+    lines = prefix.with_name(prefix.name + ".rows.jsonl").read_text().splitlines()
+    return [(event["key"], event["status"]) for event in map(json.loads, lines)]
+
+
+def test_a_failing_row_is_recorded_with_its_reason_and_the_next_row_runs(tmp_path):
+    rows, prefix = _rows(), tmp_path / "run"
+    report = rows.empty_report()
+    journal = rows.Journal(report, prefix)
+    journal.plan(PLAN)
+    on_disk = []
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(more lines)")
+
+    def batched():
+        on_disk.append(_events(prefix))  # the failed row is saved before the next one starts
+        report["batched"] = TIMED
+
+    assert journal.run("setup", lambda: report.update(setup=SETUP))
+    assert not journal.run("card", out_of_memory, needs="setup")
+    assert journal.run("batched", batched, needs="setup")
+    assert on_disk == [[("setup", "running"), ("setup", "ok"), ("card", "running"), ("card", "failed"),
+                        ("batched", "running")]]  # fmt: skip
+    assert [(row["status"], row["reason"]) for row in report["rows"]] == [
+        ("ok", None), ("failed", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"), ("ok", None)
+    ]  # fmt: skip
+    table = (prefix.with_name("run.md")).read_text()
+    assert "| (a) model card loop — failed: RuntimeError: CUDA out of memory. Tried" in table
+    assert "| (b) batched generate | 6 | 12.0 | 48.0 | 0.2 | - |" in table
+    assert json.loads(prefix.with_name("run.json").read_text()) == report
+
+
+def test_the_deadline_stops_the_running_row_and_skips_the_rest(tmp_path):
+    rows, prefix = _rows(), tmp_path / "run"
+    report = rows.empty_report()
+    journal = rows.Journal(report, prefix, deadline=time.time() + 0.5)
+    journal.plan(PLAN)
+    began = time.monotonic()
+    assert journal.run("setup", lambda: report.update(setup=SETUP))
+    assert not journal.run("card", lambda: time.sleep(30), needs="setup")
+    assert not journal.run("batched", lambda: report.update(batched=TIMED), needs="setup")
+    assert time.monotonic() - began < 5
+    assert [(row["status"], row["reason"]) for row in report["rows"]] == [
+        ("ok", None), ("killed", "out of time"), ("skipped", "out of time")
+    ]  # fmt: skip
+    assert report["batched"] is None and "| (b) batched generate — skipped: out of time |" in rows.render(report)
+
+
+def test_a_killed_run_is_settled_from_what_it_saved(tmp_path, capsys):
+    rows, prefix = _rows(), tmp_path / "run"
+    report = rows.empty_report()
+    journal = rows.Journal(report, prefix)
+    journal.plan(PLAN)
+    journal.run("setup", lambda: report.update(setup=SETUP))
+    card = journal.row("card")
+    card["status"] = "running"
+    journal.save(event=card)  # ... and then the process was killed
+    assert rows.finish(prefix, "out of time")
+    table = capsys.readouterr().out
+    assert "| (a) model card loop — killed: out of time |" in table
+    assert "| (b) batched generate — skipped: out of time |" in table
+    assert table.strip() == prefix.with_name("run.md").read_text().strip()
+    assert _events(prefix)[-2:] == [("card", "killed"), ("batched", "skipped")]
+    assert rows.finish(prefix, "again") and capsys.readouterr().out == ""  # settled: nothing to add
