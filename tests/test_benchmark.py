@@ -40,20 +40,29 @@ def test_tiny_benchmark_runs_and_paths_agree(tmp_path):
 
 @pytest.mark.slow
 def test_the_gpu_lane_script_runs_its_plumbing_on_a_cpu(tmp_path):
-    """benchmarks/gpu_check.sh in smoke mode: every row of the GPU lane, on the tiny model."""
-    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path / "gpu")}
+    """benchmarks/gpu_check.sh in smoke mode: every row of the GPU lane, on the tiny model, into
+    $OUT (the device tool's folder), each row saved as it ends."""
+    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "OUT": str(tmp_path)}
+    env.pop("GPU_CHECK_OUT", None)
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, timeout=600
     )
-    assert result.returncode == 0, result.stderr.decode()[-2000:]
-    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert result.returncode == 0, result.stdout.decode()[-2000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f"gpu-3.2-2b.{suffix}" for suffix in ("json", "log", "md", "rows.jsonl")
+    ]
+    report = json.loads((tmp_path / "gpu-3.2-2b.json").read_text())
     assert report["setup"]["pages"] == report["setup"]["items"] == 6  # letter pages only
     labels = [row["label"] for row in report["variants"]]
     assert [label.split(" ")[0] for label in labels] == ["static", "prefill", "budget"]
     for row in report["variants"]:
         assert row["answered"] == 6 and row["agreement_vs_batched"]["all_tokens"] == 1.0, row["label"]
     assert report["schema"]["items"] == 6
-    assert (tmp_path / "gpu.md").read_text().startswith("model tiny")
+    keys = ["setup", "card", "batched", "engine", "static", "no-chunks", "oom-backoff", "schema"]
+    events = [json.loads(line) for line in (tmp_path / "gpu-3.2-2b.rows.jsonl").read_text().splitlines()]
+    assert [(e["key"], e["status"]) for e in events] == [(k, s) for k in keys for s in ("running", "ok")]
+    table = (tmp_path / "gpu-3.2-2b.md").read_text()
+    assert table.startswith("model tiny") and table in result.stdout.decode()
 
 
 # --------------------------------------------------------------------------- the rows' journal
