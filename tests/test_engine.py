@@ -697,7 +697,9 @@ def test_a_cached_hub_model_loads_quietly_while_the_hub_is_unreachable(
     cache_hub_model(tiny_model, tmp_path / "hub", "ibm-granite/tiny-vision")
     noise(40, 40).save(tmp_path / "a.png")
     capfd.readouterr()
-    answer = granite_cli.ask(tmp_path / "a.png", "What?", model="ibm-granite/tiny-vision", max_new_tokens=3, device="cpu")
+    answer = granite_cli.ask(
+        tmp_path / "a.png", "What?", model="ibm-granite/tiny-vision", max_new_tokens=3, device="cpu"
+    )
     assert answer.record.ok and answer.record.model == "ibm-granite/tiny-vision"
     assert capfd.readouterr().err == ""
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
