@@ -680,7 +680,7 @@ def test_a_hub_id_asks_a_reachable_hub_once_and_an_unreachable_one_never_stalls(
 
 
 def test_a_cached_hub_model_loads_quietly_while_the_hub_is_unreachable(
-    tiny_model, tmp_path, monkeypatch, capfd, caplog
+    tiny_model, tmp_path, monkeypatch, capfd, caplog, real_loading
 ):
     """No network, not told HF_HUB_OFFLINE: the cached copy answers, with no word of the Hub on
     stderr (the loader is not sent to a Hub already found unreachable: "Could not reach the Hub"
