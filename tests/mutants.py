@@ -58,6 +58,7 @@ TEST_LIMIT = 30
 #: mutant's session ends in `os._exit`, so pytest never prunes its old folders: left under the
 #: system's temp folder, thousands of sessions once filled a 250 GB disk.
 TEMP_ROOT = WORK / "tmp"
+SLOW_TEMP_ROOT = WORK / "tmp-slow"  # its own: a slow-lane run beside a mutmut run empties only its own
 #: Which test killed which mutant (the conftest writes it): kept between runs, so that each
 #: mutant runs first the tests that killed its function's other mutants.
 KILLERS = WORK / "killers.tsv"
@@ -191,24 +192,24 @@ def run(modules: list[str], jobs: int, names: list[str] = ()) -> float:
     return time.monotonic() - started
 
 
-def test_env() -> dict[str, str]:
+def test_env(temp_root: Path = TEMP_ROOT) -> dict[str, str]:
     """The environment of every test session these runs start: the shared tiny models, and the
-    temporary folders under TEMP_ROOT (pytest's own setting for where they go)."""
+    temporary folders under `temp_root` (pytest's own setting for where they go)."""
     return {
         **os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GRANITE_TEST_MODELS": str(MODELS),
-        "PYTEST_DEBUG_TEMPROOT": str(TEMP_ROOT),
+        "PYTEST_DEBUG_TEMPROOT": str(temp_root),
     }  # fmt: skip
 
 
 @contextlib.contextmanager
-def fresh_temp_root():
-    """TEMP_ROOT empty while a run uses it, and gone after, however the run ends."""
-    shutil.rmtree(TEMP_ROOT, ignore_errors=True)
-    TEMP_ROOT.mkdir(parents=True)
+def fresh_temp_root(root: Path = TEMP_ROOT):
+    """`root` empty while a run uses it, and gone after, however the run ends."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     try:
         yield
     finally:
-        shutil.rmtree(TEMP_ROOT, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def recheck(jobs: int) -> float:
@@ -423,7 +424,7 @@ def slow_lane(jobs: int) -> float:
             tests = slow.get((module.name, function_of(name)), [])
             if tests and kept.get(name, {}).get("code") not in KILLED:  # (a survivor again: tests may be new)
                 todo.append((name, tests))
-    env = test_env()
+    env = test_env(SLOW_TEMP_ROOT)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORK / "mutants"), env.get("PYTHONPATH")]))
 
     def verdict(name: str, tests: list[str]) -> tuple[str, int]:
@@ -440,7 +441,7 @@ def slow_lane(jobs: int) -> float:
 
     started = time.monotonic()
     replace(ROOT / "tests", WORK / "mutants" / "tests")  # the tests as they are now (mutmut's copy: its run's start)
-    with fresh_temp_root():
+    with fresh_temp_root(SLOW_TEMP_ROOT):
         for tests in {tuple(t) for _, t in todo}:  # the tests pass as they are, or no verdict means anything
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
             clean = subprocess.run(command, cwd=WORK / "mutants", env={**env, "MUTANT_UNDER_TEST": ""},
