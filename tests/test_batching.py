@@ -479,7 +479,9 @@ def test_the_grammar_mask_needs_no_compiler_and_matches_xgrammar():
     bitmask = torch.randint(-(2**31), 2**31 - 1, (6, (vocab + 31) // 32), dtype=torch.int32, generator=generator)
     scores = torch.randn(6, vocab, generator=generator)
     ours, theirs = scores.clone(), scores.clone()
-    apply_bitmask(ours, bitmask, vocab, [0, 2, 5])
+    outside = bitmask.clone()
+    outside[[1, 3, 4]] = -1  # rows outside the grammar: all ones, as GrammarMask leaves them
+    apply_bitmask(ours, outside, vocab)
     xgrammar.apply_token_bitmask_inplace(theirs, bitmask, vocab_size=vocab, indices=[0, 2, 5])
     assert torch.equal(ours, theirs)
     assert torch.equal(ours[1], scores[1])  # rows outside the grammar are untouched

@@ -389,8 +389,27 @@ def test_the_grammar_mask_works_on_the_logits_own_device(tiny_model):
     mask = grammar.GrammarMask(grammar.compile_schema(info, json.dumps({"type": "boolean"})), 2)
     scores = torch.zeros(2, 448, device="meta")
     assert mask(torch.zeros(2, 3, dtype=torch.long, device="meta"), scores) is scores
-    bitmask = torch.zeros(3, 14, dtype=torch.int32, device="meta")
-    grammar.apply_bitmask(scores, bitmask, 448, [0, 1])
+    bitmask = torch.zeros(2, 14, dtype=torch.int32, device="meta")
+    grammar.apply_bitmask(scores, bitmask, 448)
+    wider = torch.zeros(2, 480, device="meta")  # logits past the vocabulary, masked in the live rows
+    grammar.apply_bitmask(wider, bitmask, 448, torch.tensor([True, False], device="meta"))
+
+
+def test_a_bitmask_masks_its_own_row_and_all_ones_leave_a_row_as_it_is():
+    """`apply_bitmask` works on the whole batch with no index made on the host: a row's bitmask
+    forbids what it forbids; a row out of its grammar has all ones and keeps every logit, those
+    past the vocabulary included, which go to -inf only in the rows still in their grammar."""
+    import torch
+
+    from granite_cli.engine import grammar
+
+    scores = torch.arange(80, dtype=torch.float32).reshape(2, 40)
+    original = scores.clone()
+    bitmask = torch.tensor([[0b101, 1 << 3], [-1, -1]], dtype=torch.int32)  # row 0: tokens 0, 2 and 35
+    grammar.apply_bitmask(scores, bitmask, 36, torch.tensor([True, False]))
+    assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [0, 2, 35]
+    assert scores[0, [0, 2, 35]].tolist() == original[0, [0, 2, 35]].tolist()
+    assert torch.equal(scores[1], original[1])
 
 
 # --------------------------------------------------------------------------- ranks

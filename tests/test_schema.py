@@ -375,3 +375,74 @@ def test_a_model_whose_logits_are_wider_than_its_vocabulary_still_answers_valid_
     assert [r.error for r in records] == [None]
     for record in records:
         jsonschema.validate(record.data, BOUNDED)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_grammar_never_reads_the_tokens_on_the_device_at_the_mask_step(monkeypatch, tiny_model, pictures, device):
+    """A logits processor runs once `generate` has queued the step's forward: reading `input_ids`
+    there (`.tolist()`) waits for that forward, and the GPU idles while the matchers work. The
+    matchers get each step's tokens from the copy a stopping criterion started right after
+    sampling; the processor touches `input_ids` not at all. The answers are those of the old
+    synchronous read, token for token, rows ending at different steps included; on CUDA the
+    host buffers are pinned (so the copies need no wait)."""
+    import torch
+    import xgrammar
+    from torch.overrides import TorchFunctionMode
+
+    import granite_cli
+    from granite_cli.engine import grammar
+
+    class Reads(TorchFunctionMode):
+        """Every torch call, inside the processor, on a tensor sharing `input_ids`' memory."""
+
+        def __init__(self, input_ids, calls: list):
+            super().__init__()
+            self.memory, self.calls = input_ids.untyped_storage().data_ptr(), calls
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            for arg in (*args, *(kwargs or {}).values()):
+                if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() == self.memory:
+                    self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    mask_step, accept, start = (
+        grammar.GrammarMask.__call__,
+        xgrammar.BatchGrammarMatcher.batch_accept_token,
+        grammar.GrammarMask.__init__,
+    )
+
+    def run(synchronous: bool):
+        """The answers; what the processor did with `input_ids`; the tokens the matchers took,
+        step by step; the processors."""
+        reads, accepted, masks = [], [], []
+
+        def watched(self, input_ids, scores):
+            with Reads(input_ids, reads):
+                return mask_step(self, input_ids, scores)
+
+        def kept(self, *args, **kwargs):
+            start(self, *args, **kwargs)
+            masks.append(self)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(grammar.GrammarMask, "__call__", watched)
+            patch.setattr(grammar.GrammarMask, "__init__", kept)
+            if synchronous:  # the old way: no copy under way, so `input_ids` is read at the mask step
+                patch.setattr(grammar.SampledTokens, "__call__", lambda self, input_ids, scores, **kwargs: False)
+            patch.setattr(
+                xgrammar.BatchGrammarMatcher, "batch_accept_token", lambda m, t: accepted.append(t) or accept(m, t)
+            )
+            records = granite_cli.caption(
+                pictures, model=str(tiny_model), schema=json.dumps(SCHEMAS["nested"]), max_new_tokens=60,
+                batch_size=6, device=device, dtype="float32",
+            ).records  # fmt: skip
+        return [r.answer for r in records], reads, accepted, masks
+
+    answers, reads, accepted, masks = run(synchronous=False)
+    assert reads == [] and len(accepted) > 10
+    assert len({len(step) for step in accepted}) > 1  # rows left their grammar at different steps
+    if device == "cuda":
+        assert masks[0].masks[0].tensor.is_pinned() and masks[0].sampled.tokens.tensor.is_pinned()
+    old_answers, old_reads, old_accepted, _ = run(synchronous=True)
+    assert (old_answers, old_accepted) == (answers, accepted)
+    assert "tolist" in old_reads  # (the watch does see a read)

@@ -118,7 +118,10 @@ class Generator:
             text = self.model.config.get_text_config(decoder=True)
             kwargs["cache"] = StaticCache(config=text, max_cache_len=length + settings.max_new_tokens)
         if settings.schema is not None:
-            kwargs["logits_processor"].insert(0, grammar.GrammarMask(self._grammar(settings.schema.text), rows))
+            mask = grammar.GrammarMask(self._grammar(settings.schema.text), rows, self.device)
+            kwargs["logits_processor"].insert(0, mask)
+            # called after each sampling, before the next forward: starts the tokens' copy to the host
+            kwargs.setdefault("stopping_criteria", []).append(mask.sampled)
         return kwargs
 
     def _grammar(self, schema_text: str):
