@@ -335,6 +335,14 @@ MUTATIONS: list[Mutation] = [
         ("test_schema.py::test_the_grammar_never_reads_the_tokens_on_the_device_at_the_mask_step",),
     ),
     M(
+        "stream-decodes-everything",
+        "streaming decodes only the new tokens",
+        "granite_cli/engine/generation.py",
+        "            self.prefix, self.read = self.read, len(self.tokens)\n",
+        "            self.prefix, self.read = 0, len(self.tokens)\n",
+        ("test_engine.py::test_streaming_decodes_only_the_new_tokens",),
+    ),
+    M(
         "split-by-count",
         "several processes share items by cost, not count",
         "granite_cli/distributed.py",

@@ -815,6 +815,152 @@ def test_a_streamed_answer_is_the_stored_answer_whatever_special_tokens_it_holds
     assert "".join(writes) == "crème brûlée ✓" and not any("\ufffd" in text for text in writes), writes
 
 
+def _streamed(tokenizer, steps: list[list[int]]) -> list[str]:
+    """The pieces a TextStream writes when `generate` hands it these steps (tokens at once)."""
+    import io
+
+    import torch
+
+    from granite_cli.engine.generation import TextStream
+
+    out, writes = io.StringIO(), []
+    out.write = lambda text: writes.append(text) or len(text)
+    stream = TextStream(tokenizer, out, {tokenizer.eos_token_id})
+    stream.put(torch.tensor([[1, 2, 3]]))  # the prompt, which is never shown
+    for step in steps:
+        stream.put(torch.tensor(step))
+    stream.end()
+    return writes
+
+
+def _answer_of(tokenizer, tokens: list[int]) -> str:
+    """The stored answer of these generated tokens (`Generator._answer`): up to the end of text,
+    special tokens dropped, stripped."""
+    end = tokens.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in tokens else len(tokens)
+    return tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
+
+
+def test_a_streamed_answer_equals_the_stored_answer_for_any_tokens(tiny_model):
+    """Seeded: random token sequences (raw bytes that split characters or are no UTF-8 at all,
+    special tokens, spaces and newlines, text in several scripts cut anywhere), handed over one
+    to three tokens a step, the end of text anywhere: the stream writes exactly the stored
+    answer, never an incomplete character it would have to take back, nor leading whitespace."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    rng = random.Random(20261207)
+    texts = ["  crème brûlée ✓\n", " 中文 文字 ", "😀👍🏽 ok", "\n\n", " a  b\t", "naïve café", " , . ! ?", "x"]
+    specials = list(tokenizer.all_special_ids)
+    for _ in range(400):
+        if rng.random() < 0.5:
+            tokens = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(0, 30))]
+        else:
+            text = "".join(rng.choice(texts) for _ in range(rng.randrange(1, 6)))
+            tokens = tokenizer.encode(text, add_special_tokens=False)
+            for _ in range(rng.randrange(0, 3)):
+                tokens.insert(rng.randrange(len(tokens) + 1), rng.choice(specials))
+        steps, at = [], 0
+        while at < len(tokens):
+            size = rng.choice([1, 1, 1, 2, 3])
+            steps.append(tokens[at : at + size])
+            at += size
+        writes = _streamed(tokenizer, steps)
+        assert "".join(writes) == _answer_of(tokenizer, tokens), tokens
+        assert not writes or not writes[0][:1].isspace(), tokens
+        stored = _answer_of(tokenizer, tokens)
+        assert all(not piece.endswith("\ufffd") for piece in writes[:-1]) or "\ufffd" in stored, tokens
+
+
+def test_a_stream_writes_whole_characters_and_holds_whitespace_until_text_follows(tiny_model):
+    """The edge cases one by one: leading whitespace is never written; trailing whitespace waits
+    for more text; an emoji or a CJK character whose bytes come in several tokens is written
+    once whole; tokens that decode to nothing (special tokens) write nothing; an end of text in
+    the middle of a step ends the answer there; an answer cut inside a character ends as the
+    stored answer does (with its replacement character)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    eos, special = tokenizer.eos_token_id, [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]
+    steps = [[t] for t in encode(" \n  hello ")] + [[special[0]]] + [[t] for t in encode(" world")]
+    writes = _streamed(tokenizer, steps)
+    assert writes[0] == "he" and "".join(writes) == "hello  world"  # (" he" is one token)
+    held = _streamed(tokenizer, [[t] for t in encode("hello \n")])
+    assert "".join(held) == "hello"  # the space and newline never come: the answer ends there
+    emoji = encode(" 😀中")
+    assert len(emoji) == 8  # (the tiny vocabulary spells these characters byte by byte)
+    assert _streamed(tokenizer, [[t] for t in emoji]) == ["😀", "中"]
+    middle = encode("ab")
+    assert _streamed(tokenizer, [[*middle[:1], eos, *middle[1:]], middle]) == ["a"]
+    cut = encode("ok 😀")[:-1]  # the emoji's last byte never comes
+    writes = _streamed(tokenizer, [[t] for t in cut])
+    assert "".join(writes) == _answer_of(tokenizer, cut) == "ok \ufffd"
+    assert not any("\ufffd" in piece for piece in writes[:-1])  # written by `end`, from the stored answer
+    assert _streamed(tokenizer, []) == [] and _streamed(tokenizer, [[eos]]) == []
+
+
+def test_streaming_decodes_only_the_new_tokens(tiny_model):
+    """A 500-token answer costs the stream linear decoding work: each step decodes a window of
+    the last few tokens (not the whole answer so far, which would be 125 000 tokens decoded in
+    all), and `end` one full decode."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    text = "The quick brown fox, naïve and 中文, jumps 😀 over the lazy dog.\n" * 40
+    tokens = tokenizer.encode(text, add_special_tokens=False)[:500]
+    assert len(tokens) == 500
+    decoded: list[int] = []
+
+    class Counting:
+        def decode(self, ids, **options):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids, **options)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    writes = _streamed(Counting(), [[t] for t in tokens])
+    assert "".join(writes) == _answer_of(tokenizer, tokens)
+    assert decoded[-1] == 500  # the one full decode, at the end
+    assert max(decoded[:-1]) <= 8 and sum(decoded[:-1]) <= 4 * 500, (max(decoded[:-1]), sum(decoded[:-1]))
+
+
+def test_a_tokenizer_that_rewrites_text_already_decoded_still_streams_the_stored_answer(tiny_model):
+    """Some decoders change earlier text when a token follows (transformers' cleanup turns
+    " ." into "." on WordPiece tokenizers). The stream notices, writes nothing more as it goes,
+    and `end` writes the rest of the stored answer: when the change fell on whitespace the
+    stream still held back, the stream equals the answer; when it changed text already written,
+    which cannot be taken back, the answer comes again whole on its own line."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+
+    class Rewriting:
+        def __init__(self, old: str, new: str):
+            self.old, self.new = old, new
+
+        def decode(self, ids, **options):
+            return tokenizer.decode(ids, **options).replace(self.old, self.new)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    tokens = tokenizer.encode("hello. more", add_special_tokens=False)
+    assert [tokenizer.decode([t]) for t in tokens] == ["he", "ll", "o", ".", " ", "m", "o", "re"]
+    spaced = [*tokens[:3], *tokenizer.encode(" ", add_special_tokens=False), *tokens[3:]]
+    cleanup = Rewriting(" .", ".")
+    writes = _streamed(cleanup, [[t] for t in spaced])
+    assert "".join(writes) == _answer_of(cleanup, spaced) == "hello. more"
+    seen = Rewriting("o.", "O.")  # "o", written, changes when the full stop comes
+    writes = _streamed(seen, [[t] for t in tokens])
+    assert "".join(writes) == "hello\nhellO. more" and _answer_of(seen, tokens) == "hellO. more"
+    unseen = Rewriting("lo.", "LO.")  # a change wider than the window: noticed at the end only
+    writes = _streamed(unseen, [[t] for t in tokens])
+    assert "".join(writes) == "hello. more\nhelLO. more" and _answer_of(unseen, tokens) == "helLO. more"
+
+
 def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, tmp_path):
     """A model whose generation config names several end-of-text tokens (Granite's chat models
     do) stops at any of them, and the answer holds none of their text; without one in its

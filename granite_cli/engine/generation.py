@@ -237,11 +237,25 @@ def _tensors(value):
 
 
 class TextStream:
-    """A `generate` streamer that writes decoded text to a stream as tokens arrive.
+    """A `generate` streamer that writes decoded text to a stream as tokens arrive, the same
+    text the stored answer holds: it stops at the first of `eos_ids`, where the answer ends too,
+    and never writes leading whitespace nor, until more text follows, trailing whitespace (the
+    answer is stripped).
 
-    Decodes the whole answer so far and writes only the new suffix, holding back an incomplete
-    UTF-8 sequence, which is what transformers' TextStreamer does; unlike it, this one writes
-    to any stream and stops at the first of `eos_ids`, where the stored answer ends too.
+    Each step decodes only the newest tokens, as vLLM's `detokenize_incrementally` does, so an
+    answer costs linear work, not the square of its length: `tokens[prefix:read]` (text already
+    passed on) and `tokens[prefix:]` are decoded, and what the second adds is the new text. The
+    window starts one piece early because a token's text can depend on the one before it (a
+    decoder that drops the leading space of the first token, say). New text that ends in an
+    incomplete UTF-8 sequence ("\ufffd") is held back until its character is whole.
+
+    A tokenizer whose decoding rewrites text already decoded once more tokens follow (the new
+    window's text does not begin with the old) is not trusted again: nothing more is written
+    until `end`, which writes what is missing from one full decode of the answer. If the stream
+    already shows text the answer no longer has (text written cannot be taken back), `end`
+    writes the answer whole on a line of its own, so that the last line is the stored answer.
+    Granite's byte-level BPE never rewrites (transformers skips `clean_up_tokenization_spaces`
+    for BPE).
     """
 
     def __init__(self, tokenizer, out: TextIO, eos_ids: set[int], label: str = "stdout"):
@@ -250,7 +264,15 @@ class TextStream:
         self.eos_ids = eos_ids
         self.label = label
         self.tokens: list[int] = []
-        self.written = 0
+        self.prefix = 0
+        """Where the decoded window starts: the first token of the last piece passed on."""
+        self.read = 0
+        """Tokens before this one have had their text passed on (written or held)."""
+        self.shown: list[str] = []
+        """What was written, in pieces."""
+        self.held = ""
+        """Trailing whitespace passed on but not written: written before the next text."""
+        self.trusted = True
         self.prompt_seen = False
         self.done = False
 
@@ -265,17 +287,48 @@ class TextStream:
                 self.done = True
                 break
             self.tokens.append(token)
-        # Whitespace at either end is held back, so the streamed text equals the stored answer.
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-        if text.endswith("\ufffd"):
+        if self.trusted:
+            self._advance()
+
+    def _advance(self) -> None:
+        """Pass on the text the tokens since `read` add, if it is whole."""
+        before = self._decode(self.tokens[self.prefix : self.read])
+        after = self._decode(self.tokens[self.prefix :])
+        if after.endswith("\ufffd"):  # a character still incomplete
             return
-        if len(text) > self.written:
-            self._write(text[self.written :])
-            self.written = len(text)
+        if not after.startswith(before):  # the new tokens changed text decoded before them
+            self.trusted = False
+            return
+        if len(after) > len(before):  # (tokens that decode to nothing wait in the window)
+            self.prefix, self.read = self.read, len(self.tokens)
+            self._pass_on(after[len(before) :])
+
+    def _pass_on(self, text: str) -> None:
+        """Write new text, but no whitespace before the first text, and whitespace at its end
+        only once more text follows."""
+        text = self.held + text
+        if not self.shown:
+            text = text.lstrip()
+        body = text.rstrip()
+        self.held = text[len(body) :]
+        if body:
+            self._write(body)
+            self.shown.append(body)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-        self._write(text[self.written :])
+        """Write what the stream still owes the answer: one full decode, stripped."""
+        answer = self._decode(self.tokens).strip()
+        shown = "".join(self.shown)
+        if answer.startswith(shown):
+            rest = answer[len(shown) :]
+        else:
+            rest = "\n" + answer
+        if rest:
+            self._write(rest)
+
+    def _decode(self, tokens: list[int]) -> str:
+        """Tokens' text as the stored answer decodes them."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _write(self, text: str) -> None:
         """A failed write is the output's failure (disk full, reader gone), not generation's."""
