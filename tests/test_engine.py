@@ -611,13 +611,14 @@ def test_every_way_a_model_cannot_be_found_is_one_line_with_the_hint_that_fits(t
     )
 
 
-def cache_hub_model(model: Path, cache: Path, repo: str) -> None:
-    """`model` as the Hugging Face cache under `cache` holds a download of the Hub id `repo`."""
+def cache_hub_model(model: Path, cache: Path, repo: str, revision: str = "main") -> None:
+    """`model` as the Hugging Face cache under `cache` holds a download of the Hub id `repo`
+    at `revision` (and only that one)."""
     folder = cache / ("models--" + repo.replace("/", "--"))
     commit = "0123456789abcdef0123456789abcdef01234567"
     shutil.copytree(model, folder / "snapshots" / commit)
     (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(commit)
+    (folder / "refs" / revision).write_text(commit)
 
 
 class ProbedHub:
@@ -722,6 +723,42 @@ def test_a_cached_hub_model_loads_quietly_while_the_hub_is_unreachable(
     assert answer.record.ok and answer.record.model == "ibm-granite/tiny-vision"
     assert capfd.readouterr().err == ""
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_an_unreachable_hub_loads_the_cached_revision_asked_for(tiny_model, tmp_path, monkeypatch, real_loading):
+    """No network, not told HF_HUB_OFFLINE, a cache holding only revision v2: `--revision v2`
+    loads it; without it, the default revision is not in the cache, which is said in one line."""
+    from huggingface_hub import constants
+
+    import granite_cli
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # port 9: nothing listens
+    cache_hub_model(tiny_model, tmp_path / "hub", "ibm-granite/tiny-pinned", revision="v2")
+    noise(40, 40).save(tmp_path / "a.png")
+    options = {"model": "ibm-granite/tiny-pinned", "max_new_tokens": 3, "device": "cpu"}
+    assert granite_cli.ask(tmp_path / "a.png", "What?", revision="v2", **options).record.ok
+    with pytest.raises(UsageError, match=r"^model 'ibm-granite/tiny-pinned' is not in the local cache \("):
+        granite_cli.ask(tmp_path / "a.png", "What?", **options)
+
+
+def test_a_model_without_a_pad_token_in_its_generation_config_pads_with_the_tokenizers(
+    tiny_model, tmp_path, real_loading
+):
+    """Batched rows are padded: a checkpoint whose generation_config.json names no pad token
+    pads with the tokenizer's (or, lacking one, its end-of-text token), as the engine says at load."""
+    from granite_cli.engine import load_engine
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.pop("pad_token_id", None)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    engine = load_engine(str(folder), device="cpu")
+    tokenizer = engine.processor.tokenizer
+    expected = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert expected is not None and engine.model.generation_config.pad_token_id == expected == engine.pad_id
 
 
 def test_a_pinned_revision_loads_that_revision_of_a_cached_hub_model(tiny_model, tmp_path, monkeypatch):

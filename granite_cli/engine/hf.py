@@ -111,7 +111,8 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
     processor.tokenizer.padding_side = "left"
     config = network.generation_config
     if config.pad_token_id is None:
-        config.pad_token_id = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
+        tokenizer = processor.tokenizer  # (a pad id of 0 is a pad id: `or` would drop it)
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if options.max_tiles is not None:
         limit_tiles(processor, network, options.max_tiles)
     return HfEngine(processor, network, model, options)
