@@ -769,11 +769,7 @@ def test_a_pinned_revision_loads_that_revision_of_a_cached_hub_model(tiny_model,
     import granite_cli
     from granite_cli.errors import UsageError
 
-    repo = tmp_path / "hub" / "models--ibm-granite--tiny-vision"
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    shutil.copytree(tiny_model, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "v2").write_text(commit)
+    cache_hub_model(tiny_model, tmp_path / "hub", "ibm-granite/tiny-vision", revision="v2")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     noise(40, 40).save(tmp_path / "a.png")
