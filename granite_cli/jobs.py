@@ -94,9 +94,9 @@ class Options:
         for name in CHOICES:
             if hasattr(self, name) and isinstance(getattr(self, name), str):
                 setattr(self, name, getattr(self, name).strip().lower())
-        from .engine import CACHES  # (the engine's package, not its backend: no torch)
+        from .engine import CACHES, DTYPES  # (the engine's package, not its backend: no torch)
 
-        for name, allowed in (("cache", CACHES), ("pdf_renderer", RENDERERS)):
+        for name, allowed in (("cache", CACHES), ("dtype", DTYPES), ("pdf_renderer", RENDERERS)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{self.given(name, getattr(self, name))}: expected one of {'|'.join(allowed)}")
         for name, (low, high) in RANGES.items():

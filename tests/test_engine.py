@@ -93,6 +93,47 @@ def test_sampling_with_a_seed_is_reproducible(cli, mixed_images):
     assert first != greedy and first != other_seed  # and they are samples
 
 
+def test_sampling_without_a_seed_draws_from_the_process_random_stream(cli, mixed_images):
+    """Without --seed, --temperature samples from torch's own random stream: a program that
+    seeds torch itself gets the same samples again, and another seed gets others."""
+    import torch
+
+    args = ("caption", str(mixed_images[0]), "--max-new-tokens", "10", "--temperature", "1")
+    answers = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        answers.append(cli(*args).answered(1)[0]["answer"])
+    greedy = cli(*args[:-2]).answered(1)[0]["answer"]
+    assert answers[0] == answers[1] and answers[0] not in (answers[2], greedy)
+
+
+def test_the_temperature_given_is_the_one_sampled_at(cli, mixed_images):
+    """--temperature scales the model's scores before sampling: near 0 a seeded sample is the
+    greedy answer, at 1 it is not, and 1 and 1.5 with one seed sample differently."""
+    args = ("caption", str(mixed_images[0]), str(mixed_images[1]), "--max-new-tokens", "10", "--seed", "7")
+    greedy = [r["answer"] for r in cli(*args).answered(2)]
+    sampled = {t: [r["answer"] for r in cli(*args, "--temperature", t).answered(2)] for t in ("0.001", "1", "1.5")}
+    assert sampled["0.001"] == greedy
+    assert sampled["1"] != greedy and sampled["1"] != sampled["1.5"]
+
+
+def test_temperature_0_is_greedy_for_a_checkpoint_that_samples_by_default(cli, mixed_images, tiny_model, tmp_path):
+    """A checkpoint's generation_config.json may ask for sampling (do_sample, temperature,
+    top-k, top-p): at --temperature 0 (the default) answers are greedy all the same, the same
+    run after run, and nothing is said about the checkpoint's sampling settings."""
+    sampling = tmp_path / "sampling-model"
+    shutil.copytree(tiny_model, sampling)
+    config = json.loads((sampling / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.9, top_k=20, top_p=0.8)
+    (sampling / "generation_config.json").write_text(json.dumps(config))
+    args = ("caption", str(mixed_images[0]), str(mixed_images[1]), "--max-new-tokens", "10")
+    greedy = [r["answer"] for r in cli(*args).answered(2)]
+    for _ in range(2):
+        result = cli(*args, model=sampling)
+        assert [r["answer"] for r in result.answered(2)] == greedy
+        assert result.stderr.startswith("2 of 2 answered") and result.stderr.count("\n") == 1  # the summary alone
+
+
 def test_max_tiles_limits_the_grid_in_processor_and_model(cli, mixed_images, tiny_model):
     from granite_cli.engine import EngineOptions, load_engine
 
@@ -544,6 +585,36 @@ def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
         chosen("mps")
 
 
+def test_dtype_auto_picks_what_each_card_runs_natively_and_a_dtype_it_cannot_run_is_refused(monkeypatch):
+    """--dtype auto is bfloat16 from compute capability 8 (an A100) on and on ROCm, float16 on
+    older cards (a T4), float32 on the CPU; an explicit dtype a card cannot run is refused with
+    what it does run, and a dtype that is none is refused with the choices (GPUs faked: torch's
+    own queries)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from granite_cli.engine import devices
+
+    majors = {0: 8, 1: 7, 2: 9}  # an A100, a T4, an H100
+    card = lambda device: SimpleNamespace(major=majors[getattr(device, "index", device)], minor=0)  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "get_device_properties", card)
+    monkeypatch.setattr(torch.version, "hip", None)
+    auto = {index: devices.resolve_dtype("auto", torch.device("cuda", index)) for index in majors}
+    assert auto == {0: torch.bfloat16, 1: torch.float16, 2: torch.bfloat16}
+    assert devices.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(UsageError) as refused:
+        devices.resolve_dtype("bfloat16", torch.device("cuda", 1))
+    assert str(refused.value) == (
+        "--dtype bfloat16: not supported on cuda:1 (it runs float16, float32; see `granite-vision info`)"
+    )
+    with pytest.raises(UsageError) as unknown:
+        devices.resolve_dtype("fp8", torch.device("cpu"))
+    assert str(unknown.value) == "--dtype 'fp8': expected one of auto|bfloat16|float16|float32"
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: bfloat16 on every card it runs
+    assert devices.resolve_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+
+
 def test_every_way_a_model_cannot_be_found_is_one_line_with_the_hint_that_fits(tmp_path, monkeypatch):
     """What `from_pretrained` raises when a model is not there (the hub client's exception types,
     or transformers' OSError/ValueError texts) is one "not found" line whose hint fits the case;
@@ -992,6 +1063,54 @@ def test_a_tokenizer_that_rewrites_text_already_decoded_still_streams_the_stored
     unseen = Rewriting("lo.", "LO.")  # a change wider than the window: noticed at the end only
     writes = _streamed(unseen, [[t] for t in tokens])
     assert "".join(writes) == "hello. more\nhelLO. more" and _answer_of(unseen, tokens) == "helLO. more"
+
+
+def test_a_decoder_that_drops_a_leading_space_streams_the_stored_answer(tiny_model):
+    """SentencePiece-style decoders drop the space that begins the text they decode. The stream's
+    window starts one written piece early, also across tokens that decode to nothing (special
+    tokens), so a word after them keeps its space: the stream is the stored answer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+
+    class DropsFirstSpace:
+        def decode(self, ids, **options):
+            text = tokenizer.decode(ids, **options)
+            return text[1:] if text.startswith(" ") else text
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    special = next(i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    tokens = [*encode("hello"), special, special, *encode(" big world")]
+    writes = _streamed(DropsFirstSpace(), [[t] for t in tokens])
+    assert "".join(writes) == _answer_of(DropsFirstSpace(), tokens) == "hello big world"
+
+
+def test_after_a_rewrite_the_stream_stops_decoding_until_the_end(tiny_model):
+    """Once a decoder has rewritten text already decoded, the stream writes nothing more as it
+    goes, and stops decoding too (its window could no longer move: each step would decode a
+    longer one): a 300-token answer after the rewrite costs one full decode at the end."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    decoded: list[int] = []
+
+    class Rewriting:
+        def decode(self, ids, **options):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids, **options).replace("o.", "O.")
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    tokens = tokenizer.encode("hello." + " and more" * 100, add_special_tokens=False)[:300]
+    writes = _streamed(Rewriting(), [[t] for t in tokens])
+    cost = sum(decoded)  # two windows of a few tokens a step until the rewrite, then the end's
+    rewrite = tokens.index(tokenizer.encode(".", add_special_tokens=False)[0])
+    assert cost <= 16 * (rewrite + 1) + len(tokens), decoded
+    assert "".join(writes) == "hello\n" + _answer_of(Rewriting(), tokens)
 
 
 def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, tmp_path):

@@ -275,6 +275,7 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
         ({"max_tiles": "4"}, "max_tiles='4': expected a whole number or None"),
         ({"max_new_token": 4}, "no keyword 'max_new_token' (did you mean max_new_tokens?)"),
         ({"format": "pdf"}, "format='pdf': expected one of"),
+        ({"dtype": "fp8"}, "dtype='fp8': expected one of auto|bfloat16|float16|float32"),
     ]:
         with pytest.raises(UsageError, match=pytest.importorskip("re").escape(said)):
             granite_cli.caption([str(shots / "s0.png")], **(model | bad))

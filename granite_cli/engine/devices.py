@@ -80,15 +80,16 @@ def supported_dtypes(device: torch.device) -> list[str]:
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 where the GPU supports it, else float16 on a GPU, float32 on the CPU.
-    A dtype the device cannot run is refused here, before any weight is read."""
+    """`auto`: the device's best (`supported_dtypes`' first): bfloat16 where the GPU supports
+    it, else float16 on a GPU, float32 on the CPU. A dtype the device cannot run is refused
+    here, before any weight is read."""
     import torch
 
     if spec not in DTYPES:
         raise UsageError(f"--dtype {spec!r}: expected one of {'|'.join(DTYPES)}")
     supported = supported_dtypes(device)
     if spec == "auto":
-        return getattr(torch, "float32" if device.type == "cpu" else supported[0])
+        return getattr(torch, supported[0])
     if spec not in supported:
         raise UsageError(
             f"--dtype {spec}: not supported on {device} (it runs {', '.join(supported)}; see `granite-vision info`)"

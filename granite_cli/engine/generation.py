@@ -108,15 +108,15 @@ class Generator:
             kwargs["min_new_tokens"] = settings.min_new_tokens
         if settings.temperature > 0:
             kwargs.update(do_sample=True, temperature=settings.temperature)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:  # greedy, also for a checkpoint whose generation config samples by default
+            kwargs["do_sample"] = False
         if self.prefill_chunk and features.get("pooler_output") is not None:  # what transformers can chunk
             kwargs["prefill_chunk_size"] = self.prefill_chunk
         if self.options.cache == "static":
             from transformers import StaticCache
 
-            text = self.model.config.get_text_config(decoder=True)
-            kwargs["cache"] = StaticCache(config=text, max_cache_len=length + settings.max_new_tokens)
+            # (it takes the language model's part of the config itself)
+            kwargs["cache"] = StaticCache(config=self.model.config, max_cache_len=length + settings.max_new_tokens)
         if settings.schema is not None:
             mask = grammar.GrammarMask(self._grammar(settings.schema.text), rows, self.device)
             kwargs["logits_processor"].insert(0, mask)
