@@ -801,18 +801,42 @@ def test_a_model_without_a_pad_token_in_its_generation_config_pads_with_the_toke
     tiny_model, tmp_path, real_loading
 ):
     """Batched rows are padded: a checkpoint whose generation_config.json names no pad token
-    pads with the tokenizer's (or, lacking one, its end-of-text token), as the engine says at load."""
+    pads with the tokenizer's (here one that is not its end of text) or, lacking one, with its
+    end-of-text token, as the engine says at load."""
     from granite_cli.engine import load_engine
 
-    folder = tmp_path / "model"
+    for pad in ("<|tool_call|>", None):
+        folder = tmp_path / f"model-{pad is None}"
+        shutil.copytree(tiny_model, folder)
+        config = json.loads((folder / "generation_config.json").read_text())
+        config.pop("pad_token_id", None)
+        (folder / "generation_config.json").write_text(json.dumps(config))
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tokenizer_config.pop("pad_token")
+        if pad is not None:
+            tokenizer_config["pad_token"] = pad
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        engine = load_engine(str(folder), device="cpu")
+        tokenizer = engine.processor.tokenizer
+        expected = tokenizer.convert_tokens_to_ids(pad) if pad is not None else tokenizer.eos_token_id
+        assert expected != tokenizer.eos_token_id or pad is None
+        assert engine.model.generation_config.pad_token_id == expected == engine.pad_id, pad
+
+
+def test_a_model_folder_whose_weights_file_is_cut_short_is_one_line(cli, tiny_model, tmp_path):
+    """A weights file cut short (a copy interrupted, a disk full) fails in safetensors, whose
+    error is no OSError: one line naming the folder and saying what to do, exit code 2."""
+    folder = tmp_path / "cut-model"
     shutil.copytree(tiny_model, folder)
-    config = json.loads((folder / "generation_config.json").read_text())
-    config.pop("pad_token_id", None)
-    (folder / "generation_config.json").write_text(json.dumps(config))
-    engine = load_engine(str(folder), device="cpu")
-    tokenizer = engine.processor.tokenizer
-    expected = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    assert expected is not None and engine.model.generation_config.pad_token_id == expected == engine.pad_id
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    noise(40, 40).save(tmp_path / "a.png")
+    result = cli("ask", str(tmp_path / "a.png"), "What?", model=folder)
+    assert (result.exit_code, one_error_line(result.stderr)) == (
+        2,
+        f"error: model {str(folder)!r} not found or not loadable: Error while deserializing header: invalid header"
+        " length. Hint: the model folder is incomplete or damaged: copy it again, every file of its Hub repository",
+    )
 
 
 def test_a_pinned_revision_loads_that_revision_of_a_cached_hub_model(tiny_model, tmp_path, monkeypatch):

@@ -88,6 +88,7 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
     torch_device = devices.resolve_device(device)
     torch_dtype = devices.resolve_dtype(dtype, torch_device)
     _check_torchvision()
+    from safetensors import SafetensorError  # (a damaged weights file: no OSError)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     local_only = hub.load_locally(model, revision)
@@ -100,7 +101,7 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
             if torch_device.type != "cpu":
                 kwargs["device_map"] = str(torch_device)
             network = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
-        except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        except (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError) as exc:
             raise hub.model_load_error(model, exc) from exc
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise UsageError(f"model {model!r} has no image processor: it is not a vision-language model")

@@ -115,7 +115,8 @@ def model_load_error(model: str, exc: BaseException) -> UsageError:
     name = type(exc).__name__
     text = " ".join(str(exc).split())
     lowered = text.lower()
-    if name in {"RepositoryNotFoundError", "HFValidationError", "GatedRepoError", "RevisionNotFoundError"} or (
+    not_loadable = {"RepositoryNotFoundError", "HFValidationError", "GatedRepoError", "RevisionNotFoundError"}
+    if name in not_loadable | {"SafetensorError"} or (  # (SafetensorError: a weights file cut short)
         isinstance(exc, (OSError, ValueError))
         and any(
             key in lowered
