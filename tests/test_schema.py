@@ -179,6 +179,15 @@ def test_default_prompt_comes_from_the_schema_and_prompt_overrides_it(cli, pictu
     assert record["prompt"] == "Title?"
 
 
+def test_a_schema_without_the_repetition_stop_still_answers_valid_json(cli, pictures):
+    """--no-repetition-stop leaves --schema's own stopping criterion alone (the one that copies
+    each sampled token to the host for the grammar): the answer is still valid JSON."""
+    schema = json.dumps(SCHEMAS["strings"])
+    record = cli("caption", pictures[0], "--schema", schema, "--no-repetition-stop", "--max-new-tokens", "60")
+    record = record.records()[0]
+    assert record["error"] is None and record["data"] == json.loads(record["answer"])
+
+
 def test_an_xgrammar_failure_without_words_is_named_by_its_kind(monkeypatch):
     import xgrammar
 

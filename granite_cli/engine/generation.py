@@ -132,7 +132,7 @@ class Generator:
             self.grammars[schema_text] = grammar.compile_schema(info, schema_text)
         return self.grammars[schema_text]
 
-    def _answer(self, tokens: list[int], prompt_tokens: int, cycle: int = 0) -> Answer:
+    def _answer(self, tokens: list[int], prompt_tokens: int, cycle: int) -> Answer:
         """A row's answer: up to its end-of-text token; a row stopped in a loop (`cycle` tokens
         repeated) keeps one turn of the loop, and says so."""
         if cycle:
