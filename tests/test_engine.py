@@ -951,6 +951,22 @@ def _answer_of(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
 
 
+class _DecodedAs:
+    """A tokenizer whose `decode` gives `change` of what the real one gives (as other decoders
+    do), and notes how many tokens each call decoded."""
+
+    def __init__(self, tokenizer, change=lambda text: text):
+        self.tokenizer, self.change = tokenizer, change
+        self.decoded: list[int] = []
+
+    def decode(self, ids, **options):
+        self.decoded.append(len(ids))
+        return self.change(self.tokenizer.decode(ids, **options))
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
 def test_a_streamed_answer_equals_the_stored_answer_for_any_tokens(tiny_model):
     """Seeded: random token sequences (raw bytes that split characters or are no UTF-8 at all,
     special tokens, spaces and newlines, text in several scripts cut anywhere), handed over one
@@ -1022,17 +1038,9 @@ def test_streaming_decodes_only_the_new_tokens(tiny_model):
     text = "The quick brown fox, naïve and 中文, jumps 😀 over the lazy dog.\n" * 40
     tokens = tokenizer.encode(text, add_special_tokens=False)[:500]
     assert len(tokens) == 500
-    decoded: list[int] = []
-
-    class Counting:
-        def decode(self, ids, **options):
-            decoded.append(len(ids))
-            return tokenizer.decode(ids, **options)
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
-
-    writes = _streamed(Counting(), [[t] for t in tokens])
+    counting = _DecodedAs(tokenizer)
+    writes = _streamed(counting, [[t] for t in tokens])
+    decoded = counting.decoded
     assert "".join(writes) == _answer_of(tokenizer, tokens)
     assert decoded[-1] == 500  # the one full decode, at the end
     assert max(decoded[:-1]) <= 8 and sum(decoded[:-1]) <= 4 * 500, (max(decoded[:-1]), sum(decoded[:-1]))
@@ -1048,26 +1056,19 @@ def test_a_tokenizer_that_rewrites_text_already_decoded_still_streams_the_stored
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
 
-    class Rewriting:
-        def __init__(self, old: str, new: str):
-            self.old, self.new = old, new
-
-        def decode(self, ids, **options):
-            return tokenizer.decode(ids, **options).replace(self.old, self.new)
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
+    def rewriting(old: str, new: str) -> _DecodedAs:
+        return _DecodedAs(tokenizer, lambda text: text.replace(old, new))
 
     tokens = tokenizer.encode("hello. more", add_special_tokens=False)
     assert [tokenizer.decode([t]) for t in tokens] == ["he", "ll", "o", ".", " ", "m", "o", "re"]
     spaced = [*tokens[:3], *tokenizer.encode(" ", add_special_tokens=False), *tokens[3:]]
-    cleanup = Rewriting(" .", ".")
+    cleanup = rewriting(" .", ".")
     writes = _streamed(cleanup, [[t] for t in spaced])
     assert "".join(writes) == _answer_of(cleanup, spaced) == "hello. more"
-    seen = Rewriting("o.", "O.")  # "o", written, changes when the full stop comes
+    seen = rewriting("o.", "O.")  # "o", written, changes when the full stop comes
     writes = _streamed(seen, [[t] for t in tokens])
     assert "".join(writes) == "hello\nhellO. more" and _answer_of(seen, tokens) == "hellO. more"
-    unseen = Rewriting("lo.", "LO.")  # a change wider than the window: noticed at the end only
+    unseen = rewriting("lo.", "LO.")  # a change wider than the window: noticed at the end only
     writes = _streamed(unseen, [[t] for t in tokens])
     assert "".join(writes) == "hello. more\nhelLO. more" and _answer_of(unseen, tokens) == "helLO. more"
 
@@ -1079,20 +1080,12 @@ def test_a_decoder_that_drops_a_leading_space_streams_the_stored_answer(tiny_mod
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
-
-    class DropsFirstSpace:
-        def decode(self, ids, **options):
-            text = tokenizer.decode(ids, **options)
-            return text[1:] if text.startswith(" ") else text
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
-
+    drops_first_space = _DecodedAs(tokenizer, lambda text: text.removeprefix(" "))
     special = next(i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     tokens = [*encode("hello"), special, special, *encode(" big world")]
-    writes = _streamed(DropsFirstSpace(), [[t] for t in tokens])
-    assert "".join(writes) == _answer_of(DropsFirstSpace(), tokens) == "hello big world"
+    writes = _streamed(drops_first_space, [[t] for t in tokens])
+    assert "".join(writes) == _answer_of(drops_first_space, tokens) == "hello big world"
 
 
 def test_after_a_rewrite_the_stream_stops_decoding_until_the_end(tiny_model):
@@ -1102,22 +1095,14 @@ def test_after_a_rewrite_the_stream_stops_decoding_until_the_end(tiny_model):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
-    decoded: list[int] = []
-
-    class Rewriting:
-        def decode(self, ids, **options):
-            decoded.append(len(ids))
-            return tokenizer.decode(ids, **options).replace("o.", "O.")
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
-
+    rewriting = _DecodedAs(tokenizer, lambda text: text.replace("o.", "O."))
     tokens = tokenizer.encode("hello." + " and more" * 100, add_special_tokens=False)[:300]
-    writes = _streamed(Rewriting(), [[t] for t in tokens])
+    writes = _streamed(rewriting, [[t] for t in tokens])
+    decoded = list(rewriting.decoded)
     cost = sum(decoded)  # two windows of a few tokens a step until the rewrite, then the end's
     rewrite = tokens.index(tokenizer.encode(".", add_special_tokens=False)[0])
     assert cost <= 16 * (rewrite + 1) + len(tokens), decoded
-    assert "".join(writes) == "hello\n" + _answer_of(Rewriting(), tokens)
+    assert "".join(writes) == "hello\n" + _answer_of(rewriting, tokens)
 
 
 def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, tmp_path):
