@@ -88,7 +88,6 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
     torch_device = devices.resolve_device(device)
     torch_dtype = devices.resolve_dtype(dtype, torch_device)
     _check_torchvision()
-    from safetensors import SafetensorError  # (a damaged weights file: no OSError)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     local_only = hub.load_locally(model, revision)
@@ -101,7 +100,7 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
             if torch_device.type != "cpu":
                 kwargs["device_map"] = str(torch_device)
             network = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
-        except (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError) as exc:
+        except _load_errors() as exc:
             raise hub.model_load_error(model, exc) from exc
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise UsageError(f"model {model!r} has no image processor: it is not a vision-language model")
@@ -117,6 +116,15 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
     if options.max_tiles is not None:
         limit_tiles(processor, network, options.max_tiles)
     return HfEngine(processor, network, model, options)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What `from_pretrained` raises for a model that cannot be loaded (missing, damaged, of a
+    kind this transformers lacks): each becomes one line (`hub.model_load_error`). A weights file
+    cut short fails in safetensors, with an error that is no OSError."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError)
 
 
 def limit_tiles(processor, network, max_tiles: int) -> None:
@@ -147,7 +155,7 @@ def _check_vision_model(model: str, revision: str | None, local_only: bool) -> N
 
     try:
         config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=local_only)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+    except _load_errors() as exc:
         raise hub.model_load_error(model, exc) from exc
     if getattr(config, "vision_config", None) is None:
         raise UsageError(

@@ -105,6 +105,13 @@ def check_folder(model: str) -> None:
         )
 
 
+#: Exceptions that say, by their type alone, that a model is not there or cannot be read (the hub
+#: client's, and safetensors' for a weights file cut short).
+NOT_LOADABLE = frozenset(
+    {"RepositoryNotFoundError", "HFValidationError", "GatedRepoError", "RevisionNotFoundError", "SafetensorError"}
+)
+
+
 def model_load_error(model: str, exc: BaseException) -> UsageError:
     """Turn a `from_pretrained` failure into one line with a hint.
 
@@ -115,8 +122,7 @@ def model_load_error(model: str, exc: BaseException) -> UsageError:
     name = type(exc).__name__
     text = " ".join(str(exc).split())
     lowered = text.lower()
-    not_loadable = {"RepositoryNotFoundError", "HFValidationError", "GatedRepoError", "RevisionNotFoundError"}
-    if name in not_loadable | {"SafetensorError"} or (  # (SafetensorError: a weights file cut short)
+    if name in NOT_LOADABLE or (
         isinstance(exc, (OSError, ValueError))
         and any(
             key in lowered
