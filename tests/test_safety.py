@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -447,6 +448,22 @@ def test_a_text_only_model_is_named_as_such(cli, photos, tmp_path):
     assert one_error_line(result.stderr).endswith(
         "is a text-only model (model_type granite); granite-vision needs a vision-language model"
         " such as ibm-granite/granite-vision-3.3-2b"
+    )
+
+
+def test_a_model_folder_whose_processor_is_not_an_image_one_is_named_as_such(cli, photos, tiny_model, tmp_path):
+    """A vision model's folder with a speech processor copied over its image processor (a tokenizer
+    but no image processor): refused at load in one line, not a traceback at the first picture."""
+    folder = tmp_path / "wrong-processor"
+    shutil.copytree(tiny_model, folder)
+    (folder / "processor_config.json").unlink()
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"feature_extractor_type": "WhisperFeatureExtractor", "processor_class": "WhisperProcessor"})
+    )
+    result = cli("ask", str(photos / "img00.png"), "Hi", model=folder)
+    assert result.exit_code == 2
+    assert one_error_line(result.stderr) == (
+        f"error: model {str(folder)!r} has no image processor: it is not a vision-language model"
     )
 
 
