@@ -267,12 +267,11 @@ def function_hashes() -> dict[tuple[str, str], str]:
     return hashes
 
 
-def mutmut(argv: list[str]) -> None:
-    """mutmut itself, with one operator narrowed: a string literal gets the one mutant that says
-    whether its text matters at all ("XX" around it), not also its lower- and upper-case
-    copies, which for messages only triple the count (and the hours) without telling more."""
+def narrow_strings() -> None:
+    """A string literal gets the one mutant that says whether its text matters at all ("XX"
+    around it), not also its lower- and upper-case copies, which for messages only triple the
+    count (and the hours) without telling more."""
     import mutmut.mutation.mutators as mutators
-    from mutmut.__main__ import cli
 
     def string_matters(node):
         yield from list(mutators.operator_string(node))[:1]
@@ -281,6 +280,33 @@ def mutmut(argv: list[str]) -> None:
         (kind, string_matters if operator is mutators.operator_string else operator)
         for kind, operator in mutators.mutation_operators
     ]
+
+
+def instrument(paths: list[str]) -> None:
+    """Put the mutants back into the copy of modules a later run left plain (it runs in the work
+    folder, on the source mutmut's last run made their verdicts from). Only the code is written:
+    the verdicts stay. If the source is not the one those verdicts were made on, their names
+    would not line up: say so instead."""
+    from mutmut.mutation.file_mutation import mutate_file_contents
+
+    narrow_strings()
+    for path in paths:
+        code = mutate_file_contents(path, Path(path).read_text()).code
+        meta = Path("mutants") / f"{path}.meta"
+        names = json.loads(meta.read_text()).get("exit_code_by_key", {}) if meta.exists() else {}
+        lost = [name for name in names if f"{name.rpartition('.')[2]}(" not in code]
+        if lost or not names:
+            raise SystemExit(f"{path} changed since its mutants were run: run `python3 tests/mutants.py {path}` first")
+        (Path("mutants") / path).write_text(code)
+
+
+def mutmut(argv: list[str]) -> None:
+    """mutmut itself, with one operator narrowed: a string literal gets the one mutant that says
+    whether its text matters at all ("XX" around it), not also its lower- and upper-case
+    copies, which for messages only triple the count (and the hours) without telling more."""
+    from mutmut.__main__ import cli
+
+    narrow_strings()
     fastest_first()
     warm_fork_server()
     atomic_results()
@@ -424,6 +450,10 @@ def slow_lane(jobs: int) -> float:
             tests = slow.get((module.name, function_of(name)), [])
             if tests and kept.get(name, {}).get("code") not in KILLED:  # (a survivor again: tests may be new)
                 todo.append((name, tests))
+    plain = sorted({module for module in results() if not mutated(module) and any(
+        name.startswith(module.removesuffix(".py").replace("/", ".") + ".") for name, _ in todo)})  # fmt: skip
+    if plain:  # a later run over other modules left them plain: the tests would run the real code
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--instrument", *plain], cwd=WORK, check=True)
     env = test_env(SLOW_TEMP_ROOT)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORK / "mutants"), env.get("PYTHONPATH")]))
 
@@ -637,6 +667,9 @@ def survivors(modules: dict[str, Module]) -> str:
 def main() -> int:
     if sys.argv[1:2] == ["--mutmut"]:
         mutmut(sys.argv[2:])
+        return 0
+    if sys.argv[1:2] == ["--instrument"]:
+        instrument(sys.argv[2:])
         return 0
     parser = argparse.ArgumentParser(prog="python3 tests/mutants.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help="modules to mutate (records, engine/hf, ...); default: all")
