@@ -95,8 +95,10 @@ def make_record(
     error: str | None = None,
     settings: GenerationSettings | None = None,
 ) -> Record:
-    """The record of one item; with a schema, the answer is also parsed and validated."""
-    size = loaded.size if loaded.image is not None else None
+    """The record of one item; with a schema, the answer is also parsed and validated. A
+    picture that loaded keeps its size and small rendering (an HTML card shows it) whether or
+    not the model answered it."""
+    size = loaded.size
     data = None
     if answer is not None and settings is not None and settings.schema is not None:
         data, error = settings.schema.check(answer.text, answer.finish_reason, settings.max_new_tokens)
@@ -116,7 +118,7 @@ def make_record(
         schema=job.schema,
         settings=job.settings,
         token_ids=answer.token_ids if answer else (),
-        thumbnail=loaded.small if answer is not None else None,
+        thumbnail=loaded.small,
     )
 
 

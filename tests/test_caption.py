@@ -58,6 +58,7 @@ def test_directory_is_walked_in_order_with_every_page(cli, inputs, tiny_model):
     for record in records:
         assert list(record) == FIELDS
         assert record["answer"] is not None and record["error"] is None
+        assert record["data"] is None and record["schema"] is None  # free text: no structured data
         assert record["prompt"] == "Describe this image in detail."
         assert record["model"] == str(tiny_model)
         assert record["prompt_tokens"] > 0 and 0 <= record["answer_tokens"] <= 6

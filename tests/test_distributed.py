@@ -223,6 +223,7 @@ def test_two_processes_write_the_same_records_as_one(workload, tiny_model, tmp_p
     first = single(str(workload), "-o", str(one), model=tiny_model)
     second = launch(2, str(workload), "-o", str(two), model=tiny_model)
     assert first.returncode == 1 and second.returncode != 0  # broken.jpg fails in both
+    assert "Traceback" not in second.stderr.decode()
     assert two.read_text() == one.read_text()
     assert len(one.read_text().splitlines()) == 13
     stderr = second.stderr.decode()
@@ -239,6 +240,36 @@ def test_markdown_and_stdin_with_two_processes(workload, tiny_model, tmp_path):
     text = report.read_text()
     assert [text.count(f"## `{p}`") for p in sorted(workload.glob("p*.png"))] == [1] * 9
     assert len((tmp_path / "report.md.jsonl").read_text().splitlines()) == 9
+
+
+@pytest.mark.slow
+def test_a_library_run_of_two_processes_reads_the_list_its_caller_hands_over(workload, tiny_model, tmp_path):
+    """`run_caption(job, stdin=stream)` under `accelerate launch`: `-` is the caller's stream
+    (read once, by the first process), not the process's own stdin (empty here); the first
+    process's result holds every record of the run, merged, and counts its failures."""
+    pictures = [*sorted(workload.glob("p*.png"))[:4], workload / "broken.jpg"]
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import io, os, sys\n"
+        "from granite_cli.api import CaptionJob, run_caption\n"
+        "job = CaptionJob(sources=['-'], output=sys.argv[1], model=sys.argv[2], device='cpu', max_new_tokens=2)\n"
+        "result = run_caption(job, stdin=io.BytesIO(sys.argv[3].encode()))\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    print(len(result.records), result.failed)\n"
+    )
+    out = tmp_path / "out.jsonl"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(script), str(out), str(tiny_model),
+        "\n".join(map(str, pictures)),
+    ]  # fmt: skip
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in records] == list(map(str, pictures))
+    assert [r["answer"] is not None for r in records] == [True] * 4 + [False]
+    assert done.stdout.decode().split() == ["5", "1"]
 
 
 @pytest.mark.slow
@@ -262,6 +293,9 @@ def test_resume_with_a_different_number_of_processes(workload, tiny_model, tmp_p
 
 @pytest.mark.slow
 def test_a_dead_run_keeps_every_finished_record_of_every_rank(tiny_model, tmp_path):
+    """Two processes killed at once keep every line they finished; two resuming it (each
+    writing a part file of its own run, never appending to the dead run's torn one) answer
+    the rest, each picture once, in input order."""
     root = tmp_path / "many"
     root.mkdir()
     for i in range(120):
@@ -284,8 +318,10 @@ def test_a_dead_run_keeps_every_finished_record_of_every_rank(tiny_model, tmp_pa
         lines = part.read_bytes().split(b"\n")
         kept += sum(1 for line in lines[:-1] if json.loads(line)["answer"] is not None)
     assert kept >= 10
-    resumed = single(str(root), "-o", str(out), "--resume", model=tiny_model)
-    assert resumed.returncode == 0, resumed.stderr.decode()
+    torn = sorted(parts.glob("rank-*.jsonl"))[-1]  # a rank killed while it wrote a line
+    torn.write_bytes(torn.read_bytes() + b'{"source": "cut sh')
+    resumed = launch(2, str(root), "-o", str(out), "--batch-size", "2", "--resume", model=tiny_model)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]  # its parts are its own: none appended to
     assert f"{kept} answered before" in resumed.stderr.decode()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source"] for r in records] == sorted(str(p) for p in root.glob("*.png"))

@@ -512,6 +512,23 @@ def test_a_model_named_like_a_path_that_is_no_folder_is_one_line(cli, tmp_path, 
         ), value
 
 
+def test_the_library_loader_names_a_missing_folder_and_a_malformed_id_in_one_line(tmp_path):
+    """`load_engine` (what the benchmarks and library callers use) checks the name as the CLI
+    does: a path that names no folder, or something that is no Hub id, before any download."""
+    from granite_cli.engine import load_engine
+
+    hint = "Hint: pass a folder holding config.json, or a Hub id like ibm-granite/granite-vision-3.3-2b"
+    gone = str(tmp_path / "gone")
+    for value, said in [
+        (gone, f"model {gone!r}: model folder does not exist. {hint}"),
+        ("not an id!", "model 'not an id!': not a model folder, nor a Hugging Face model id (owner/name, like"
+                       " ibm-granite/granite-vision-3.3-2b)"),
+    ]:  # fmt: skip
+        with pytest.raises(UsageError) as refused:
+            load_engine(value, device="cpu")
+        assert str(refused.value) == said
+
+
 def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
     """On a machine with GPUs (faked here: torch's own queries), each is listed after the CPU,
     by index, with the memory in GiB to a tenth and the dtypes it runs: its own, on a machine of
@@ -1128,6 +1145,35 @@ def test_every_end_of_text_token_the_model_declares_ends_an_answer(tiny_model, t
         if eos == "list":
             records = caption_with(engine, picture, BatchLimits(1), max_new_tokens=4, repetition_stop=False)
             assert (records[0].answer, records[0].finish_reason, records[0].token_ids) == ("", "stop", ())
+
+
+def test_a_tokenizer_that_starts_every_text_with_a_token_gives_the_same_prompt(tiny_engine, tiny_model, tmp_path):
+    """LLaVA-NeXT checkpoints built on Llama-style tokenizers add a start token to every text
+    they encode. The prompt gets it once, at its start, as the processor would give it on the
+    model card's path: never a second one in the middle, beside the picture's tokens."""
+    from PIL import Image
+
+    from granite_cli.engine import load_engine
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    start = tokenizer["added_tokens"][0]
+    tokenizer["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": start["content"], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": start["content"], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {
+            start["content"]: {"id": start["content"], "ids": [start["id"]], "tokens": [start["content"]]}
+        },
+    }  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    engine = load_engine(str(folder), device="cpu")
+    assert engine.processor.tokenizer("x")["input_ids"][0] == start["id"]  # it does start every text
+    picture = [Image.new("RGB", (64, 48), "white")]
+    plain = tiny_engine.prepare(picture, ["What is shown?"])["input_ids"]
+    assert engine.prepare(picture, ["What is shown?"])["input_ids"].tolist() == [[start["id"], *plain.tolist()[0]]]
 
 
 def test_a_bfloat16_model_prefills_in_chunks_on_the_cpu(tiny_model, mixed_images):

@@ -186,6 +186,7 @@ def test_a_torchvision_build_that_does_not_load_is_one_line(cli, monkeypatch, tm
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.startswith("error: torchvision does not load beside torch ")
     assert "operator torchvision::nms does not exist" in result.stderr and result.stderr.count("\n") == 1
+    assert result.stderr.rstrip().endswith("; install the torchvision built for this torch (see `granite-vision info`)")
     assert cli("info").exit_code == 2
 
 
@@ -305,8 +306,9 @@ def test_an_engine_and_its_processor_are_freed_with_it(tiny_model, real_loading)
 def test_debug_prints_the_traceback_behind_each_one_line_error(cli, tmp_path, broken_model):
     noise(40, 40).save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes((tmp_path / "good.png").read_bytes()[:200])  # truncated
-    quiet = cli("caption", str(tmp_path / "bad.png"), str(tmp_path / "good.png"))
-    assert quiet.exit_code == 1 and "Traceback" not in quiet.stderr
+    for off in ({}, {"GRANITE_VISION_DEBUG": "0"}, {"GRANITE_VISION_DEBUG": "false"}, {"GRANITE_VISION_DEBUG": "No"}):
+        quiet = cli("caption", str(tmp_path / "bad.png"), str(tmp_path / "good.png"), env=off)
+        assert quiet.exit_code == 1 and "Traceback" not in quiet.stderr, off
     loud = cli("caption", str(tmp_path / "bad.png"), str(tmp_path / "good.png"), env={"GRANITE_VISION_DEBUG": "1"})
     assert loud.exit_code == 1 and loud.records()[1]["answer"] is not None
     assert "Traceback (most recent call last)" in loud.stderr and "bad.png: corrupt or truncated image" in loud.stderr

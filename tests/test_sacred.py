@@ -251,6 +251,94 @@ def test_a_closed_stdin_and_stderr_take_none_of_our_files(tiny_model, shots, tmp
     assert b"written to fd 2" not in out.read_bytes()
 
 
+#: The CLI, with a library under it that tells on stderr where descriptors 1 and 2 lead whenever
+#: it opens a picture (a C library that prints writes to them whatever Python thinks is open).
+WHERE_1_AND_2 = """
+import os, runpy, sys
+from PIL import Image
+real = Image.open
+def loud(*args, **kwargs):
+    for fd in (1, 2):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = "closed"
+        sys.stderr.write(f"{fd} {target}\\n")
+    return real(*args, **kwargs)
+Image.open = loud
+sys.argv[0] = "granite-vision"
+runpy.run_module("granite_cli", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_and_stderr_are_held_even_beside_an_inherited_descriptor(tiny_model, shots, tmp_path):
+    """`caption ... -o out.jsonl >&-` (with `2>&-` or without) from a parent that left
+    descriptor 3 open: each closed one is held on /dev/null (its own number, whatever else is
+    open), so no file the run opens takes it and nothing a library prints to it lands in one."""
+    script = WHERE_1_AND_2.replace("sys.stderr.write(", "os.write(9, (").replace('\\n")', '\\n").encode())')
+    for closed in ((1, 2), (1,)):
+        out, report = tmp_path / f"out{len(closed)}.jsonl", tmp_path / f"where{len(closed)}.txt"
+
+        def close(closed=closed, report=report):  # (in the child)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 3)  # the parent's own open descriptor
+            os.dup2(os.open(report, os.O_WRONLY | os.O_CREAT), 9)  # where the library's lines go instead
+            for fd in closed:
+                os.close(fd)
+
+        command = ["caption", str(shots), "-o", str(out), "--model", str(tiny_model), "--max-new-tokens", MAX_NEW]
+        result = subprocess.run([sys.executable, "-c", script, *command], preexec_fn=close, pass_fds=(3, 9),
+                                stderr=None if 2 in closed else subprocess.DEVNULL, timeout=300)  # fmt: skip
+        assert result.returncode == 0 and len(read_jsonl(out)) == 4
+        lines = set(report.read_text().splitlines())
+        assert {f"{fd} /dev/null" for fd in closed} <= lines and len(lines) == 2, (closed, lines)
+
+
+@pytest.mark.slow
+def test_a_file_name_no_encoding_can_show_is_escaped_on_stderr_not_a_crash(tiny_model, tmp_path):
+    """A broken picture whose name is not valid UTF-8, under a UTF-8 and an ASCII locale: its
+    error line on the real stderr shows the bad byte as an escape (`\\xff`), and the run still
+    answers the other picture."""
+    noise(30, 30).save(tmp_path / "good.png")
+    bad = os.fsencode(tmp_path) + b"/bad\xff.png"
+    with open(bad, "wb") as handle:
+        handle.write(b"not a picture")
+    for encoding in ("utf-8", "ascii"):
+        result = run_process("caption", str(tmp_path), "--model", str(tiny_model), "--max-new-tokens", MAX_NEW,
+                             env={"PYTHONIOENCODING": encoding})  # fmt: skip
+        assert result.returncode == 1, result.stderr.decode(errors="replace")[-1500:]
+        assert "Traceback" not in result.stderr.decode(errors="replace")
+        assert b"bad\\xff.png: not an image or PDF" in result.stderr and b"bad\xff" not in result.stderr
+        assert len(result.stdout.splitlines()) == 2
+
+
+LINGERING_THREAD = """
+import runpy, sys, threading, time
+threading.Thread(target=time.sleep, args=(120,)).start()  # a library's own thread (a download, say)
+sys.argv[0] = "granite-vision"
+runpy.run_module("granite_cli", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_without_waiting_for_a_librarys_thread(tiny_model, shots, tmp_path):
+    """Ctrl-C ends the run in its own time (exit 130, the records so far kept), not when some
+    library's non-daemon thread would let the interpreter finish."""
+    import signal
+
+    out = tmp_path / "out.jsonl"
+    command = ["caption", str(shots), "-o", str(out), "--model", str(tiny_model), "--max-new-tokens", MAX_NEW]
+    process = subprocess.Popen([sys.executable, "-c", LINGERING_THREAD, *command], stderr=subprocess.PIPE)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    try:
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert code == 130 and time.monotonic() - started < 60
+
+
 def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tmp_path):
     from PIL import Image
 
@@ -1392,6 +1480,35 @@ def test_a_ctrl_c_during_the_last_batch_ends_a_complete_run_in_its_own_time(
     assert "stopping after the current batch" in result.stderr and len(read_jsonl(out)) == 2
     seconds = float(re.search(r"1 of 2 answered, 1 failed in ([0-9.]+) s", result.stderr)[1])
     assert seconds <= wall + 0.05
+
+
+def test_a_second_ctrl_c_once_every_record_is_written_still_ends_a_complete_run(tiny_model, tmp_path):
+    """A second Ctrl-C that lands after the last record was written (here: while it is being
+    shown) stops nothing that was left: the result is complete, not "stopped", and both records
+    (an answer and a missing file's failure) are in the output."""
+    import contextlib
+
+    from granite_cli.api import CaptionJob, run_caption
+    from granite_cli.ui import Reporter
+
+    class SecondCtrlC(Reporter):
+        @contextlib.contextmanager
+        def progress(self, total):
+            seen = []
+
+            def shown(record):
+                seen.append(record)
+                if len(seen) == total:
+                    raise KeyboardInterrupt
+
+            yield shown
+
+    noise(40, 30).save(tmp_path / "a.png")
+    out = tmp_path / "out.jsonl"
+    job = CaptionJob(sources=[str(tmp_path / "a.png"), str(tmp_path / "gone.png")], output=str(out),
+                     model=str(tiny_model), device="cpu", max_new_tokens=2)  # fmt: skip
+    result = run_caption(job, reporter=SecondCtrlC(quiet=True))
+    assert (result.stopped, result.answered, result.failed, len(read_jsonl(out))) == (False, 1, 1, 2)
 
 
 def test_a_caption_run_whose_output_another_run_holds_says_it_waits_then_writes(cli, shots, tmp_path):

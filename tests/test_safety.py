@@ -9,8 +9,8 @@ import io
 import json
 import os
 import resource
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -590,6 +590,7 @@ def test_prompts_beyond_the_context_window(cli, photos, tmp_path, tiny_model):
     fitted, refused = result.records()
     assert fitted["answer"] is not None
     assert refused["error"].startswith("prompt too long:") and "context of 4,096 tokens" in refused["error"]
+    assert (refused["width"], refused["height"]) == large  # the picture was read: its size says why
     asked = cli("ask", str(tmp_path / "page.png"), prompt)
     assert asked.exit_code == 2 and asked.stdout == ""
     assert "prompt too long" in one_error_line(asked.stderr)

@@ -70,11 +70,7 @@ def load_locally(model: str, revision: str | None) -> bool:
         if not (path / "config.json").is_file():
             raise UsageError(f"model folder {model!r} has no config.json: it is not a Hugging Face model folder")
         return True
-    if _names_a_folder(model):
-        raise UsageError(
-            f"model folder {model!r} does not exist."
-            f" Hint: pass --model a folder holding config.json, or a Hub id like {DEFAULT_MODEL}"
-        )
+    model_name(model, "model")  # no folder: a path that names none, or a malformed Hub id, is one line
     cached = isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
     if constants.HF_HUB_OFFLINE:
         return True
