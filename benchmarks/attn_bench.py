@@ -22,8 +22,8 @@ All variants decode from the same prefilled cache. The reference (first variant)
 every other variant is teacher-forced with the reference's tokens so that its per-step argmax can be
 compared with the reference's (agreement %). Timing does not depend on which tokens are fed.
 
-Usage (GPU):   python .wip2/attn_bench.py                      (defaults: rows 64, ctx 6000, steps 32)
-Usage (smoke): python .wip2/attn_bench.py --smoke --device cpu (tiny fp32 model, seconds)
+Usage (GPU):   python3 benchmarks/attn_bench.py                      (defaults: rows 64, ctx 6000, steps 32)
+Usage (smoke): python3 benchmarks/attn_bench.py --smoke --device cpu (tiny fp32 model, seconds)
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ SMOKE_OVERRIDES = {
 }
 CONFIG_CANDIDATES = [
     "/work/shared/granite/granite-vision-3.2-2b.config.json",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "granite", "granite-vision-3.2-2b.config.json"),
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "shared", "granite", "granite-vision-3.2-2b.config.json"
+    ),
 ]
 ALL_VARIANTS = ["sdpa", "sdpa_repeat_kv", "sdpa_gqa", "sdpa_static", "flex_attention", "sdpa_force_gqa"]
 DEFAULT_VARIANTS = "sdpa,sdpa_repeat_kv,sdpa_gqa,sdpa_static,flex_attention"
@@ -96,7 +98,7 @@ def log(*a):
 
 def one_line(e: BaseException) -> str:
     s = f"{type(e).__name__}: {e}".strip().splitlines()
-    first = (s[0] if s else type(e).__name__)
+    first = s[0] if s else type(e).__name__
     # compiler errors: add the first line that looks like the actual error
     for line in s[1:]:
         if re.search(r"(^|\s)(error|Error)[: ]", line) and "warning" not in line:
@@ -128,8 +130,11 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list from {ALL_VARIANTS}")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     p.add_argument("--no-backend-probe", action="store_true", help="skip the per-backend SDPA probe")
-    p.add_argument("--check-generate", action="store_true",
-                   help="cross-check the hand decode against model.generate (default on with --smoke)")
+    p.add_argument(
+        "--check-generate",
+        action="store_true",
+        help="cross-check the hand decode against model.generate (default on with --smoke)",
+    )
     p.add_argument("--json", default=None, help="default: $OUT/attn.json if $OUT is set else ./attn.json")
     p.add_argument("--smoke", action="store_true", help="tiny fp32 model, rows 3, ctx 40, steps 4")
     a = p.parse_args(argv)
@@ -181,7 +186,9 @@ def build_config(args, results):
             with open(path) as f:
                 tc = json.load(f).get("text_config", {})
             diff = {k: (v, tc.get(k)) for k, v in cfg.items() if k in tc and tc[k] != v}
-            src = f"embedded copy, checked against {os.path.normpath(path)}: " + ("identical" if not diff else f"DIFF {diff}")
+            src = f"embedded copy, checked against {os.path.normpath(path)}: " + (
+                "identical" if not diff else f"DIFF {diff}"
+            )
             for k in cfg:
                 if k in tc:
                     cfg[k] = tc[k]
@@ -228,8 +235,10 @@ def build_model(args, dev, dtype, results):
         "attn_implementation": model.config._attn_implementation,
         "dtype": str(dtype),
     }
-    log(f"model: {nparam / 1e9:.3f} B params, built in {results['model']['build_s']} s, "
-        f"q_proj std {results['model']['q_proj_std']:.4f}, attn={model.config._attn_implementation}")
+    log(
+        f"model: {nparam / 1e9:.3f} B params, built in {results['model']['build_s']} s, "
+        f"q_proj std {results['model']['q_proj_std']:.4f}, attn={model.config._attn_implementation}"
+    )
     return model
 
 
@@ -254,7 +263,7 @@ def make_workload(args, vocab, dev):
     mask = torch.zeros(rows, ctx, dtype=torch.long)
     for r, n in enumerate(lengths):
         ids[r, : ctx - n] = 0  # pad id 0, left padding
-        mask[r, ctx - n:] = 1
+        mask[r, ctx - n :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(dev), mask.to(dev), pos.to(dev), torch.tensor(lengths, device=dev)
 
@@ -271,7 +280,7 @@ def snapshot_cache(cache):
 
 
 def restore_cache(cache, snap):
-    for ly, (k, v) in zip(cache_layers(cache), snap):
+    for ly, (k, v) in zip(cache_layers(cache), snap, strict=True):
         ly.keys, ly.values = k, v
 
 
@@ -329,7 +338,9 @@ class PathProbe:
                 def w(*a, **k):
                     bump(label)
                     return orig(*a, **k)
+
                 return w
+
             return factory
 
         def sdpa_factory(orig):
@@ -337,12 +348,15 @@ class PathProbe:
                 if not PROBING[0]:
                     return orig(q, k, v, attn_mask, *a, **kw)
                 bump("F.sdpa")
-                sig = (f"q{describe(q)} k{describe(k)} mask{describe(attn_mask)} "
-                       f"enable_gqa={kw.get('enable_gqa', False)} is_causal={kw.get('is_causal', False)}")
+                sig = (
+                    f"q{describe(q)} k{describe(k)} mask{describe(attn_mask)} "
+                    f"enable_gqa={kw.get('enable_gqa', False)} is_causal={kw.get('is_causal', False)}"
+                )
                 self.sigs[sig] = self.sigs.get(sig, 0) + 1
                 if self.keep and self.first_call is None and q.shape[-2] <= 8:
                     self.first_call = (q, k, v, attn_mask, dict(kw))
                 return orig(q, k, v, attn_mask, *a, **kw)
+
             return w
 
         self._patch(F, "scaled_dot_product_attention", sdpa_factory)
@@ -361,8 +375,8 @@ class PathProbe:
 
 def backend_probe(first_call, dev, reps):
     """Try the captured decode SDPA call (layer 0) on each backend alone; time one call per backend."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v, m, kw = first_call
     kw = {kk: vv for kk, vv in kw.items() if kk in ("scale", "enable_gqa", "is_causal", "dropout_p")}
@@ -407,25 +421,56 @@ def profile_steps(step_fn, n, dev, top=12):
     if dev.type == "cuda":
         selfdev = [(e.key, g(e, "self_device_time_total", "self_cuda_time_total"), e.count) for e in ka]
         kernels = sorted([x for x in selfdev if x[1] > 0 and not x[0].startswith("aten::")], key=lambda x: -x[1])
-        ops = sorted([(e.key, g(e, "device_time_total", "cuda_time_total"), e.count) for e in ka
-                      if e.key.startswith("aten::")], key=lambda x: -x[1])
+        ops = sorted(
+            [(e.key, g(e, "device_time_total", "cuda_time_total"), e.count) for e in ka if e.key.startswith("aten::")],
+            key=lambda x: -x[1],
+        )
         total = sum(x[1] for x in kernels)
     else:
         kernels = []
-        ops = sorted([(e.key, g(e, "self_cpu_time_total"), e.count) for e in ka if e.key.startswith("aten::")],
-                     key=lambda x: -x[1])
+        ops = sorted(
+            [(e.key, g(e, "self_cpu_time_total"), e.count) for e in ka if e.key.startswith("aten::")],
+            key=lambda x: -x[1],
+        )
         total = sum(x[1] for x in ops)
 
     cats = {}
-    for name, us, _ in (kernels if kernels else ops):
+    for name, us, _ in kernels if kernels else ops:
         n_ = name.lower()
         if "catarray" in n_ or n_ in ("aten::cat",):
             c = "cat (KV cache growth)"
         elif any(s in n_ for s in ("fmha", "flash", "attention", "attn", "softmax", "flex", "triton_tem")):
             c = "attention"
-        elif any(s in n_ for s in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "sm90", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "splitk")):
+        elif any(
+            s in n_
+            for s in (
+                "gemm",
+                "gemv",
+                "nvjet",
+                "cutlass",
+                "xmma",
+                "sm90",
+                "cublas",
+                "matmul",
+                "aten::mm",
+                "aten::addmm",
+                "aten::bmm",
+                "splitk",
+            )
+        ):
             c = "matmul"
-        elif any(s in n_ for s in ("copy", "elementwise_kernel", "unrolled_elementwise", "index", "aten::copy_", "clone", "contiguous")):
+        elif any(
+            s in n_
+            for s in (
+                "copy",
+                "elementwise_kernel",
+                "unrolled_elementwise",
+                "index",
+                "aten::copy_",
+                "clone",
+                "contiguous",
+            )
+        ):
             c = "copy/elementwise"
         elif "reduce" in n_ or "argmax" in n_:
             c = "reduce/argmax"
@@ -480,15 +525,25 @@ def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, sca
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     causal = causal and attention_mask is None and q_len > 1
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        is_causal=causal, enable_gqa=query.shape[1] != key.shape[1],
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=causal,
+        enable_gqa=query.shape[1] != key.shape[1],
     )
     out = out.transpose(1, 2).contiguous()
-    _check_against_transformers_sdpa("sdpa_gqa", out, module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    _check_against_transformers_sdpa(
+        "sdpa_gqa", out, module, query, key, value, attention_mask, dropout, scaling, kwargs
+    )
     return out, None
 
 
-def sdpa_repeat_kv_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def sdpa_repeat_kv_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     bump("custom.sdpa_repeat_kv")
     if attention_mask is not None:
         bump("custom(with mask)")
@@ -498,10 +553,18 @@ def sdpa_repeat_kv_forward(module, query, key, value, attention_mask, dropout=0.
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     causal = causal and attention_mask is None and q_len > 1
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, rk, rv, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        query,
+        rk,
+        rv,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=causal,
     )
     out = out.transpose(1, 2).contiguous()
-    _check_against_transformers_sdpa("sdpa_repeat_kv", out, module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    _check_against_transformers_sdpa(
+        "sdpa_repeat_kv", out, module, query, key, value, attention_mask, dropout, scaling, kwargs
+    )
     return out, None
 
 
@@ -549,8 +612,14 @@ def prefill(model, args, ids, mask, pos, dev, ckw, results):
     with torch.inference_mode():
         for s in range(0, L, args.prefill_chunk):
             e = min(L, s + args.prefill_chunk)
-            out = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
-                        use_cache=True, logits_to_keep=1, **{ckw: cache})
+            out = model(
+                input_ids=ids[:, s:e],
+                attention_mask=mask[:, :e],
+                position_ids=pos[:, s:e],
+                use_cache=True,
+                logits_to_keep=1,
+                **{ckw: cache},
+            )
             logits = out.logits[:, -1].float()
     sync(dev)
     dt = time.perf_counter() - t
@@ -565,13 +634,16 @@ def prefill(model, args, ids, mask, pos, dev, ckw, results):
         "kv_cache_gib": gib(sum(k.numel() * k.element_size() * 2 for k, _ in snapshot_cache(cache))),
         "nan_logits": int(torch.isnan(logits).sum()),
     }
-    log(f"prefill: {dt:.2f} s for {ntok} real tokens ({L} padded x {ids.shape[0]} rows), "
-        f"KV cache {results['prefill']['kv_cache_gib']} GiB, nan logits {results['prefill']['nan_logits']}")
+    log(
+        f"prefill: {dt:.2f} s for {ntok} real tokens ({L} padded x {ids.shape[0]} rows), "
+        f"KV cache {results['prefill']['kv_cache_gib']} GiB, nan logits {results['prefill']['nan_logits']}"
+    )
     return cache, logits
 
 
-def decode_loop(model, cache, mask0, lengths, first_tok, n, dev, ckw, forced=None, probe_first=None,
-                deadline_check=None):
+def decode_loop(
+    model, cache, mask0, lengths, first_tok, n, dev, ckw, forced=None, probe_first=None, deadline_check=None
+):
     """n greedy decode steps. Returns (times_s, argmax tokens [n,B], step0 logits (float, cpu), nan count)."""
     B = mask0.shape[0]
     mask = mask0
@@ -583,8 +655,13 @@ def decode_loop(model, cache, mask0, lengths, first_tok, n, dev, ckw, forced=Non
 
     def step():
         state["mask"] = torch.cat([state["mask"], ones], dim=1)
-        out = model(input_ids=state["tok"], attention_mask=state["mask"], position_ids=state["pos"],
-                    use_cache=True, **{ckw: cache})
+        out = model(
+            input_ids=state["tok"],
+            attention_mask=state["mask"],
+            position_ids=state["pos"],
+            use_cache=True,
+            **{ckw: cache},
+        )
         return out.logits[:, -1]
 
     truncated = False
@@ -629,7 +706,7 @@ def make_static_cache(model, snap, max_len):
 
     sc = StaticCache(config=model.config, max_cache_len=max_len)
     L = snap[0][0].shape[-2]
-    for layer, (k, v) in zip(cache_layers(sc), snap):
+    for layer, (k, v) in zip(cache_layers(sc), snap, strict=True):
         layer.lazy_initialization(k, v)
         layer.keys[:, :, :L].copy_(k)
         layer.values[:, :, :L].copy_(v)
@@ -668,25 +745,39 @@ def run_variant(name, model, args, dev, ckw, cache, snap, mask, lengths, first_t
         probe = PathProbe(keep_first_call=not args.no_backend_probe)
         forced = ref["tokens"] if ref is not None else None
         times, toks, logits0, nans, extra_step, all_logits, truncated = decode_loop(
-            model, use_cache, mask, lengths, first_tok, n, dev, ckw, forced=forced, probe_first=probe,
-            deadline_check=deadline_check)
-        timed = times[args.warmup:]
-        rec.update({
-            "status": "ok",
-            "steps_timed": len(timed),
-            "ms_step_median": round(statistics.median(timed) * 1e3, 3) if timed else None,
-            "ms_step_p10": round(pct(timed, 0.1) * 1e3, 3) if timed else None,
-            "ms_step_p90": round(pct(timed, 0.9) * 1e3, 3) if timed else None,
-            "ms_first_step(probe,untimed)": round(times[0] * 1e3, 3),
-            "rows_tok_per_s": round(args.rows / statistics.median(timed), 1) if timed else None,
-            "peak_gib": gib(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
-            "peak_minus_start_gib": gib(torch.cuda.max_memory_allocated(dev) - base) if dev.type == "cuda" else None,
-            "nan_logits": nans,
-            "truncated_by_deadline": truncated,
-            "path_counts_first_step": dict(COUNTS),
-            "layer0_attn_rel_err_vs_transformers_sdpa": ATTN_CHECK.get(name, "n/a"),
-            "sdpa_call_signatures_first_step": dict(probe.sigs),
-        })
+            model,
+            use_cache,
+            mask,
+            lengths,
+            first_tok,
+            n,
+            dev,
+            ckw,
+            forced=forced,
+            probe_first=probe,
+            deadline_check=deadline_check,
+        )
+        timed = times[args.warmup :]
+        rec.update(
+            {
+                "status": "ok",
+                "steps_timed": len(timed),
+                "ms_step_median": round(statistics.median(timed) * 1e3, 3) if timed else None,
+                "ms_step_p10": round(pct(timed, 0.1) * 1e3, 3) if timed else None,
+                "ms_step_p90": round(pct(timed, 0.9) * 1e3, 3) if timed else None,
+                "ms_first_step(probe,untimed)": round(times[0] * 1e3, 3),
+                "rows_tok_per_s": round(args.rows / statistics.median(timed), 1) if timed else None,
+                "peak_gib": gib(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
+                "peak_minus_start_gib": gib(torch.cuda.max_memory_allocated(dev) - base)
+                if dev.type == "cuda"
+                else None,
+                "nan_logits": nans,
+                "truncated_by_deadline": truncated,
+                "path_counts_first_step": dict(COUNTS),
+                "layer0_attn_rel_err_vs_transformers_sdpa": ATTN_CHECK.get(name, "n/a"),
+                "sdpa_call_signatures_first_step": dict(probe.sigs),
+            }
+        )
         nl = model.config.num_hidden_layers
         c = COUNTS
         rec["path_summary"] = (
@@ -701,7 +792,7 @@ def run_variant(name, model, args, dev, ckw, cache, snap, mask, lengths, first_t
         else:
             m = min(toks.shape[0], ref["tokens"].shape[0])
             toks = toks[:m]
-            same = (toks == ref["tokens"][:m].cpu())
+            same = toks == ref["tokens"][:m].cpu()
             d = (logits0 - ref["logits0"]).abs()
             rec["agree_step0_pct"] = round(100.0 * same[0].float().mean().item(), 2)
             rec["agree_all_steps_pct"] = round(100.0 * same.float().mean().item(), 2)
@@ -736,9 +827,11 @@ def run_variant(name, model, args, dev, ckw, cache, snap, mask, lengths, first_t
                 rec["profile"] = {"error": "skipped: deadline"}
             except Exception as e:  # noqa: BLE001
                 rec["profile"] = {"error": one_line(e)}
-        log(f"{name}: ok, median {rec['ms_step_median']} ms/step (p10 {rec['ms_step_p10']}, p90 {rec['ms_step_p90']}), "
+        log(
+            f"{name}: ok, median {rec['ms_step_median']} ms/step (p10 {rec['ms_step_p10']}, p90 {rec['ms_step_p90']}), "
             f"peak {rec['peak_gib']} GiB, {rec['path_summary']}"
-            + ("" if ref is None else f", agree step0 {rec['agree_step0_pct']}% all {rec['agree_all_steps_pct']}%"))
+            + ("" if ref is None else f", agree step0 {rec['agree_step0_pct']}% all {rec['agree_all_steps_pct']}%")
+        )
         return rec, (None if ref is not None else {"tokens": toks.to(dev), "logits0": logits0, "logits": all_logits})
     except Deadline as e:
         rec.update({"status": "skipped", "reason": f"deadline ({e})"})
@@ -761,9 +854,17 @@ def check_generate(model, ids, mask, ref_tokens, first_tok, n, results):
     """Cross-check: model.generate (greedy, sdpa, unchunked prefill) must produce the same tokens."""
     set_attn(model, "sdpa")
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n + 1, min_new_tokens=n + 1,
-                             do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
-    gen = out[:, ids.shape[1]:].cpu()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n + 1,
+            min_new_tokens=n + 1,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    gen = out[:, ids.shape[1] :].cpu()
     mine = torch.cat([first_tok.view(1, -1).cpu(), ref_tokens.cpu()], 0).T  # [B, n+1]
     agree = (gen[:, : mine.shape[1]] == mine).float().mean().item() * 100
     results["generate_crosscheck_agree_pct"] = round(agree, 2)
@@ -785,9 +886,14 @@ def write_json(path, results):
 def markdown(results):
     lines = []
     p = results.get("prefill") or {}
-    lines.append(f"\nprefill: {p.get('s')} s, {p.get('real_tokens')} real tokens, {p.get('tok_per_s')} tok/s, "
-                 f"KV cache {p.get('kv_cache_gib')} GiB, peak {p.get('peak_gib')} GiB\n")
-    lines.append("| variant | status | ms/step median | p10-p90 | rows·tok/s | peak GiB | Δpeak GiB | path (first step) | agree step0 | agree all | note |")
+    lines.append(
+        f"\nprefill: {p.get('s')} s, {p.get('real_tokens')} real tokens, {p.get('tok_per_s')} tok/s, "
+        f"KV cache {p.get('kv_cache_gib')} GiB, peak {p.get('peak_gib')} GiB\n"
+    )
+    lines.append(
+        "| variant | status | ms/step median | p10-p90 | rows·tok/s | peak GiB | Δpeak GiB | path (first step)"
+        " | agree step0 | agree all | note |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["variants"]:
         if r["status"] != "ok":
@@ -808,7 +914,10 @@ def markdown(results):
         if r.get("layer0_attn_rel_err_vs_transformers_sdpa", "n/a") != "n/a":
             note.append(f"layer0 attn rel.err vs transformers sdpa {r['layer0_attn_rel_err_vs_transformers_sdpa']}")
         if "disagree_max_gap_in_ref_std" in r:
-            note.append(f"agree within 0.05 std {r['agree_within_0.05std_pct']}%, worst flip gap {r['disagree_max_gap_in_ref_std']} std")
+            note.append(
+                f"agree within 0.05 std {r['agree_within_0.05std_pct']}%,"
+                f" worst flip gap {r['disagree_max_gap_in_ref_std']} std"
+            )
         if "step0_logits_max_abs_diff" in r:
             note.append(f"max|Δlogit| {r['step0_logits_max_abs_diff']} (ref std {r['step0_ref_logit_std']})")
         be = r.get("sdpa_backends_layer0_call") or {}
@@ -819,16 +928,38 @@ def markdown(results):
         lines.append(
             f"| {r['variant']} | ok | {r['ms_step_median']} | {r['ms_step_p10']}-{r['ms_step_p90']} | "
             f"{r['rows_tok_per_s']} | {r['peak_gib']} | {r['peak_minus_start_gib']} | {r['path_summary']} | "
-            f"{ag0} | {aga} | {'; '.join(note)} |")
-    prof = [(r["variant"], r["profile"]) for r in results["variants"] if r.get("status") == "ok" and isinstance(r.get("profile"), dict) and "categories_us_per_step" in r["profile"]]
+            f"{ag0} | {aga} | {'; '.join(note)} |"
+        )
+    prof = [
+        (r["variant"], r["profile"])
+        for r in results["variants"]
+        if r.get("status") == "ok" and isinstance(r.get("profile"), dict) and "categories_us_per_step" in r["profile"]
+    ]
     if prof:
         lines.append(f"\nprofile ({prof[0][1]['unit']}):\n")
-        lines.append("| variant | total | " + " | ".join(["cat (KV cache growth)", "attention", "matmul", "copy/elementwise", "reduce/argmax", "other"]) + " |")
+        lines.append(
+            "| variant | total | "
+            + " | ".join(["cat (KV cache growth)", "attention", "matmul", "copy/elementwise", "reduce/argmax", "other"])
+            + " |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
         for v, pr in prof:
             c = pr["categories_us_per_step"]
-            lines.append(f"| {v} | {pr['total_us_per_step']} | " + " | ".join(
-                str(c.get(k, 0)) for k in ["cat (KV cache growth)", "attention", "matmul", "copy/elementwise", "reduce/argmax", "other"]) + " |")
+            lines.append(
+                f"| {v} | {pr['total_us_per_step']} | "
+                + " | ".join(
+                    str(c.get(k, 0))
+                    for k in [
+                        "cat (KV cache growth)",
+                        "attention",
+                        "matmul",
+                        "copy/elementwise",
+                        "reduce/argmax",
+                        "other",
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -885,8 +1016,10 @@ def main(argv=None):
                 "math": torch.backends.cuda.math_sdp_enabled(),
             }
         dtype = torch.float32 if (args.smoke or dev.type == "cpu") else torch.bfloat16
-        log(f"torch {torch.__version__}, transformers {transformers.__version__}, device {dev}, dtype {dtype}, "
-            f"rows {args.rows}, ctx {args.ctx} (spread {args.spread}), steps {args.steps}+{args.warmup} warmup")
+        log(
+            f"torch {torch.__version__}, transformers {transformers.__version__}, device {dev}, dtype {dtype}, "
+            f"rows {args.rows}, ctx {args.ctx} (spread {args.spread}), steps {args.steps}+{args.warmup} warmup"
+        )
         register_custom()
         model = build_model(args, dev, dtype, results)
         ckw = cache_kwarg_name(model)
@@ -902,14 +1035,17 @@ def main(argv=None):
         ref = None
         for i, name in enumerate(args.variants):
             if remaining() <= 0:
-                results["variants"].append({"variant": name, "status": "skipped", "reason": "deadline reached before start"})
+                results["variants"].append(
+                    {"variant": name, "status": "skipped", "reason": "deadline reached before start"}
+                )
                 log(f"{name}: skipped (deadline)")
                 write_json(args.json, results)
                 continue
             if ref is None and i > 0:
                 log(f"note: no reference yet ({args.variants[0]} did not finish); {name} becomes the reference")
-            rec, new_ref = run_variant(name, model, args, dev, ckw, cache, snap, mask, lengths, first_tok, ref,
-                                       results, deadline_check)
+            rec, new_ref = run_variant(
+                name, model, args, dev, ckw, cache, snap, mask, lengths, first_tok, ref, results, deadline_check
+            )
             if ref is None and new_ref is not None:
                 ref = new_ref
                 rec["agreement"] = "reference"
