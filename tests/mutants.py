@@ -301,9 +301,7 @@ def instrument(paths: list[str]) -> None:
 
 
 def mutmut(argv: list[str]) -> None:
-    """mutmut itself, with one operator narrowed: a string literal gets the one mutant that says
-    whether its text matters at all ("XX" around it), not also its lower- and upper-case
-    copies, which for messages only triple the count (and the hours) without telling more."""
+    """mutmut itself, its string operator narrowed (`narrow_strings`)."""
     from mutmut.__main__ import cli
 
     narrow_strings()
