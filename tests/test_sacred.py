@@ -204,24 +204,26 @@ def test_8_a_closed_stdout_and_an_ascii_locale(tiny_model, shots, tmp_path):
     assert result.returncode == 0 and json.loads(result.stdout.decode("utf-8"))["source"] == str(emoji)
 
 
-#: The CLI, with a library under it that writes to file descriptor 2 itself (as C libraries do)
-#: whenever it opens a picture, and tells (on stdout, which the run leaves alone with -o) where
-#: descriptors 0 and 2 lead at that moment.
-LOUD_LIBRARY = """
+def library_telling(watched: tuple[int, ...], to: int, loud: bool = False) -> str:
+    """A script running the CLI with a library under it that, whenever it opens a picture, tells
+    on descriptor `to` where the `watched` descriptors lead at that moment; `loud`: first it
+    writes to descriptor 2 itself (as C libraries do)."""
+    return f"""
 import contextlib, os, runpy, sys
 from PIL import Image
 real = Image.open
-def loud(*args, **kwargs):
-    with contextlib.suppress(OSError):
-        os.write(2, b"written to fd 2\\n")
-    for fd in (0, 2):
+def telling(*args, **kwargs):
+    if {loud}:
+        with contextlib.suppress(OSError):
+            os.write(2, b"written to fd 2\\n")
+    for fd in {watched}:
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
+            target = os.readlink(f"/proc/self/fd/{{fd}}")
         except OSError:
             target = "closed"
-        os.write(1, f"{fd} {target}\\n".encode())
+        os.write({to}, f"{{fd}} {{target}}\\n".encode())
     return real(*args, **kwargs)
-Image.open = loud
+Image.open = telling
 sys.argv[0] = "granite-vision"
 runpy.run_module("granite_cli", run_name="__main__")
 """
@@ -239,8 +241,9 @@ def test_a_closed_stdin_and_stderr_take_none_of_our_files(tiny_model, shots, tmp
         os.close(0)
         os.close(2)
 
+    script = library_telling((0, 2), to=1, loud=True)
     result = subprocess.run(
-        [sys.executable, "-c", LOUD_LIBRARY, *command, "--model", str(tiny_model), "--max-new-tokens", MAX_NEW],
+        [sys.executable, "-c", script, *command, "--model", str(tiny_model), "--max-new-tokens", MAX_NEW],
         stdout=subprocess.PIPE, preexec_fn=close_0_and_2, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1
@@ -251,32 +254,12 @@ def test_a_closed_stdin_and_stderr_take_none_of_our_files(tiny_model, shots, tmp
     assert b"written to fd 2" not in out.read_bytes()
 
 
-#: The CLI, with a library under it that tells on stderr where descriptors 1 and 2 lead whenever
-#: it opens a picture (a C library that prints writes to them whatever Python thinks is open).
-WHERE_1_AND_2 = """
-import os, runpy, sys
-from PIL import Image
-real = Image.open
-def loud(*args, **kwargs):
-    for fd in (1, 2):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            target = "closed"
-        sys.stderr.write(f"{fd} {target}\\n")
-    return real(*args, **kwargs)
-Image.open = loud
-sys.argv[0] = "granite-vision"
-runpy.run_module("granite_cli", run_name="__main__")
-"""
-
-
 @pytest.mark.slow
 def test_a_closed_stdout_and_stderr_are_held_even_beside_an_inherited_descriptor(tiny_model, shots, tmp_path):
     """`caption ... -o out.jsonl >&-` (with `2>&-` or without) from a parent that left
     descriptor 3 open: each closed one is held on /dev/null (its own number, whatever else is
     open), so no file the run opens takes it and nothing a library prints to it lands in one."""
-    script = WHERE_1_AND_2.replace("sys.stderr.write(", "os.write(9, (").replace('\\n")', '\\n").encode())')
+    script = library_telling((1, 2), to=9)
     for closed in ((1, 2), (1,)):
         out, report = tmp_path / f"out{len(closed)}.jsonl", tmp_path / f"where{len(closed)}.txt"
 
