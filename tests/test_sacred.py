@@ -304,22 +304,28 @@ runpy.run_module("granite_cli", run_name="__main__")
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_without_waiting_for_a_librarys_thread(tiny_model, shots, tmp_path):
+def test_ctrl_c_leaves_without_waiting_for_a_librarys_thread(tiny_model, tmp_path):
     """Ctrl-C ends the run in its own time (exit 130, the records so far kept), not when some
     library's non-daemon thread would let the interpreter finish."""
     import signal
 
+    for i in range(40):
+        noise(30, 30, seed=i).save(tmp_path / f"p{i:02d}.png")
     out = tmp_path / "out.jsonl"
-    command = ["caption", str(shots), "-o", str(out), "--model", str(tiny_model), "--max-new-tokens", MAX_NEW]
+    command = ["caption", str(tmp_path), "-o", str(out), "--batch-size", "1", "--model", str(tiny_model),
+               "--max-new-tokens", MAX_NEW]  # fmt: skip
     process = subprocess.Popen([sys.executable, "-c", LINGERING_THREAD, *command], stderr=subprocess.PIPE)
-    time.sleep(2)
-    process.send_signal(signal.SIGINT)
-    started = time.monotonic()
     try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 1):  # the run is under way
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
         code = process.wait(timeout=60)
     finally:
         process.kill()
-    assert code == 130 and time.monotonic() - started < 60
+    assert code == 130 and time.monotonic() - started < 60 and 1 <= len(read_jsonl(out)) < 40
 
 
 def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tmp_path):
