@@ -186,11 +186,14 @@ class HtmlWriter(StreamWriter):
         link = self.link(record.source, record.page)
         local = link is not None and not record.source.startswith(("http://", "https://"))
         picture = link if local and not needs_thumbnail(record.source, record.page, local) else None
+        ours = False
         if picture is None and self.files is not None:  # a small rendering of ours, if the run made one
             small = self.files / thumbnail_name(record.source, record.page)
             if small.exists():
-                picture = quote(os.fsencode(f"{self.files.name}/{small.name}"))
-        image = f'<img src="{escape(picture)}" loading="lazy" alt="">' if picture is not None and record.ok else ""
+                picture, ours = quote(os.fsencode(f"{self.files.name}/{small.name}")), True
+        # A failed card shows a page the run did read (ours), never a file it may not have read.
+        shown = picture is not None and (record.ok or ours)
+        image = f'<img src="{escape(picture)}" loading="lazy" alt="">' if shown else ""
         label = image or (f"open page {record.page}" if record.page else "open the file" if link else "no picture")
         if link is None:
             return f'<div class="picture">{label}</div>'

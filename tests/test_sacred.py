@@ -610,6 +610,10 @@ def test_16_and_28_the_html_report_fetches_nothing_and_shows_every_page(cli, tmp
     folder.unlink()
     folder.write_text("a file where the folder would be")
     assert cli(*args, "--overwrite").exit_code == 2 and folder.read_text() == "a file where the folder would be"
+    failed = tmp_path / "failed.html"  # pages read but not answered (a prompt no context holds): shown, with why
+    assert cli("caption", str(tmp_path / "doc.pdf"), "--prompt", "word " * 3000, "-o", str(failed)).exit_code == 1
+    text = failed.read_text()
+    assert text.count('<article class="card error"') == 2 and text.count('<img src="failed.html.files/') == 2
 
 
 def test_17_resuming_with_fewer_inputs_counts_them_and_keeps_the_order(cli, shots, tmp_path):
