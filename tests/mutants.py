@@ -624,6 +624,21 @@ def full_run_hours(modules: dict[str, Module], jobs: int = 2) -> float | None:
     return seconds / jobs / 3600
 
 
+def table_hours(lines: list[str], jobs: int = 2) -> float:
+    """A run's hours over modules known only by their table rows (an earlier run's, kept in the
+    README): each counted mutant at its module's measured minutes per timed mutant, or, where a
+    row has no time, at the mean of the rows that have one."""
+    timed = []  # (counted, minutes per mutant or None)
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        counted = int(cells[1].split("/")[1]) + int(cells[7])
+        minutes, _, mutants = cells[8].partition(" min (")
+        timed.append((counted, float(minutes) / int(mutants.rstrip(")")) if mutants else None))
+    known = [each for _, each in timed if each is not None]
+    mean = sum(known) / len(known) if known else 0.0
+    return sum(counted * (mean if each is None else each) for counted, each in timed) / jobs / 60
+
+
 def table(modules: dict[str, Module], earlier: dict[str, str] | None = None) -> str:
     """The score table; `earlier` rows (module -> its row in an earlier table) stand for the
     modules this copy holds no results of (the copy is local, a README's table is not)."""
@@ -634,9 +649,8 @@ def table(modules: dict[str, Module], earlier: dict[str, str] | None = None) -> 
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         done, total = (int(n) for n in cells[1].split("/"))
         killed, counted, pending = killed + done, counted + total, pending + int(cells[7])
-    hours = full_run_hours(modules)
-    which = "of the modules run here " if set(rows) - set(own) else ""
-    whole = f"a full run {which}≈ {hours:.1f} h, 2 at once" if hours is not None else ""
+    hours = (full_run_hours(modules) or 0.0) + table_hours([rows[name] for name in set(rows) - set(own)])
+    whole = f"a full run ≈ {hours:.1f} h, 2 at once" if hours else ""
     total_row = f"| **all** | {killed} / {counted} | {killed / max(counted, 1):.0%} | | | | | {pending} | {whole} |"
     return "\n".join([*HEADER, *(rows[name] for name in sorted(rows)), total_row])
 
