@@ -278,8 +278,9 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, help="forced answer length (default 64; tiny 8)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--variants", action="store_true", help="also (c) with a static cache, without prefill"
-                        " chunks, and with a budget forced too large (out-of-memory back-off)")  # fmt: skip
+    parser.add_argument("--variants", action="store_true", help="also (c) with a static cache, with a"
+                        " batched prefill (in chunks, in one piece), and with a budget forced too large (out-of-memory"
+                        " back-off)")  # fmt: skip
     parser.add_argument("--max-tiles-sweep", default="", help="also run (c) with these --max-tiles values, e.g. 3,5,10")
     parser.add_argument(
         "--schema",
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
 #: (c) run other ways on the same loaded model: key -> (label, engine options changed, run_engine keywords).
 VARIANTS = {
     "static": ("static cache (sized per batch)", {"cache": "static"}, {}),
-    "no-chunks": ("prefill in one piece (no chunks)", {"prefill_chunk": 0}, {}),
+    "batch-prefill": ("prefill by batch (left-padded, in chunks)", {"prefill": "batch"}, {}),
+    "no-chunks": ("prefill by batch in one piece (no chunks)", {"prefill": "batch", "prefill_chunk": 0}, {}),
     "oom-backoff": (
         "budget forced too large: out-of-memory back-off", {}, {"max_batch_tokens": 10**9, "batch_size": 10**6},
     ),

@@ -405,9 +405,10 @@ def test_the_same_loaded_model_run_another_way_answers_the_same(tiny_engine, tin
 def test_on_a_gpu_the_engine_plans_by_memory_prefills_in_chunks_and_prepares_on_the_card(tiny_model, monkeypatch):
     """What a run on an 80 GiB card plans, shown on the CPU with the card faked (the model's own
     device and the card's size are all the engine asks of it): batches of up to GPU_ROWS rows
-    within the memory budget (the default, or --max-memory), prefill in chunks of
-    GPU_PREFILL_CHUNK tokens unless told otherwise, and the torchvision image processor resizing
-    on the card (the PIL one cannot). On the CPU: rows only, whole prompts, resizing on the CPU."""
+    within the memory budget (the default, or --max-memory), planned for a prefill one row at a
+    time (a batched prefill in chunks of GPU_PREFILL_CHUNK tokens unless told otherwise), and
+    the torchvision image processor resizing on the card (the PIL one cannot). On the CPU: rows
+    only, whole prompts, resizing on the CPU."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -421,12 +422,12 @@ def test_on_a_gpu_the_engine_plans_by_memory_prefills_in_chunks_and_prepares_on_
     on_card = hf.HfEngine(fast, model, str(tiny_model), EngineOptions())
     costs = memory.costs(model, fast)
     assert on_card.limits() == BatchLimits(
-        devices.GPU_ROWS, None, memory.MemoryModel(costs, memory.budget(card, None), devices.GPU_PREFILL_CHUNK)
+        devices.GPU_ROWS, None, memory.MemoryModel(costs, memory.budget(card, None), devices.GPU_PREFILL_CHUNK, True)
     )
     assert on_card.limits(rows=3, tokens=500).memory.budget == memory.budget(card, None)
     assert on_card.prepare_device == cuda and on_card.generator.prefill_chunk == devices.GPU_PREFILL_CHUNK
-    told = hf.HfEngine(pil, model, str(tiny_model), EngineOptions(prefill_chunk=0, max_memory=12.0))
-    assert told.limits().memory == memory.MemoryModel(costs, 12 * 2**30, None)
+    told = hf.HfEngine(pil, model, str(tiny_model), EngineOptions(prefill="batch", prefill_chunk=0, max_memory=12.0))
+    assert told.limits().memory == memory.MemoryModel(costs, 12 * 2**30, None, False)
     assert told.prepare_device is None and told.generator.prefill_chunk is None
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cpu")))
     on_cpu = hf.HfEngine(fast, model, str(tiny_model), EngineOptions())
@@ -435,8 +436,13 @@ def test_on_a_gpu_the_engine_plans_by_memory_prefills_in_chunks_and_prepares_on_
 
 
 # --------------------------------------------------------------------------- memory during decode
-def test_no_vision_hidden_state_is_alive_during_a_decode_step(tiny_engine, pictures, monkeypatch):
+@pytest.mark.parametrize("prefill", ["rows", "batch"])
+def test_no_vision_hidden_state_is_alive_during_a_decode_step(tiny_engine, pictures, monkeypatch, prefill):
+    """Nor a picture's features: read one row at a time, each row's are freed once read (none is
+    left); read by batch, `generate` keeps them in its arguments, emptied once the prefill read them."""
     from PIL import Image
+
+    engine = tiny_engine.with_options(EngineOptions(prefill=prefill))
 
     vision = tiny_engine.model.config.vision_config
     per_tile = (vision.image_size // vision.patch_size) ** 2
@@ -462,10 +468,12 @@ def test_no_vision_hidden_state_is_alive_during_a_decode_step(tiny_engine, pictu
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny_engine.generator.model), "generate", generate)
-    caption(tiny_engine, pictures[:4], BatchLimits(4))
+    caption(engine, pictures[:4], BatchLimits(4))
     assert len(seen) == 4  # after the prefill, then three decode steps
     assert all(hidden == 0 for hidden, _, _ in seen)  # the vision tower's hidden states: gone before decoding
-    assert all(count > 0 and stored == 0 for _, count, stored in seen)  # the features: emptied once read
+    counts = {count for _, count, _ in seen}
+    assert counts == ({0} if prefill == "rows" else {4})  # (by batch: they are seen, so the look sees them)
+    assert all(stored == 0 for _, _, stored in seen)  # the features: freed or emptied once read
 
 
 # --------------------------------------------------------------------------- the grammar mask
@@ -502,18 +510,28 @@ def test_a_cuda_index_is_the_current_device_while_the_engine_works_and_only_then
 
 
 def test_the_prefill_is_chunked_where_the_model_allows_it(tiny_model, tiny_g4, pictures, monkeypatch):
+    """A batched prefill (Granite Vision 4 always, 3.x when asked) goes in chunks where the model
+    allows it; a prefill by rows has none to give `generate` (it reads only the last tokens)."""
     chunks: dict[str, object] = {}
-    for family, model in (("llava_next", tiny_model), ("granite4_vision", tiny_g4)):
-        engine = load_engine(str(model), device="cpu", options=EngineOptions(prefill_chunk=16))
+    for family, model, prefill in (
+        ("llava_next", tiny_model, "batch"),
+        ("granite4_vision", tiny_g4, "batch"),
+        ("rows", tiny_model, "rows"),
+        ("rows_g4", tiny_g4, "rows"),
+    ):
+        engine = load_engine(str(model), device="cpu", options=EngineOptions(prefill=prefill, prefill_chunk=16))
         real = type(engine.generator.model).generate
 
         def generate(model, *args, real=real, family=family, **kwargs):
             chunks[family] = kwargs.get("prefill_chunk_size")
             return real(model, *args, **kwargs)
 
-        monkeypatch.setattr(type(engine.generator.model), "generate", generate)
-        assert all(r.ok for r in caption(engine, pictures[:2], BatchLimits(2)))
-    assert chunks == {"llava_next": 16, "granite4_vision": None}  # (transformers cannot chunk deepstack features)
+        with monkeypatch.context() as patched:
+            patched.setattr(type(engine.generator.model), "generate", generate)
+            assert all(r.ok for r in caption(engine, pictures[:2], BatchLimits(2)))
+    # (transformers cannot chunk deepstack features, nor read Granite Vision 4 by rows)
+    assert chunks == {"llava_next": 16, "granite4_vision": None, "rows": None, "rows_g4": None}
+    assert load_engine(str(tiny_g4), device="cpu", options=EngineOptions(prefill="rows")).generator.by_rows is False
     assert load_engine(str(tiny_model), device="cpu").generator.prefill_chunk is None  # the CPU: whole prompts
 
 

@@ -54,11 +54,11 @@ def test_the_gpu_lane_script_runs_its_plumbing_on_a_cpu(tmp_path):
     report = json.loads((tmp_path / "gpu-3.2-2b.json").read_text())
     assert report["setup"]["pages"] == report["setup"]["items"] == 6  # letter pages only
     labels = [row["label"] for row in report["variants"]]
-    assert [label.split(" ")[0] for label in labels] == ["static", "prefill", "budget"]
+    assert [label.split(" ")[0] for label in labels] == ["static", "prefill", "prefill", "budget"]
     for row in report["variants"]:
         assert row["answered"] == 6 and row["agreement_vs_batched"]["all_tokens"] == 1.0, row["label"]
     assert report["schema"]["items"] == 6
-    keys = ["setup", "card", "batched", "engine", "static", "no-chunks", "oom-backoff", "schema"]
+    keys = ["setup", "card", "batched", "engine", "static", "batch-prefill", "no-chunks", "oom-backoff", "schema"]
     events = [json.loads(line) for line in (tmp_path / "gpu-3.2-2b.rows.jsonl").read_text().splitlines()]
     assert [(e["key"], e["status"]) for e in events] == [(k, s) for k in keys for s in ("running", "ok")]
     table = (tmp_path / "gpu-3.2-2b.md").read_text()

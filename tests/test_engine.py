@@ -153,7 +153,7 @@ def test_static_cache_gives_the_same_answers(cli, mixed_images, monkeypatch):
         cli("caption", picture, *options, "--cache", "dynamic").answered(1)[0]["answer"]
         for picture in (page, thumbnail)
     ]
-    assert [kind for kind, _, _ in caches] == ["NoneType", "NoneType"]  # generate makes its dynamic cache
+    assert [kind for kind, _, _ in caches] == ["DynamicCache", "DynamicCache"]  # filled by the rows' prefill
     caches.clear()
     static = [
         cli("caption", picture, *options, "--cache", "static").answered(1)[0]["answer"] for picture in (page, thumbnail)
@@ -163,6 +163,40 @@ def test_static_cache_gives_the_same_answers(cli, mixed_images, monkeypatch):
     assert dynamic == static
     args = ("caption", page, *options)
     assert cli(*args, "--cache", "paged").exit_code == 2
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_prompts_are_read_row_by_row_without_a_mask_and_answer_as_a_batch_does(
+    tiny_model, mixed_images, monkeypatch, cache
+):
+    """Granite Vision 3.x reads each prompt alone, unpadded: the language model's attention gets
+    no mask while it reads a prompt (so a GPU's flash kernel can run), and the answers are the
+    ones a whole left-padded batch gives, token for token, with either cache."""
+    import torch
+
+    from granite_cli.engine import BatchLimits, EngineOptions, load_engine
+
+    engine = load_engine(str(tiny_model), device="cpu", options=EngineOptions(cache=cache))
+    heads = engine.model.config.text_config.num_attention_heads  # (SigLIP's tower has its own number)
+    assert heads != engine.model.config.vision_config.num_attention_heads
+    reads: list[str] = []  # each language-model attention call over more than one query: "mask" or "causal"
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, *args, **kwargs):
+        if query.shape[1] == heads and query.shape[-2] > 1:
+            reads.append("mask" if attn_mask is not None else "causal" if kwargs.get("is_causal") else "none")
+        return real(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
+    limits = BatchLimits(len(mixed_images))
+    by_rows = caption_with(engine, mixed_images, limits, max_new_tokens=8)
+    assert reads and set(reads) == {"causal"}
+    reads.clear()
+    batch = engine.with_options(EngineOptions(cache=cache, prefill="batch"))
+    by_batch = caption_with(batch, mixed_images, limits, max_new_tokens=8)
+    assert "mask" in reads  # the batch's prefill needs its padding mask
+    assert [r.answer for r in by_rows] == [r.answer for r in by_batch]
+    assert len({r.answer for r in by_rows}) > 2
 
 
 def test_a_failing_batch_is_split_so_only_the_bad_item_fails(tiny_model, mixed_images, monkeypatch):

@@ -195,6 +195,46 @@ def test_eight_a4_pages_estimate_term_by_term():
     assert few.encode == 11 * 47_029_248  # fewer tiles than a tower call takes: all of them
 
 
+def test_a_prefill_by_rows_holds_the_batchs_cache_and_one_rows_activations():
+    """Read one row at a time (Granite Vision 3.x), the prefill holds the batch's KV and its
+    pictures' features waiting (one embedding a prompt token), and for the one row being read
+    its own KV, 3 embedding copies and its activations (the whole prompt: no chunks); no logits.
+    The other terms are the batched prefill's; from 33 pages on, the decode is the peak (each
+    page's decode holds 4 KiB a token more than its prefill, against the one row's 164 KiB)."""
+    costs = granite_costs("3.2")
+    by_rows = memory.peak(costs, 8, A4_PAGE, 64, 2048, by_rows=True)
+    batched = memory.peak(costs, 8, A4_PAGE, 64, 2048)
+    assert by_rows == dataclasses.replace(
+        batched, prefill=8 * A4_PAGE * (80 + 4) * KIB + A4_PAGE * (80 + 3 * 4 + 72) * KIB
+    )
+    assert by_rows.prefill < batched.prefill and whole_bytes(by_rows)
+    assert memory.peak(costs, 8, A4_PAGE, 64, None, by_rows=True) == by_rows  # chunks are the batch's
+    few, many = (memory.peak(costs, rows, A4_PAGE, 64, 2048, by_rows=True) for rows in (32, 33))
+    assert few.prefill > few.decode and many.decode > many.prefill
+    for rows in (1, 2, 5, 40):
+        here = memory.peak(costs, rows, A4_PAGE, 64, 2048, by_rows=True).total
+        assert memory.peak(costs, rows + 1, A4_PAGE, 64, 2048, by_rows=True).total > here
+        assert memory.peak(costs, rows, A4_PAGE + 1, 64, 2048, by_rows=True).total > here
+
+
+@pytest.mark.parametrize(
+    "card_gib, max_memory, pages", [(80, None, 66), (141, None, 66), (24, None, 31), (16, None, 16)]
+)
+def test_a_prefill_by_rows_lets_a_batch_take_more_pages(card_gib, max_memory, pages):
+    """The same A4 pages as below, read one row at a time: the decode is each page's cost
+    ((5,447 + 64) x 88 KiB = 0.463 GiB, and 3 x 11 tiles of pixels, 0.054 GiB), so the default
+    40 GiB takes floor(34.46 / 0.517) = 66 pages (51 with a batched prefill)."""
+    from granite_cli.batching import Sizer, group
+    from granite_cli.engine import devices
+
+    model = memory.MemoryModel(granite_costs("3.2"), memory.budget(card_gib * GIB, max_memory), 2048, by_rows=True)
+    batches = [
+        len(batch)
+        for batch in group(list(range(100)), lambda _: A4_PAGE, Sizer(BatchLimits(devices.GPU_ROWS, None, model), 64))
+    ]
+    assert batches[0] == pages and sum(batches) == 100
+
+
 @pytest.mark.parametrize("pages, measured_gib", [(1, 6.4), (4, 8.8), (8, 12.1), (16, 18.6)])
 def test_the_estimate_covers_what_an_h100_measured(pages, measured_gib):
     """NOTES §1: peak memory of one whole-prompt prefill of N A4 pages on an H100 (bf16, sdpa). The

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CACHES = ("auto", "dynamic", "static")
+PREFILLS = ("rows", "batch")
 #: Backends by name: the module that provides `load(model, ...)`.
 BACKENDS = {"transformers": "granite_cli.engine.hf"}
 
@@ -50,8 +51,14 @@ class EngineOptions:
     cache: str = "auto"
     """KV cache: "dynamic", "static" (preallocated for each batch, its own size), or "auto": the
     dynamic cache, until a GPU measurement shows the static one faster."""
+    prefill: str = "rows"
+    """How prompts are read before decoding: "rows", one row at a time without padding (no
+    attention mask, so the flash kernel runs; `generation.prefill_rows`) where the model allows
+    it (Granite Vision 3.x; 4.x reads by batch), or "batch": the whole batch at once,
+    left-padded, in chunks of `prefill_chunk`."""
     prefill_chunk: int | None = None
-    """Tokens per prefill chunk (0: whole prompts). None: 2048 on a GPU, whole prompts on the CPU."""
+    """Tokens per prefill chunk of a batched prefill (0: whole prompts). None: 2048 on a GPU, whole
+    prompts on the CPU."""
     max_memory: float | None = None
     """GiB a run may plan for on a GPU (None: `memory.DEFAULT_BUDGET_GIB` or 92 % of the card)."""
 

@@ -6,8 +6,9 @@ What keeps a GPU full and its memory for the KV cache:
   projected features) goes in; the vision tower's hidden states (all its layers, ~47 MB a tile in
   bf16) are gone before the first decode step, and the features themselves once the prefill
   has read them (`FreeAfterPrefill`);
-- the prefill runs in chunks of `prefill_chunk` tokens where the model allows it, so its
-  activations do not grow with the batch's prompt length (tokens stay identical);
+- the prefill runs one row at a time, unpadded (`prefill_rows`), where the model allows it: a row
+  alone needs no attention mask, so the causal (flash) kernel runs, and its activations are one
+  row's, whatever the batch; else in chunks of `prefill_chunk` tokens (tokens stay identical);
 - a static cache, when asked for, is sized to this batch: no cache grows over a run.
 """
 
@@ -18,6 +19,10 @@ from typing import TextIO
 
 from ..errors import OutputError
 from . import Answer, EngineOptions, GenerationSettings, devices, grammar, memory
+
+#: Model types whose picture features come one per picture (`pooler_output`), so that each row's
+#: can be read alone (`prefill_rows`). Granite Vision 4's deepstack features are per layer.
+ROW_PREFILL = {"llava_next"}
 
 
 class Generator:
@@ -38,6 +43,8 @@ class Generator:
         self.seeded_for: GenerationSettings | None = None
         self.sampler: devices.SeededStream | None = None
         self.pad_id = model.generation_config.pad_token_id
+        self.by_rows = options.prefill == "rows" and model.config.model_type in ROW_PREFILL
+        """Whether prompts are read one row at a time (`prefill_rows`)."""
 
     def run(self, inputs, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
         """One `generate` over prepared inputs, which it takes (empties): the pixels are freed as
@@ -48,7 +55,11 @@ class Generator:
             input_ids = inputs.pop("input_ids").to(self.device)
             attention_mask = inputs.pop("attention_mask").to(self.device)
             features = self.encode(inputs)
-            kwargs = self._decoding(settings, input_ids.shape, features)
+            cache = self._cache(input_ids.shape, settings)
+            if self.by_rows:
+                cache = prefill_rows(self.model, input_ids, attention_mask, features, cache)
+                features = None  # read, and freed
+            kwargs = self._decoding(settings, input_ids.shape, features, cache)
             if stream is not None:
                 kwargs["streamer"] = TextStream(self.tokenizer, stream, self.eos_ids)
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -90,18 +101,33 @@ class Generator:
                     kept.setdefault(name, []).extend(outputs.get(name))
         return type(outputs)(**kept)
 
-    def _decoding(self, settings: GenerationSettings, shape, features) -> dict:
-        """`generate`'s keyword arguments for these settings and this batch."""
+    def _cache(self, shape, settings: GenerationSettings):
+        """The batch's KV cache: static (sized to this batch) when asked for, else dynamic."""
+        from transformers import DynamicCache, StaticCache
+
+        if self.options.cache == "static":
+            # (it takes the language model's part of the config itself)
+            return StaticCache(config=self.model.config, max_cache_len=shape[1] + settings.max_new_tokens)
+        return DynamicCache(config=self.model.config)
+
+    def _decoding(self, settings: GenerationSettings, shape, features, cache) -> dict:
+        """`generate`'s keyword arguments for these settings and this batch; `features`: the
+        pictures' features for a prefill `generate` runs itself (None: the cache holds it)."""
         rows, length = shape
         kwargs: dict = {
             "max_new_tokens": settings.max_new_tokens,
             "pad_token_id": self.pad_id,
-            "mm_encoder_outputs": {"image": features},
-            "logits_processor": [FreeAfterPrefill(features)],
+            "cache": cache,
+            "logits_processor": [],
             # A static cache would make transformers compile the decode step behind our back (and
             # again for each batch's own shape): never without being asked.
             "disable_compile": True,
         }
+        if features is not None:
+            kwargs["mm_encoder_outputs"] = {"image": features}
+            kwargs["logits_processor"].append(FreeAfterPrefill(features))
+            if self.prefill_chunk and features.get("pooler_output") is not None:  # what transformers can chunk
+                kwargs["prefill_chunk_size"] = self.prefill_chunk
         if settings.repetition_stop:
             kwargs["stopping_criteria"] = [RepetitionStop(rows, length, self.eos_ids)]
         if settings.min_new_tokens:
@@ -110,13 +136,6 @@ class Generator:
             kwargs.update(do_sample=True, temperature=settings.temperature)
         else:  # greedy, also for a checkpoint whose generation config samples by default
             kwargs["do_sample"] = False
-        if self.prefill_chunk and features.get("pooler_output") is not None:  # what transformers can chunk
-            kwargs["prefill_chunk_size"] = self.prefill_chunk
-        if self.options.cache == "static":
-            from transformers import StaticCache
-
-            # (it takes the language model's part of the config itself)
-            kwargs["cache"] = StaticCache(config=self.model.config, max_cache_len=length + settings.max_new_tokens)
         if settings.schema is not None:
             mask = grammar.GrammarMask(self._grammar(settings.schema.text), rows, self.device)
             kwargs["logits_processor"].insert(0, mask)
@@ -144,6 +163,54 @@ class Generator:
             reason = "length" if end is None else "stop"
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         return Answer(text.strip(), int(prompt_tokens), len(kept), reason, tuple(kept))
+
+
+def prefill_rows(model, input_ids, attention_mask, features, cache):
+    """Fill `cache` with every prompt of the batch but its last token, one row at a time and
+    unpadded, and return it; `generate` then reads the last tokens as its first step.
+
+    Why: the left padding of a batch needs an attention mask, and with a mask no flash kernel
+    runs (SDPA falls back to its memory-efficient or math kernel; the prefill of 64 pages took
+    9.2 s on an H200, `benchmarks/attn-h200.md`). A row alone needs no mask: the causal kernel
+    runs, and its activations are one row's whatever the batch. Each row's keys and values go
+    to its place in the batch's cache, right-aligned as its padding puts them; the padding's
+    slots stay zero, hidden by the attention mask as before. Positions are the row's own (0 at
+    its first token), as `generate` counts them from the attention mask. The row's picture
+    features are freed once read.
+    """
+    from transformers import DynamicCache
+
+    rows, length = input_ids.shape
+    pictures = features.pooler_output  # one picture a row, in row order
+    for row, tokens in enumerate(attention_mask.sum(dim=1).tolist()):
+        own = DynamicCache(config=model.config)
+        picture = type(features)(pooler_output=[pictures[row]])
+        model.base_model(
+            input_ids=input_ids[row : row + 1, length - tokens : length - 1],
+            mm_encoder_outputs={"image": picture},
+            cache=own,
+            use_cache=True,
+        )
+        pictures[row] = picture = None  # read: freed (it may share its storage with the next row's)
+        for layer, written in zip(cache.layers, own.layers, strict=True):
+            if not layer.is_initialized:
+                _allocate(layer, written, rows, length - 1)
+            layer.keys[row, :, length - tokens : length - 1] = written.keys[0]
+            layer.values[row, :, length - tokens : length - 1] = written.values[0]
+    for layer in cache.layers:
+        if layer.get_max_length() >= 0:  # a static layer counts what it holds
+            layer.cumulative_length.fill_(length - 1)
+    return cache
+
+
+def _allocate(layer, like, rows: int, length: int) -> None:
+    """A cache layer's tensors for `rows` rows, shaped as `like`'s (one row's): a static layer
+    allocates its own (its full length), a dynamic one holds exactly the prompts."""
+    keys, values = like.keys, like.values
+    layer.lazy_initialization(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+    if layer.get_max_length() < 0:
+        layer.keys = keys.new_zeros((rows, keys.shape[1], length, keys.shape[3]))
+        layer.values = values.new_zeros((rows, values.shape[1], length, values.shape[3]))
 
 
 #: A row stops as looping when its last tokens are one cycle of 1 to MAX_CYCLE tokens repeated

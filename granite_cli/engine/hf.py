@@ -67,7 +67,8 @@ class HfEngine:
         if self.card is None:
             return BatchLimits(rows, tokens)
         budget = memory.budget(self.card, self.options.max_memory)
-        return BatchLimits(rows, tokens, memory.MemoryModel(self.costs, budget, self.generator.prefill_chunk))
+        model = memory.MemoryModel(self.costs, budget, self.generator.prefill_chunk, self.generator.by_rows)
+        return BatchLimits(rows, tokens, model)
 
     def failure(self, exc: BaseException) -> str:
         return devices.failure(exc)

@@ -6,9 +6,12 @@ the batch's three phases:
 
 - **encode**: the vision tower's hidden states of the tiles it encodes at once (all its layers
   are kept by transformers), at most ENCODE_TILES tiles a call;
-- **prefill**: the KV cache of the prompts, EMBED_COPIES copies of the prompts' embeddings
-  (image features, the embedded prompt, a chunk's slice), a prefill chunk's activations, and
-  the last position's logits;
+- **prefill**, one row at a time (`generation.prefill_rows`): the batch's KV cache of the
+  prompts and its picture features waiting to be read (at most one embedding per prompt token),
+  and for the one row being read its own KV cache, EMBED_COPIES copies of its embeddings and
+  its activations; **prefill** of a whole batch (Granite Vision 4): the KV cache of the
+  prompts, EMBED_COPIES copies of the prompts' embeddings (image features, the embedded
+  prompt, a chunk's slice), a prefill chunk's activations, and the last position's logits;
 - **decode**: the KV cache of prompts and answers, one layer's keys and values expanded to every
   attention head (`repeat_kv`, which sdpa does with a padding mask), and the logits.
 
@@ -100,21 +103,27 @@ def costs(model, processor) -> Costs:
     )
 
 
-def peak(costs: Costs, rows: int, longest: int, new: int, chunk: int | None) -> Peak:
+def peak(costs: Costs, rows: int, longest: int, new: int, chunk: int | None, by_rows: bool = False) -> Peak:
     """The estimated peak of a batch of `rows` prompts of at most `longest` tokens answered with
-    up to `new` tokens, its prefill in chunks of `chunk` tokens (None: whole prompts)."""
+    up to `new` tokens, its prefill one row at a time (`by_rows`) or in chunks of `chunk` tokens
+    (None: whole prompts)."""
     step = min(chunk or longest, longest)
     tiles = rows * costs.max_tiles
+    if by_rows:
+        prefill = rows * longest * (costs.kv_per_token + costs.embed_per_token) + longest * (
+            costs.kv_per_token + EMBED_COPIES * costs.embed_per_token + costs.act_per_token
+        )
+    else:
+        prefill = rows * (
+            longest * (costs.kv_per_token + EMBED_COPIES * costs.embed_per_token)
+            + step * costs.act_per_token
+            + costs.logits_per_row
+        )
     return Peak(
         weights=costs.weights,
         pixels=QUEUED_BATCHES * tiles * costs.pixels_per_tile,
         encode=min(tiles, ENCODE_TILES) * costs.tower_per_tile,
-        prefill=rows
-        * (
-            longest * (costs.kv_per_token + EMBED_COPIES * costs.embed_per_token)
-            + step * costs.act_per_token
-            + costs.logits_per_row
-        ),
+        prefill=prefill,
         decode=rows * ((longest + new) * (costs.kv_per_token + costs.expanded_per_token) + costs.logits_per_row),
     )
 
@@ -132,9 +141,10 @@ class MemoryModel:
     costs: Costs
     budget: int
     chunk: int | None
+    by_rows: bool = False
 
     def fits(self, rows: int, longest: int, new: int) -> bool:
-        return peak(self.costs, rows, longest, new, self.chunk).total <= self.budget
+        return peak(self.costs, rows, longest, new, self.chunk, self.by_rows).total <= self.budget
 
     def rows_that_fit(self, longest: int, new: int, most: int = 4096) -> int:
         """The most rows of prompts of `longest` tokens that fit (0: not even one)."""
