@@ -60,6 +60,10 @@ class Sizer:
     def fits(self, rows: int, longest: int) -> bool:
         return self.limits.allows(rows, longest, self.max_new_tokens)
 
+    def most_rows(self, longest: int) -> int:
+        """Rows a batch of prompts of `longest` tokens can hold now (one at least)."""
+        return self.limits.most_rows(longest, self.max_new_tokens)
+
     def remember(self, rows: int, longest: int) -> None:
         """A batch of `rows` rows with prompts up to `longest` tokens fitted after a larger one did not."""
         tokens = rows * (longest + self.max_new_tokens)

@@ -2,10 +2,12 @@
 
 Two stages with a bounded queue between them, so CPU work overlaps the model:
 
-- the *producer* (a background thread) takes a window of items, decodes and renders them on a
-  small pool of loader threads, groups the window into batches of similar prompt length within
-  the batch limits (little compute lost to padding; see `batching`), and runs the processor
-  (tokenising, tiling, normalising) on each batch;
+- the *producer* (a background thread) cuts the items into windows, decodes and renders each
+  window's pictures on a small pool of loader threads, groups them into batches of similar prompt
+  length within the batch limits (little compute lost to padding; see `batching`), and runs the
+  processor (tokenising, tiling, normalising) on each batch. The first window is one small batch,
+  so the model starts at once; every later one holds whole batches (a multiple of the rows the
+  last window's pictures make a batch of), so the end of a window never cuts a runt of a batch off;
 - the *consumer* (the calling thread) runs `generate` on each prepared batch (splitting and
   retrying those that fail, per `batching`) and hands the records to an emitter that releases
   them in input order, each as soon as every item before it is done.
@@ -40,8 +42,10 @@ if TYPE_CHECKING:
 
 #: Batches per grouping window: a larger window groups better, a smaller one reports sooner.
 WINDOW_BATCHES = 4
-#: Rows of a batch counted for the window, at most: a window of decoded pictures lives in memory.
-WINDOW_ROWS = 32
+#: Pictures a window holds at most, unless one batch holds more: a window of pictures lives in memory.
+WINDOW_ITEMS = 128
+#: Rows of the first batch at most: the model starts as soon as these few pictures are ready.
+FIRST_ROWS = 8
 #: Prepared batches waiting for the model: enough to never starve it, few enough to bound memory.
 QUEUE_BATCHES = 2
 
@@ -244,6 +248,14 @@ def _default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def window_size(rows: int) -> int:
+    """Items in a grouping window when a batch holds `rows` rows: WINDOW_BATCHES batches, fewer
+    where that would be over WINDOW_ITEMS pictures, and always whole batches (one at least), so
+    the window's end never cuts a small batch off a full one (128 items in batches of 106 would
+    make one of 22)."""
+    return rows * max(1, min(WINDOW_BATCHES, WINDOW_ITEMS // rows))
+
+
 class _Producer:
     """The background stage: load, group and prepare batches; iterate to receive them in order
     of readiness. Stops early (and cleanly) when the consumer leaves, e.g. on Ctrl-C."""
@@ -260,6 +272,8 @@ class _Producer:
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="granite-load")
+        self.longest = 0
+        """Prompt tokens of the longest picture of the last window: what the next one is cut for."""
         self.thread = threading.Thread(target=self._run, name="granite-prepare", daemon=True)
 
     def __enter__(self) -> _Producer:
@@ -296,14 +310,22 @@ class _Producer:
 
     def _run(self) -> None:
         try:
-            window = min(self.sizer.limits.rows, WINDOW_ROWS) * WINDOW_BATCHES
-            for start in range(0, len(self.items), window):
-                for batch in self._window(start, self.items[start : start + window]):
+            for start, items in self._windows():
+                for batch in self._window(start, items):
                     if not self._put(batch):
                         return
             self._put(self._DONE)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
             self._put(exc)
+
+    def _windows(self) -> Iterator[tuple[int, Sequence[Item]]]:
+        """The items cut in windows: first one small batch, then `window_size` for the rows a batch
+        of the last window's longest prompt can hold (under the limits as they are then)."""
+        start, size = 0, min(self.sizer.limits.rows, FIRST_ROWS)
+        while start < len(self.items):
+            yield start, self.items[start : start + size]
+            start += size
+            size = window_size(self.sizer.most_rows(self.longest))
 
     def tokens(self, entry: Loaded) -> int:
         """An entry's prompt tokens (its picture's tokens and the prompt's)."""
@@ -322,6 +344,7 @@ class _Producer:
                 entry.error = self.engine.check_fits(self.prompt, width, height, self.sizer.max_new_tokens)
                 if entry.error is not None:
                     entry.image = None
+        self.longest = max((self.tokens(entry) for entry in loaded if entry.image is not None), default=0)
         failed = [entry for entry in loaded if entry.image is None]
         if failed:
             yield Batch(failed)

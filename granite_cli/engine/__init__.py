@@ -80,6 +80,18 @@ class BatchLimits:
             and (self.memory is None or self.memory.fits(rows, longest_prompt, max_new_tokens))
         )
 
+    def most_rows(self, longest_prompt: int, max_new_tokens: int) -> int:
+        """The rows a batch of prompts of `longest_prompt` tokens can hold (at least one): what a
+        batch of such pictures will be, so the pipeline cuts its windows in whole batches."""
+        low, high = 1, self.rows
+        while low < high:  # (each limit only tightens as rows grow)
+            middle = (low + high + 1) // 2
+            if self.allows(middle, longest_prompt, max_new_tokens):
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
 
 @dataclass(frozen=True)
 class Answer:
