@@ -411,16 +411,17 @@ MUTATIONS: list[Mutation] = [
         "prefill-not-chunked",
         "the prefill runs in chunks where the model allows it",
         "granite_cli/engine/generation.py",
-        '            kwargs["prefill_chunk_size"] = self.prefill_chunk',
-        "            pass",
+        '                kwargs["prefill_chunk_size"] = self.prefill_chunk',
+        "                pass",
         ("test_batching.py::test_the_prefill_is_chunked_where_the_model_allows_it",),
     ),
     M(
         "static-cache-ratchet",
         "a static cache is sized to its batch: nothing grows over a run",
         "granite_cli/engine/generation.py",
-        "max_cache_len=length + settings.max_new_tokens)",
-        "max_cache_len=max(length + settings.max_new_tokens, getattr(self, 'most', 0)))\n            self.most = kwargs['cache'].get_max_length()",
+        "return StaticCache(config=self.model.config, max_cache_len=shape[1] + settings.max_new_tokens)",
+        "self.most = max(shape[1] + settings.max_new_tokens, getattr(self, 'most', 0))\n"
+        "            return StaticCache(config=self.model.config, max_cache_len=self.most)",
         ("test_engine.py::test_static_cache_gives_the_same_answers",),
     ),
     M(
