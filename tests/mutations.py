@@ -416,6 +416,14 @@ MUTATIONS: list[Mutation] = [
         ("test_batching.py::test_the_prefill_is_chunked_where_the_model_allows_it",),
     ),
     M(
+        "prefill-padded",
+        "Granite Vision 3.x reads each prompt alone, without padding or an attention mask",
+        "granite_cli/engine/generation.py",
+        'self.by_rows = options.prefill == "rows" and model.config.model_type in ROW_PREFILL',
+        "self.by_rows = False",
+        ("test_engine.py::test_prompts_are_read_row_by_row_without_a_mask_and_answer_as_a_batch_does",),
+    ),
+    M(
         "static-cache-ratchet",
         "a static cache is sized to its batch: nothing grows over a run",
         "granite_cli/engine/generation.py",
