@@ -83,14 +83,20 @@ class BatchLimits:
     def most_rows(self, longest_prompt: int, max_new_tokens: int) -> int:
         """The rows a batch of prompts of `longest_prompt` tokens can hold (at least one): what a
         batch of such pictures will be, so the pipeline cuts its windows in whole batches."""
-        low, high = 1, self.rows
-        while low < high:  # (each limit only tightens as rows grow)
-            middle = (low + high + 1) // 2
-            if self.allows(middle, longest_prompt, max_new_tokens):
-                low = middle
-            else:
-                high = middle - 1
-        return low
+        # (each limit only tightens as rows grow)
+        return largest(1, self.rows, lambda rows: self.allows(rows, longest_prompt, max_new_tokens))
+
+
+def largest(low: int, high: int, holds) -> int:
+    """The largest n in [low, high] for which `holds(n)`, given that it holds for every n up to
+    some point and for none after (`low` when it holds for none above it): a binary search."""
+    while low < high:
+        middle = (low + high + 1) // 2
+        if holds(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import largest
+
 GIB = 2**30
 DEFAULT_BUDGET_GIB = 40.0
 #: Share of a card a run may plan for (the CUDA context, fragmentation and other tenants need the rest).
@@ -148,11 +150,4 @@ class MemoryModel:
 
     def rows_that_fit(self, longest: int, new: int, most: int = 4096) -> int:
         """The most rows of prompts of `longest` tokens that fit (0: not even one)."""
-        low, high = 0, most
-        while low < high:
-            middle = (low + high + 1) // 2
-            if self.fits(middle, longest, new):
-                low = middle
-            else:
-                high = middle - 1
-        return low
+        return largest(0, most, lambda rows: self.fits(rows, longest, new))
