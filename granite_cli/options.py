@@ -91,7 +91,7 @@ CacheOpt = Annotated[
     Cache,
     typer.Option(
         case_sensitive=False,
-        help="KV cache: auto (dynamic, until a GPU measurement shows static faster), dynamic, or static"
+        help="KV cache: auto (dynamic: static was not reliably faster on an H200), dynamic, or static"
         " (preallocated for each batch, at its size).",
         rich_help_panel="Model",
     ),

@@ -50,7 +50,7 @@ class EngineOptions:
     """Restrict the image grid to at most this many vision tiles, overview tile included."""
     cache: str = "auto"
     """KV cache: "dynamic", "static" (preallocated for each batch, its own size), or "auto": the
-    dynamic cache, until a GPU measurement shows the static one faster."""
+    dynamic cache (on an H200 the static one was not reliably faster)."""
     prefill: str = "rows"
     """How prompts are read before decoding: "rows", one row at a time without padding (no
     attention mask, so the flash kernel runs; `generation.prefill_rows`) where the model allows

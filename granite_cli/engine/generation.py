@@ -188,8 +188,7 @@ def prefill_rows(model, input_ids, attention_mask, features, cache):
         model.base_model(
             input_ids=input_ids[row : row + 1, length - tokens : length - 1],
             mm_encoder_outputs={"image": picture},
-            cache=own,
-            use_cache=True,
+            cache=own,  # (a cache given is filled, whatever the config's use_cache)
         )
         pictures[row] = picture = None  # read: freed (it may share its storage with the next row's)
         for layer, written in zip(cache.layers, own.layers, strict=True):
