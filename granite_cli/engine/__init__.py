@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CACHES = ("auto", "dynamic", "static")
-PREFILLS = ("rows", "batch")
 #: Backends by name: the module that provides `load(model, ...)`.
 BACKENDS = {"transformers": "granite_cli.engine.hf"}
 

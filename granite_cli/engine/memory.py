@@ -109,13 +109,13 @@ def peak(costs: Costs, rows: int, longest: int, new: int, chunk: int | None, by_
     """The estimated peak of a batch of `rows` prompts of at most `longest` tokens answered with
     up to `new` tokens, its prefill one row at a time (`by_rows`) or in chunks of `chunk` tokens
     (None: whole prompts)."""
-    step = min(chunk or longest, longest)
     tiles = rows * costs.max_tiles
     if by_rows:
         prefill = rows * longest * (costs.kv_per_token + costs.embed_per_token) + longest * (
             costs.kv_per_token + EMBED_COPIES * costs.embed_per_token + costs.act_per_token
         )
     else:
+        step = min(chunk or longest, longest)
         prefill = rows * (
             longest * (costs.kv_per_token + EMBED_COPIES * costs.embed_per_token)
             + step * costs.act_per_token
