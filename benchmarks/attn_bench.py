@@ -517,55 +517,38 @@ def _check_against_transformers_sdpa(tag, out, module, query, key, value, attent
         ATTN_CHECK[tag] = f"check failed: {one_line(e)}"
 
 
-def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    bump("custom.sdpa_gqa")
+def _custom_sdpa(tag, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """One attention call as transformers' sdpa makes it, but with grouped K/V given to SDPA as
+    they are (`enable_gqa`, tag "sdpa_gqa") or expanded to every head first ("sdpa_repeat_kv")."""
+    bump(f"custom.{tag}")
     if attention_mask is not None:
         bump("custom(with mask)")
     q_len = query.shape[2]
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     causal = causal and attention_mask is None and q_len > 1
+    if tag == "sdpa_repeat_kv":
+        n = query.shape[1] // key.shape[1]
+        keys, values, grouped = _repeat_kv(key, n), _repeat_kv(value, n), {}
+    else:
+        keys, values, grouped = key, value, {"enable_gqa": query.shape[1] != key.shape[1]}
     out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        scale=scaling,
-        is_causal=causal,
-        enable_gqa=query.shape[1] != key.shape[1],
+        query, keys, values, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal, **grouped
     )
     out = out.transpose(1, 2).contiguous()
-    _check_against_transformers_sdpa(
-        "sdpa_gqa", out, module, query, key, value, attention_mask, dropout, scaling, kwargs
-    )
+    _check_against_transformers_sdpa(tag, out, module, query, key, value, attention_mask, dropout, scaling, kwargs)
     return out, None
+
+
+def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    return _custom_sdpa("sdpa_gqa", module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
 
 def sdpa_repeat_kv_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
-    bump("custom.sdpa_repeat_kv")
-    if attention_mask is not None:
-        bump("custom(with mask)")
-    n = query.shape[1] // key.shape[1]
-    rk, rv = _repeat_kv(key, n), _repeat_kv(value, n)
-    q_len = query.shape[2]
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    causal = causal and attention_mask is None and q_len > 1
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        rk,
-        rv,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        scale=scaling,
-        is_causal=causal,
+    return _custom_sdpa(
+        "sdpa_repeat_kv", module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs
     )
-    out = out.transpose(1, 2).contiguous()
-    _check_against_transformers_sdpa(
-        "sdpa_repeat_kv", out, module, query, key, value, attention_mask, dropout, scaling, kwargs
-    )
-    return out, None
 
 
 def register_custom():
