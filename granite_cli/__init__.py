@@ -6,6 +6,9 @@ The library behind the command line (see `granite_cli.api`):
 
     answer = granite_cli.ask("chart.png", "What is shown?").record.answer
     result = granite_cli.caption(["photos/"], output="captions.jsonl")
+
+    model = granite_cli.load_model(device="cuda")  # loaded once, for many calls
+    model.ask("a.png", "What is shown?"); model.caption(["scans/"], output="scans.jsonl")
 """
 
 __version__ = "0.1.0"
@@ -24,15 +27,17 @@ __all__ = [
     "OutputError",
     "Record",
     "UsageError",
+    "Model",
     "ask",
     "caption",
+    "load_model",
 ]
 
 
 def __getattr__(name: str):
     """`granite_cli.ask` and friends, imported when first used (so `import granite_cli` and
     `granite-vision --help` stay instant)."""
-    if name in ("ask", "caption", "AskResult", "CaptionResult", "AskJob", "CaptionJob"):
+    if name in ("ask", "caption", "load_model", "Model", "AskResult", "CaptionResult", "AskJob", "CaptionJob"):
         from . import api
 
         return getattr(api, name)

@@ -25,8 +25,10 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
+from . import DEFAULT_MODEL
+from .batching import Sizer
 from .distributed import Ranks, item_cost, split
-from .errors import UsageError, describe
+from .errors import UsageError
 from .jobs import DEFAULT_PROMPT, AskJob, CaptionJob, Options
 from .readers import OpenDocuments, ReadOptions, open_document
 from .records import Job, Record
@@ -92,6 +94,65 @@ def caption(sources, **options) -> CaptionResult:
     return run_caption(_make(CaptionJob, sources=sources, **options))
 
 
+#: The options that say how a model is loaded: a `Model` is loaded with them once.
+LOADING = ("model", "revision", "device", "dtype", "max_tiles", "cache", "max_memory", "server", "api_key")
+
+
+class Model:
+    """A loaded model (or a connection to `granite-vision serve`), for many questions without
+    loading it again. Made by `load_model`; `ask` and `caption` take the keywords of
+    `granite_cli.ask` and `granite_cli.caption`, except those that say how the model loads.
+    Calls from several threads take turns (a server batches concurrent requests together).
+
+        model = granite_cli.load_model("ibm-granite/granite-vision-3.3-2b", device="cuda")
+        print(model.ask("chart.png", "What is shown?").record.answer)
+        model.caption(["scans/"], output="captions.jsonl", resume=True)
+    """
+
+    def __init__(self, engine: Engine, loading: dict):
+        self.engine = engine
+        self.loading = loading
+        self.name = engine.name
+        self._lock = threading.Lock()
+
+    def ask(self, source, question: str, **options) -> AskResult:
+        job = self._job(AskJob, options, source=source, question=question)
+        with self._lock:
+            return run_ask(job, engine=self.engine)
+
+    def caption(self, sources, **options) -> CaptionResult:
+        job = self._job(CaptionJob, options, sources=sources)
+        with self._lock:
+            return run_caption(job, engine=self.engine)
+
+    def _job(self, kind: type[Options], options: dict, **given) -> Options:
+        fixed = sorted(set(options) & set(LOADING))
+        if fixed:
+            call = kind.__name__.removesuffix("Job").lower()
+            raise UsageError(f"{call}(): {fixed[0]} is how the model was loaded; give it to load_model()")
+        return _make(kind, **given, **options, **self.loading)
+
+    def __repr__(self) -> str:
+        return f"<granite_cli.Model {self.name!r}>"
+
+
+def load_model(model: str = DEFAULT_MODEL, **options) -> Model:
+    """Load a model once (a Hugging Face id or a local folder; `server=URL`: a running
+    `granite-vision serve` instead) for many `ask` and `caption` calls. Keywords: `revision`,
+    `device`, `dtype`, `max_tiles`, `cache`, `max_memory`, `server`, `api_key`. Raises
+    `UsageError` for a bad value or a model that does not load."""
+    unknown = sorted(set(options) - set(LOADING))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], LOADING, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"load_model(): no keyword {unknown[0]!r}{hint}")
+    loading = {"model": model, **options}
+    job = AskJob(source="-", question="?", **loading)  # checked as `ask` checks them
+    job.check_environment()
+    name = job.model if job.server is not None else _model(job, Reporter(quiet=True))
+    return Model(job.load(name, job.device), loading)
+
+
 def _make(kind: type[Options], **options) -> Options:
     """The job, or a `UsageError` naming a keyword it does not take."""
     names = {entry.name for entry in fields(kind)} - {"model_origin", "from_cli"}
@@ -127,15 +188,19 @@ def run_ask(
     job: AskJob, *, stream: TextIO | None = None, reporter: Reporter | None = None, engine: Engine | None = None
 ) -> AskResult:
     """`ask`: the answer streams to `stream` while it is generated, if one is given. `engine`:
-    one already loaded (for the same model), to ask many questions without loading it again."""
-    from . import engine as engines
+    one already loaded (see `load_model`), to ask many questions without loading it again.
+    The picture goes the way every request goes (`pipeline.answer`), so a picture that cannot
+    be read, a prompt over the context or a model that fails on it is the record's error, as
+    in `caption` and `serve`."""
     from . import pipeline, schema
 
     job.check_environment()
     reporter = reporter or Reporter(quiet=True)
     structured = schema.load(job.schema, job.json_object)
     read = job.read_options()
-    model = _model(job, reporter)
+    if engine is None and job.server is not None:
+        engine = job.load(job.model, job.device)  # a server: connected now, its model named by it
+    model = engine.name if engine is not None else _model(job, reporter)
     job.check_order()
     if job.source == "-" and (sys.stdin is None or sys.stdin.isatty()):
         raise UsageError(
@@ -143,33 +208,23 @@ def run_ask(
             + "; pipe a picture in: cat photo.jpg | granite-vision ask - 'What is shown?'"
         )  # fmt: skip
     job.notes(reporter)
-    todo = _job(job, job.question, model, structured)
+    todo = _job(job, job.question, model, structured, engine)
     item = resolve_single(job.source, job.page, read=read)
     if item.error is not None:  # a known-bad input fails before the model loads
         return AskResult(pipeline.make_record(todo, pipeline.Loaded(0, item), error=item.error))
     if engine is None:
         reporter.loading(model, job.device)
         engine = job.load(model, job.device)
+    job.check_room(engine)
     documents = OpenDocuments(read)
     try:
         loaded = pipeline.load_item(0, item, documents, engine.fit)  # as caption loads it
     finally:
         documents.close()  # a PDF on stdin with poppler has a temporary copy to remove
-    if loaded.image is None:
-        return AskResult(pipeline.make_record(todo, loaded, error=loaded.error))
-    too_long = engine.check_fits(job.question, loaded.image.width, loaded.image.height, job.max_new_tokens)
-    if too_long is not None:
-        raise UsageError(f"{job.source}: {too_long}")
     settings = job.settings(structured)
-    try:
-        answer = engines.generate(engine, [loaded.image], [job.question], settings, stream)[0]
-    except Exception as exc:  # noqa: BLE001 - the item's record says why
-        from .errors import OutputError
-
-        if isinstance(exc, OutputError):
-            raise
-        return AskResult(pipeline.make_record(todo, loaded, error=f"generation failed: {describe(exc)}"))
-    return AskResult(pipeline.make_record(todo, loaded, answer, settings=settings))
+    sizer = Sizer(engine.limits(1), settings.max_new_tokens)
+    [(_, record)] = pipeline.answer(engine, [loaded], todo, settings, sizer, lambda entry: stream)
+    return AskResult(record)
 
 
 def run_caption(
@@ -184,7 +239,9 @@ def run_caption(
     it, run, and put the output in order. `stop` ends the run early; `stdin` feeds `-`;
     `engine`: one already loaded (for the same model), to run many jobs on one model."""
     stop = stop or Stop()
-    plan = _plan(job, reporter, stdin)
+    if engine is None and job.server is not None:
+        engine = job.load(job.model, job.device)  # a server: connected first, its model names the records
+    plan = _plan(job, reporter, stdin, engine)
     try:
         if engine is None and any(item.error is None for item in plan.todo):  # a model only when needed
             device = plan.ranks.device_for(job.device)
@@ -211,7 +268,7 @@ class _Plan:
     structured: object
 
 
-def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) -> _Plan:
+def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None, engine: Engine | None) -> _Plan:
     from . import schema
     from .engine.ranks import current
     from .output import open_output
@@ -226,7 +283,8 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None) ->
     ranks = current(job.device)
     reporter = _reporter(reporter, ranks)
     job.notes(reporter)
-    todo_job = _job(job, prompt, _model(job, reporter), structured)
+    model = engine.name if engine is not None else _model(job, reporter)
+    todo_job = _job(job, prompt, model, structured, engine)
     if "-" in job.sources:
         stdin = _stdin(stdin, reporter)
     sources, run_id = _shared_sources(job, ranks, stdin)
@@ -265,10 +323,10 @@ def _stdin(stdin: BinaryIO | None, reporter: Reporter) -> BinaryIO:
     return stdin
 
 
-def _job(job: Options, prompt: str, model: str, structured) -> Job:
+def _job(job: Options, prompt: str, model: str, structured, engine: Engine | None = None) -> Job:
     """What the records of this run belong to (and what --resume must find unchanged)."""
     schema = structured.fingerprint if structured is not None else None
-    return Job(prompt, model, schema, job.answer_settings(), job.max_new_tokens)
+    return Job(prompt, model, schema, job.answer_settings(engine), job.max_new_tokens)
 
 
 def _shared_sources(job: CaptionJob, ranks: Ranks, stdin: BinaryIO | None) -> tuple[list[str], str]:

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import DeviceError, describe
+from .engine import Refused
+from .errors import DeviceError, OutputError, describe
 
 if TYPE_CHECKING:
     from .engine import Answer, BatchLimits, Engine, GenerationSettings
@@ -91,10 +92,12 @@ def answer(
     prepare: Callable[[list], Batch],
     tokens: Callable[[Any], int],
     sizer: Sizer,
+    stream: Callable[[Any], Any] | None = None,
 ) -> Iterator[tuple[Any, Answer | None, str | None]]:
     """Run a batch, and the parts it falls into when it fails: (entry, answer, error) for each of
     its entries, each once. `prepare` makes a batch of entries; `tokens` gives an entry's prompt
-    length. Raises `DeviceError` when the device broke."""
+    length; `stream`, where an entry's answer is written while it comes (or None). Raises
+    `DeviceError` when the device broke."""
     pending = [first]
     while pending:
         batch = pending.pop(0)
@@ -102,11 +105,13 @@ def answer(
         if len(batch.entries) > 1 and not sizer.fits(len(batch.entries), longest):  # known not to fit any more
             pending[:0] = _halves(batch, prepare, after_oom=False)  # (fitting them teaches nothing new)
             continue
-        outcome = _attempt(engine, batch, settings)
+        outcome = _attempt(engine, batch, settings, stream)
         if not isinstance(outcome, Failure):
             if batch.after_oom:
                 sizer.remember(len(batch.entries), longest)
-            yield from ((entry, result, None) for entry, result in zip(batch.entries, outcome, strict=True))
+            for entry, result in zip(batch.entries, outcome, strict=True):
+                refused = isinstance(result, Refused)
+                yield (entry, None, result.reason) if refused else (entry, result, None)
             continue
         engine.release()
         if outcome.kind == "device":
@@ -119,13 +124,18 @@ def answer(
             pending[:0] = [prepare([entry]) for entry in batch.entries]
 
 
-def _attempt(engine: Engine, batch: Batch, settings: GenerationSettings) -> list[Answer] | Failure:
+def _attempt(engine: Engine, batch: Batch, settings: GenerationSettings, stream) -> list[Answer | Refused] | Failure:
     """One run of a batch; a failure comes back as words, the attempt's memory already released."""
     if batch.error is not None:  # preprocessing failed
         return Failure(batch.error_kind, batch.error)
     inputs, batch.inputs = batch.inputs, None  # the engine takes them: nothing here keeps them alive
+    streams = [stream(entry) for entry in batch.entries] if stream is not None else []
     try:
+        if any(out is not None for out in streams):
+            return engine.run(inputs, settings, streams)
         return engine.run(inputs, settings)
+    except OutputError:  # a stream's reader went away: the run's output failed, not this batch
+        raise
     except Exception as exc:  # noqa: BLE001 - classified, then dropped with its traceback
         kind = engine.failure(exc)
         reasons = {"oom": "out of memory even alone", "device": "the device failed", "item": "generation failed"}

@@ -24,7 +24,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -36,6 +36,7 @@ from .helptext import Command, Group
 from .jobs import AskJob, CaptionJob
 from .options import (
     DEFAULT_MODEL,
+    ApiKeyOpt,
     BatchSizeOpt,
     CacheOpt,
     DeviceOpt,
@@ -63,6 +64,7 @@ from .options import (
     RevisionOpt,
     SchemaOpt,
     SeedOpt,
+    ServerOpt,
     SidecarOpt,
     SourceArg,
     SourcesArg,
@@ -212,6 +214,8 @@ def ask(
     schema: SchemaOpt = None,
     json_object: JsonObjectOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -266,6 +270,8 @@ def caption(
     overwrite: OverwriteOpt = False,
     verbose: VerboseOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -289,6 +295,75 @@ def caption(
     with graceful_stop() as stop:  # Ctrl-C and SIGTERM: at once while loading, after the batch once running
         result = run_caption(job, reporter=Reporter(), stop=stop, stdin=sys.stdin.buffer if sys.stdin else None)
     raise typer.Exit(result.exit_code)
+
+
+@app.command(
+    cls=Command,
+    epilog=(
+        "Examples:\n\n"
+        "  granite-vision serve --device cuda\n\n"
+        "  granite-vision ask --server http://127.0.0.1:8000 photo.jpg 'What is shown?'\n\n"
+        '  granite-vision serve --host 0.0.0.0 --api-key "$KEY" --allow-files /data/scans'
+    ),
+)
+@_command
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: a free one, printed).")] = 8000,
+    api_key: ApiKeyOpt = None,
+    allow_files: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="DIR", help="Also take image_url paths of files under this folder (else data: URLs only)."
+        ),
+    ] = None,
+    allow_urls: Annotated[
+        bool, typer.Option(help="Also fetch http(s) image_url pictures (else data: URLs only).")
+    ] = False,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, in MiB (413 beyond).")] = 50.0,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Requests waiting at most (503 with Retry-After beyond).")
+    ] = 256,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_tiles: MaxTilesOpt = None,
+    cache: CacheOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
+    batch_size: BatchSizeOpt = None,
+    max_batch_tokens: MaxBatchTokensOpt = None,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1, help="An answer's length when a request gives no max_tokens.", rich_help_panel="Generation"
+        ),
+    ] = 256,
+    repetition_stop: RepetitionStopOpt = True,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Keep the model loaded and answer OpenAI-style chat requests over HTTP, batching every client together."""
+    from . import server as http
+    from .jobs import Options
+
+    job = Options(
+        model=model, revision=revision, device=device, dtype=dtype, max_tiles=max_tiles, cache=cache,
+        max_memory=max_memory, max_new_tokens=max_new_tokens, repetition_stop=repetition_stop, max_pixels=max_pixels,
+        api_key=api_key, model_origin=_model_origin(ctx), from_cli=True,
+    )  # fmt: skip
+    http.start(
+        job, host=host, port=port, allow_files=allow_files, allow_urls=allow_urls, max_body=int(max_body_mb * 2**20),
+        max_queue=max_queue, batch_size=batch_size, max_batch_tokens=max_batch_tokens, reporter=Reporter(),
+        before_serving=_serving_signals,
+    )  # fmt: skip
+
+
+def _serving_signals() -> None:
+    """While serving, uvicorn takes SIGINT and SIGTERM (stop accepting, finish what is in flight)
+    and raises the signal again once done: then it must end the process quietly, exit 0."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
 
 
 @app.command(cls=Command)

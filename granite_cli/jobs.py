@@ -60,6 +60,10 @@ class Options:
     from_cli: bool = False
     """Made by the command line: error lines name options as it spells them (`--max-new-tokens`),
     else as keywords (`max_new_tokens=`)."""
+    server: str | None = None
+    """A `granite-vision serve` to ask (http://host:port) instead of loading the model here."""
+    api_key: str | None = None
+    """The key that server wants (None: $GRANITE_VISION_API_KEY)."""
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -156,18 +160,24 @@ class Options:
     def read_options(self) -> ReadOptions:
         return ReadOptions(self.pdf_renderer, self.dpi, self.pdf_password, self.max_pixels)
 
-    def answer_settings(self) -> dict[str, Any]:
+    def answer_settings(self, engine=None) -> dict[str, Any]:
         """What besides prompt, model and schema shapes the answers (records keep it; --resume
-        continues only the same). The seed shapes nothing when decoding is greedy."""
+        continues only the same). The seed shapes nothing when decoding is greedy. A server's
+        engine says what its own loading shaped (revision, max_tiles)."""
         values = {name: getattr(self, name) for name in SETTINGS}
         if self.temperature == 0:
             values["seed"] = None
-        return values
+        return values | dict(getattr(engine, "settings", None) or {})
 
     def load(self, model: str, device: str):
         """The engine, loaded on `device` (this process's: see `Ranks.device_for`); the only
-        step that imports torch."""
+        step that imports torch. With `server`, the server's engine (nothing loads here)."""
         from .engine import EngineOptions, load_engine
+
+        if self.server is not None:
+            from .engine import remote
+
+            return remote.load(self.server, self.api_key)
 
         options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache, max_memory=self.max_memory)
         return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)

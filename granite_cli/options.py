@@ -38,6 +38,25 @@ ModelOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
+ServerOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="URL",
+        envvar="GRANITE_VISION_SERVER",
+        help="Ask a running `granite-vision serve` (http://host:port) instead of loading the model here.",
+        rich_help_panel="Model",
+    ),
+]
+ApiKeyOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="KEY",
+        envvar="GRANITE_VISION_API_KEY",
+        help="The key a server asks for (--server); serve: the key it asks of clients.",
+        show_default=False,
+        rich_help_panel="Model",
+    ),
+]
 RevisionOpt = Annotated[
     Optional[str],
     typer.Option(metavar="REV", help="Model revision (branch, tag or commit) on the Hub.", rich_help_panel="Model"),

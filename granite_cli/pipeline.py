@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from . import batching
 from .batching import Batch, Sizer
@@ -71,6 +71,9 @@ class Loaded:
     """The picture's own size (see `readers.Picture`), what its record says."""
     small: bytes | None = None
     """A small rendering the output asked for (an HTML report's page pictures)."""
+    job: Job | None = None
+    """The item's own job (prompt, schema, settings) where items of one batch differ (a server's
+    requests); None: the run's."""
 
 
 SmallPicture = Callable[[Item, "Image.Image"], "bytes | None"]
@@ -102,6 +105,7 @@ def make_record(
     """The record of one item; with a schema, the answer is also parsed and validated. A
     picture that loaded keeps its size and small rendering (an HTML card shows it) whether or
     not the model answered it."""
+    job = loaded.job or job
     size = loaded.size
     data = None
     if answer is not None and settings is not None and settings.schema is not None:
@@ -204,7 +208,7 @@ def caption(
 
     emitter = OrderedEmitter(writer, count)
     sizer = Sizer(limits, settings.max_new_tokens)
-    producer = _Producer(items, engine, job.prompt, sizer, read, workers or _default_workers(), small)
+    producer = _Producer(items, engine, job, sizer, read, workers or _default_workers(), small)
     with producer:
         try:
             _consume(producer, engine, emitter, job, settings, stop, stats)
@@ -217,17 +221,69 @@ def caption(
 
 
 def _consume(producer, engine, emitter, job, settings, stop, stats) -> None:
-    prepare = functools.partial(prepare_batch, engine, prompt=job.prompt)  # to re-prepare split batches
     for batch in producer:
         if stop is not None and stop.is_set():
             stats.stopped = True
             return
-        if batch.inputs is None and batch.error is None:  # unreadable inputs: their records now
-            for entry in batch.entries:
-                emitter.add(entry.index, make_record(job, entry, error=entry.error))
-            continue
-        for entry, answer, error in batching.answer(engine, batch, settings, prepare, producer.tokens, producer.sizer):
-            emitter.add(entry.index, make_record(job, entry, answer, error, settings))
+        for entry, record in _records(engine, batch, job, settings, producer.sizer):
+            emitter.add(entry.index, record)
+
+
+def answer(
+    engine: Engine,
+    entries: Sequence[Loaded],
+    job: Job,
+    settings: GenerationSettings,
+    sizer: Sizer,
+    stream: Callable[[Loaded], TextIO | None] | None = None,
+) -> Iterator[tuple[Loaded, Record]]:
+    """(picture, prompt, settings) -> record, for loaded pictures that share `settings`: the one
+    path by which `ask`, a server's requests and (through its producer) `caption` are answered.
+    A picture that failed to load, or whose prompt cannot fit the context, is its record's error;
+    the rest run in batches within `sizer`'s limits, split and retried as `batching` says.
+    `stream`: where an entry's answer is written while it comes (None: nowhere)."""
+    ready = []
+    for entry in entries:
+        if check_fits(engine, entry, job, settings.max_new_tokens):
+            ready.append(entry)
+        else:
+            yield entry, make_record(job, entry, error=entry.error or "no input")
+    tokens = functools.partial(_tokens, engine, job)
+    for group in batching.group(ready, tokens, sizer):
+        yield from _records(engine, prepare_batch(engine, group, job.prompt), job, settings, sizer, stream)
+
+
+def _records(engine, batch: Batch, job: Job, settings, sizer: Sizer, stream=None) -> Iterator[tuple[Loaded, Record]]:
+    """Each entry of a batch with its record: unreadable pictures' at once, the others' once
+    the model (and the retries `batching` makes of a failed batch) answered them."""
+    if batch.inputs is None and batch.error is None:  # unreadable inputs: their records now
+        for entry in batch.entries:
+            yield entry, make_record(job, entry, error=entry.error)
+        return
+    prepare = functools.partial(prepare_batch, engine, prompt=job.prompt)  # to re-prepare split batches
+    tokens = functools.partial(_tokens, engine, job)
+    for entry, result, error in batching.answer(engine, batch, settings, prepare, tokens, sizer, stream):
+        yield entry, make_record(job, entry, result, error, settings)
+
+
+def check_fits(engine: Engine, entry: Loaded, job: Job, max_new_tokens: int) -> bool:
+    """Whether a loaded picture can be answered; one whose prompt cannot fit the context gets
+    that as its error here, before any batch is run."""
+    if entry.image is not None:
+        width, height = entry.image.size
+        entry.error = engine.check_fits(_prompt(entry, job), width, height, max_new_tokens)
+        if entry.error is not None:
+            entry.image = None
+    return entry.image is not None
+
+
+def _prompt(entry: Loaded, job: Job) -> str:
+    return (entry.job or job).prompt
+
+
+def _tokens(engine: Engine, job: Job, entry: Loaded) -> int:
+    """An entry's prompt tokens (its picture's tokens and its prompt's)."""
+    return engine.tokens(_prompt(entry, job), entry.image.width, entry.image.height)
 
 
 @contextlib.contextmanager
@@ -262,11 +318,11 @@ class _Producer:
 
     _DONE = object()
 
-    def __init__(self, items, engine, prompt, sizer: Sizer, read, workers, small: SmallPicture | None = None):
+    def __init__(self, items, engine, job: Job, sizer: Sizer, read, workers, small: SmallPicture | None = None):
         self.items = items
         self.small = small
         self.engine = engine
-        self.prompt = prompt
+        self.job = job
         self.sizer = sizer
         self.documents = OpenDocuments(read)
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
@@ -329,7 +385,7 @@ class _Producer:
 
     def tokens(self, entry: Loaded) -> int:
         """An entry's prompt tokens (its picture's tokens and the prompt's)."""
-        return self.engine.tokens(self.prompt, entry.image.width, entry.image.height)
+        return _tokens(self.engine, self.job, entry)
 
     def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
         loaded = list(
@@ -339,25 +395,22 @@ class _Producer:
             )
         )
         for entry in loaded:  # a picture whose prompt cannot fit the context fails here, not in generate
-            if entry.image is not None:
-                width, height = entry.image.size
-                entry.error = self.engine.check_fits(self.prompt, width, height, self.sizer.max_new_tokens)
-                if entry.error is not None:
-                    entry.image = None
+            check_fits(self.engine, entry, self.job, self.sizer.max_new_tokens)
         self.longest = max((self.tokens(entry) for entry in loaded if entry.image is not None), default=0)
         failed = [entry for entry in loaded if entry.image is None]
         if failed:
             yield Batch(failed)
         ready = [entry for entry in loaded if entry.image is not None]
         for entries in batching.group(ready, self.tokens, self.sizer):  # similar lengths together
-            yield prepare_batch(self.engine, entries, self.prompt)
+            yield prepare_batch(self.engine, entries, self.job.prompt)
 
 
 def prepare_batch(engine: Engine, entries: list[Loaded], prompt: str) -> Batch:
     """A batch's inputs; or, when preprocessing fails, what kind of failure it was (the processor
     runs on the GPU too: running out of memory there splits the batch, as in `generate`)."""
     try:
-        return Batch(entries, engine.prepare([entry.image for entry in entries], [prompt] * len(entries)))
+        prompts = [(entry.job.prompt if entry.job is not None else prompt) for entry in entries]
+        return Batch(entries, engine.prepare([entry.image for entry in entries], prompts))
     except Exception as exc:  # noqa: BLE001 - the consumer finds the item that fails (`batching`)
         kind = engine.failure(exc)
         engine.release()

@@ -41,12 +41,12 @@ def test_tiny_benchmark_runs_and_paths_agree(tmp_path):
 @pytest.mark.slow
 def test_the_phases_benchmark_times_each_way_it_is_given(tmp_path):
     out = tmp_path / "phases.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "phases.py"), "--tiny", "--rows", "3", "--new-tokens", "3"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "phases.py"), "--tiny", "--rows", "3", "--new-tokens", "8"]
     ways = "rows, static cache; batch (chunks), dynamic cache"
     result = subprocess.run([*command, "--ways", ways, "--out", str(out)], capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     report = json.loads(out.read_text())
-    assert (report["rows"], report["new_tokens"]) == (3, 3)
+    assert (report["rows"], report["new_tokens"]) == (3, 8)
     rows, batch = report["ways"]
     assert (rows["way"], rows["status"], batch["way"], batch["status"]) == (
         "rows, static cache",
@@ -56,9 +56,11 @@ def test_the_phases_benchmark_times_each_way_it_is_given(tmp_path):
     )
     assert rows["one token"]["prefill"] > 0 and "prefill" not in batch["one token"]  # (only rows have their own)
     for way in (rows, batch):
-        assert way["all tokens"]["run"] > way["one token"]["run"] > way["one token"]["encode"] > 0
+        # Timings: each phase is measured and a longer run is not shorter (equal is allowed: the
+        # report rounds to milliseconds, and the tiny model's steps are about that long).
+        assert way["all tokens"]["run"] >= way["one token"]["run"] >= way["one token"]["encode"] > 0
         steps = way["all tokens"]["step_ms"]
-        assert steps["max"] >= steps["median"] >= steps["min"] > 0 and way["decode_step_ms"] > 0
+        assert steps["max"] >= steps["median"] >= steps["min"] > 0 and way["decode_step_ms"] >= 0
     assert out.with_suffix(".md").read_text().strip() in result.stdout.decode()
 
 

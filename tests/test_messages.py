@@ -338,18 +338,17 @@ def test_on_a_terminal_ask_and_caption_say_which_model_loads_and_where(cli, tmp_
 
 
 def test_ask_whose_generation_fails_answers_with_the_reason(cli, tmp_path, monkeypatch):
-    """A failure inside the model (a kernel error, a bug in a library) is the item's error, as in
-    `caption`: a record naming it (`--json`), one line on stderr, exit 1; not a traceback."""
-    from granite_cli import engine
+    """A failure inside the model (a bug in a library) is the item's error, as in `caption`: a
+    record naming it (`--json`), one line on stderr, exit 1; not a traceback. A device that
+    broke (an illegal memory access) stops the run, as in `caption`: one line, exit 2."""
+    from granite_cli.engine import hf
 
-    def fail(*args, **kwargs):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    monkeypatch.setattr(engine, "generate", fail)
+    error = RuntimeError("a kernel bug in some library")
+    monkeypatch.setattr(hf.HfEngine, "run", lambda *args, **kwargs: (_ for _ in ()).throw(error))
     noise(30, 30).save(tmp_path / "a.png")
     result = cli("ask", str(tmp_path / "a.png"), "What is shown?", "--json")
     record = json.loads(result.stdout)
-    why = "generation failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+    why = "generation failed: RuntimeError: a kernel bug in some library"
     assert (result.exit_code, record["source"], record["answer"], record["error"]) == (
         1,
         str(tmp_path / "a.png"),
@@ -357,3 +356,7 @@ def test_ask_whose_generation_fails_answers_with_the_reason(cli, tmp_path, monke
         why,
     )
     assert result.stderr.splitlines() == [f"error: {tmp_path / 'a.png'}: {why}"]
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    broken = cli("ask", str(tmp_path / "a.png"), "What is shown?")
+    assert broken.exit_code == 2 and broken.stdout == ""
+    assert "error: the run stopped, the device failed: RuntimeError: CUDA error: an illegal memory" in broken.stderr

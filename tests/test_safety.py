@@ -591,8 +591,9 @@ def test_prompts_beyond_the_context_window(cli, photos, tmp_path, tiny_model):
     assert fitted["answer"] is not None
     assert refused["error"].startswith("prompt too long:") and "context of 4,096 tokens" in refused["error"]
     assert (refused["width"], refused["height"]) == large  # the picture was read: its size says why
-    asked = cli("ask", str(tmp_path / "page.png"), prompt)
-    assert asked.exit_code == 2 and asked.stdout == ""
+    # ask classifies it as caption does (one request path): the item's error, exit 1, not a usage error
+    asked = cli("ask", str(tmp_path / "page.png"), prompt, "--json")
+    assert asked.exit_code == 1 and json.loads(asked.stdout)["error"] == refused["error"]
     assert "prompt too long" in one_error_line(asked.stderr)
     too_many = cli("ask", str(photos / "img00.png"), "Hi", "--max-new-tokens", "5000")
     assert too_many.exit_code == 2 and "+ --max-new-tokens 5000 exceed" in too_many.stderr

@@ -22,7 +22,9 @@ DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CACHES = ("auto", "dynamic", "static")
 #: Backends by name: the module that provides `load(model, ...)`.
-BACKENDS = {"transformers": "granite_cli.engine.hf"}
+BACKENDS = {"transformers": "granite_cli.engine.hf", "server": "granite_cli.engine.remote"}
+Streams = TextIO | list[TextIO | None] | None
+"""Where answers are written while they are generated (see `Engine.run`)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,15 @@ class Answer:
     token_ids: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A row an engine answered with its own reason instead of an answer (a server's reply to
+    that one request: a picture it could not read, a prompt over its context): the item's
+    error, word for word, while the rest of the batch keeps its answers."""
+
+    reason: str
+
+
 class Engine(Protocol):
     """What the pipeline needs of a loaded model. `Prepared` is whatever the backend's `prepare`
     returns; the pipeline only hands it back to `run` (possibly on another thread)."""
@@ -128,8 +139,9 @@ class Engine(Protocol):
     def prepare(self, images: list[Image.Image], questions: list[str]) -> Any:
         """CPU side of a batch (tokenising, tiling): safe on a worker thread."""
 
-    def run(self, prepared: Any, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
-        """Answer a prepared batch; `stream` (a batch of one) receives the answer as it comes."""
+    def run(self, prepared: Any, settings: GenerationSettings, streams: Streams = None) -> list[Answer | Refused]:
+        """Answer a prepared batch, in the order of its rows; `streams`: where each row's answer
+        is written while it comes (a list, one stream or None a row; one stream: a batch of one)."""
 
     def limits(self, rows: int | None = None, tokens: int | None = None) -> BatchLimits:
         """Batch limits on this device: `rows` (--batch-size) or the device's default, `tokens`
@@ -154,6 +166,13 @@ def load_engine(
     """Load `model` (a Hugging Face id or a local folder) with the named backend."""
     module = importlib.import_module(BACKENDS[backend])
     return module.load(model, revision=revision, device=device, dtype=dtype, options=options or EngineOptions())
+
+
+def row_streams(streams, rows: int) -> list:
+    """`Engine.run`'s `streams` as one entry a row (None: that row is not streamed)."""
+    if streams is None or isinstance(streams, list):
+        return streams or [None] * rows
+    return [streams]
 
 
 def generate(engine: Engine, images: list, questions: list[str], settings: GenerationSettings, stream=None):

@@ -18,7 +18,7 @@ import contextlib
 from typing import TextIO
 
 from ..errors import OutputError
-from . import Answer, EngineOptions, GenerationSettings, devices, grammar, memory
+from . import Answer, EngineOptions, GenerationSettings, Streams, devices, grammar, memory, row_streams
 
 #: Model types whose picture features come one per picture (`pooler_output`), so that each row's
 #: can be read alone (`prefill_rows`). Granite Vision 4's deepstack features are per layer.
@@ -46,9 +46,10 @@ class Generator:
         self.by_rows = options.prefill == "rows" and model.config.model_type in ROW_PREFILL
         """Whether prompts are read one row at a time (`prefill_rows`)."""
 
-    def run(self, inputs, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
+    def run(self, inputs, settings: GenerationSettings, streams: Streams = None) -> list[Answer]:
         """One `generate` over prepared inputs, which it takes (empties): the pixels are freed as
-        soon as the vision tower has read them. Answers come in the order of the rows."""
+        soon as the vision tower has read them. Answers come in the order of the rows; each row
+        with a stream (see `Engine.run`) is written there while it comes."""
         import torch
 
         with devices.current(self.device), self._random(settings), torch.inference_mode():
@@ -60,8 +61,11 @@ class Generator:
                 cache = prefill_rows(self.model, input_ids, attention_mask, features, cache)
                 features = None  # read, and freed
             kwargs = self._decoding(settings, input_ids.shape, features, cache)
-            if stream is not None:
-                kwargs["streamer"] = TextStream(self.tokenizer, stream, self.eos_ids)
+            outs = row_streams(streams, input_ids.shape[0])
+            if any(out is not None for out in outs):
+                kwargs["streamer"] = RowStreams(
+                    [TextStream(self.tokenizer, out, self.eos_ids) if out is not None else None for out in outs]
+                )
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         prompt_tokens = attention_mask.sum(dim=1).tolist()
         rows = output[:, input_ids.shape[1] :].tolist()
@@ -300,6 +304,25 @@ def _tensors(value):
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+
+
+class RowStreams:
+    """A `generate` streamer for a batch: each row's tokens go to that row's own `TextStream`
+    (None: a row nobody streams). `generate` hands every streamer the prompts first, then each
+    step's tokens, one a row."""
+
+    def __init__(self, rows: list[TextStream | None]):
+        self.rows = rows
+
+    def put(self, value) -> None:
+        for row, stream in zip(value, self.rows, strict=True):
+            if stream is not None:
+                stream.put(row)
+
+    def end(self) -> None:
+        for stream in self.rows:
+            if stream is not None:
+                stream.end()
 
 
 class TextStream:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from .. import DEFAULT_MODEL
 from ..errors import UsageError, debug
-from . import Answer, BatchLimits, EngineOptions, GenerationSettings, batches, devices, hub, memory
+from . import Answer, BatchLimits, EngineOptions, GenerationSettings, Streams, batches, devices, hub, memory
 from .generation import Generator
 from .prompts import Prompts
 
@@ -58,8 +58,8 @@ class HfEngine:
     def prepare(self, images: list[Image.Image], questions: list[str]):
         return batches.prepare(self.processor, self.prompts, images, questions, self.pad_id, self.prepare_device)
 
-    def run(self, prepared, settings: GenerationSettings, stream: TextIO | None = None) -> list[Answer]:
-        return self.generator.run(prepared, settings, stream)
+    def run(self, prepared, settings: GenerationSettings, streams: Streams = None) -> list[Answer]:
+        return self.generator.run(prepared, settings, streams)
 
     def limits(self, rows: int | None = None, tokens: int | None = None) -> BatchLimits:
         if rows is None:

@@ -88,20 +88,39 @@ class Prompts:
             return width * height // 196
 
     def fit(self, width: int, height: int) -> tuple[int, int]:
-        """The size the processor will shrink a picture of this size to (its best grid, aspect
-        kept); a larger picture carries no detail the model sees. Used to render PDF pages at
-        the resolution actually used instead of rendering large and shrinking."""
-        from transformers.image_processing_utils import select_best_resolution
+        """The size the processor will shrink a picture of this size to (see `grid_fit`)."""
+        return grid_fit(getattr(self.processor.image_processor, "image_grid_pinpoints", None), width, height)
 
-        pinpoints = getattr(self.processor.image_processor, "image_grid_pinpoints", None)
-        if not pinpoints:
-            return width, height
-        grid_h, grid_w = select_best_resolution((height, width), pinpoints)
-        scale_w, scale_h = grid_w / width, grid_h / height
-        if min(scale_w, scale_h) >= 1:
-            return width, height
-        # As the processor resizes (get_patch_output_size): the limiting side becomes the grid's
-        # exactly (scaling it by a float can round one pixel over), the other side follows.
-        if scale_w < scale_h:
-            return grid_w, min(math.ceil(height * scale_w), grid_h)
-        return min(math.ceil(width * scale_h), grid_w), grid_h
+
+def grid_fit(pinpoints, width: int, height: int) -> tuple[int, int]:
+    """The size a LLaVA-NeXT processor with this tile grid (`image_grid_pinpoints`, [height,
+    width] pairs) shrinks a picture of this size to (its best grid, aspect kept); a larger
+    picture carries no detail the model sees. Used to render PDF pages at the resolution actually
+    used instead of rendering large and shrinking, here and by a `--server` client (which has
+    the server's grid, not its processor)."""
+    if not pinpoints:
+        return width, height
+    grid_h, grid_w = select_best_resolution((height, width), pinpoints)
+    scale_w, scale_h = grid_w / width, grid_h / height
+    if min(scale_w, scale_h) >= 1:
+        return width, height
+    # As the processor resizes (get_patch_output_size): the limiting side becomes the grid's
+    # exactly (scaling it by a float can round one pixel over), the other side follows.
+    if scale_w < scale_h:
+        return grid_w, min(math.ceil(height * scale_w), grid_h)
+    return min(math.ceil(width * scale_h), grid_w), grid_h
+
+
+def select_best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
+    """transformers' `image_processing_utils.select_best_resolution`, without importing it (a
+    `--server` client loads no transformers): the grid that keeps the most of the picture's
+    pixels, then wastes the fewest. A test holds the two equal."""
+    height, width = size
+    best, most, least_waste = None, 0, math.inf
+    for grid_h, grid_w in pinpoints:
+        scale = min(grid_w / width, grid_h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        waste = grid_w * grid_h - kept
+        if kept > most or (kept == most and waste < least_waste):
+            best, most, least_waste = (grid_h, grid_w), kept, waste
+    return best
