@@ -33,11 +33,13 @@ REQUIREMENTS = {
     "pdf2image": "1.17.0",
     "xgrammar": "0.2.8",
     "jsonschema": "4.20.0",
+    "fastapi": "0.165.0",
+    "uvicorn": "0.55.0",
 }
 #: Packages only some runs need, by what needs them; every other package every run needs.
-FEATURES = {"schema": ("xgrammar", "jsonschema"), "poppler": ("pdf2image",)}
+FEATURES = {"schema": ("xgrammar", "jsonschema"), "poppler": ("pdf2image",), "serve": ("fastapi", "uvicorn")}
 #: The options that need each feature, as `info` names them.
-_OPTIONS = {"schema": "--schema", "poppler": "--pdf-renderer poppler"}
+_OPTIONS = {"schema": "--schema", "poppler": "--pdf-renderer poppler", "serve": "serve"}
 #: torchvision 0.(m + 15) is built for torch 2.m, and fails beside any other (since torch 2.0).
 _TORCHVISION_OFFSET = 15
 

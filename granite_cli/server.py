@@ -407,7 +407,7 @@ def start(
     from . import environment
     from .api import _model
 
-    environment.check(("schema",))  # requests may ask for a schema
+    environment.check(("schema", "serve"))  # requests may ask for a schema
     root = None
     if allow_files is not None:
         root = Path(allow_files).resolve()

@@ -204,6 +204,8 @@ IN_ANY_HELP = {  # the rows `ask` and `caption` share: {panel: {option: its brac
     "Structured output": {"--schema SCHEMA": "", "--json-object": ""},
     "Model": {
         "-m, --model ID|FOLDER": "[default: ibm-granite/granite-vision-3.3-2b; env var: GRANITE_VISION_MODEL]",
+        "--server URL": "[env var: GRANITE_VISION_SERVER]",
+        "--api-key KEY": "[env var: GRANITE_VISION_API_KEY]",
         "--revision REV": "",
         "--device [auto|cpu|cuda|cuda:N|mps]": "[default: auto]",
         "--dtype [auto|bfloat16|float16|float32]": "[default: auto]",
@@ -265,10 +267,10 @@ HELPS = {
             "Structured output": IN_ANY_HELP["Structured output"],
             "Input": {"--pages PAGES": "", **INPUT},
             "Model": {
-                **dict(list(IN_ANY_HELP["Model"].items())[:4]),
+                **dict(list(IN_ANY_HELP["Model"].items())[:6]),
                 "--batch-size N": "[default: 8 on the CPU, 128 on a GPU (where the memory budget decides below); x>=1]",
                 "--max-batch-tokens N": "[default: on a GPU, what its free memory allows; on the CPU, no limit; x>=1]",
-                **dict(list(IN_ANY_HELP["Model"].items())[4:]),
+                **dict(list(IN_ANY_HELP["Model"].items())[6:]),
             },
             "Generation": IN_ANY_HELP["Generation"],
         },
@@ -322,7 +324,9 @@ def test_group_help_lists_each_command_with_the_line_its_help_starts_with(cli):
     text = cli("--help", env={"COLUMNS": "60"}).ok().stdout
     head, sections, epilog = help_sections(text, 100)
     assert head == GROUP_HEAD
-    assert sections["Commands"] == {command: HELPS[command][0][1] for command in ("ask", "caption", "info")}
+    serve = "Keep the model loaded and answer OpenAI-style chat requests over HTTP, batching every client together."
+    listed = {command: HELPS[command][0][1] for command in ("ask", "caption", "info")}
+    assert sections["Commands"] == {**dict(list(listed.items())[:2]), "serve": serve, "info": listed["info"]}
     assert sections["Options"] == {
         "--version": "Print the version and exit.",
         "--install-completion": "Install completion for the current shell.",

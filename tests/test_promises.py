@@ -660,3 +660,23 @@ def test_the_readme_python_example_runs(tiny_model, monkeypatch):
         ("invoice.pdf", 1),
         ("invoice.pdf", 2),
     ]
+
+
+def test_the_readme_load_model_example_runs(tiny_model, monkeypatch, tmp_path):
+    """The README's `load_model` example, run as written (model folder pointed at the tiny model,
+    in a folder holding the examples): one answer printed, then a captions file."""
+    import shutil
+
+    text = (ROOT / "README.md").read_text()
+    example = text.split("## Python", 1)[1].split("```python\n")[2].split("```", 1)[0]
+    assert "load_model(" in example
+    example = example.replace('"/tmp/granite-vision-tiny"', repr(str(tiny_model)))
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    printed: list[tuple] = []
+    exec(
+        compile(example, "README.md", "exec"),
+        {"print": lambda *args: printed.append(args), "granite_cli": __import__("granite_cli")},
+    )
+    assert len(printed) == 1 and printed[0][0]
+    assert len((tmp_path / "captions.jsonl").read_text().splitlines()) == 3
