@@ -163,7 +163,7 @@ def _table(report: dict) -> str:
             for r in report["load"]
         ),
         "",
-        f"cold `ask` {report['ask']['cold_s']} s, `ask --server` {report['ask']['server_s']} s: {report['ask']['ratio']}x",
+        "cold `ask` {cold_s} s, `ask --server` {server_s} s: {ratio}x".format(**report["ask"]),
     ]
     return "\n".join(lines)
 
