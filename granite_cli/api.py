@@ -29,7 +29,7 @@ from . import DEFAULT_MODEL
 from .batching import Sizer
 from .distributed import Ranks, item_cost, split
 from .errors import UsageError
-from .jobs import DEFAULT_PROMPT, AskJob, CaptionJob, Options
+from .jobs import DEFAULT_PROMPT, LOADING_DEFAULTS, AskJob, CaptionJob, Options
 from .readers import OpenDocuments, ReadOptions, open_document
 from .records import Job, Record
 from .sidecars import SidecarOutput, Sidecars
@@ -95,7 +95,7 @@ def caption(sources, **options) -> CaptionResult:
 
 
 #: The options that say how a model is loaded: a `Model` is loaded with them once.
-LOADING = ("model", "revision", "device", "dtype", "max_tiles", "cache", "max_memory", "server", "api_key")
+LOADING = ("model", *LOADING_DEFAULTS, "server", "api_key")
 
 
 class Model:

@@ -138,6 +138,8 @@ def _attempt(engine: Engine, batch: Batch, settings: GenerationSettings, stream)
         raise
     except Exception as exc:  # noqa: BLE001 - classified, then dropped with its traceback
         kind = engine.failure(exc)
+        if kind == "device" and isinstance(exc, DeviceError):  # worded by the engine (a server gone)
+            return Failure(kind, str(exc))
         reasons = {"oom": "out of memory even alone", "device": "the device failed", "item": "generation failed"}
         return Failure(kind, f"{reasons[kind]}: {describe(exc)}")
 

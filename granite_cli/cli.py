@@ -111,7 +111,7 @@ def _command(func: Callable) -> Callable:
             raise typer.Exit(2) from None
         except DeviceError as exc:
             print_traceback(exc)
-            kept = "every record written before it is kept; --resume continues once the device is well"
+            kept = "every record written before it is kept; --resume continues"
             console.print(f"[red]error:[/] the run stopped, {escape(printable(str(exc)))}; {kept}")
             raise typer.Exit(2) from None
         except OutputError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shlex
 import sys
@@ -41,6 +42,18 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "batch_size": (1, None),
     "max_batch_tokens": (1, None),
     "page": (1, None),
+    "seed": (-(2**63), 2**63 - 1),
+}
+#: The lowest temperature above 0 that samples: below it, logits over the temperature overflow.
+MIN_TEMPERATURE = 0.001
+#: The options that say how a model loads (the server's, with --server), with their defaults.
+LOADING_DEFAULTS = {
+    "revision": None,
+    "device": "auto",
+    "dtype": "auto",
+    "max_tiles": None,
+    "cache": "auto",
+    "max_memory": None,
 }
 #: Options that take one of a few words, in any case.
 CHOICES = ("device", "dtype", "cache", "pdf_renderer", "format")
@@ -108,6 +121,8 @@ class Options:
             if value is not None and (value < low or (high is not None and value > high)):
                 bounds = f"at least {low}" + (f" and at most {high}" if high is not None else "")
                 raise UsageError(f"{self.given(name, value)}: expected {bounds}")
+        if temperature_problem(self.temperature):
+            raise UsageError(f"{self.given('temperature', self.temperature)}: {temperature_problem(self.temperature)}")
         for name in TEXTS:
             _check_text(self, name, getattr(self, name, None))
         if self.schema is not None and self.json_object:
@@ -123,8 +138,11 @@ class Options:
         )
 
     def given(self, name: str, value: Any) -> str:
-        """A value as the caller gave it: `--max-new-tokens 0`, or `max_new_tokens=0`."""
-        return f"{self.option(name)} {value!r}" if self.from_cli else f"{name}={value!r}"
+        """A value as the caller gave it: `--max-new-tokens 0`, or `max_new_tokens=0` (a long one,
+        the bytes of a picture say, cut short)."""
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:60] + f"... ({len(shown):,} characters)"
+        return f"{self.option(name)} {shown}" if self.from_cli else f"{name}={shown}"
 
     def notes(self, reporter) -> None:
         """Options that mean nothing here: said, not silently ignored."""
@@ -145,6 +163,20 @@ class Options:
                 f"{self.given('max_new_tokens', self.max_new_tokens)}: no picture can be answered that long"
                 f" ({reason.removeprefix('prompt too long: ')})"
             )
+
+    def check_server(self, engine) -> None:
+        """With a server, how the model loads is the server's: an option that says otherwise
+        (or another model) is refused, since the records would not say what the run asked for."""
+        if self.server is None:
+            return
+        given = [name for name, default in LOADING_DEFAULTS.items() if getattr(self, name) != default]
+        if given:
+            raise UsageError(
+                f"{self.given(given[0], getattr(self, given[0]))}: the server at {self.server} loaded its model itself;"
+                " give it to granite-vision serve"
+            )
+        if self.model not in (DEFAULT_MODEL, engine.name):
+            raise UsageError(f"{self.given('model', self.model)}: the server at {self.server} serves {engine.name!r}")
 
     def check_environment(self) -> None:
         """Refuse, in one line, an environment this job cannot run right in (see `environment`)."""
@@ -177,7 +209,9 @@ class Options:
         if self.server is not None:
             from .engine import remote
 
-            return remote.load(self.server, self.api_key)
+            engine = remote.load(self.server, self.api_key, self.option("server"))
+            self.check_server(engine)
+            return engine
 
         options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache, max_memory=self.max_memory)
         return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)
@@ -353,11 +387,25 @@ def _check_text(job: Options, name: str, value: str | None) -> None:
         return
     if not value.strip():
         raise UsageError(f"{job.given(name, value)}: empty (there is nothing to ask)")
+    problem = text_problem(value)
+    if problem is not None:
+        raise UsageError(f"{job.option(name)}: {problem}; check your terminal's encoding (it should be UTF-8)")
+
+
+def text_problem(value: str) -> str | None:
+    """Why a text cannot reach a tokenizer (a lone surrogate: a byte that was not UTF-8, kept by
+    Python's surrogateescape, or one sent as JSON's "\\ud800"), or None."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        byte = ord(value[exc.start]) & 0xFF
-        raise UsageError(
-            f"{job.option(name)}: not valid UTF-8 text (byte 0x{byte:02x} at character {exc.start + 1});"
-            " check your terminal's encoding (it should be UTF-8)"
-        ) from None
+        code = ord(value[exc.start])
+        what = f"byte 0x{code & 0xFF:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        return f"not valid UTF-8 text ({what} at character {exc.start + 1})"
+    return None
+
+
+def temperature_problem(value: float) -> str | None:
+    """Why a temperature cannot be sampled at, or None."""
+    if not math.isfinite(value) or 0 < value < MIN_TEMPERATURE:
+        return f"expected 0 (greedy) or a finite number of at least {MIN_TEMPERATURE}"
+    return None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
+from .jobs import RANGES, temperature_problem, text_problem
 
 #: Our finish reasons as OpenAI's enum spells them.
 FINISH_REASONS = {"stop": "stop", "length": "length", "repetition": "stop"}
@@ -66,9 +67,13 @@ def parse_chat(body: Any, default_max_tokens: int) -> ChatRequest:
     temperature = 0.0 if temperature is None else temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
         raise BadRequest(f"temperature must be a number of 0 or more, not {temperature!r}", param="temperature")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise BadRequest(f"seed must be an integer, not {seed!r}", param="seed")
+    if temperature_problem(temperature):
+        raise BadRequest(f"temperature {temperature!r}: {temperature_problem(temperature)}", param="temperature")
+    seed, (low, high) = body.get("seed"), RANGES["seed"]
+    if seed is not None and not (_is_int(seed) and low <= seed <= high):
+        raise BadRequest(f"seed must be an integer from {low} to {high}, not {seed!r}", param="seed")
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest("stream must be true or false", param="stream")
     if body.get("n", 1) != 1:
         raise BadRequest("n must be 1: one answer a request", param="n")
     options = body.get("stream_options") or {}
@@ -119,6 +124,8 @@ def _message(messages: Any) -> tuple[str, str]:
     question = "\n".join(texts)
     if not question.strip():
         raise BadRequest("the user message has no question: add a text part", param="messages")
+    if text_problem(question):
+        raise BadRequest(f"the question is {text_problem(question)}", param="messages")
     return images[0], question
 
 

@@ -1,4 +1,5 @@
-"""The order of work for `caption`: items -> pictures -> batches -> answers -> records, in input order.
+"""The order of work for `caption`: items -> pictures -> batches -> answers -> records, in input order;
+and `answer`, the same steps for pictures already loaded (`ask`, a server's requests).
 
 Two stages with a bounded queue between them, so CPU work overlaps the model:
 

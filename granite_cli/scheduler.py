@@ -107,10 +107,15 @@ class Scheduler:
             ):
                 by_index.pop(entry.index).future.set_result(record)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller hears of it
+            left = list(by_index.values())
+            if isinstance(exc, Exception) and not isinstance(exc, DeviceError) and len(left) > 1:
+                for request in left:  # (a bug one request triggers must not fail the others: each alone)
+                    self._answer(settings, [request])
+                return
             if isinstance(exc, DeviceError):
                 with self.condition:
                     self.closed = f"the device failed: {exc}"
-            for request in by_index.values():
+            for request in left:
                 request.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise

@@ -19,6 +19,7 @@ import hmac
 import json
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -128,14 +129,21 @@ class Service:
         self.engine = engine
         self.options = options
         self.metrics = Metrics()
+        self.card = self._card()  # (here, not per request: the tokenizer is the scheduler's once it runs)
         self.scheduler = Scheduler(engine, limits, options.max_queue, self.metrics.batch)
 
-    def model_card(self) -> dict:
+    def _card(self) -> dict:
         """`/v1/models`' one entry; `granite_vision` tells `--server` clients what they need to
         read pictures as the model does (its tile grid) and to label records."""
         processor = getattr(self.engine, "processor", None)
         pinpoints = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
-        extra = {"image_grid_pinpoints": pinpoints, "settings": self.options.settings}
+        prompts = getattr(self.engine, "prompts", None)
+        extra = {
+            "image_grid_pinpoints": pinpoints,
+            "settings": self.options.settings,
+            "context_window": getattr(prompts, "context_window", None),
+            "smallest_prompt": [self.engine.tokens("", 1, 1), self.engine.image_tokens(1, 1)],
+        }
         return {
             "id": self.options.model,
             "object": "model",
@@ -172,7 +180,7 @@ class Service:
         root = self.options.allow_files
         if root is None:
             raise BadRequest("this server reads no local files (start it with --allow-files DIR): send a data: URL")
-        path = Path(url.removeprefix("file://")).resolve()
+        path = Path(urllib.parse.unquote(url.removeprefix("file://")) if url.startswith("file://") else url).resolve()
         if not path.is_relative_to(root):
             raise BadRequest(f"{url}: outside the folder this server may read ({root})")
         return str(path)
@@ -218,8 +226,8 @@ def create_app(service: Service):
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if options.api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), options.api_key.encode()):
                 error = openai_api.error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
                 return JSONResponse(error, 401)
         return await call_next(request)
@@ -232,7 +240,7 @@ def create_app(service: Service):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [service.model_card()]}
+        return {"object": "list", "data": [service.card]}
 
     @app.get("/metrics")
     async def metrics():
@@ -260,7 +268,17 @@ def create_app(service: Service):
             except BadRequest as exc:
                 service.metrics.request(exc.status, time.monotonic() - started)
                 return failure(exc)
-            events = _events(service, parsed, loaded, future, channel, request_id, started)
+            # The status is sent with the first event: wait for the first text, or for the end
+            # (a picture or prompt the model cannot take is then a 400, as without streaming).
+            done, first = asyncio.wrap_future(future), asyncio.ensure_future(channel.ready.wait())
+            await asyncio.wait({done, first}, return_when=asyncio.FIRST_COMPLETED)
+            first.cancel()
+            if done.done() and done.exception() is None:
+                status, payload = _outcome(service, done.result(), loaded, request_id)
+                if status != 200:
+                    service.metrics.request(status, time.monotonic() - started, done.result())
+                    return JSONResponse(payload, status)
+            events = _events(service, parsed, loaded, done, channel, request_id, started)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             future = service.submit(parsed, loaded)
@@ -268,6 +286,9 @@ def create_app(service: Service):
         except BadRequest as exc:
             service.metrics.request(exc.status, time.monotonic() - started)
             return failure(exc)
+        except Exception as exc:  # noqa: BLE001 - a failure of the model (the device, a bug): still OpenAI's shape
+            service.metrics.request(500, time.monotonic() - started)
+            return JSONResponse(openai_api.error_body(describe(exc), "server_error"), 500)
         status, payload = _outcome(service, record, loaded, request_id)
         service.metrics.request(status, time.monotonic() - started, record)
         return JSONResponse(payload, status)
@@ -309,16 +330,24 @@ class _Channel:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.ready = asyncio.Event()
+        """Set once the first text is there."""
 
     def write(self, text: str) -> int:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+        self.loop.call_soon_threadsafe(self._put, text)
         return len(text)
+
+    def _put(self, text: str) -> None:
+        self.queue.put_nowait(text)
+        self.ready.set()
 
     def flush(self) -> None:
         pass
 
 
-async def _events(service: Service, parsed: ChatRequest, loaded, future, channel: _Channel, request_id, started):
+async def _events(
+    service: Service, parsed: ChatRequest, loaded, future: asyncio.Future, channel: _Channel, request_id, started
+):
     """A streamed answer as server-sent events: the role, each piece of text as it comes, the
     finish reason, usage (when asked), and `[DONE]`. A failure before the first piece is an
     error event."""
@@ -328,7 +357,7 @@ async def _events(service: Service, parsed: ChatRequest, loaded, future, channel
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     yield event(openai_api.chunk(model, request_id, created, {"role": "assistant", "content": ""}))
-    done = asyncio.wrap_future(future)
+    done = future
     while True:
         getter = asyncio.ensure_future(channel.queue.get())
         finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
@@ -359,12 +388,10 @@ async def _events(service: Service, parsed: ChatRequest, loaded, future, channel
     yield "data: [DONE]\n\n"
 
 
-def serve(service: Service, host: str, port: int, ready=lambda url: None) -> None:
-    """Serve until SIGINT or SIGTERM, then stop taking connections, finish every request in
-    flight, and return. `ready(url)` is called once the socket listens (port 0: a free one)."""
+def listen(host: str, port: int):
+    """The listening socket (port 0: a free one), opened before the model loads, so that a port
+    in use is one line at once rather than after the load."""
     import socket
-
-    import uvicorn
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -375,15 +402,22 @@ def serve(service: Service, host: str, port: int, ready=lambda url: None) -> Non
         sock.close()
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
     sock.listen(2048)
-    bound = sock.getsockname()[1]
+    return sock
+
+
+def serve(service: Service, sock, ready=lambda url: None) -> None:
+    """Serve on `sock` until SIGINT or SIGTERM, then stop taking connections, finish every
+    request in flight, and return. `ready(url)` is called once it listens."""
+    import uvicorn
+
     config = uvicorn.Config(
         create_app(service), log_level="warning", access_log=False, timeout_graceful_shutdown=None, lifespan="off"
     )
     server = uvicorn.Server(config)
-    shown = f"[{host}]" if ":" in host else host
-    ready(f"http://{shown}:{bound}")  # (connections wait in the socket's backlog until uvicorn runs)
+    host, port = sock.getsockname()[:2]
+    ready(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])  # (connections wait in the socket's backlog until uvicorn runs)
     finally:
         service.scheduler.close()
         sock.close()
@@ -416,8 +450,13 @@ def start(
     if host not in ("127.0.0.1", "localhost", "::1") and job.api_key is None:
         reporter.warn(f"--host {host} without --api-key: anyone who can reach this machine can use the model")
     name = _model(job, reporter)
-    reporter.loading(name, job.device)
-    engine = job.load(name, job.device)
+    sock = listen(host, port)
+    try:
+        reporter.loading(name, job.device)
+        engine = job.load(name, job.device)
+    except BaseException:
+        sock.close()
+        raise
     options = ServeOptions(
         model=name,
         settings={"revision": job.revision, "max_tiles": job.max_tiles},
@@ -436,4 +475,4 @@ def start(
         reporter.note(f"serving {name} at {url}/v1 (Ctrl-C or SIGTERM: finish the requests in flight, then stop)")
 
     before_serving()
-    serve(service, host, port, ready)
+    serve(service, sock, ready)

@@ -400,3 +400,122 @@ def test_the_app_in_process_answers_guards_and_counts(tiny_engine, tiny_model, p
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
     finally:
         service.scheduler.close()
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_caption_keeps_what_was_written_and_resume_finishes(tiny_model, pictures, tmp_path):
+    """The server killed while `caption --server` runs: one line, exit 2, every record written
+    before it kept; `--resume` against a new server finishes the file as a local run writes it."""
+    out = tmp_path / "out.jsonl"
+    sources = [str(picture) for picture in pictures[:8]]
+    common = ("--batch-size", "2", "--max-new-tokens", "150", "--no-repetition-stop")
+    with server(tiny_model) as (url, process):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "granite_cli", "caption", *sources, "--server", url, "-o", str(out), *common],
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        process.kill()
+        stderr = run.communicate(timeout=120)[1].decode()
+    kept = read_jsonl(out)
+    assert run.returncode == 2 and 2 <= len(kept) < 8, stderr
+    assert stderr.startswith(f"error: the run stopped, the server went away ({url}: ")
+    assert stderr.endswith("; every record written before it is kept; --resume continues\n")
+    with server(tiny_model) as (url, _):
+        resumed = run_process("caption", *sources, "--server", url, "-o", str(out), "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    local = run_process("caption", *sources, "-m", str(tiny_model), "--device", "cpu", *common)
+    assert read_jsonl(out) == [json.loads(line) for line in local.stdout.splitlines()]
+    assert read_jsonl(out)[: len(kept)] == kept
+
+
+@pytest.mark.slow
+def test_what_a_local_run_refuses_the_server_and_its_clients_refuse_alike(served, tiny_model, pictures):
+    """Sampling values no run can use, text no tokenizer takes, a stream whose prompt is over the
+    context: each a 400 before any answer, never a 500 for the requests batched with it; the
+    options that say how a model loads, and an answer longer than any context, are the server's
+    business: `--server` refuses them in one line, as a local run refuses the last."""
+    url, _ = served
+    api = client(url)
+    image = picture_url(pictures[0])
+    for extra in ({"temperature": float("nan")}, {"temperature": 1e-300}, {"temperature": 0.5, "seed": 10**23}):
+        status, body = _post(url, json.dumps({"messages": messages(image), "max_tokens": NEW, **extra}).encode())
+        assert status == 400 and json.loads(body)["error"]["param"] in ("temperature", "seed"), extra
+
+    def ask(question):  # (raw JSON: the openai client cannot send a lone surrogate, a browser's JSON can)
+        status, body = _post(url, json.dumps({"messages": messages(image, question), "max_tokens": NEW}).encode())
+        return json.loads(body)["choices"][0]["message"]["content"] if status == 200 else status
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, ["hello", "a\ud800", "hello", "hello"]))
+    assert (
+        answers[1] == 400
+        and answers[0] == answers[2] == answers[3] == local_ask(tiny_model, pictures[0], "hello")["answer"]
+    )
+    with pytest.raises(openai.BadRequestError, match="prompt too long"):
+        list(api.chat.completions.create(model="g", messages=messages(image), max_tokens=100_000, stream=True))
+
+    too_long = run_process("ask", str(pictures[0]), "hi", "--server", url + "/v1", "--max-new-tokens", "100000")
+    local = run_process(
+        "ask", str(pictures[0]), "hi", "-m", str(tiny_model), "--device", "cpu", "--max-new-tokens", "100000"
+    )
+    assert too_long.returncode == local.returncode == 2 and too_long.stderr == local.stderr
+    tiles = run_process("caption", str(pictures[0]), "--server", url, "--max-tiles", "3")
+    assert tiles.returncode == 2 and tiles.stderr.decode() == (
+        f"error: --max-tiles 3: the server at {url} loaded its model itself; give it to granite-vision serve\n"
+    )
+    import granite_cli
+
+    with pytest.raises(granite_cli.UsageError, match="^device='cuda': the server at"):
+        granite_cli.load_model(server=url, device="cuda")
+    with pytest.raises(granite_cli.UsageError, match="^temperature=nan: expected 0"):
+        granite_cli.ask(pictures[0], "hi", temperature=float("nan"))
+
+
+def test_one_request_that_breaks_the_engine_fails_alone():
+    """The scheduler: a request whose prompt makes the engine raise (a bug, not the device) gets
+    that error; the requests batched with it are answered."""
+    from granite_cli import pipeline
+    from granite_cli.engine import Answer, BatchLimits, GenerationSettings
+    from granite_cli.records import Job
+    from granite_cli.scheduler import Scheduler
+    from granite_cli.sources import Item
+
+    class Engine:
+        name = "fake"
+
+        def check_fits(self, question, *size):
+            if question == "boom":
+                raise RuntimeError("boom")
+
+        def tokens(self, question, width, height):
+            return 10
+
+        def prepare(self, images, questions):
+            return questions
+
+        def run(self, prepared, settings, streams=None):
+            return [Answer(f"re: {question}", 10, 2, "stop") for question in prepared]
+
+        def failure(self, exc):
+            return "item"
+
+        def release(self):
+            pass
+
+    gate = threading.Event()
+    scheduler = Scheduler(Engine(), BatchLimits(8), 16, on_batch=lambda rows: gate.wait(5))
+    try:
+        futures = []
+        for question in ("first", "a", "boom", "b"):  # "first" holds the model while the rest queue up
+            entry = pipeline.Loaded(0, Item("x.png"), image=noise(4, 4), job=Job(question, "fake"))
+            futures.append(scheduler.submit(entry, GenerationSettings()))
+        gate.set()
+        assert futures[0].result(10).answer == "re: first"
+        assert [futures[1].result(10).answer, futures[3].result(10).answer] == ["re: a", "re: b"]
+        with pytest.raises(RuntimeError, match="boom"):
+            futures[2].result(10)
+    finally:
+        scheduler.close(10)

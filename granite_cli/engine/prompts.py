@@ -69,13 +69,8 @@ class Prompts:
         """Why an item cannot be answered within the model's context window, or None."""
         if self.context_window is None:
             return None
-        tokens = self.tokens(question, width, height)
-        if tokens + max_new_tokens <= self.context_window:
-            return None
-        return (
-            f"prompt too long: {tokens:,} prompt tokens ({self.image_tokens(width, height):,} of them for the"
-            f" picture) + --max-new-tokens {max_new_tokens} exceed the model's context of"
-            f" {self.context_window:,} tokens"
+        return too_long(
+            self.tokens(question, width, height), self.image_tokens(width, height), max_new_tokens, self.context_window
         )
 
     def image_tokens(self, width: int, height: int) -> int:
@@ -90,6 +85,17 @@ class Prompts:
     def fit(self, width: int, height: int) -> tuple[int, int]:
         """The size the processor will shrink a picture of this size to (see `grid_fit`)."""
         return grid_fit(getattr(self.processor.image_processor, "image_grid_pinpoints", None), width, height)
+
+
+def too_long(tokens: int, image_tokens: int, max_new_tokens: int, context_window: int) -> str | None:
+    """Why a prompt of `tokens` (`image_tokens` of them the picture's) and an answer of
+    `max_new_tokens` cannot fit the context window, or None."""
+    if tokens + max_new_tokens <= context_window:
+        return None
+    return (
+        f"prompt too long: {tokens:,} prompt tokens ({image_tokens:,} of them for the picture) + --max-new-tokens"
+        f" {max_new_tokens} exceed the model's context of {context_window:,} tokens"
+    )
 
 
 def grid_fit(pinpoints, width: int, height: int) -> tuple[int, int]:

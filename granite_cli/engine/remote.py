@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import openai_api
-from ..errors import OutputError, UsageError, one_line, os_reason
+from ..errors import DeviceError, OutputError, UsageError, one_line, os_reason
 from . import Answer, BatchLimits, GenerationSettings, Refused, Streams, row_streams
-from .prompts import grid_fit
+from .prompts import grid_fit, too_long
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,8 +36,13 @@ TIMEOUT_S = 600.0
 BUSY_RETRIES = 60
 
 
-class ServerGone(Exception):
-    """The server cannot be reached or broke off: the run stops (records kept, --resume)."""
+class ServerGone(DeviceError):
+    """The server cannot be reached or broke off: the run stops, as when a device fails (records
+    kept, --resume continues)."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"the server went away ({url}: {reason})")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,10 @@ class RemoteEngine:
         self.pinpoints = extra.get("image_grid_pinpoints")
         self.settings = dict(extra.get("settings") or {})
         """What the server's loading shaped (revision, max_tiles): the records' settings say so."""
+        self.context_window = extra.get("context_window")
+        self.smallest = extra.get("smallest_prompt")
+        """Prompt and image tokens of the smallest question about the smallest picture (for
+        `check_fits` of that one, which tells an answer length no picture can have)."""
         self.pool = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="granite-remote")
 
     def fit(self, width: int, height: int) -> tuple[int, int]:
@@ -69,7 +78,11 @@ class RemoteEngine:
         return self.image_tokens(width, height) + len(question) // 4
 
     def check_fits(self, question: str, width: int, height: int, max_new_tokens: int) -> str | None:
-        return None  # the server says so, in the words a local run would
+        """An answer longer than the context leaves beside the smallest prompt, in a local run's
+        words; anything else the server says, in the same words, when it is asked."""
+        if not self.context_window or not self.smallest or (question, width, height) != ("", 1, 1):
+            return None
+        return too_long(*self.smallest, max_new_tokens, self.context_window)
 
     def prepare(self, images: list[Image.Image], questions: list[str]) -> list[_Row]:
         rows = []
@@ -125,16 +138,18 @@ def _open(url: str, path: str, api_key: str | None, body: bytes | None = None, t
             reason = os_reason(reason)  # "Connection refused (ECONNREFUSED)"
         elif isinstance(reason, BaseException):
             reason = one_line(reason)
-        raise ServerGone(f"server {url}: {reason}") from None
+        raise ServerGone(url, reason) from None
 
 
-def load(server: str, api_key: str | None = None) -> RemoteEngine:
-    """Connect to a `granite-vision serve` at `server` (`http://host:port`): one line and exit 2
-    when it cannot be reached, refuses the key, or is no granite-vision server. `api_key`: None
-    takes $GRANITE_VISION_API_KEY."""
+def load(server: str, api_key: str | None = None, label: str = "--server") -> RemoteEngine:
+    """Connect to a `granite-vision serve` at `server` (`http://host:port`, or the address it
+    prints, ending in /v1): one line and exit 2 when it cannot be reached, refuses the key, or is
+    no granite-vision server. `api_key`: None takes $GRANITE_VISION_API_KEY; `label`: how the
+    caller names the option (`--server`, `server=`)."""
+    where = f"{label} {server}"
     if not server.startswith(("http://", "https://")):
-        raise UsageError(f"--server {server}: expected an http:// or https:// URL, like http://127.0.0.1:8000")
-    url = server.rstrip("/")
+        raise UsageError(f"{where}: expected an http:// or https:// URL, like http://127.0.0.1:8000")
+    url = server.rstrip("/").removesuffix("/v1")
     api_key = api_key if api_key is not None else os.environ.get("GRANITE_VISION_API_KEY") or None
     try:
         with _open(url, "/v1/models", api_key, timeout=30) as response:
@@ -143,12 +158,15 @@ def load(server: str, api_key: str | None = None) -> RemoteEngine:
             raise KeyError
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
-            raise UsageError(f"--server {server}: the server wants an API key ($GRANITE_VISION_API_KEY)") from None
-        raise UsageError(f"--server {server}: HTTP {exc.code} from /v1/models") from None
+            wrong = (
+                "refused the API key given" if api_key else "wants an API key (--api-key or $GRANITE_VISION_API_KEY)"
+            )
+            raise UsageError(f"{where}: the server {wrong}") from None
+        raise UsageError(f"{where}: HTTP {exc.code} from its /v1/models") from None
     except ServerGone as exc:
-        raise UsageError(f"--server {server}: cannot reach it: {str(exc).split(': ', 1)[-1]}") from None
+        raise UsageError(f"{where}: cannot reach it: {exc.reason}") from None
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise UsageError(f"--server {server}: not a granite-vision server (its /v1/models lacks our details)") from None
+        raise UsageError(f"{where}: not a granite-vision server (its /v1/models lacks our details)") from None
     return RemoteEngine(url, api_key, card)
 
 
@@ -174,7 +192,7 @@ def _streamed(response, out) -> Answer | Refused:
         if "granite_vision" in event:
             last = event
     if last is None:
-        raise ServerGone("the server ended the stream before the answer")
+        raise ServerGone(response.url, "the stream ended before the answer")
     return openai_api.answer_of(last)
 
 
