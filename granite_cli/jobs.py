@@ -45,7 +45,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "seed": (-(2**63), 2**63 - 1),
 }
 #: The lowest temperature above 0 that samples: below it, logits over the temperature overflow.
-MIN_TEMPERATURE = 0.001
+MIN_TEMPERATURE = 1e-6
 #: The options that say how a model loads (the server's, with --server), with their defaults.
 LOADING_DEFAULTS = {
     "revision": None,
