@@ -145,10 +145,17 @@ def broken_model(tmp_path) -> Path:
 
 
 @pytest.fixture
-def inputs(tmp_path) -> Path:
+def inputs(tmp_path, _inputs_original) -> Path:
     """A folder of mixed inputs: photos of several sizes, a 2-page PDF, a 3-page TIFF,
-    a nested folder, a hidden file, and a file of unsupported type."""
-    root = tmp_path / "inputs"
+    a nested folder, a hidden file, and a file of unsupported type (each test's own copy)."""
+    import shutil
+
+    return Path(shutil.copytree(_inputs_original, tmp_path / "inputs"))
+
+
+@pytest.fixture(scope="session")
+def _inputs_original(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inputs-original") / "inputs"
     (root / "nested").mkdir(parents=True)
     noise(640, 480, 1).save(root / "a.png")
     noise(300, 900, 2).save(root / "b.jpg")
@@ -177,15 +184,25 @@ def cli(tiny_model):
     return run
 
 
-@pytest.fixture
-def mixed_images(tmp_path):
-    """Pictures of every shape the processor tiles differently (MIXED_SIZES, in that order)."""
+@pytest.fixture(scope="session")
+def _mixed_originals(tmp_path_factory) -> list[Path]:
+    """MIXED_SIZES' pictures, encoded once a session (noise compresses slowly: a second a test)."""
+    folder = tmp_path_factory.mktemp("mixed")
     paths = []
     for i, (width, height) in enumerate(MIXED_SIZES):
-        path = tmp_path / f"img{i}.png"
+        path = folder / f"img{i}.png"
         noise(width, height, seed=100 + i).save(path)
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def mixed_images(tmp_path, _mixed_originals):
+    """Pictures of every shape the processor tiles differently (MIXED_SIZES, in that order),
+    each test's own copies (a test may write beside them)."""
+    import shutil
+
+    return [Path(shutil.copyfile(path, tmp_path / path.name)) for path in _mixed_originals]
 
 
 @pytest.fixture

@@ -274,6 +274,7 @@ def test_the_cli_batch_options_reach_the_batches(cli, tiny_engine, tmp_path, mon
         assert sum(rows for rows, _ in shapes) == 10 and max(rows for rows, _ in shapes) == most, (options, shapes)
 
 
+@pytest.mark.slow  # (heavy for the fast lane; the full suite runs it)
 def test_batches_follow_the_token_budget(tiny_engine, tmp_path, monkeypatch):
     sizes = [(40, 40)] * 6 + [(1275, 1650)] * 3  # thumbnails and pages
     paths = []
@@ -371,6 +372,7 @@ def test_limits_follow_the_memory_budget_on_a_gpu_and_rows_on_the_cpu(tiny_engin
     assert tiny_engine.limits().memory.budget == 6 * gib  # --max-memory 6
 
 
+@pytest.mark.slow  # (heavy for the fast lane; the full suite runs it)
 @pytest.mark.parametrize("family", ["llava_next", "granite4_vision"])
 def test_answers_stay_token_for_token_under_budgets_chunked_prefill_and_static_caches(
     family, tiny_model, tiny_g4, mixed_images
@@ -435,6 +437,7 @@ def test_on_a_gpu_the_engine_plans_by_memory_prefills_in_chunks_and_prepares_on_
     assert on_cpu.prepare_device is None and on_cpu.generator.prefill_chunk is None
 
 
+@pytest.mark.slow  # (heavy for the fast lane; the full suite runs it)
 # --------------------------------------------------------------------------- memory during decode
 @pytest.mark.parametrize("prefill", ["rows", "batch"])
 def test_no_vision_hidden_state_is_alive_during_a_decode_step(tiny_engine, pictures, monkeypatch, prefill):
@@ -637,6 +640,7 @@ def test_a_static_cache_never_compiles_behind_our_back(tiny_model, pictures, mon
     assert len(verdicts) == 3 and not any(verdicts)
 
 
+@pytest.mark.slow  # (heavy for the fast lane; the full suite runs it)
 def test_out_of_memory_while_preprocessing_splits_the_batch_never_into_single_items(tiny_model, pictures):
     """The image processor runs on the GPU too: running out of memory there halves the batch
     (and the size that fitted is remembered), as in `generate`; it never falls to one at a time."""

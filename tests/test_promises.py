@@ -234,6 +234,7 @@ def engine(tiny_model):
     return load_engine(str(tiny_model), device="cpu")
 
 
+@pytest.mark.slow  # (heavy for the fast lane; the full suite runs it)
 def test_pictures_are_prepared_while_the_model_runs(engine, tmp_path, monkeypatch):
     paths = []
     for i in range(12):
@@ -249,6 +250,7 @@ def test_pictures_are_prepared_while_the_model_runs(engine, tmp_path, monkeypatc
     assert len(runs) == 6 and len(overlapping) >= 3, recorder.events
 
 
+@pytest.mark.slow  # (heavy for the fast lane; the full suite runs it)
 def test_a_batch_holds_pictures_of_similar_token_counts(engine, tmp_path):
     """Within a window, pictures of similar prompt length share a batch. The first batch is the
     exception: it takes the first pictures as they come, so that the model starts at once."""
@@ -442,6 +444,7 @@ def test_a_resumed_run_that_dies_keeps_the_answers_it_resumed_from_and_its_own(t
     assert [(row["source"], row["answer"]) for row in read_jsonl(out)] == [("東京.png", "un café"), ("b.png", "Ωμέγα")]
 
 
+@pytest.mark.slow  # (heavy for the fast lane; the full suite runs it)
 def test_reports_are_rebuilt_off_the_thread_that_runs_the_model(tmp_path, monkeypatch):
     """A slow rebuild (a huge report) never holds up the thread that hands records over."""
     import threading

@@ -269,6 +269,7 @@ def test_pipes_sockets_and_devices_in_folders_and_globs_are_never_opened(cli, tm
             assert "skipped 3 pipe(s), socket(s) or device(s)" in result.stderr
 
 
+@pytest.mark.slow  # (heavy for the fast lane; the full suite runs it)
 def test_every_way_a_stream_named_on_purpose_fails_is_its_own_one_line_error(cli, tmp_path, photos, monkeypatch):
     """Pipes, sockets and devices named on purpose (not met in a walk): read once, bounded, and
     each failure is that item's error; the pictures beside it are still answered."""
