@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from . import DEFAULT_MODEL
@@ -30,6 +30,7 @@ from .batching import Sizer
 from .distributed import Ranks, item_cost, split
 from .errors import UsageError
 from .jobs import DEFAULT_PROMPT, LOADING_DEFAULTS, AskJob, CaptionJob, Options
+from .prompt_fields import fields_of
 from .readers import OpenDocuments, ReadOptions, open_document
 from .records import Job, Record
 from .sidecars import SidecarOutput, Sidecars
@@ -277,14 +278,23 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None, en
     structured = schema.load(job.schema, job.json_object)
     columns = structured.columns if structured is not None else []
     writer_class(job.format, columns)
-    prompt = job.prompt or (structured.default_prompt() if structured is not None else DEFAULT_PROMPT)
+    given = job.prompt_list()
+    # Several prompts, or one with fields: each (picture, prompt) is an item, its prompt filled per
+    # picture. One plain prompt: one item a picture, as always ({{ and }} still mean a brace).
+    several = len(given) > 1 or any(fields_of(prompt, "prompt") for prompt in given)
+    prompts = (given if several else [prompt.format() for prompt in given]) or [
+        structured.default_prompt() if structured is not None else DEFAULT_PROMPT
+    ]
     read, selection = job.read_options(), PageSelection.parse(job.pages) if job.pages is not None else None
-    sidecars = Sidecars(job.sidecar, job.overwrite) if job.sidecar is not None else None
+    numbered = tuple(prompts) if several else ()
+    sidecars = Sidecars(job.sidecar, job.overwrite, numbered) if job.sidecar is not None else None
     ranks = current(job.device)
     reporter = _reporter(reporter, ranks)
     job.notes(reporter)
     model = engine.name if engine is not None else _model(job, reporter)
-    todo_job = _job(job, prompt, model, structured, engine)
+    todo_job = _job(job, prompts[0], model, structured, engine)
+    if several:  # each (picture, prompt) is an item: records name their prompt, --resume tracks each
+        todo_job = replace(todo_job, prompts=tuple(prompts))
     if "-" in job.sources:
         stdin = _stdin(stdin, reporter)
     sources, run_id = _shared_sources(job, ranks, stdin)
@@ -300,16 +310,19 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None, en
         if not resolution.items:
             where = ", ".join(map(repr, sources)) if sources else "no sources given"
             raise UsageError(f"nothing to caption: no image or PDF found ({where})")
-        sink.check(resolution.items)
-        todo = sink.plan(resolution.items, todo_job)
+        items = resolution.items
+        if several:  # a picture's prompts one after another: it is read and encoded once for all
+            items = [replace(item, prompt=prompt) for item in items for prompt in prompts]
+        sink.check(items)
+        todo = sink.plan(items, todo_job)
     except BaseException:
         sink.release()
         raise
     if job.resume:
         reporter.resumed(job.output, sink.previous, len(todo))
-    elif job.sidecar is not None and len(todo) < len(resolution.items):
-        reporter.note(f"{len(resolution.items) - len(todo)} picture(s) have their {job.sidecar} already: skipped")
-    return _Plan(todo_job, resolution.items, todo, sink, ranks, reporter, read, structured)
+    elif job.sidecar is not None and len(todo) < len(items):
+        reporter.note(f"{len(items) - len(todo)} picture(s) have their {job.sidecar} already: skipped")
+    return _Plan(todo_job, items, todo, sink, ranks, reporter, read, structured)
 
 
 def _stdin(stdin: BinaryIO | None, reporter: Reporter) -> BinaryIO:

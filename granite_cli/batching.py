@@ -73,14 +73,28 @@ class Sizer:
             self.limits = replace(current, rows=min(current.rows, rows), tokens=min(current.tokens or tokens, tokens))
 
 
-def group(entries: list, tokens: Callable[[Any], int], sizer: Sizer) -> Iterator[list]:
-    """Consecutive runs of `entries` (sorted by prompt length) that fit the limits together."""
+def group(
+    entries: list, tokens: Callable[[Any], int], sizer: Sizer, together: Callable[[Any], Any] | None = None
+) -> Iterator[list]:
+    """Consecutive runs of `entries` (sorted by prompt length) that fit the limits together.
+    Entries of one `together` key (a picture's several prompts) stay in one batch where the
+    limits allow it, so the picture is encoded once."""
+    units: dict[Any, list] = {}
+    for index, entry in enumerate(entries):
+        units.setdefault(together(entry) if together is not None else index, []).append(entry)
     batch: list = []
-    for entry in sorted(entries, key=tokens):
-        if batch and not sizer.fits(len(batch) + 1, tokens(entry)):
+    longest = 0
+    for unit in sorted(units.values(), key=lambda unit: max(map(tokens, unit))):
+        unit_longest = max(map(tokens, unit))
+        if batch and not sizer.fits(len(batch) + len(unit), max(longest, unit_longest)):
             yield batch
-            batch = []
-        batch.append(entry)
+            batch, longest = [], 0
+        for entry in unit:  # (a unit over the limits alone is cut where it must be)
+            if batch and not sizer.fits(len(batch) + 1, max(longest, tokens(entry))):
+                yield batch
+                batch, longest = [], 0
+            batch.append(entry)
+            longest = max(longest, tokens(entry))
     if batch:
         yield batch
 

@@ -57,6 +57,7 @@ from .options import (
     PagesOpt,
     PasswordOpt,
     PromptOpt,
+    PromptsOpt,
     QuestionArg,
     RendererOpt,
     RepetitionStopOpt,
@@ -256,6 +257,7 @@ def caption(
     ctx: typer.Context,
     sources: SourcesArg,
     prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
     format: FormatOpt = None,
     schema: SchemaOpt = None,
     json_object: JsonObjectOpt = False,
@@ -287,6 +289,7 @@ def caption(
 ) -> None:
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
     options = {key: value for key, value in locals().items() if key != "ctx"}
+    options["prompt"] = prompt[0] if prompt and len(prompt) == 1 else prompt or None
     job = CaptionJob(
         **options | {"output": "-" if output is None else output}, model_origin=_model_origin(ctx), from_cli=True
     )

@@ -52,7 +52,9 @@ main{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:
 .picture{display:flex;align-items:center;justify-content:center;height:180px;background:#e4e4e7;color:#3f3f46}
 .picture img{max-width:100%;max-height:180px;object-fit:contain}
 .body{padding:10px 12px}.name{font-weight:600;word-break:break-all;margin:0 0 6px;font-size:14px}
-.answer{white-space:pre-wrap;margin:0}.failure{color:#b91c1c;font-weight:600;margin:0;white-space:pre-wrap}
+.answer{white-space:pre-wrap;margin:0}
+.prompt{font-weight:600;margin:0 0 4px;white-space:pre-wrap}
+.failure{color:#b91c1c;font-weight:600;margin:0;white-space:pre-wrap}
 table{border-collapse:collapse;margin-top:8px;width:100%;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top;word-break:break-word}
 .hidden{display:none}
@@ -117,6 +119,8 @@ class HtmlWriter(StreamWriter):
         super().__init__(stream, path)
         self.files = files_folder(path.resolve()) if path is not None else None
         self.started = False
+        self.last: tuple | None = None
+        """The picture of the card before (a picture's several answers are grouped)."""
 
     def write(self, record: Record) -> None:
         if not self.started:
@@ -176,9 +180,15 @@ class HtmlWriter(StreamWriter):
                 body += f"<table>{rows}</table>"
         else:
             body = f'<p class="failure">Error: {escape(error)}</p>'
+        if record.prompt_template is not None:  # one of several prompts: said above its answer
+            body = f'<p class="prompt">{escape(shown(record.prompt))}</p>' + body
+        # A picture's next answers (several prompts) follow its card, without the picture again.
+        more = (record.source, record.page) == self.last
+        self.last = (record.source, record.page)
+        picture = '<div class="picture"></div>' if more else self._picture(record)
         return (
-            f'<article class="card{"" if record.ok else " error"}" data-text="{escape(text)}">'
-            f"{self._picture(record)}"
+            f'<article class="card{" more" if more else ""}{"" if record.ok else " error"}" data-text="{escape(text)}">'
+            f"{picture}"
             f'<div class="body"><p class="name">{escape(name)}</p>{body}</div></article>\n'
         )
 

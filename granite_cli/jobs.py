@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from . import DEFAULT_MODEL
-from .errors import UsageError
+from .errors import UsageError, describe
 from .pictures import DEFAULT_MAX_PIXELS, Blob
 from .readers import DEFAULT_DPI, RENDERERS, ReadOptions
 from .records import SETTINGS
@@ -124,7 +124,9 @@ class Options:
         if temperature_problem(self.temperature):
             raise UsageError(f"{self.given('temperature', self.temperature)}: {temperature_problem(self.temperature)}")
         for name in TEXTS:
-            _check_text(self, name, getattr(self, name, None))
+            value = getattr(self, name, None)
+            for text in value if isinstance(value, list) else [value]:
+                _check_text(self, name, text)
         if self.schema is not None and self.json_object:
             raise UsageError(f"{self.option('schema')} and {self.option('json_object')}: give one of them")
 
@@ -263,8 +265,12 @@ class CaptionJob(Options):
     stdout."""
 
     sources: list[str]
-    prompt: str | None = None
-    """Default: DEFAULT_PROMPT, or with a schema, a request for its fields."""
+    prompt: str | list[str] | None = None
+    """One prompt or several (each picture is encoded once for all of them); default:
+    DEFAULT_PROMPT, or with a schema, a request for its fields. Fields like `{name}` or `{text}`
+    are filled per picture (`prompt_fields`)."""
+    prompts: str | None = None
+    """A file of prompts, one a line (blank lines skipped), after those of `prompt`."""
     format: str | None = None
     """None: from the output's ending (report.md is markdown), else jsonl."""
     output: str | None = None
@@ -297,6 +303,29 @@ class CaptionJob(Options):
         from .writers import format_for
 
         self.format = format_for(self.format, self.output, self.given, self.option)
+
+    def prompt_list(self) -> list[str]:
+        """The prompts given (`prompt`, then the lines of `prompts`), in order, each once; [] for
+        none. Their fields are checked here, before any model loads."""
+        from .prompt_fields import fields_of
+
+        given = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or [])
+        if self.prompts is not None:
+            try:
+                with open(self.prompts, encoding="utf-8") as handle:
+                    lines = [line.rstrip("\r\n") for line in handle]
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = describe(exc) if isinstance(exc, OSError) else "not UTF-8 text"
+                raise UsageError(f"{self.given('prompts', self.prompts)}: {reason}") from None
+            given += [line for line in lines if line.strip()]
+            if not given:
+                raise UsageError(f"{self.given('prompts', self.prompts)}: holds no prompt")
+        for prompt in given:
+            if not isinstance(prompt, str):
+                raise UsageError(f"{self.given('prompt', self.prompt)}: expected text or a list of texts")
+            _check_text(self, "prompt", prompt)
+            fields_of(prompt, self.given("prompt", prompt))
+        return list(dict.fromkeys(given))
 
     def made_by_us(self) -> tuple[str, ...]:
         """File name endings a folder walk passes over without counting them as unsupported: text

@@ -75,7 +75,8 @@ class Identities:
                 self.known[record.source] = (info.st_dev, info.st_ino) if stat.S_ISREG(info.st_mode) else record.source
             except (OSError, ValueError):
                 self.known[record.source] = record.source
-        return (self.known[record.source], record.page)
+        picture = (self.known[record.source], record.page)
+        return picture + ((record.prompt_template,) if record.prompt_template is not None else ())
 
 
 def merge(paths: Iterable[Path], identities: Identities) -> tuple[list[Record], bool]:

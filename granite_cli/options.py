@@ -168,12 +168,18 @@ DpiOpt = Annotated[
 
 # Options of `caption` alone.
 PromptOpt = Annotated[
-    Optional[str],
+    Optional[list[str]],
     typer.Option(
         metavar="TEXT",
-        help="What to ask about every picture.",
+        help="What to ask about every picture; give it again for more questions (each picture is read and"
+        " encoded once for all). Fields filled per picture: {name} {stem} {path} {folder} {page} {pages}"
+        " {text} (a PDF page's own text); {{ and }} for braces.",
         show_default=f"{DEFAULT_PROMPT!r}, or with --schema, a request for its fields",
     ),
+]
+PromptsOpt = Annotated[
+    Optional[str],
+    typer.Option(metavar="FILE", help="More prompts, one a line (after those of --prompt)."),
 ]
 FormatOpt = Annotated[
     Optional[Format],

@@ -24,13 +24,14 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TextIO
 
 from . import batching
 from .batching import Batch, Sizer
 from .errors import OutputError, describe
 from .pictures import Fit
+from .prompt_fields import fields_of, fitted
 from .readers import OpenDocuments, ReadOptions
 from .records import Job, Record
 from .sources import Item
@@ -74,7 +75,11 @@ class Loaded:
     """A small rendering the output asked for (an HTML report's page pictures)."""
     job: Job | None = None
     """The item's own job (prompt, schema, settings) where items of one batch differ (a server's
-    requests); None: the run's."""
+    requests, a picture's several prompts, prompts with fields); None: the run's."""
+    pages: int = 1
+    """Pages of the item's document, and its page's text layer: for prompt fields (`{pages}`,
+    `{text}`), read only when a prompt names them."""
+    text: str = ""
 
 
 SmallPicture = Callable[[Item, "Image.Image"], "bytes | None"]
@@ -82,16 +87,25 @@ SmallPicture = Callable[[Item, "Image.Image"], "bytes | None"]
 
 
 def load_item(
-    index: int, item: Item, documents: OpenDocuments, fit: Fit | None = None, small: SmallPicture | None = None
+    index: int,
+    item: Item,
+    documents: OpenDocuments,
+    fit: Fit | None = None,
+    small: SmallPicture | None = None,
+    fields: frozenset[str] = frozenset(),
 ) -> Loaded:
     """An item's picture, at the size the model uses (`fit`), or the reason it has none; and, if
-    the output asks (`small`), a small rendering of it, made here on a loader thread."""
+    the output asks (`small`), a small rendering of it, and what the prompts' `fields` need of
+    its document (pages, text layer), made here on a loader thread."""
     if item.error is not None or item.origin is None:
         return Loaded(index, item, error=item.error or "no input")
     try:
         picture = documents.render(item.origin, item.reader, item.page, fit)
         kept = small(item, picture.image) if small is not None else None
-        return Loaded(index, item, picture.image, size=picture.size, small=kept)
+        pages, text = 1, ""
+        if fields & {"pages", "text"}:
+            pages, text = documents.about(item.origin, item.reader, item.page, "text" in fields)
+        return Loaded(index, item, picture.image, size=picture.size, small=kept, pages=pages, text=text)
     except Exception as exc:  # noqa: BLE001 - a bad input becomes its record, never the end of the run
         return Loaded(index, item, error=describe(exc))
 
@@ -115,6 +129,7 @@ def make_record(
         source=loaded.item.source,
         page=loaded.item.page,
         prompt=job.prompt,
+        prompt_template=loaded.item.prompt,
         answer=answer.text if answer else None,
         error=error,
         model=job.model,
@@ -388,21 +403,57 @@ class _Producer:
         """An entry's prompt tokens (its picture's tokens and the prompt's)."""
         return _tokens(self.engine, self.job, entry)
 
-    def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
-        loaded = list(
-            self.pool.map(
-                lambda pair: load_item(start + pair[0], pair[1], self.documents, self.engine.fit, self.small),
-                enumerate(items),
+    def _load(self, start: int, items: Sequence[Item]) -> list[Loaded]:
+        """The window's items with their pictures: each picture read once, on the loader threads,
+        and shared by the items that ask it several prompts."""
+        first: dict[tuple, int] = {}
+        for offset, item in enumerate(items):
+            first.setdefault(item.picture, offset)
+        fields = frozenset().union(*(fields_of(prompt, "prompt") for prompt in self.job.prompts))
+        read = {
+            offset: loaded
+            for offset, loaded in zip(
+                first.values(),
+                self.pool.map(
+                    lambda offset: load_item(
+                        start + offset, items[offset], self.documents, self.engine.fit, self.small, fields
+                    ),
+                    first.values(),
+                ),
+                strict=True,
             )
-        )
+        }
+        return [
+            read[offset] if first[item.picture] == offset
+            else replace(read[first[item.picture]], index=start + offset, item=item)
+            for offset, item in enumerate(items)
+        ]  # fmt: skip
+
+    def _filled(self, entry: Loaded) -> Job:
+        """The entry's job: its prompt with the fields filled (`{text}` cut to fit the context)."""
+        item = entry.item
+
+        def fits(prompt: str) -> bool:
+            if entry.image is None:
+                return True
+            width, height = entry.image.size
+            return self.engine.check_fits(prompt, width, height, self.sizer.max_new_tokens) is None
+
+        return replace(self.job, prompt=fitted(item.prompt, item, entry.pages, entry.text, fits))
+
+    def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
+        loaded = self._load(start, items)
         for entry in loaded:  # a picture whose prompt cannot fit the context fails here, not in generate
+            if entry.item.prompt is not None:
+                entry.job = self._filled(entry)
             check_fits(self.engine, entry, self.job, self.sizer.max_new_tokens)
         self.longest = max((self.tokens(entry) for entry in loaded if entry.image is not None), default=0)
         failed = [entry for entry in loaded if entry.image is None]
         if failed:
             yield Batch(failed)
         ready = [entry for entry in loaded if entry.image is not None]
-        for entries in batching.group(ready, self.tokens, self.sizer):  # similar lengths together
+        # similar lengths together, a picture's prompts in one batch (its picture is encoded once)
+        for entries in batching.group(ready, self.tokens, self.sizer, lambda entry: entry.item.picture):
             yield prepare_batch(self.engine, entries, self.job.prompt)
 
 

@@ -81,6 +81,9 @@ class Reader(Protocol):
     def render(self, page: int | None, fit: Fit | None) -> Image.Image:
         """The page as upright RGB, no larger than `fit` makes it (`page` None: as in `page_size`)."""
 
+    def text(self, page: int | None) -> str:
+        """The page's own text layer (a prompt's `{text}`); "" where the kind has none."""
+
     def close(self) -> None: ...
 
 
@@ -137,6 +140,9 @@ class ImageReader:
                 raise InputError(f"page {page} out of range (the image has {frames} page(s))")
             self.image.seek(page - 1)
 
+    def text(self, page: int | None) -> str:
+        return ""  # a picture has no text layer
+
     def close(self) -> None:
         self.image.close()
 
@@ -147,6 +153,17 @@ class _PdfKind:
     kind = "pdf"
     suffixes = frozenset({".pdf"})
     accepts = staticmethod(is_pdf)
+
+
+def _pdfium_text(pdf, page: int) -> str:
+    """A page's text layer through PDFium (whichever renderer draws the page)."""
+    with _PDFIUM_LOCK:
+        _check_page(page, len(pdf))
+        text_page = pdf[page - 1].get_textpage()
+        try:
+            return text_page.get_text_range()
+        finally:
+            text_page.close()
 
 
 class PdfiumReader(_PdfKind):
@@ -192,6 +209,9 @@ class PdfiumReader(_PdfKind):
             except pdfium.PdfiumError as exc:
                 raise InputError(f"page {page} could not be rendered ({one_line(exc)})") from exc
         return to_rgb(bitmap)
+
+    def text(self, page: int | None) -> str:
+        return _pdfium_text(self.pdf, page or 1)
 
     def close(self) -> None:
         with _PDFIUM_LOCK:
@@ -251,6 +271,18 @@ class PopplerReader(_PdfKind):
             raise InputError(f"page {page} could not be rendered")
         return to_rgb(pages[0])
 
+    def text(self, page: int | None) -> str:
+        """The text layer, read by PDFium: poppler draws pages, it has no text call of its own."""
+        import pypdfium2 as pdfium
+
+        with _PDFIUM_LOCK:
+            pdf = pdfium.PdfDocument(self.path, password=self.options.password)
+        try:
+            return _pdfium_text(pdf, page or 1)
+        finally:
+            with _PDFIUM_LOCK:
+                pdf.close()
+
     def close(self) -> None:
         if self.temp is not None:
             Path(self.temp).unlink(missing_ok=True)
@@ -301,6 +333,11 @@ class OpenDocuments:
         document = self._document(source, reader)
         size = document.page_size(page)
         return Picture(document.render(page, fit), size)
+
+    def about(self, source: Source, reader: str | None, page: int | None, text: bool) -> tuple[int, str]:
+        """A page's document: its pages (1 for a single picture) and, if asked, the page's text."""
+        document = self._document(source, reader)
+        return document.page_count() or 1, document.text(page) if text else ""
 
     def _document(self, source: Source, reader: str | None) -> Reader:
         held = getattr(self.local, "held", None)

@@ -34,6 +34,9 @@ class Record:
     schema: str | None = None
     """With --schema / --json-object: a fingerprint of the schema ("sha256:..."), so that
     --resume never mixes answers to different schemas in one file."""
+    prompt_template: str | None = None
+    """With several prompts, or one with fields (`{name}`): the prompt as given, which `prompt`
+    fills in; it says which prompt a record answers. Not written when None."""
     settings: dict[str, Any] | None = None
     """What else shaped the answer (`SETTINGS`: --revision, --temperature, --seed, --dpi,
     --max-tiles, --pdf-renderer), so that --resume never mixes answers made differently. None in
@@ -49,6 +52,8 @@ class Record:
 
     def to_json(self) -> str:
         data = {entry.name: getattr(self, entry.name) for entry in fields(self) if entry.name not in _UNWRITTEN}
+        if self.prompt_template is None:
+            del data["prompt_template"]  # (a run of one plain prompt writes what it always wrote)
         return dumps(data)
 
     @classmethod
@@ -85,11 +90,21 @@ class Job:
     settings: dict[str, Any] | None = None
     """`SETTINGS` as this run has them (None: not compared, for jobs that write no file)."""
     max_new_tokens: int | None = None
+    prompts: tuple[str, ...] = ()
+    """Several prompts, or one with fields: each as given (records name theirs in
+    `prompt_template`). Then a record of another prompt is another item, not another job."""
 
     def difference(self, record: Record) -> str | None:
         """How `record` was made differently from this job, in words; None if it was not."""
+        prompt = record.prompt_template or record.prompt
+        if not self.prompts:
+            ours = self.prompt
+        elif record.prompt_template is not None:  # another of several prompts is another item: kept
+            ours = prompt
+        else:  # a file of one prompt's answers, continued with several
+            ours = " | ".join(self.prompts)
         for what, theirs, ours in (
-            ("prompt", record.prompt, self.prompt),
+            ("prompt", prompt, ours),
             ("model", record.model, self.model),
             ("schema", record.schema, self.schema),
         ):

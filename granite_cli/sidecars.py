@@ -30,7 +30,7 @@ from .sources import Item
 class Sidecars:
     """Where each item's sidecar goes, and whether it may be written."""
 
-    def __init__(self, extension: str, overwrite: bool):
+    def __init__(self, extension: str, overwrite: bool, prompts: tuple[str, ...] = ()):
         if extension and not extension.startswith(".") and _ENDING.fullmatch("." + extension):
             raise UsageError(
                 f"--sidecar {extension!r}: a file name ending starts with a dot; did you mean .{extension}?"
@@ -41,10 +41,15 @@ class Sidecars:
             raise UsageError(f"--sidecar {extension}: that is a picture's ending; captions go in text files (.txt)")
         self.extension = extension
         self.overwrite = overwrite
+        self.prompts = prompts
+        """Several prompts: each answer in a file of its own, numbered as the prompts are given."""
 
-    def path(self, source: str, page: int | None) -> Path:
+    def path(self, source: str, page: int | None, prompt: str | None = None) -> Path:
+        """`photo.txt`, `doc.page-2.txt`; with several prompts `photo.1.txt`, `photo.2.txt`, ..."""
         base = Path(source)
         stem = base.stem if page is None else f"{base.stem}.page-{page}"
+        if prompt is not None and prompt in self.prompts:
+            stem += f".{self.prompts.index(prompt) + 1}"
         return base.with_name(stem + self.extension)
 
     def check(self, items: Sequence[Item], outputs: Sequence[Path] = ()) -> None:
@@ -60,7 +65,7 @@ class Sidecars:
                 continue
             if item.file_id is None:
                 raise UsageError(f"--sidecar: {item.source} is not a local file, so nothing can sit beside it")
-            path = self.path(item.source, item.page)
+            path = self.path(item.source, item.page, item.prompt)
             if Path(os.path.realpath(path)) in claimed:
                 clashes.append(f"{claimed[Path(os.path.realpath(path))]} and {item.source} would both write {path}")
                 continue
@@ -78,11 +83,15 @@ class Sidecars:
         already failed keeps its place: its error record is due whatever lies beside it."""
         if self.overwrite:
             return list(items)
-        return [item for item in items if item.error is not None or not self.path(item.source, item.page).exists()]
+        return [
+            item
+            for item in items
+            if item.error is not None or not self.path(item.source, item.page, item.prompt).exists()
+        ]
 
     def write(self, record: Record) -> None:
         if record.ok and record.answer is not None:
-            path = self.path(record.source, record.page)
+            path = self.path(record.source, record.page, record.prompt_template)
             with writing(f"--sidecar {path}"):
                 write_atomic(path, record.answer + "\n")
 

@@ -56,10 +56,19 @@ class Item:
     named, and an output may never be one of the inputs."""
     reader: str | None = None
     """The reader of its kind (see `readers.READERS`), decided once from its content."""
+    prompt: str | None = None
+    """Which of several prompts (or which prompt with fields) this item answers: its text as
+    given, before the fields are filled (`prompts`); None in a run of one plain prompt."""
 
     @property
     def identity(self) -> tuple:
-        """What makes two items the same picture: the file and page, else the name and page."""
+        """What makes two items the same: the file and page, else the name and page (the same
+        picture), and the prompt they answer when a run has several."""
+        return self.picture + ((self.prompt,) if self.prompt is not None else ())
+
+    @property
+    def picture(self) -> tuple:
+        """What makes two items the same picture, whatever they are asked."""
         return (self.file_id or self.source, self.page)
 
 

@@ -99,6 +99,7 @@ class MarkdownWriter(StreamWriter):
     def __init__(self, stream: TextIO, path: Path | None = None, columns: Sequence[str] = ()):
         super().__init__(stream, path)
         self.current: str | None = None
+        self.picture: tuple | None = None
         self.stream.write(f"# {REPORT_TITLE}\n")
         self.stream.flush()
 
@@ -111,10 +112,13 @@ class MarkdownWriter(StreamWriter):
             parts.append(f"\n## {_code(shown(record.source))}\n")
             if record.page is None and link and record.ok:  # a picture that failed may not display at all
                 parts.append(f"\n![{name}]({link})\n")
-        if record.page is not None:
+        if record.page is not None and (record.source, record.page) != self.picture:
             parts.append(f"\n### Page {record.page}\n")
             if link:  # a PDF opens at its page; a multi-page TIFF as a whole
                 parts.append(f"\n[page {record.page} of {name}]({self.link(record.source, record.page)})\n")
+        self.picture = (record.source, record.page)
+        if record.prompt_template is not None:  # one of several prompts: a picture's answers under it
+            parts.append(f"\n**{_escape(shown(record.prompt))}**\n")
         if record.error is not None:
             parts.append(f"\n> **Error:** {_escape(shown(record.error))}\n")
         elif isinstance(record.data, dict):

@@ -255,6 +255,7 @@ HELPS = {
             "Options": {
                 "--prompt TEXT": "[default: 'Describe this image in detail.', or with --schema, a request for its"
                 " fields]",
+                "--prompts FILE": "",
                 "-f, --format [jsonl|markdown|csv|imagefolder|html]": "[default: from --output's ending (report.md:"
                 " markdown, .csv, .html), else jsonl]",
                 "-o, --output FILE": "",

@@ -348,7 +348,7 @@ def test_9_and_10_the_library_takes_what_python_users_pass(tiny_model, shots, tm
         ({"temperature": "hot"}, "temperature='hot': expected a number"),
         ({"max_new_tokens": 0}, "max_new_tokens=0: expected at least 1"),
         ({"resume": "yes"}, "resume='yes': expected True or False"),
-        ({"prompt": 5}, "prompt=5: expected text or None"),
+        ({"prompt": 5}, "prompt=5: expected text or a list or None"),
         ({"max_tiles": "4"}, "max_tiles='4': expected a whole number or None"),
         ({"max_new_token": 4}, "no keyword 'max_new_token' (did you mean max_new_tokens?)"),
         ({"format": "pdf"}, "format='pdf': expected one of"),

@@ -21,18 +21,23 @@ def prepare(processor, prompts: Prompts, images: list[Image.Image], questions: l
     """
     import torch
 
+    # A picture asked several questions (the same object in several rows) is tiled and encoded
+    # once: `image_rows` says which of the pictures each row reads (see `Generator.encode`).
+    first: dict[int, int] = {}
+    image_rows = [first.setdefault(id(image), len(first)) for image in images]
+    unique = list({id(image): image for image in images}.values())
     inputs = processor(
-        images=images,
-        text=[prompts.image_token] * len(images),
+        images=unique,
+        text=[prompts.image_token] * len(unique),
         return_tensors="pt",
         padding=True,
         add_special_tokens=False,
         **({"device": str(device)} if device is not None else {}),
     )
     rows = []
-    for index, question in enumerate(questions):
+    for question, picture in zip(questions, image_rows, strict=True):
         head, tail = prompts.ids(question)
-        expansion = inputs["input_ids"][index][inputs["attention_mask"][index].bool()].tolist()
+        expansion = inputs["input_ids"][picture][inputs["attention_mask"][picture].bool()].tolist()
         rows.append([*head, *expansion, *tail])
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -41,4 +46,5 @@ def prepare(processor, prompts: Prompts, images: list[Image.Image], questions: l
         input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         attention_mask[index, width - len(row) :] = 1
     inputs["input_ids"], inputs["attention_mask"] = input_ids, attention_mask
+    inputs["image_rows"] = image_rows
     return inputs

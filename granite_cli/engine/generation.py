@@ -91,6 +91,11 @@ class Generator:
         most `memory.ENCODE_TILES` tiles a call (it keeps every layer's hidden states, ~47 MB a
         tile in bf16), so encoding costs the same memory whatever the batch."""
         pixels, sizes = inputs.pop("pixel_values"), inputs.pop("image_sizes")
+        image_rows = inputs.pop("image_rows", None)  # (a picture several rows ask about: encoded once)
+        if (
+            image_rows is not None and self.model.config.model_type not in ROW_PREFILL
+        ):  # 4.x: deepstack features come per layer, not
+            pixels, sizes, image_rows = pixels[image_rows], sizes[image_rows], None  # per picture: one a row
         step = max(1, memory.ENCODE_TILES // pixels.shape[1])
         kept: dict[str, list] = {}
         outputs = None
@@ -103,6 +108,8 @@ class Generator:
             for name in ("pooler_output", "deepstack_features"):  # per picture: lists that join
                 if outputs.get(name) is not None:
                     kept.setdefault(name, []).extend(outputs.get(name))
+        if image_rows is not None and list(image_rows) != list(range(len(image_rows))):
+            kept = {name: [pictures[row] for row in image_rows] for name, pictures in kept.items()}
         return type(outputs)(**kept)
 
     def _cache(self, shape, settings: GenerationSettings):
