@@ -395,8 +395,11 @@ class _Producer:
         of the last window's longest prompt can hold (under the limits as they are then)."""
         start, size = 0, min(self.sizer.limits.rows, FIRST_ROWS)
         while start < len(self.items):
-            yield start, self.items[start : start + size]
-            start += size
+            end = min(start + size, len(self.items))
+            while end < len(self.items) and self.items[end].picture == self.items[end - 1].picture:
+                end += 1  # a picture's prompts in one window: it is read and encoded once
+            yield start, self.items[start:end]
+            start = end
             size = window_size(self.sizer.most_rows(self.longest))
 
     def tokens(self, entry: Loaded) -> int:
