@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, requests_file
 from .batching import Sizer
 from .distributed import Ranks, item_cost, split
 from .errors import UsageError
@@ -34,7 +34,7 @@ from .prompt_fields import fields_of
 from .readers import OpenDocuments, ReadOptions, open_document
 from .records import Job, Record
 from .sidecars import SidecarOutput, Sidecars
-from .sources import Item, PageSelection, expand_stdin, resolve, resolve_single
+from .sources import Item, PageSelection, Resolution, expand_stdin, resolve, resolve_single
 from .ui import Reporter
 from .writers import writer_class
 
@@ -267,6 +267,8 @@ class _Plan:
     reporter: Reporter
     read: ReadOptions
     structured: object
+    per_item: object = None
+    """A request file's: each item's own job and decoding (see `pipeline.PerItem`)."""
 
 
 def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None, engine: Engine | None) -> _Plan:
@@ -295,7 +297,10 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None, en
     todo_job = _job(job, prompts[0], model, structured, engine)
     if several:  # each (picture, prompt) is an item: records name their prompt, --resume tracks each
         todo_job = replace(todo_job, prompts=tuple(prompts))
-    if "-" in job.sources:
+    if job.requests is not None and (job.sources or job.prompt is not None or job.prompts is not None):
+        given = "SOURCE" if job.sources else job.option("prompt")
+        raise UsageError(f"{job.option('requests')} and {given}: give one (each request names its picture and prompt)")
+    if "-" in job.sources or job.requests == "-":
         stdin = _stdin(stdin, reporter)
     sources, run_id = _shared_sources(job, ranks, stdin)
     sink = open_output(
@@ -305,7 +310,12 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None, en
     try:
         if sidecars is not None:
             sink = SidecarOutput(sink, sidecars)
-        resolution = resolve(sources, pages=selection, read=read, stdin=stdin, ignore=job.made_by_us())
+        if job.requests is not None:
+            resolution = Resolution(requests_file.read(job.requests, stdin, read, job.max_new_tokens))
+            requests_file.check_unique(resolution.items)
+            todo_job = replace(todo_job, requests=True)
+        else:
+            resolution = resolve(sources, pages=selection, read=read, stdin=stdin, ignore=job.made_by_us())
         reporter.resolution(resolution, verbose=job.verbose)
         if not resolution.items:
             where = ", ".join(map(repr, sources)) if sources else "no sources given"
@@ -322,7 +332,28 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None, en
         reporter.resumed(job.output, sink.previous, len(todo))
     elif job.sidecar is not None and len(todo) < len(items):
         reporter.note(f"{len(items) - len(todo)} picture(s) have their {job.sidecar} already: skipped")
-    return _Plan(todo_job, items, todo, sink, ranks, reporter, read, structured)
+    per_item = _per_item(job, todo_job, structured) if job.requests is not None else None
+    return _Plan(todo_job, items, todo, sink, ranks, reporter, read, structured, per_item)
+
+
+def _per_item(job: CaptionJob, run: Job, structured):
+    """A request's own job and decoding: its schema, prompt and answer length where it gives
+    them, else the run's (each combination made once)."""
+    from functools import lru_cache
+
+    from . import schema
+
+    @lru_cache(maxsize=256)
+    def made(schema_text: str | None, prompt: str | None, max_new_tokens: int | None):
+        own = schema.load(schema_text) if schema_text is not None else structured
+        default = own.default_prompt() if own is not None else DEFAULT_PROMPT
+        settings = replace(job.settings(own), max_new_tokens=max_new_tokens or job.max_new_tokens)
+        fingerprint = own.fingerprint if own is not None else None
+        return replace(
+            run, prompt=prompt or default, schema=fingerprint, max_new_tokens=settings.max_new_tokens
+        ), settings
+
+    return lambda item: made(item.request.schema, item.request.prompt, item.request.max_new_tokens)
 
 
 def _stdin(stdin: BinaryIO | None, reporter: Reporter) -> BinaryIO:
@@ -359,6 +390,9 @@ def _execute(plan: _Plan, engine, job: CaptionJob, stop: Stop) -> CaptionResult:
     result = CaptionResult()
     todo = _share(plan, engine, job.max_new_tokens)
     settings = job.settings(plan.structured)
+    if plan.per_item is not None:  # batches are sized for the longest answer a request asks
+        longest = max((item.request.max_new_tokens or 0 for item in todo if item.request), default=0)
+        settings = replace(settings, max_new_tokens=max(settings.max_new_tokens, longest))
     started = time.monotonic()
     stop.running = True
     try:
@@ -377,6 +411,7 @@ def _execute(plan: _Plan, engine, job: CaptionJob, stop: Stop) -> CaptionResult:
                     todo, engine, plan.sink, job=plan.job, settings=settings,
                     limits=engine.limits(job.batch_size, job.max_batch_tokens),
                     read=plan.read, on_record=on_record, stop=stop.event, small=plan.sink.small_picture,
+                    per_item=plan.per_item,
                 )  # fmt: skip
     except BaseException:
         plan.sink.abandon()

@@ -38,6 +38,8 @@ class Batch:
     """What a preprocessing failure was (see `Engine.failure`): out of memory splits the batch."""
     after_oom: bool = False
     """A part of a batch that ran out of memory: if it fits, its size is remembered."""
+    settings: Any = None
+    """How its answers are decoded, where items differ (a request file's); None: the run's."""
 
 
 @dataclass
@@ -162,5 +164,5 @@ def _halves(batch: Batch, prepare: Callable[[list], Batch], after_oom: bool) -> 
     middle = len(batch.entries) // 2
     halves = [prepare(batch.entries[:middle]), prepare(batch.entries[middle:])]
     for half in halves:
-        half.after_oom = after_oom
+        half.after_oom, half.settings = after_oom, batch.settings
     return halves

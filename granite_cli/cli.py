@@ -61,6 +61,7 @@ from .options import (
     QuestionArg,
     RendererOpt,
     RepetitionStopOpt,
+    RequestsOpt,
     ResumeOpt,
     RevisionOpt,
     SchemaOpt,
@@ -255,9 +256,10 @@ def ask(
 @_command
 def caption(
     ctx: typer.Context,
-    sources: SourcesArg,
+    sources: SourcesArg = None,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
+    requests: RequestsOpt = None,
     format: FormatOpt = None,
     schema: SchemaOpt = None,
     json_object: JsonObjectOpt = False,
@@ -290,6 +292,7 @@ def caption(
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
     options = {key: value for key, value in locals().items() if key != "ctx"}
     options["prompt"] = prompt[0] if prompt and len(prompt) == 1 else prompt or None
+    options["sources"] = sources or []
     job = CaptionJob(
         **options | {"output": "-" if output is None else output}, model_origin=_model_origin(ctx), from_cli=True
     )

@@ -271,6 +271,9 @@ class CaptionJob(Options):
     are filled per picture (`prompt_fields`)."""
     prompts: str | None = None
     """A file of prompts, one a line (blank lines skipped), after those of `prompt`."""
+    requests: str | None = None
+    """A request file (`-`: stdin): one JSON request a line, each with its own source, page,
+    prompt, schema, answer length and id; ours or OpenAI's batch input (`requests_file`)."""
     format: str | None = None
     """None: from the output's ending (report.md is markdown), else jsonl."""
     output: str | None = None

@@ -69,6 +69,8 @@ class Identities:
         self.known: dict[str, object] = {}
 
     def of(self, record: Record) -> tuple:
+        if record.id is not None:  # a request's
+            return ("request", record.id)
         if record.source not in self.known:
             try:
                 info = os.stat(record.source)

@@ -181,6 +181,14 @@ PromptsOpt = Annotated[
     Optional[str],
     typer.Option(metavar="FILE", help="More prompts, one a line (after those of --prompt)."),
 ]
+RequestsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="FILE",
+        help="Requests, one JSON object a line (- for stdin), instead of SOURCE: each with its own source, page,"
+        " prompt, schema, max_new_tokens and id; or OpenAI's batch input format.",
+    ),
+]
 FormatOpt = Annotated[
     Optional[Format],
     typer.Option(
@@ -244,7 +252,7 @@ MaxBatchTokensOpt = Annotated[
     ),
 ]
 SourcesArg = Annotated[
-    list[str],
+    Optional[list[str]],
     typer.Argument(
         metavar="SOURCE",
         help="Files, folders (walked recursively), globs (quoted: the tool expands them, ** too),"

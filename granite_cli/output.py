@@ -358,6 +358,8 @@ class FileOutput:
 
 def _is_stream(item: Item) -> bool:
     """An input read once from a pipe or device: not a file, not a URL, not a picture in memory
-    (those are named by their content)."""
+    (those are named by their content), not a request (known by its id)."""
     origin = item.origin
+    if item.request is not None and item.request.id is not None:  # a request is known by its id
+        return False
     return isinstance(origin, Blob) and origin.name is None and not item.source.startswith(URL_PREFIXES)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from . import batching
 from .batching import Batch, Sizer
-from .errors import OutputError, describe
+from .errors import OutputError, UsageError, describe
 from .pictures import Fit
 from .prompt_fields import fields_of, fitted
 from .readers import OpenDocuments, ReadOptions
@@ -76,6 +76,8 @@ class Loaded:
     job: Job | None = None
     """The item's own job (prompt, schema, settings) where items of one batch differ (a server's
     requests, a picture's several prompts, prompts with fields); None: the run's."""
+    settings: GenerationSettings | None = None
+    """How the item's answer is decoded where items differ (a request file's); None: the run's."""
     pages: int = 1
     """Pages of the item's document, and its page's text layer: for prompt fields (`{pages}`,
     `{text}`), read only when a prompt names them."""
@@ -84,6 +86,8 @@ class Loaded:
 
 SmallPicture = Callable[[Item, "Image.Image"], "bytes | None"]
 """What an output keeps of a picture while the run has it: a small rendering, or None."""
+PerItem = Callable[[Item], "tuple[Job, GenerationSettings]"]
+"""An item's own job and decoding (a request file's line); raises `UsageError` for a bad one."""
 
 
 def load_item(
@@ -129,7 +133,8 @@ def make_record(
         source=loaded.item.source,
         page=loaded.item.page,
         prompt=job.prompt,
-        prompt_template=loaded.item.prompt,
+        prompt_template=loaded.item.prompt if loaded.item.request is None else None,
+        id=loaded.item.request.id if loaded.item.request is not None else None,
         answer=answer.text if answer else None,
         error=error,
         model=job.model,
@@ -205,6 +210,7 @@ def caption(
     workers: int | None = None,
     stop: threading.Event | None = None,
     small: SmallPicture | None = None,
+    per_item: PerItem | None = None,
 ) -> Stats:
     """Answer `job.prompt` about every item and write one record per item, in input order.
     `small`: what the output keeps of each picture (see `load_item`).
@@ -224,7 +230,7 @@ def caption(
 
     emitter = OrderedEmitter(writer, count)
     sizer = Sizer(limits, settings.max_new_tokens)
-    producer = _Producer(items, engine, job, sizer, read, workers or _default_workers(), small)
+    producer = _Producer(items, engine, job, sizer, read, workers or _default_workers(), small, per_item)
     with producer:
         try:
             _consume(producer, engine, emitter, job, settings, stop, stats)
@@ -241,7 +247,7 @@ def _consume(producer, engine, emitter, job, settings, stop, stats) -> None:
         if stop is not None and stop.is_set():
             stats.stopped = True
             return
-        for entry, record in _records(engine, batch, job, settings, producer.sizer):
+        for entry, record in _records(engine, batch, job, batch.settings or settings, producer.sizer):
             emitter.add(entry.index, record)
 
 
@@ -293,6 +299,20 @@ def check_fits(engine: Engine, entry: Loaded, job: Job, max_new_tokens: int) -> 
     return entry.image is not None
 
 
+def _by_settings(entries: list[Loaded]) -> list[tuple[GenerationSettings | None, list[Loaded]]]:
+    """Entries grouped by their own decoding (None: the run's), in order of first appearance (a
+    list: settings hold a schema's dict, which cannot be hashed)."""
+    groups: list[tuple[GenerationSettings | None, list[Loaded]]] = []
+    for entry in entries:
+        for settings, members in groups:
+            if settings == entry.settings:
+                members.append(entry)
+                break
+        else:
+            groups.append((entry.settings, [entry]))
+    return groups
+
+
 def _prompt(entry: Loaded, job: Job) -> str:
     return (entry.job or job).prompt
 
@@ -334,8 +354,11 @@ class _Producer:
 
     _DONE = object()
 
-    def __init__(self, items, engine, job: Job, sizer: Sizer, read, workers, small: SmallPicture | None = None):
+    def __init__(
+        self, items, engine, job: Job, sizer: Sizer, read, workers, small: SmallPicture | None = None, per_item=None
+    ):
         self.items = items
+        self.per_item = per_item
         self.small = small
         self.engine = engine
         self.job = job
@@ -412,14 +435,23 @@ class _Producer:
         first: dict[tuple, int] = {}
         for offset, item in enumerate(items):
             first.setdefault(item.picture, offset)
-        fields = frozenset().union(*(fields_of(prompt, "prompt") for prompt in self.job.prompts))
+
+        def fields(picture: tuple) -> frozenset[str]:  # what its prompts need of its document
+            asked = [item.prompt for item in items if item.picture == picture and item.prompt is not None]
+            return frozenset().union(*(fields_of(prompt, "prompt") for prompt in asked))
+
         read = {
             offset: loaded
             for offset, loaded in zip(
                 first.values(),
                 self.pool.map(
                     lambda offset: load_item(
-                        start + offset, items[offset], self.documents, self.engine.fit, self.small, fields
+                        start + offset,
+                        items[offset],
+                        self.documents,
+                        self.engine.fit,
+                        self.small,
+                        fields(items[offset].picture),
                     ),
                     first.values(),
                 ),
@@ -432,32 +464,49 @@ class _Producer:
             for offset, item in enumerate(items)
         ]  # fmt: skip
 
+    def _own(self, entry: Loaded) -> None:
+        """The entry's own job and decoding, where it has them (a request file's line, a prompt
+        of several or with fields): its record's error if they are bad."""
+        if self.per_item is not None and entry.item.request is not None:
+            try:
+                entry.job, entry.settings = self.per_item(entry.item)
+            except UsageError as exc:
+                entry.image, entry.error = None, f"line {entry.item.request.line}: {exc}"
+                return
+        if entry.item.prompt is not None:
+            entry.job = self._filled(entry)
+
     def _filled(self, entry: Loaded) -> Job:
         """The entry's job: its prompt with the fields filled (`{text}` cut to fit the context)."""
         item = entry.item
+        job = entry.job or self.job
+        max_new_tokens = entry.settings.max_new_tokens if entry.settings else self.sizer.max_new_tokens
 
         def fits(prompt: str) -> bool:
             if entry.image is None:
                 return True
             width, height = entry.image.size
-            return self.engine.check_fits(prompt, width, height, self.sizer.max_new_tokens) is None
+            return self.engine.check_fits(prompt, width, height, max_new_tokens) is None
 
-        return replace(self.job, prompt=fitted(item.prompt, item, entry.pages, entry.text, fits))
+        return replace(job, prompt=fitted(item.prompt, item, entry.pages, entry.text, fits))
 
     def _window(self, start: int, items: Sequence[Item]) -> Iterator[Batch]:
         loaded = self._load(start, items)
         for entry in loaded:  # a picture whose prompt cannot fit the context fails here, not in generate
-            if entry.item.prompt is not None:
-                entry.job = self._filled(entry)
-            check_fits(self.engine, entry, self.job, self.sizer.max_new_tokens)
+            self._own(entry)
+            max_new_tokens = entry.settings.max_new_tokens if entry.settings else self.sizer.max_new_tokens
+            check_fits(self.engine, entry, self.job, max_new_tokens)
         self.longest = max((self.tokens(entry) for entry in loaded if entry.image is not None), default=0)
         failed = [entry for entry in loaded if entry.image is None]
         if failed:
             yield Batch(failed)
         ready = [entry for entry in loaded if entry.image is not None]
-        # similar lengths together, a picture's prompts in one batch (its picture is encoded once)
-        for entries in batching.group(ready, self.tokens, self.sizer, lambda entry: entry.item.picture):
-            yield prepare_batch(self.engine, entries, self.job.prompt)
+        for settings, alike in _by_settings(ready):  # one decoding a batch
+            # similar lengths together, a picture's prompts in one batch (its picture is encoded once)
+            for entries in batching.group(alike, self.tokens, self.sizer, lambda entry: entry.item.picture):
+                batch = prepare_batch(self.engine, entries, self.job.prompt)
+                batch.settings = settings
+                yield batch
 
 
 def prepare_batch(engine: Engine, entries: list[Loaded], prompt: str) -> Batch:

@@ -161,7 +161,7 @@ def _pdfium_text(pdf, page: int) -> str:
         _check_page(page, len(pdf))
         text_page = pdf[page - 1].get_textpage()
         try:
-            return text_page.get_text_range()
+            return text_page.get_text_range().replace("\r\n", "\n")
         finally:
             text_page.close()
 

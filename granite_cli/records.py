@@ -37,6 +37,8 @@ class Record:
     prompt_template: str | None = None
     """With several prompts, or one with fields (`{name}`): the prompt as given, which `prompt`
     fills in; it says which prompt a record answers. Not written when None."""
+    id: str | None = None
+    """The request's id (`--requests`: `id`, or OpenAI's `custom_id`). Not written when None."""
     settings: dict[str, Any] | None = None
     """What else shaped the answer (`SETTINGS`: --revision, --temperature, --seed, --dpi,
     --max-tiles, --pdf-renderer), so that --resume never mixes answers made differently. None in
@@ -52,8 +54,9 @@ class Record:
 
     def to_json(self) -> str:
         data = {entry.name: getattr(self, entry.name) for entry in fields(self) if entry.name not in _UNWRITTEN}
-        if self.prompt_template is None:
-            del data["prompt_template"]  # (a run of one plain prompt writes what it always wrote)
+        for name in ("prompt_template", "id"):
+            if data[name] is None:
+                del data[name]  # (a run of one plain prompt writes what it always wrote)
         return dumps(data)
 
     @classmethod
@@ -93,23 +96,37 @@ class Job:
     prompts: tuple[str, ...] = ()
     """Several prompts, or one with fields: each as given (records name theirs in
     `prompt_template`). Then a record of another prompt is another item, not another job."""
+    requests: bool = False
+    """A request file: each item has its own prompt, schema and answer length, so only the model
+    and the settings make the job."""
 
     def difference(self, record: Record) -> str | None:
         """How `record` was made differently from this job, in words; None if it was not."""
+        if record.id is not None and not self.requests:
+            return "another kind of run (a request file's; this run: a caption of sources)"
+        if self.requests:
+            return (
+                self._settings_difference(record)
+                if record.model == self.model
+                else f"another model ({shown_briefly(record.model)}; this run: {shown_briefly(self.model)})"
+            )
         prompt = record.prompt_template or record.prompt
         if not self.prompts:
-            ours = self.prompt
+            our_prompt = self.prompt
         elif record.prompt_template is not None:  # another of several prompts is another item: kept
-            ours = prompt
+            our_prompt = prompt
         else:  # a file of one prompt's answers, continued with several
-            ours = " | ".join(self.prompts)
+            our_prompt = " | ".join(self.prompts)
         for what, theirs, ours in (
-            ("prompt", prompt, ours),
+            ("prompt", prompt, our_prompt),
             ("model", record.model, self.model),
             ("schema", record.schema, self.schema),
         ):
             if theirs != ours:
                 return f"another {what} ({shown_briefly(theirs)}; this run: {shown_briefly(ours)})"
+        return self._settings_difference(record)
+
+    def _settings_difference(self, record: Record) -> str | None:
         for name in SETTINGS if self.settings is not None and record.settings is not None else ():
             if name not in record.settings:  # a setting newer than the record: it had the default
                 continue
@@ -124,7 +141,7 @@ class Job:
         same; one that was cut is the same only at the same limit)."""
         if not record.ok:
             return False
-        if self.max_new_tokens is None or record.answer_tokens is None:
+        if self.requests or self.max_new_tokens is None or record.answer_tokens is None:
             return True
         if record.finish_reason == "length":
             return record.answer_tokens == self.max_new_tokens

@@ -44,6 +44,20 @@ FileId = tuple[int, int]
 
 
 @dataclass(frozen=True)
+class ItemRequest:
+    """What one line of a request file asks of its picture (see `requests_file`): None fields
+    take the run's own value."""
+
+    id: str | None = None
+    prompt: str | None = None
+    schema: str | None = None
+    max_new_tokens: int | None = None
+    openai: bool = False
+    """Given in OpenAI's batch input format."""
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class Item:
     """One picture to answer about. `source` is the name the user knows it by."""
 
@@ -59,11 +73,15 @@ class Item:
     prompt: str | None = None
     """Which of several prompts (or which prompt with fields) this item answers: its text as
     given, before the fields are filled (`prompts`); None in a run of one plain prompt."""
+    request: ItemRequest | None = None
+    """The request-file line this item is (`--requests`), with what it asks."""
 
     @property
     def identity(self) -> tuple:
-        """What makes two items the same: the file and page, else the name and page (the same
-        picture), and the prompt they answer when a run has several."""
+        """What makes two items the same: a request's id; else the file and page, or the name
+        and page (the same picture), and the prompt they answer when a run has several."""
+        if self.request is not None and self.request.id is not None:
+            return ("request", self.request.id)
         return self.picture + ((self.prompt,) if self.prompt is not None else ())
 
     @property

@@ -9,6 +9,7 @@ help and its checks all come from there.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -330,9 +331,59 @@ _SPLIT = re.compile(
     r"(?:^|[-._ 0-9])(?:train|training|validation|valid|dev|val|test|testing|eval|evaluation)(?:$|[-._ 0-9])", re.I
 )
 
+
 #: Every output format, by its --format name.
+class OpenAIBatchWriter(StreamWriter):
+    """OpenAI's batch output format (what `vllm run-batch` writes): one line a request, its
+    `custom_id` (the request's id; else the picture's name and page), and `response` with the
+    status and a `chat.completion` body, or an OpenAI error body for a request that failed."""
+
+    name = "openai-batch"
+    help = "OpenAI's batch output: custom_id, response.status_code, response.body (a chat.completion)"
+    suffixes = (".jsonl",)  # (as OpenAI names its files; a .jsonl output without -f is jsonl)
+    report = True
+
+    def write(self, record: Record) -> None:
+        from . import openai_api
+
+        custom_id = record.id or (record.source if record.page is None else f"{record.source}#page={record.page}")
+        request_id = (
+            "req_" + hashlib.sha256(f"{custom_id}\0{record.prompt}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        )
+        if record.answer is not None:
+            status, body = 200, openai_api.completion(record.model, record, "chatcmpl-" + request_id[4:])
+        else:
+            status, body = 400, openai_api.error_body(record.error or "failed")
+        line = {
+            "id": "batch_" + request_id,
+            "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": None,
+        }
+        self.stream.write(dumps(line) + "\n")
+        self.stream.flush()
+
+    @staticmethod
+    def recognizes(text: str) -> bool:
+        for line in filter(str.strip, text.split("\n")):
+            try:
+                data = json.loads(line)
+            except ValueError:
+                return False
+            if not (
+                isinstance(data, dict) and str(data.get("id", "")).startswith("batch_req_") and "custom_id" in data
+            ):
+                return False
+        return True
+
+    @staticmethod
+    def holds_records(text: str) -> bool:
+        return bool(text.strip())
+
+
 WRITERS: dict[str, type[Writer]] = {
-    writer.name: writer for writer in (JsonlWriter, MarkdownWriter, CsvWriter, ImagefolderWriter, HtmlWriter)
+    writer.name: writer
+    for writer in (JsonlWriter, MarkdownWriter, CsvWriter, ImagefolderWriter, HtmlWriter, OpenAIBatchWriter)
 }
 FORMATS = tuple(WRITERS)
 
