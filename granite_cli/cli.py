@@ -292,6 +292,8 @@ def caption(
     """Caption (or ask the same question of) every image and PDF page named; one record per picture."""
     options = {key: value for key, value in locals().items() if key != "ctx"}
     options["prompt"] = prompt[0] if prompt and len(prompt) == 1 else prompt or None
+    if not sources and requests is None:  # (optional only because --requests takes its place)
+        raise UsageError("Missing argument 'SOURCE' (see --help; or --requests FILE)")
     options["sources"] = sources or []
     job = CaptionJob(
         **options | {"output": "-" if output is None else output}, model_origin=_model_origin(ctx), from_cli=True

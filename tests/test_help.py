@@ -251,12 +251,13 @@ HELPS = {
             "Caption (or ask the same question of) every image and PDF page named; one record per picture.",
         ],
         {
-            "Arguments": {"SOURCE...": "[required]"},
+            "Arguments": {"SOURCE...": ""},
             "Options": {
                 "--prompt TEXT": "[default: 'Describe this image in detail.', or with --schema, a request for its"
                 " fields]",
                 "--prompts FILE": "",
-                "-f, --format [jsonl|markdown|csv|imagefolder|html]": "[default: from --output's ending (report.md:"
+                "--requests FILE": "",
+                "-f, --format [jsonl|markdown|csv|imagefolder|html|openai-batch]": "[default: from --output's ending (report.md:"
                 " markdown, .csv, .html), else jsonl]",
                 "-o, --output FILE": "",
                 "--resume": "",
@@ -377,10 +378,10 @@ def test_help_on_a_terminal_wraps_at_its_width(monkeypatch, capsys, command):
         (("caption", "x.png", "--dpi=1=2"), "--dpi 1=2: expected a whole number at least 36 and at most 1200"),
         (("caption", "x.png", "--batch-size", "0"), "--batch-size 0: expected a whole number at least 1"),
         (("caption", "x.png", "--temperature", "-1"), "--temperature -1: expected a number at least 0.0"),
-        (("caption", "x.png", "-f", "xml"), "--format xml: expected one of jsonl|markdown|csv|imagefolder|html"),
+        (("caption", "x.png", "-f", "xml"), "--format xml: expected one of jsonl|markdown|csv|imagefolder|html|openai-batch"),
         (("caption", "--max-new-tokens", "4", "-fxml", "--", "-f"),  # the value glued on; a picture named -f
-         "--format: expected one of jsonl|markdown|csv|imagefolder|html"),
-        (("caption",), "Missing argument 'SOURCE' (see --help)"),
+         "--format: expected one of jsonl|markdown|csv|imagefolder|html|openai-batch"),
+        (("caption",), "Missing argument 'SOURCE' (see --help; or --requests FILE)"),
         (("ask", "x.png"), "Missing argument 'QUESTION' (see --help)"),
         (("caption", "x.png", "--fooX"), "No such option: --fooX (see --help)"),
         (("info", "extra"), "Got unexpected extra argument(s) (extra) (see --help)"),
@@ -401,7 +402,7 @@ def test_a_usage_error_says_what_was_given_and_what_was_expected(cli, args, line
     ("argv", "line"),
     [
         (["caption", "x.png", "--dpi", "20"], "--dpi 20: expected a whole number at least 36 and at most 1200"),
-        (["caption"], "Missing argument 'SOURCE' (see --help)"),
+        (["caption"], "Missing argument 'SOURCE' (see --help; or --requests FILE)"),
     ],
 )
 def test_a_usage_error_of_the_command_line_itself(monkeypatch, capsys, argv, line):

@@ -70,6 +70,7 @@ def test_three_prompts_encode_each_picture_once_and_answer_as_three_runs(cli, mi
         assert [r["answer"] for r in together[index::3]] == alone[question]
 
 
+@pytest.mark.slow
 def test_resume_sidecars_and_reports_track_picture_and_prompt(cli, tmp_path):
     folder = tmp_path / "pics"
     folder.mkdir()
