@@ -315,7 +315,7 @@ class CaptionJob(Options):
         given = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or [])
         if self.prompts is not None:
             try:
-                with open(self.prompts, encoding="utf-8") as handle:
+                with open(self.prompts, encoding="utf-8-sig") as handle:  # (a BOM is no prompt's)
                     lines = [line.rstrip("\r\n") for line in handle]
             except (OSError, UnicodeDecodeError) as exc:
                 reason = describe(exc) if isinstance(exc, OSError) else "not UTF-8 text"

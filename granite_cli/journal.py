@@ -67,6 +67,8 @@ class Identities:
 
     def __init__(self) -> None:
         self.known: dict[str, object] = {}
+        self.prompted = False
+        """A run of several prompts: a record of a one-prompt run is known by its prompt too."""
 
     def of(self, record: Record) -> tuple:
         if record.id is not None:  # a request's
@@ -78,6 +80,8 @@ class Identities:
             except (OSError, ValueError):
                 self.known[record.source] = record.source
         picture = (self.known[record.source], record.page)
+        if record.prompt_template is None and self.prompted:
+            return picture + (record.prompt,)
         return picture + ((record.prompt_template,) if record.prompt_template is not None else ())
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TextIO
 from . import batching
 from .batching import Batch, Sizer
 from .errors import OutputError, UsageError, describe
+from .jobs import text_problem
 from .pictures import Fit
 from .prompt_fields import fields_of, fitted
 from .readers import OpenDocuments, ReadOptions
@@ -133,7 +134,7 @@ def make_record(
         source=loaded.item.source,
         page=loaded.item.page,
         prompt=job.prompt,
-        prompt_template=loaded.item.prompt if loaded.item.request is None else None,
+        prompt_template=_template(loaded.item),
         id=loaded.item.request.id if loaded.item.request is not None else None,
         answer=answer.text if answer else None,
         error=error,
@@ -293,23 +294,33 @@ def check_fits(engine: Engine, entry: Loaded, job: Job, max_new_tokens: int) -> 
     that as its error here, before any batch is run."""
     if entry.image is not None:
         width, height = entry.image.size
-        entry.error = engine.check_fits(_prompt(entry, job), width, height, max_new_tokens)
+        prompt = _prompt(entry, job)
+        problem = text_problem(prompt)  # (a request's prompt, say: no tokenizer takes a lone surrogate)
+        entry.error = f"prompt: {problem}" if problem else engine.check_fits(prompt, width, height, max_new_tokens)
         if entry.error is not None:
             entry.image = None
     return entry.image is not None
 
 
-def _by_settings(entries: list[Loaded]) -> list[tuple[GenerationSettings | None, list[Loaded]]]:
-    """Entries grouped by their own decoding (None: the run's), in order of first appearance (a
-    list: settings hold a schema's dict, which cannot be hashed)."""
-    groups: list[tuple[GenerationSettings | None, list[Loaded]]] = []
-    for entry in entries:
-        for settings, members in groups:
-            if settings == entry.settings:
-                members.append(entry)
+def _template(item: Item) -> str | None:
+    """What a record says it answers (see `Record.prompt_template`): a request of no id is known
+    by its picture and its prompt as given ("" for the run's)."""
+    if item.request is None:
+        return item.prompt
+    return None if item.request.id is not None else item.request.prompt or ""
+
+
+def alike(values: Sequence, key: Callable) -> list[tuple]:
+    """`values` grouped by `key`, in order of first appearance: (key, members) pairs. A list,
+    not a dict: the key may not hash (decoding settings hold a schema's dict)."""
+    groups: list[tuple] = []
+    for value in values:
+        for known, members in groups:
+            if known == key(value):
+                members.append(value)
                 break
         else:
-            groups.append((entry.settings, [entry]))
+            groups.append((key(value), [value]))
     return groups
 
 
@@ -501,9 +512,9 @@ class _Producer:
         if failed:
             yield Batch(failed)
         ready = [entry for entry in loaded if entry.image is not None]
-        for settings, alike in _by_settings(ready):  # one decoding a batch
+        for settings, same in alike(ready, lambda entry: entry.settings):  # one decoding a batch
             # similar lengths together, a picture's prompts in one batch (its picture is encoded once)
-            for entries in batching.group(alike, self.tokens, self.sizer, lambda entry: entry.item.picture):
+            for entries in batching.group(same, self.tokens, self.sizer, lambda entry: entry.item.picture):
                 batch = prepare_batch(self.engine, entries, self.job.prompt)
                 batch.settings = settings
                 yield batch

@@ -15,6 +15,7 @@ from pathlib import Path
 from .engine import largest
 from .errors import UsageError
 from .sources import Item
+from .writer_base import shown
 
 FIELDS = ("name", "stem", "path", "folder", "page", "pages", "text")
 
@@ -30,20 +31,22 @@ def fields_of(prompt: str, where: str) -> frozenset[str]:
     for _, name, spec, conversion in parts:
         if name is None:
             continue
-        if name not in FIELDS or spec or conversion:
+        if name not in FIELDS:
             known = ", ".join("{" + field + "}" for field in FIELDS)
             raise UsageError(f"{where}: unknown field {{{name}}}; the fields are {known}{braces}")
+        if spec or conversion:
+            raise UsageError(f"{where}: {{{name}}} takes no format or conversion (write {{{name}}} alone){braces}")
         names.add(name)
     return frozenset(names)
 
 
 def fill(prompt: str, item: Item, pages: int, text: str) -> str:
     """`prompt` with its fields filled for `item`."""
-    path = Path(item.source)
+    path = Path(shown(item.source))  # (a name's bytes that are not UTF-8 as \xff: a prompt is text)
     values = {
         "name": path.name,
         "stem": path.stem,
-        "path": item.source,
+        "path": shown(item.source),
         "folder": str(path.parent),
         "page": str(item.page or 1),
         "pages": str(pages),

@@ -113,9 +113,9 @@ class Job:
         prompt = record.prompt_template or record.prompt
         if not self.prompts:
             our_prompt = self.prompt
-        elif record.prompt_template is not None:  # another of several prompts is another item: kept
-            our_prompt = prompt
-        else:  # a file of one prompt's answers, continued with several
+        elif record.prompt_template is not None or record.prompt in self.prompts:
+            our_prompt = prompt  # (another of several prompts is another item; a one-prompt run, continued)
+        else:  # a file of another prompt's answers, continued with several
             our_prompt = " | ".join(self.prompts)
         for what, theirs, ours in (
             ("prompt", prompt, our_prompt),

@@ -15,12 +15,15 @@ the request's `id`, and `--resume` knows it by that id.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import BinaryIO
 
 from . import openai_api
 from .errors import UsageError, describe
+from .jobs import text_problem
 from .pictures import Blob
 from .prompt_fields import fields_of
 from .readers import ReadOptions
@@ -45,6 +48,9 @@ def read(path: str, stdin: BinaryIO | None, read_options: ReadOptions, default_m
             items.append(Item(where, error=str(exc), request=ItemRequest(_id_of(line.text), line=line.number)))
             continue
         item = resolve_single(source, page or 1, read=read_options)
+        if isinstance(item.origin, Path):  # a file is one item however it is named (`Item.file_id`)
+            info = os.stat(item.origin)
+            item = replace(item, file_id=(info.st_dev, info.st_ino))
         if isinstance(source, Blob):
             item = replace(item, source=f"{where} ({request.id or 'data: URL'})")
         items.append(replace(item, prompt=request.prompt, request=replace(request, line=line.number)))
@@ -89,6 +95,8 @@ def _request(text: str, default_max_tokens: int) -> tuple[ItemRequest, str | Blo
         raise ValueError("prompt: expected text")
     if prompt is not None:
         fields_of(prompt, "prompt")  # an unknown field: this line's error
+        if text_problem(prompt):
+            raise ValueError(f"prompt: {text_problem(prompt)}")
     schema = data.get("schema")
     if schema is not None and not isinstance(schema, (str, dict)):
         raise ValueError("schema: expected a JSON Schema (an object) or the compact form (text)")
@@ -112,9 +120,9 @@ def _openai(data: dict, default_max_tokens: int) -> tuple[ItemRequest, str | Blo
     chat = openai_api.parse_chat(data.get("body"), default_max_tokens)
     url = chat.image_url
     source = Blob(openai_api.data_url_bytes(url)) if url.startswith("data:") else url.removeprefix("file://")
-    fields_of(chat.question, "prompt")
+    question = chat.question.replace("{", "{{").replace("}", "}}")  # OpenAI's text is literal: no fields
     schema = chat.schema if chat.schema is not None else ('{"type": "object"}' if chat.json_object else None)
-    return ItemRequest(custom_id, chat.question, schema, chat.max_new_tokens, openai=True), source, None
+    return ItemRequest(custom_id, question, schema, chat.max_new_tokens, openai=True), source, None
 
 
 def _id_of(text: str) -> str | None:
@@ -128,14 +136,14 @@ def _id_of(text: str) -> str | None:
 
 
 def check_unique(items: list[Item]) -> None:
-    """Two requests of one id would be one item to --resume: refused before any work."""
-    seen: dict[str, int] = {}
+    """Two requests of one id (or, without ids, of one picture and prompt) would be one item to
+    --resume: refused before any work."""
+    seen: dict[tuple, int] = {}
     for item in items:
         request = item.request
-        if request is None or request.id is None:
+        if request is None or item.error is not None:
             continue
-        if request.id in seen:
-            raise UsageError(
-                f"--requests: id {request.id!r} on lines {seen[request.id]} and {request.line}; ids must differ"
-            )
-        seen[request.id] = request.line
+        if item.identity in seen:
+            what = f"id {request.id!r}" if request.id is not None else "the same of one picture (give them ids)"
+            raise UsageError(f"--requests: lines {seen[item.identity]} and {request.line} ask {what}; each must differ")
+        seen[item.identity] = request.line

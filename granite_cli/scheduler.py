@@ -94,7 +94,7 @@ class Scheduler:
                     return
                 taken, self.pending = self.pending, []
             taken = [request for request in taken if request.future.set_running_or_notify_cancel()]
-            for settings, requests in _by_settings(taken):
+            for settings, requests in pipeline.alike(taken, lambda request: request.settings):
                 self._answer(settings, requests)
 
     def _answer(self, settings: GenerationSettings, requests: list[_Request]) -> None:
@@ -119,20 +119,6 @@ class Scheduler:
                 request.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
-
-
-def _by_settings(requests: list[_Request]) -> list[tuple[GenerationSettings, list[_Request]]]:
-    """Requests grouped by decoding settings, in order of arrival (settings hold a schema: a list,
-    not a dict, since a schema's dict cannot be hashed)."""
-    groups: list[tuple[GenerationSettings, list[_Request]]] = []
-    for request in requests:
-        for settings, members in groups:
-            if settings == request.settings:
-                members.append(request)
-                break
-        else:
-            groups.append((request.settings, [request]))
-    return groups
 
 
 class _Counting:

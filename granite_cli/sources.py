@@ -80,8 +80,8 @@ class Item:
     def identity(self) -> tuple:
         """What makes two items the same: a request's id; else the file and page, or the name
         and page (the same picture), and the prompt they answer when a run has several."""
-        if self.request is not None and self.request.id is not None:
-            return ("request", self.request.id)
+        if self.request is not None:  # by its id; else by its picture and its prompt ("": the run's)
+            return ("request", self.request.id) if self.request.id is not None else self.picture + (self.prompt or "",)
         return self.picture + ((self.prompt,) if self.prompt is not None else ())
 
     @property

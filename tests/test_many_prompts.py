@@ -140,3 +140,19 @@ def test_a_bad_field_is_a_usage_error_before_any_model_loads(cli, broken_model, 
     braces = cli("caption", str(tmp_path / "a.png"), "--prompt", 'JSON like {{"a": 1}}').answered(1)[0]
     assert braces["prompt"] == 'JSON like {"a": 1}' and "prompt_template" not in braces
     assert json.loads(cli("caption", str(tmp_path / "a.png")).stdout)["prompt"] == "Describe this image in detail."
+
+
+def test_a_prompt_added_to_a_one_prompt_run_runs_alone_and_odd_names_fill_fields(cli, tmp_path):
+    """A run of one plain prompt, resumed with a second: only the new prompt runs. A name whose
+    bytes are not UTF-8 fills `{name}` as `\\xff` (a prompt is text): answered, not a crash."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    noise(40, 30).save(folder / "a.png")
+    noise(40, 30, seed=1).save(folder / b"odd\xff.png".decode("utf-8", "surrogateescape"))
+    out = tmp_path / "out.jsonl"
+    assert cli("caption", str(folder), "--prompt", "A?", "-o", str(out)).exit_code == 0
+    more = cli("caption", str(folder), "--prompt", "A?", "--prompt", "B?", "-o", str(out), "--resume")
+    assert more.exit_code == 0 and "2 answered before, 2 to run" in more.stderr
+    assert sorted(r["prompt"] for r in read_jsonl(out)) == ["A?", "A?", "B?", "B?"]
+    named = cli("caption", str(folder), "--prompt", "This is {name}.").answered(2)
+    assert [r["prompt"] for r in named] == ["This is a.png.", "This is odd\\xff.png."]

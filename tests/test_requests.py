@@ -115,6 +115,27 @@ def test_requests_and_sources_together_are_a_usage_error(cli, requests_file, tmp
     result = cli("caption", str(tmp_path / "a.png"), "--requests", str(requests_file))
     assert result.exit_code == 2 and "--requests and SOURCE: give one" in result.stderr
     twice = tmp_path / "twice.jsonl"
-    twice.write_text('{"source": "a.png", "id": "x"}\n{"source": "b.png", "id": "x"}\n')
+    a, b = json.dumps(str(tmp_path / "a.png")), json.dumps(str(tmp_path / "b.png"))
+    twice.write_text(f'{{"source": {a}, "id": "x"}}\n{{"source": {b}, "id": "x"}}\n')
     result = cli("caption", "--requests", str(twice))
-    assert result.exit_code == 2 and "id 'x' on lines 1 and 2" in result.stderr
+    assert result.exit_code == 2 and "lines 1 and 2 ask id 'x'; each must differ" in result.stderr
+    twice.write_text(f'{{"source": {a}, "prompt": "A"}}\n{{"source": {a}, "prompt": "A"}}\n')
+    result = cli("caption", "--requests", str(twice))
+    assert result.exit_code == 2 and "lines 1 and 2 ask the same of one picture (give them ids)" in result.stderr
+
+    # without ids, a request is known by its picture and prompt: none lost, and --resume finds each
+    lines = tmp_path / "no-ids.jsonl"
+    lines.write_text(f'{{"source": {a}, "prompt": "A"}}\n{{"source": {a}, "prompt": "B"}}\n{{"source": {b}}}\n')
+    out = tmp_path / "no-ids.out.jsonl"
+    assert cli("caption", "--requests", str(lines), "-o", str(out)).exit_code == 0 and len(read_jsonl(out)) == 3
+    again = cli("caption", "--requests", str(lines), "-o", str(out), "--resume")
+    assert "3 answered before, 0 to run" in again.stderr and len(read_jsonl(out)) == 3
+
+    # OpenAI's text is literal: braces are no fields
+    literal = tmp_path / "literal.jsonl"
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": str(tmp_path / "a.png")}}, {"type": "text", "text": 'Answer like {"total": 0}'}
+    ]}]}  # fmt: skip
+    literal.write_text(json.dumps({"custom_id": "q", "body": body}) + "\n")
+    record = cli("caption", "--requests", str(literal)).answered(1)[0]
+    assert record["prompt"] == 'Answer like {"total": 0}' and record["id"] == "q"
