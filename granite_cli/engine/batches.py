@@ -46,5 +46,5 @@ def prepare(processor, prompts: Prompts, images: list[Image.Image], questions: l
         input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         attention_mask[index, width - len(row) :] = 1
     inputs["input_ids"], inputs["attention_mask"] = input_ids, attention_mask
-    inputs["image_rows"] = image_rows
+    inputs["image_rows"] = torch.tensor(image_rows, dtype=torch.long)
     return inputs

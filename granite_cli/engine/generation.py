@@ -108,8 +108,9 @@ class Generator:
             for name in ("pooler_output", "deepstack_features"):  # per picture: lists that join
                 if outputs.get(name) is not None:
                     kept.setdefault(name, []).extend(outputs.get(name))
-        if image_rows is not None and list(image_rows) != list(range(len(image_rows))):
-            kept = {name: [pictures[row] for row in image_rows] for name, pictures in kept.items()}
+        rows = image_rows.tolist() if image_rows is not None else None
+        if rows is not None and rows != list(range(len(rows))):
+            kept = {name: [pictures[row] for row in rows] for name, pictures in kept.items()}
         return type(outputs)(**kept)
 
     def _cache(self, shape, settings: GenerationSettings):
