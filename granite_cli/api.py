@@ -317,6 +317,8 @@ def _plan(job: CaptionJob, reporter: Reporter | None, stdin: BinaryIO | None, en
         else:
             resolution = resolve(sources, pages=selection, read=read, stdin=stdin, ignore=job.made_by_us())
         reporter.resolution(resolution, verbose=job.verbose)
+        if not resolution.items and job.requests is not None:
+            raise UsageError(f"nothing to caption: {job.given('requests', job.requests)} holds no request")
         if not resolution.items:
             where = ", ".join(map(repr, sources)) if sources else "no sources given"
             raise UsageError(f"nothing to caption: no image or PDF found ({where})")

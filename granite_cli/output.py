@@ -209,7 +209,7 @@ class FileOutput:
         """The items still to run: all of them, unless --resume finds answers of the same job
         that stand (see `Job.reuses`). An output holding answers is never replaced without
         --overwrite. Reads only: nothing is written until the first record."""
-        self.identities.prompted = bool(job.prompts)  # (a one-prompt run's records, continued with several)
+        self.identities.prompted = bool(job is not None and job.prompts)  # (a one-prompt run's, continued)
         records, torn = merge(self._sources(), self.identities)  # (`check`: the files are ours)
         answers = sum(record.ok for record in records)
         if answers and not (self.resume or self.overwrite):

@@ -228,7 +228,11 @@ def test_resume_refuses_another_format_prompt_model_or_schema(cli, photos, tmp_p
     for extra, model, said in [
         (["-f", "markdown", *schema], None, "is a granite-vision jsonl output, not markdown"),
         ([*schema[:2], "--prompt", "Other?", *schema[4:]], None, "another prompt ('Paid?'; this run: 'Other?')"),
-        ([*schema, "--prompt", "Other?"], None, "another prompt ('Paid?'; this run: 'Paid? | Other?')"),
+        (
+            [*schema[:2], "--prompt", "A?", "--prompt", "B?", *schema[4:]],
+            None,
+            "another prompt ('Paid?'; this run: 'A? | B?')",
+        ),
         (schema, tiny_g4, "another model"),
         (["--schema", "paid:boolean, ok:boolean", "--prompt", "Paid?"], None, "another schema"),
         (["--prompt", "Paid?"], None, "another schema ('sha256:"),
