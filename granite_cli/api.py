@@ -142,11 +142,7 @@ def load_model(model: str = DEFAULT_MODEL, **options) -> Model:
     `granite-vision serve` instead) for many `ask` and `caption` calls. Keywords: `revision`,
     `device`, `dtype`, `max_tiles`, `cache`, `max_memory`, `server`, `api_key`. Raises
     `UsageError` for a bad value or a model that does not load."""
-    unknown = sorted(set(options) - set(LOADING))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], LOADING, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"load_model(): no keyword {unknown[0]!r}{hint}")
+    _check_keywords("load_model", options, LOADING)
     loading = {"model": model, **options}
     job = AskJob(source="-", question="?", **loading)  # checked as `ask` checks them
     job.check_environment()
@@ -157,12 +153,17 @@ def load_model(model: str = DEFAULT_MODEL, **options) -> Model:
 def _make(kind: type[Options], **options) -> Options:
     """The job, or a `UsageError` naming a keyword it does not take."""
     names = {entry.name for entry in fields(kind)} - {"model_origin", "from_cli"}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], names, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"{kind.__name__.removesuffix('Job').lower()}(): no keyword {unknown[0]!r}{hint}")
+    _check_keywords(kind.__name__.removesuffix("Job").lower(), options, names)
     return kind(**options)
+
+
+def _check_keywords(call: str, given: dict, allowed) -> None:
+    """A `UsageError` naming the first keyword `call` does not take, with the closest it does."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"{call}(): no keyword {unknown[0]!r}{hint}")
 
 
 def _signature(kind: type[Options], *first: str) -> inspect.Signature:

@@ -121,8 +121,8 @@ class Options:
             if value is not None and (value < low or (high is not None and value > high)):
                 bounds = f"at least {low}" + (f" and at most {high}" if high is not None else "")
                 raise UsageError(f"{self.given(name, value)}: expected {bounds}")
-        if temperature_problem(self.temperature):
-            raise UsageError(f"{self.given('temperature', self.temperature)}: {temperature_problem(self.temperature)}")
+        if problem := temperature_problem(self.temperature):
+            raise UsageError(f"{self.given('temperature', self.temperature)}: {problem}")
         for name in TEXTS:
             value = getattr(self, name, None)
             for text in value if isinstance(value, list) else [value]:

@@ -18,12 +18,14 @@ import base64
 import binascii
 import json
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
 from .jobs import RANGES, temperature_problem, text_problem
+from .pictures import Blob
 
 #: Our finish reasons as OpenAI's enum spells them.
 FINISH_REASONS = {"stop": "stop", "length": "length", "repetition": "stop"}
@@ -67,8 +69,8 @@ def parse_chat(body: Any, default_max_tokens: int) -> ChatRequest:
     temperature = 0.0 if temperature is None else temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
         raise BadRequest(f"temperature must be a number of 0 or more, not {temperature!r}", param="temperature")
-    if temperature_problem(temperature):
-        raise BadRequest(f"temperature {temperature!r}: {temperature_problem(temperature)}", param="temperature")
+    if problem := temperature_problem(temperature):
+        raise BadRequest(f"temperature {temperature!r}: {problem}", param="temperature")
     seed, (low, high) = body.get("seed"), RANGES["seed"]
     if seed is not None and not (_is_int(seed) and low <= seed <= high):
         raise BadRequest(f"seed must be an integer from {low} to {high}, not {seed!r}", param="seed")
@@ -124,8 +126,8 @@ def _message(messages: Any) -> tuple[str, str]:
     question = "\n".join(texts)
     if not question.strip():
         raise BadRequest("the user message has no question: add a text part", param="messages")
-    if text_problem(question):
-        raise BadRequest(f"the question is {text_problem(question)}", param="messages")
+    if problem := text_problem(question):
+        raise BadRequest(f"the question is {problem}", param="messages")
     return images[0], question
 
 
@@ -159,6 +161,17 @@ def data_url_bytes(url: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest("the data: URL is not valid base64", param="messages") from None
+
+
+def picture_source(url: str, name: str | None = None) -> str | Blob:
+    """An `image_url` as a source to read: a `data:` URL's bytes (named `name`), a `file://`
+    URL's path (percent-decoded), else the URL or path as given (whether it may be read is the
+    caller's to say)."""
+    if url.startswith("data:"):
+        return Blob(data_url_bytes(url), name)
+    if url.startswith("file://"):
+        return urllib.parse.unquote(url.removeprefix("file://"))
+    return url
 
 
 def chat_request(url: str, question: str, settings, stream: bool) -> dict:

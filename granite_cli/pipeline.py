@@ -273,7 +273,7 @@ def answer(
             yield entry, make_record(job, entry, error=entry.error or "no input")
     tokens = functools.partial(_tokens, engine, job)
     for group in batching.group(ready, tokens, sizer):
-        yield from _records(engine, prepare_batch(engine, group, job.prompt), job, settings, sizer, stream)
+        yield from _records(engine, prepare_batch(engine, group, job), job, settings, sizer, stream)
 
 
 def _records(engine, batch: Batch, job: Job, settings, sizer: Sizer, stream=None) -> Iterator[tuple[Loaded, Record]]:
@@ -283,7 +283,7 @@ def _records(engine, batch: Batch, job: Job, settings, sizer: Sizer, stream=None
         for entry in batch.entries:
             yield entry, make_record(job, entry, error=entry.error)
         return
-    prepare = functools.partial(prepare_batch, engine, prompt=job.prompt)  # to re-prepare split batches
+    prepare = functools.partial(prepare_batch, engine, job=job)  # to re-prepare split batches
     tokens = functools.partial(_tokens, engine, job)
     for entry, result, error in batching.answer(engine, batch, settings, prepare, tokens, sizer, stream):
         yield entry, make_record(job, entry, result, error, settings)
@@ -444,12 +444,11 @@ class _Producer:
         """The window's items with their pictures: each picture read once, on the loader threads,
         and shared by the items that ask it several prompts."""
         first: dict[tuple, int] = {}
+        fields: dict[tuple, frozenset[str]] = {}  # what a picture's prompts need of its document
         for offset, item in enumerate(items):
             first.setdefault(item.picture, offset)
-
-        def fields(picture: tuple) -> frozenset[str]:  # what its prompts need of its document
-            asked = [item.prompt for item in items if item.picture == picture and item.prompt is not None]
-            return frozenset().union(*(fields_of(prompt, "prompt") for prompt in asked))
+            asked = fields_of(item.prompt, "prompt") if item.prompt is not None else frozenset()
+            fields[item.picture] = fields.get(item.picture, frozenset()) | asked
 
         read = {
             offset: loaded
@@ -462,7 +461,7 @@ class _Producer:
                         self.documents,
                         self.engine.fit,
                         self.small,
-                        fields(items[offset].picture),
+                        fields[items[offset].picture],
                     ),
                     first.values(),
                 ),
@@ -474,6 +473,10 @@ class _Producer:
             else replace(read[first[item.picture]], index=start + offset, item=item)
             for offset, item in enumerate(items)
         ]  # fmt: skip
+
+    def _max_new_tokens(self, entry: Loaded) -> int:
+        """The answer length an entry asks (its own, a request's; else the run's)."""
+        return entry.settings.max_new_tokens if entry.settings else self.sizer.max_new_tokens
 
     def _own(self, entry: Loaded) -> None:
         """The entry's own job and decoding, where it has them (a request file's line, a prompt
@@ -491,13 +494,12 @@ class _Producer:
         """The entry's job: its prompt with the fields filled (`{text}` cut to fit the context)."""
         item = entry.item
         job = entry.job or self.job
-        max_new_tokens = entry.settings.max_new_tokens if entry.settings else self.sizer.max_new_tokens
 
         def fits(prompt: str) -> bool:
             if entry.image is None:
                 return True
             width, height = entry.image.size
-            return self.engine.check_fits(prompt, width, height, max_new_tokens) is None
+            return self.engine.check_fits(prompt, width, height, self._max_new_tokens(entry)) is None
 
         return replace(job, prompt=fitted(item.prompt, item, entry.pages, entry.text, fits))
 
@@ -505,8 +507,7 @@ class _Producer:
         loaded = self._load(start, items)
         for entry in loaded:  # a picture whose prompt cannot fit the context fails here, not in generate
             self._own(entry)
-            max_new_tokens = entry.settings.max_new_tokens if entry.settings else self.sizer.max_new_tokens
-            check_fits(self.engine, entry, self.job, max_new_tokens)
+            check_fits(self.engine, entry, self.job, self._max_new_tokens(entry))
         self.longest = max((self.tokens(entry) for entry in loaded if entry.image is not None), default=0)
         failed = [entry for entry in loaded if entry.image is None]
         if failed:
@@ -515,16 +516,16 @@ class _Producer:
         for settings, same in alike(ready, lambda entry: entry.settings):  # one decoding a batch
             # similar lengths together, a picture's prompts in one batch (its picture is encoded once)
             for entries in batching.group(same, self.tokens, self.sizer, lambda entry: entry.item.picture):
-                batch = prepare_batch(self.engine, entries, self.job.prompt)
+                batch = prepare_batch(self.engine, entries, self.job)
                 batch.settings = settings
                 yield batch
 
 
-def prepare_batch(engine: Engine, entries: list[Loaded], prompt: str) -> Batch:
+def prepare_batch(engine: Engine, entries: list[Loaded], job: Job) -> Batch:
     """A batch's inputs; or, when preprocessing fails, what kind of failure it was (the processor
     runs on the GPU too: running out of memory there splits the batch, as in `generate`)."""
     try:
-        prompts = [(entry.job.prompt if entry.job is not None else prompt) for entry in entries]
+        prompts = [_prompt(entry, job) for entry in entries]
         return Batch(entries, engine.prepare([entry.image for entry in entries], prompts))
     except Exception as exc:  # noqa: BLE001 - the consumer finds the item that fails (`batching`)
         kind = engine.failure(exc)

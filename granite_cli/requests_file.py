@@ -95,8 +95,8 @@ def _request(text: str, default_max_tokens: int) -> tuple[ItemRequest, str | Blo
         raise ValueError("prompt: expected text")
     if prompt is not None:
         fields_of(prompt, "prompt")  # an unknown field: this line's error
-        if text_problem(prompt):
-            raise ValueError(f"prompt: {text_problem(prompt)}")
+        if problem := text_problem(prompt):
+            raise ValueError(f"prompt: {problem}")
     schema = data.get("schema")
     if schema is not None and not isinstance(schema, (str, dict)):
         raise ValueError("schema: expected a JSON Schema (an object) or the compact form (text)")
@@ -118,8 +118,7 @@ def _openai(data: dict, default_max_tokens: int) -> tuple[ItemRequest, str | Blo
     if data.get("method", "POST") != "POST" or data.get("url", "/v1/chat/completions") != "/v1/chat/completions":
         raise ValueError("only POST /v1/chat/completions requests are answered")
     chat = openai_api.parse_chat(data.get("body"), default_max_tokens)
-    url = chat.image_url
-    source = Blob(openai_api.data_url_bytes(url)) if url.startswith("data:") else url.removeprefix("file://")
+    source = openai_api.picture_source(chat.image_url)
     question = chat.question.replace("{", "{{").replace("}", "}}")  # OpenAI's text is literal: no fields
     schema = chat.schema if chat.schema is not None else ('{"type": "object"}' if chat.json_object else None)
     return ItemRequest(custom_id, question, schema, chat.max_new_tokens, openai=True), source, None

@@ -19,7 +19,6 @@ import hmac
 import json
 import threading
 import time
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,6 @@ from typing import TYPE_CHECKING
 from . import openai_api, pipeline
 from .errors import UsageError, describe
 from .openai_api import BadRequest, ChatRequest
-from .pictures import Blob
 from .readers import OpenDocuments, ReadOptions
 from .records import Job
 from .scheduler import Closed, QueueFull, Scheduler
@@ -154,15 +152,12 @@ class Service:
 
     def load(self, request: ChatRequest, index: int) -> pipeline.Loaded:
         """The request's picture, read as a file is (or `BadRequest`)."""
-        url = request.image_url
-        if url.startswith("data:"):
-            source: str | Blob = Blob(openai_api.data_url_bytes(url), "<image>")
-        elif url.startswith(URL_PREFIXES):
+        source = openai_api.picture_source(request.image_url, "<image>")
+        if isinstance(source, str) and source.startswith(URL_PREFIXES):
             if not self.options.allow_urls:
                 raise BadRequest("this server fetches no URLs (start it with --allow-urls): send a data: URL")
-            source = url
-        else:
-            source = self._local(url)
+        elif isinstance(source, str):
+            source = self._local(source)
         item = resolve_single(source, 1, read=self.options.read)
         if item.error is not None:
             raise BadRequest(f"{item.source}: {item.error}", code="bad_image", param="messages")
@@ -175,14 +170,14 @@ class Service:
             raise BadRequest(f"{item.source}: {loaded.error}", code="bad_image", param="messages")
         return loaded
 
-    def _local(self, url: str) -> str:
+    def _local(self, name: str) -> str:
         """A local path the server may read: only under --allow-files, links resolved first."""
         root = self.options.allow_files
         if root is None:
             raise BadRequest("this server reads no local files (start it with --allow-files DIR): send a data: URL")
-        path = Path(urllib.parse.unquote(url.removeprefix("file://")) if url.startswith("file://") else url).resolve()
+        path = Path(name).resolve()
         if not path.is_relative_to(root):
-            raise BadRequest(f"{url}: outside the folder this server may read ({root})")
+            raise BadRequest(f"{name}: outside the folder this server may read ({root})")
         return str(path)
 
     def submit(self, request: ChatRequest, loaded: pipeline.Loaded, stream=None):
@@ -310,14 +305,15 @@ def _outcome(service: Service, record, loaded: pipeline.Loaded, request_id: str)
 
 async def _body(request, limit: int) -> dict:
     """The JSON body, read no further than `limit` bytes (413 beyond)."""
+    too_large = BadRequest(f"request body over the server's limit of {limit:,} bytes", status=413, code="too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(f"request body over the server's limit of {limit:,} bytes", status=413, code="too_large")
+        raise too_large
     data = bytearray()
     async for part in request.stream():
         data += part
         if len(data) > limit:
-            raise BadRequest(f"request body over the server's limit of {limit:,} bytes", status=413, code="too_large")
+            raise too_large
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

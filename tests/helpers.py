@@ -120,6 +120,26 @@ def minimal_pdf(page_sizes: list[tuple[float, float]]) -> bytes:
     objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(page_sizes)} >>".encode())
     for width, height in page_sizes:
         objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {width} {height}] >>".encode())
+    return pdf_bytes(objects)
+
+
+def text_pdf(path: Path, lines: list[str]) -> Path:
+    """A one-page letter PDF whose text layer holds `lines` (Helvetica, one a line)."""
+    stream = "".join(f"BT /F1 10 Tf 20 {780 - 12 * i} Td ({line}) Tj ET\n" for i, line in enumerate(lines)).encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        b" /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    path.write_bytes(pdf_bytes(objects))
+    return path
+
+
+def pdf_bytes(objects: list[bytes]) -> bytes:
+    """A PDF file of these objects (numbered from 1, the first the catalog), with its xref table."""
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
     for number, body in enumerate(objects, start=1):

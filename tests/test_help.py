@@ -257,7 +257,8 @@ HELPS = {
                 " fields]",
                 "--prompts FILE": "",
                 "--requests FILE": "",
-                "-f, --format [jsonl|markdown|csv|imagefolder|html|openai-batch]": "[default: from --output's ending (report.md:"
+                "-f, --format [jsonl|markdown|csv|imagefolder|html|openai-batch]": "[default: from --output's"
+                " ending (report.md:"
                 " markdown, .csv, .html), else jsonl]",
                 "-o, --output FILE": "",
                 "--resume": "",
@@ -378,7 +379,10 @@ def test_help_on_a_terminal_wraps_at_its_width(monkeypatch, capsys, command):
         (("caption", "x.png", "--dpi=1=2"), "--dpi 1=2: expected a whole number at least 36 and at most 1200"),
         (("caption", "x.png", "--batch-size", "0"), "--batch-size 0: expected a whole number at least 1"),
         (("caption", "x.png", "--temperature", "-1"), "--temperature -1: expected a number at least 0.0"),
-        (("caption", "x.png", "-f", "xml"), "--format xml: expected one of jsonl|markdown|csv|imagefolder|html|openai-batch"),
+        (
+            ("caption", "x.png", "-f", "xml"),
+            "--format xml: expected one of jsonl|markdown|csv|imagefolder|html|openai-batch",
+        ),
         (("caption", "--max-new-tokens", "4", "-fxml", "--", "-f"),  # the value glued on; a picture named -f
          "--format: expected one of jsonl|markdown|csv|imagefolder|html|openai-batch"),
         (("caption",), "Missing argument 'SOURCE' (see --help; or --requests FILE)"),

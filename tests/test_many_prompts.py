@@ -6,33 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import noise, read_jsonl
+from helpers import noise, read_jsonl, text_pdf
 
 QUESTIONS = ["What is shown?", "List three tags.", "What colour dominates?"]
-
-
-def text_pdf(path: Path, lines: list[str]) -> Path:
-    """A one-page PDF whose text layer holds `lines` (Helvetica, one a line)."""
-    body = "".join(f"BT /F1 10 Tf 20 {780 - 12 * i} Td ({line}) Tj ET\n" for i, line in enumerate(lines))
-    stream = body.encode()
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
-        b" /Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for number, content in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += f"{number} 0 obj\n".encode() + content + b"\nendobj\n"
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    path.write_bytes(bytes(out))
-    return path
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import base64
 import json
 
 import pytest
-from helpers import noise, read_jsonl
-from test_many_prompts import text_pdf
+from helpers import noise, read_jsonl, text_pdf
 
 openai_types = pytest.importorskip("openai.types.chat")
 
@@ -134,7 +133,8 @@ def test_requests_and_sources_together_are_a_usage_error(cli, requests_file, tmp
     # OpenAI's text is literal: braces are no fields
     literal = tmp_path / "literal.jsonl"
     body = {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": str(tmp_path / "a.png")}}, {"type": "text", "text": 'Answer like {"total": 0}'}
+        {"type": "image_url", "image_url": {"url": str(tmp_path / "a.png")}},
+        {"type": "text", "text": 'Answer like {"total": 0}'},
     ]}]}  # fmt: skip
     literal.write_text(json.dumps({"custom_id": "q", "body": body}) + "\n")
     record = cli("caption", "--requests", str(literal)).answered(1)[0]

@@ -1146,7 +1146,11 @@ def test_library_errors_speak_python(tiny_model, shots):
     assert [r.page for r in granite_cli.caption([pdf], pages=[1, 3], **model).records] == [1, 3]
     for sources, options, said in [
         (42, {}, "sources=42: expected a list of paths, folders, globs or URLs"),
-        ([shots / "s0.png"], {"format": "xml"}, "format='xml': expected one of jsonl|markdown|csv|imagefolder|html|openai-batch"),
+        (
+            [shots / "s0.png"],
+            {"format": "xml"},
+            "format='xml': expected one of jsonl|markdown|csv|imagefolder|html|openai-batch",
+        ),
         ([shots / "s0.png"], {"cache": "Warm"}, "cache='warm': expected one of auto|dynamic|static"),
         ([shots / "s0.png"], {"pdf_renderer": "mupdf"}, "pdf_renderer='mupdf': expected one of pypdfium2|poppler"),
         ([shots / "s0.png"], {"dpi": 20}, "dpi=20: expected at least 36 and at most 1200"),

@@ -92,10 +92,9 @@ class Generator:
         tile in bf16), so encoding costs the same memory whatever the batch."""
         pixels, sizes = inputs.pop("pixel_values"), inputs.pop("image_sizes")
         image_rows = inputs.pop("image_rows", None)  # (a picture several rows ask about: encoded once)
-        if (
-            image_rows is not None and self.model.config.model_type not in ROW_PREFILL
-        ):  # 4.x: deepstack features come per layer, not
-            pixels, sizes, image_rows = pixels[image_rows], sizes[image_rows], None  # per picture: one a row
+        # 4.x's deepstack features come per layer, not per picture: there, one picture a row.
+        if image_rows is not None and self.model.config.model_type not in ROW_PREFILL:
+            pixels, sizes, image_rows = pixels[image_rows], sizes[image_rows], None
         step = max(1, memory.ENCODE_TILES // pixels.shape[1])
         kept: dict[str, list] = {}
         outputs = None
