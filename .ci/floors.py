@@ -26,7 +26,7 @@ def floors() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     result = {}
     for requirement in project["dependencies"]:
-        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)\s*(?:,.*)?", requirement)
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)\s*(?:,[^;]*)?(?:;.*)?", requirement)
         if match is None:
             raise SystemExit(f"pyproject.toml: {requirement!r} has no '>=' floor; every dependency needs one")
         result[match.group(1)] = match.group(2)

@@ -3,7 +3,8 @@
 # 9 minutes. Granite Vision 3.2 shapes with random weights, bfloat16, letter pages, 64 new tokens:
 # (a) the model card's loop, (b) plain batched generate at batch 32, (c) granite-vision at its
 # default budget, then (c) with a static cache, without prefill chunks, with the budget forced too
-# large (out-of-memory back-off: every item must still be answered), and with --schema.
+# large (out-of-memory back-off: every item must still be answered), with --schema, and with
+# --quantize int8 and nf4 (weights measured, tokens compared with bfloat16's).
 #
 #   benchmarks/gpu_check.sh                    # on the GPU machine
 #   GPU_CHECK_SMOKE=1 benchmarks/gpu_check.sh  # the same plumbing on a CPU, tiny model, seconds
@@ -23,7 +24,7 @@
 # The GPU machine (python3 3.12 with torch 2.11.0, torchvision 0.26.0, transformers 5.17.0,
 # huggingface_hub 1.33.0, tokenizers 0.23.2, safetensors 0.8.0, accelerate 1.15.0, numpy 2.5.2,
 # rich, pillow; no network) lacks these, or has them too old; they travel as wheels in .whl/
-# (git-ignored; 16 wheels, 24.4 MiB). Here, in the repo root:
+# (git-ignored; 17 wheels, 43.1 MiB: fetch_gpu_wheels.sh keeps only the CUDA libraries of bitsandbytes torch 2.11 can use). Here, in the repo root:
 #   benchmarks/fetch_gpu_wheels.sh     # = python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 (and _2_27, _2_17,
 #     2014, 1) -d .whl NAME==VERSION, for each wheel below
@@ -50,6 +51,7 @@
 #   wheel jsonschema-specifications==2025.9.1
 #   wheel referencing==0.37.0
 #   wheel rpds-py==0.30.0
+#   wheel bitsandbytes==0.50.2              --quantize int8|nf4 (the rows after --schema's)
 # torchvision is not carried: the machine's 0.26.0 is the one built for its torch 2.11.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,7 +108,8 @@ export PYTHONUNBUFFERED=1
 stop_in=$((end - 10 - $(date +%s)))
 rc=0
 timeout --kill-after=5 "$((stop_in > 1 ? stop_in : 1))" python3 benchmarks/throughput.py "${args[@]}" --variants \
-  --schema 'title, total:number, paid:boolean' --out "$out" --deadline-at "$((end - 20))" || rc=$?
+  --schema 'title, total:number, paid:boolean' --quantize-sweep int8,nf4 --out "$out" --deadline-at "$((end - 20))" \
+  || rc=$?
 if [ "$rc" -ne 0 ]; then  # rows left open (killed, or died) are settled from its files, and the table shown
   why="out of time"
   [ "$(date +%s)" -lt "$((end - 10))" ] && why="the benchmark process ended with exit code $rc"

@@ -58,6 +58,7 @@ def empty_report() -> dict:
         "variants": [],
         "schema": None,
         "max_tiles_sweep": [],
+        "quantize_sweep": [],
         "rows": [],
     }
 
@@ -186,7 +187,8 @@ def data_for(report: dict, key: str) -> dict | None:
     """A row's measurements in the report, by the row's key."""
     if key in LABELS:
         return report.get(key)
-    return next((row for row in report["variants"] + report["max_tiles_sweep"] if row.get("key") == key), None)
+    rows = report["variants"] + report["max_tiles_sweep"] + report.get("quantize_sweep", [])
+    return next((row for row in rows if row.get("key") == key), None)
 
 
 def finish(prefix: Path, why: str) -> bool:
@@ -230,7 +232,11 @@ def _ok_line(report: dict, row: dict) -> str | None:
     if row["key"] == "setup" or data is None:
         return None
     label = row["label"]
-    if "answered" in data:
+    if "quantize" in data:
+        agreement = data.get("agreement_vs_batched")
+        first = f", first tokens {agreement['first_token']:.0%} as bf16 (b)" if agreement else ""
+        label += f" (weights {data['weights_gib']} GiB{first})"
+    elif "answered" in data:
         agreement = data.get("agreement_vs_batched")
         first = f", first tokens {agreement['first_token']:.0%}" if agreement else ""
         label += f" ({data['answered']}/{data['items']} answered{first})"

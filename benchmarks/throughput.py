@@ -11,6 +11,7 @@ Answers are forced to exactly --new-tokens tokens (min = max), so random weights
     python benchmarks/throughput.py --random-weights granite-vision-3.2-2b  # full-size shapes, random weights
     python benchmarks/throughput.py --random-weights granite-vision-3.2-2b --layers 2 --device cpu --items 8
     python benchmarks/throughput.py --model ibm-granite/granite-vision-3.3-2b --max-tiles-sweep 3,5,10
+    python benchmarks/throughput.py --random-weights granite-vision-3.2-2b --quantize-sweep int8,nf4
 
 Prints a markdown table (stdout) and writes the full result as JSON (--json). Each row runs on its
 own (rows.py): one that fails is recorded with its reason and the next runs; --out saves the files
@@ -38,6 +39,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from fit_table import shape_folder  # noqa: E402
 from rows import LABELS, Journal, empty_report, paths, render  # noqa: E402
 
 from granite_cli import pipeline, tiny_model  # noqa: E402
@@ -102,14 +104,13 @@ def _photo(rng: random.Random, width: int, height: int) -> Image.Image:
 # --------------------------------------------------------------------------- models
 def build_random_weights(name: str, out_dir: Path, layers: int | None, dtype: str, device: str) -> Path:
     """A full-size (or depth-reduced) Granite Vision with random weights, saved as a model folder,
-    from an architecture config shipped in benchmarks/configs/."""
+    from an architecture config shipped in benchmarks/configs/ (`fit_table.shape_folder`: its
+    config, processor and tokenizer)."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config_dir = ROOT / "configs" / name
-    tokenizer = tiny_model.build_tokenizer()
-    config = AutoConfig.from_pretrained(config_dir)
-    config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")  # vocab size stays 49,156
+    shape_folder(name, out_dir)
+    config = AutoConfig.from_pretrained(out_dir)
     if layers:
         config.text_config.num_hidden_layers = layers
         config.vision_config.num_hidden_layers = max(layers, 4)
@@ -120,16 +121,7 @@ def build_random_weights(name: str, out_dir: Path, layers: int | None, dtype: st
     with torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
     model.generation_config.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model.save_pretrained(out_dir)
-    template = json.loads((config_dir / "chat_template.json").read_text())["chat_template"]
-    processor_config = json.loads((config_dir / "processor_config.json").read_text())
-    LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessor.from_pretrained(config_dir),
-        tokenizer=tokenizer,
-        patch_size=processor_config["patch_size"],
-        vision_feature_select_strategy=processor_config["vision_feature_select_strategy"],
-        chat_template=template,
-    ).save_pretrained(out_dir)
+    model.save_pretrained(out_dir)  # (its config, with the layers above, over the shape's)
     del model
     return out_dir
 
@@ -282,6 +274,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
                         " batched prefill (in chunks, in one piece), and with a budget forced too large (out-of-memory"
                         " back-off)")  # fmt: skip
     parser.add_argument("--max-tiles-sweep", default="", help="also run (c) with these --max-tiles values, e.g. 3,5,10")
+    parser.add_argument("--quantize-sweep", default="", help="also run (c) with these --quantize kinds, e.g. int8,nf4")
     parser.add_argument(
         "--schema",
         help="also run (c) constrained to this schema (file, inline JSON or compact fields) and report the"
@@ -348,6 +341,8 @@ class Run:
             rows.append(("schema", LABELS["schema"], self.schema))
         for value in [int(v) for v in self.args.max_tiles_sweep.split(",") if v.strip()]:
             rows.append((f"tiles-{value}", f"(c) --max-tiles {value}", functools.partial(self.tiles, value)))
+        for kind in [v.strip() for v in self.args.quantize_sweep.split(",") if v.strip()]:
+            rows.append((f"quantize-{kind}", f"(c) --quantize {kind}", functools.partial(self.quantized, kind)))
         return rows
 
     def setup(self) -> None:
@@ -418,6 +413,12 @@ class Run:
     def schema(self) -> None:
         self.report["schema"] = schema_row(self.engine, self.files, self.new_tokens, self.args)
 
+    def quantized(self, kind: str) -> None:
+        row, tokens = quantize_row(self.model_dir, self.device, self.args, self.files, self.new_tokens, kind)
+        batched = self.tokens.get("batched")
+        row["agreement_vs_batched"] = agreement(tokens, batched) if batched else None
+        self.report["quantize_sweep"].append({"key": f"quantize-{kind}", **row})
+
     def tiles(self, value: int) -> None:
         row = tiles_row(self.model_dir, self.device, self.args, self.files, self.new_tokens, value)
         self.report["max_tiles_sweep"].append({"key": f"tiles-{value}", **row})
@@ -472,6 +473,20 @@ def schema_row(engine, files: list[Path], new_tokens: int, args) -> dict:
     structured.update(free_text_same_length=free, answer_tokens_mean=length)
     structured["slowdown"] = round(free["images_per_s"] / structured["images_per_s"] - 1, 3)
     return structured
+
+
+def quantize_row(model_dir: str, device: str, args, files: list[Path], new_tokens: int, kind: str) -> tuple:
+    """(c) with the language model's layers in `kind` (int8, nf4): speed, peak memory, the
+    weights measured, and (the caller) how often its tokens agree with unquantized (b)'s."""
+    from granite_cli.engine import quantize
+
+    engine = load_engine(model_dir, device=device, dtype=args.dtype, options=EngineOptions(quantize=kind))
+    try:
+        result, tokens, _ = run_engine(engine, files, new_tokens, args.batch_size)
+        result.update(quantize=kind, weights_gib=round(quantize.weight_bytes(engine.model) / 2**30, 3))
+    finally:
+        del engine
+    return result, tokens
 
 
 def tiles_row(model_dir: str, device: str, args, files: list[Path], new_tokens: int, value: int) -> dict:

@@ -140,7 +140,7 @@ class Model:
 def load_model(model: str = DEFAULT_MODEL, **options) -> Model:
     """Load a model once (a Hugging Face id or a local folder; `server=URL`: a running
     `granite-vision serve` instead) for many `ask` and `caption` calls. Keywords: `revision`,
-    `device`, `dtype`, `max_tiles`, `cache`, `max_memory`, `server`, `api_key`. Raises
+    `device`, `dtype`, `quantize`, `max_tiles`, `cache`, `max_memory`, `server`, `api_key`. Raises
     `UsageError` for a bad value or a model that does not load."""
     _check_keywords("load_model", options, LOADING)
     loading = {"model": model, **options}
@@ -216,7 +216,7 @@ def run_ask(
         return AskResult(pipeline.make_record(todo, pipeline.Loaded(0, item), error=item.error))
     if engine is None:
         reporter.loading(model, job.device)
-        engine = job.load(model, job.device)
+        engine = job.load(model, job.device, reporter)
     job.check_room(engine)
     documents = OpenDocuments(read)
     try:
@@ -248,7 +248,7 @@ def run_caption(
         if engine is None and any(item.error is None for item in plan.todo):  # a model only when needed
             device = plan.ranks.device_for(job.device)
             plan.reporter.loading(plan.job.model, device)
-            engine = job.load(plan.job.model, device)  # each process on its own GPU
+            engine = job.load(plan.job.model, device, plan.reporter)  # each process on its own GPU
         if engine is not None:
             job.check_room(engine)
         return _execute(plan, engine, job, stop)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import math
 import os
 import signal
 import sys
@@ -33,7 +35,7 @@ from . import __version__
 from .api import Stop, run_ask, run_caption
 from .errors import DeviceError, OutputError, UsageError, debug, print_traceback, silence_stdout
 from .helptext import Command, Group
-from .jobs import AskJob, CaptionJob
+from .jobs import AskJob, CaptionJob, Options
 from .options import (
     DEFAULT_MODEL,
     ApiKeyOpt,
@@ -58,6 +60,7 @@ from .options import (
     PasswordOpt,
     PromptOpt,
     PromptsOpt,
+    QuantizeOpt,
     QuestionArg,
     RendererOpt,
     RepetitionStopOpt,
@@ -164,7 +167,8 @@ def main_options(
 def _configure_process() -> None:
     """The command line owns its process, so it sets what the library never does: PIL's own pixel
     limit off (`--max-pixels` is the limit, checked from each header), and Python's warnings (a
-    damaged file's from PIL, a deprecation's from the libraries underneath) kept off stderr, whose
+    damaged file's from PIL, a deprecation's from the libraries underneath) and bitsandbytes'
+    log warnings kept off stderr, whose
     lines are the user's: what matters about a file is its one line. Under GRANITE_VISION_DEBUG
     they stay."""
     from PIL import Image
@@ -173,6 +177,9 @@ def _configure_process() -> None:
     _hold_standard_streams()
     if not debug():
         warnings.simplefilter("ignore")
+        # bitsandbytes' int8 layers log, on every call, that they compute in float16 (their design):
+        # nothing a user can act on, a line per picture.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _hold_standard_streams() -> None:
@@ -221,6 +228,7 @@ def ask(
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_tiles: MaxTilesOpt = None,
     cache: CacheOpt = "auto",
     max_memory: MaxMemoryOpt = None,
@@ -279,6 +287,7 @@ def caption(
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     batch_size: BatchSizeOpt = None,
     max_batch_tokens: MaxBatchTokensOpt = None,
     max_tiles: MaxTilesOpt = None,
@@ -337,6 +346,7 @@ def serve(
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_tiles: MaxTilesOpt = None,
     cache: CacheOpt = "auto",
     max_memory: MaxMemoryOpt = None,
@@ -353,12 +363,11 @@ def serve(
 ) -> None:
     """Keep the model loaded and answer OpenAI-style chat requests over HTTP, batching every client together."""
     from . import server as http
-    from .jobs import Options
 
     job = Options(
-        model=model, revision=revision, device=device, dtype=dtype, max_tiles=max_tiles, cache=cache,
-        max_memory=max_memory, max_new_tokens=max_new_tokens, repetition_stop=repetition_stop, max_pixels=max_pixels,
-        api_key=api_key, model_origin=_model_origin(ctx), from_cli=True,
+        model=model, revision=revision, device=device, dtype=dtype, quantize=quantize, max_tiles=max_tiles,
+        cache=cache, max_memory=max_memory, max_new_tokens=max_new_tokens, repetition_stop=repetition_stop,
+        max_pixels=max_pixels, api_key=api_key, model_origin=_model_origin(ctx), from_cli=True,
     )  # fmt: skip
     http.start(
         job, host=host, port=port, allow_files=allow_files, allow_urls=allow_urls, max_body=int(max_body_mb * 2**20),
@@ -376,18 +385,81 @@ def _serving_signals() -> None:
 
 @app.command(cls=Command)
 @_command
-def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
-    """Versions, devices and dtypes, default model, model cache and PDF renderers."""
+def info(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    fit: Annotated[
+        bool,
+        typer.Option(
+            "--fit",
+            help="What the model needs on the device, from its config alone: weights, memory per picture, and"
+            " the batch that fits (exit 2 when not one picture does, with the options that would make it fit).",
+        ),
+    ] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    max_tiles: MaxTilesOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    card: Annotated[
+        Optional[float],
+        typer.Option(
+            metavar="GIB",
+            min=1.0,
+            help="--fit: plan for a GPU of this many GiB instead of this machine's.",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+) -> None:
+    """Versions, devices, dtypes, defaults, renderers; --fit: what a model needs on a GPU."""
     from . import environment
     from .info import collect, render
 
     _stdout()
+    if fit or card is not None:
+        _info_fit(
+            ctx,
+            json_output,
+            card,
+            model=model,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            quantize=quantize,
+            max_tiles=max_tiles,
+            max_memory=max_memory,
+            max_new_tokens=max_new_tokens,
+        )
+        return
+    given = [name for name in ("model", "revision", "device", "dtype", "quantize", "max_tiles", "max_memory",
+             "max_new_tokens") if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # fmt: skip
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')}: an option of `info --fit` (what a model needs on a GPU)")
     facts = collect(default_model=DEFAULT_MODEL)
     _print_stdout(render(facts, as_json=json_output))
     environment.check()  # what every run checks first: one line and exit code 2 here too
     problem = next((entry["problem"] for entry in facts["environment"] if entry["name"] == "torchvision"), None)
     if problem is not None:
         raise UsageError(problem)
+
+
+def _info_fit(ctx: typer.Context, json_output: bool, card: float | None, **options) -> None:
+    """`info --fit`: the estimate on stdout (lines, or one JSON object), then exit code 2 with one
+    line when not one picture fits."""
+    import json
+
+    from .info import fit
+
+    if card is not None and not math.isfinite(card):
+        raise UsageError(f"--card {card}: expected a card's memory in GiB (a finite number)")
+    job = Options(**options, model_origin=_model_origin(ctx), from_cli=True)
+    job.check_environment()
+    found, check = fit(job, card)
+    _print_stdout(json.dumps(found.to_dict(), indent=2) if json_output else "\n".join(found.lines()))
+    check()
 
 
 def _model_origin(ctx: typer.Context) -> str:

@@ -35,11 +35,17 @@ REQUIREMENTS = {
     "jsonschema": "4.20.0",
     "fastapi": "0.165.0",
     "uvicorn": "0.55.0",
+    "bitsandbytes": "0.50.2",
 }
 #: Packages only some runs need, by what needs them; every other package every run needs.
-FEATURES = {"schema": ("xgrammar", "jsonschema"), "poppler": ("pdf2image",), "serve": ("fastapi", "uvicorn")}
+FEATURES = {
+    "schema": ("xgrammar", "jsonschema"),
+    "poppler": ("pdf2image",),
+    "serve": ("fastapi", "uvicorn"),
+    "quantize": ("bitsandbytes",),  # (no wheel for Intel Macs: not installed there)
+}
 #: The options that need each feature, as `info` names them.
-_OPTIONS = {"schema": "--schema", "poppler": "--pdf-renderer poppler", "serve": "serve"}
+_OPTIONS = {"schema": "--schema", "poppler": "--pdf-renderer poppler", "serve": "serve", "quantize": "--quantize"}
 #: torchvision 0.(m + 15) is built for torch 2.m, and fails beside any other (since torch 2.0).
 _TORCHVISION_OFFSET = 15
 

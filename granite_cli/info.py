@@ -1,4 +1,5 @@
-"""What `granite-vision info` reports: versions, devices, dtypes, model defaults, renderers.
+"""What `granite-vision info` reports: versions, devices, dtypes and quantizations, model
+defaults, renderers; and `info --fit`, what a model needs on a GPU.
 
 The first thing to paste into a bug report, and the quickest way to see why `--device cuda`
 is refused or which PDF renderers will work.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 
 from . import __version__, environment
+from .errors import UsageError
 from .readers import poppler_available
 
 
@@ -52,10 +54,47 @@ def render(facts: dict, as_json: bool = False) -> str:
     lines.append("devices:")
     for device in facts["devices"]:
         memory = f", {device['memory_gib']} GiB" if "memory_gib" in device else ""
-        lines.append(f"  {device['device']}: {device['name']}{memory} (dtypes: {', '.join(device['dtypes'])})")
+        kinds = ", ".join(device["quantize"]) or "none"
+        lines.append(f"  {device['device']}: {device['name']}{memory} (dtypes: {', '.join(device['dtypes'])};"
+                     f" --quantize: {kinds})")  # fmt: skip
     lines.append(f"default device: {facts['default_device']}")
     lines.append(f"default model: {facts['default_model']}")
     lines.append(f"model cache: {facts['model_cache']}{' (offline)' if facts['hub_offline'] else ''}")
     renderers = ", ".join(f"{name} ({'available' if ok else 'missing'})" for name, ok in facts["pdf_renderers"].items())
     lines.append(f"pdf renderers: {renderers}")
     return "\n".join(lines)
+
+
+def fit(job, card_gib: float | None):
+    """`info --fit`: the memory formula for `job`'s model, dtype, quantization and tiles on its
+    device (or, with `card_gib`, on a GPU of that size), from the model's config alone: no weight
+    is read. Returns the `Fit` and the `check` that refuses a run of which not one picture fits."""
+    import functools
+
+    from .engine import devices, hf
+    from .engine import fit as formula
+    from .engine.hub import model_name
+    from .jobs import DEFAULT_PROMPT
+
+    device = devices.resolve_device(job.device)
+    if card_gib is not None:  # a GPU of that size, anywhere: it runs what a current GPU runs
+        card, where, dtypes = (
+            int(card_gib * formula.GIB),
+            f"a {card_gib:g} GiB card",
+            ["bfloat16", "float16", "float32"],
+        )
+    else:
+        card, dtypes = devices.card_bytes(device), devices.supported_dtypes(device)
+        where = str(device) if card is None else f"{device} ({devices.card_name(device)}, {card / formula.GIB:.1f} GiB)"
+    if job.dtype != "auto" and job.dtype not in dtypes:
+        raise UsageError(f"{job.given('dtype', job.dtype)}: not supported on {where} (it runs {', '.join(dtypes)})")
+    dtype = dtypes[0] if job.dtype == "auto" else job.dtype
+    shape = hf.shape(model_name(job.model, job.model_origin), job.revision, job.max_tiles)
+    found = formula.plan(
+        shape, dtype=dtype, quantize_as=job.quantize, max_tiles=None, card=card, device=where,
+        max_memory=job.max_memory, new_tokens=job.max_new_tokens, question=DEFAULT_PROMPT,
+    )  # fmt: skip
+    check = functools.partial(
+        formula.check, found, shape, max_memory=job.max_memory, question=DEFAULT_PROMPT, dtypes=dtypes
+    )
+    return found, check

@@ -54,9 +54,10 @@ LOADING_DEFAULTS = {
     "max_tiles": None,
     "cache": "auto",
     "max_memory": None,
+    "quantize": None,
 }
 #: Options that take one of a few words, in any case.
-CHOICES = ("device", "dtype", "cache", "pdf_renderer", "format")
+CHOICES = ("device", "dtype", "cache", "pdf_renderer", "format", "quantize")
 #: Options that are text the model reads: a name that is not valid UTF-8 cannot be asked about.
 TEXTS = ("prompt", "question", "schema")
 
@@ -84,6 +85,8 @@ class Options:
     cache: str = "auto"
     max_memory: float | None = None
     """GiB of GPU memory the run may plan for (default: 40, or 92 % of a smaller card)."""
+    quantize: str | None = None
+    """"int8" or "nf4": load the language model's linear layers in 8 or 4 bits (bitsandbytes)."""
     max_new_tokens: int = 256
     min_new_tokens: int | None = None
     """Library only: force answers of this length (benchmarks, where random weights would stop early)."""
@@ -111,10 +114,15 @@ class Options:
         for name in CHOICES:
             if hasattr(self, name) and isinstance(getattr(self, name), str):
                 setattr(self, name, getattr(self, name).strip().lower())
-        from .engine import CACHES, DTYPES  # (the engine's package, not its backend: no torch)
+        from .engine import CACHES, DTYPES, QUANTIZE  # (the engine's package, not its backend: no torch)
 
-        for name, allowed in (("cache", CACHES), ("dtype", DTYPES), ("pdf_renderer", RENDERERS)):
-            if getattr(self, name) not in allowed:
+        for name, allowed in (
+            ("cache", CACHES),
+            ("dtype", DTYPES),
+            ("pdf_renderer", RENDERERS),
+            ("quantize", QUANTIZE),
+        ):
+            if getattr(self, name) not in allowed and not (name == "quantize" and self.quantize is None):
                 raise UsageError(f"{self.given(name, getattr(self, name))}: expected one of {'|'.join(allowed)}")
         for name, (low, high) in RANGES.items():
             value = getattr(self, name, None)
@@ -189,6 +197,8 @@ class Options:
             features.append("schema")
         if self.pdf_renderer == "poppler":
             features.append("poppler")
+        if self.quantize is not None and self.server is None:
+            features.append("quantize")
         environment.check(tuple(features))
 
     def read_options(self) -> ReadOptions:
@@ -203,9 +213,10 @@ class Options:
             values["seed"] = None
         return values | dict(getattr(engine, "settings", None) or {})
 
-    def load(self, model: str, device: str):
+    def load(self, model: str, device: str, reporter=None):
         """The engine, loaded on `device` (this process's: see `Ranks.device_for`); the only
-        step that imports torch. With `server`, the server's engine (nothing loads here)."""
+        step that imports torch. With `server`, the server's engine (nothing loads here). On a
+        GPU, `reporter` says how many pictures a batch holds (`check_memory`)."""
         from .engine import EngineOptions, load_engine
 
         if self.server is not None:
@@ -215,8 +226,25 @@ class Options:
             self.check_server(engine)
             return engine
 
-        options = EngineOptions(max_tiles=self.max_tiles, cache=self.cache, max_memory=self.max_memory)
-        return load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)
+        options = EngineOptions(
+            max_tiles=self.max_tiles, cache=self.cache, max_memory=self.max_memory, quantize=self.quantize
+        )
+        engine = load_engine(model, revision=self.revision, device=device, dtype=self.dtype, options=options)
+        self.check_memory(engine, reporter)
+        return engine
+
+    def check_memory(self, engine, reporter=None) -> None:
+        """On a GPU, before any picture is read: a line saying what the weights take and how many
+        of the largest pictures a batch holds; one line and exit code 2 when not even one does,
+        with the options that would make it fit (`fit.check`)."""
+        measure = getattr(engine, "memory_fit", None)
+        if measure is None:
+            return
+        asked = (getattr(self, "question", None), getattr(self, "prompt", None))
+        question = next((text for text in asked if isinstance(text, str)), DEFAULT_PROMPT)
+        found = measure(self.max_new_tokens, question)
+        if found is not None and reporter is not None:
+            reporter.note(found.line())
 
     def settings(self, structured):
         from .engine import GenerationSettings

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import DEFAULT_MODEL  # noqa: F401 - re-exported for the CLI
-from .engine import CACHES, DTYPES
+from .engine import CACHES, DTYPES, QUANTIZE
 from .jobs import DEFAULT_PROMPT, RANGES
 from .readers import RENDERERS
 from .writers import FORMATS, formats_help
@@ -25,6 +25,7 @@ Format = choices("Format", FORMATS)
 Renderer = choices("Renderer", RENDERERS)
 Cache = choices("Cache", CACHES)
 Dtype = choices("Dtype", DTYPES)
+Quantize = choices("Quantize", QUANTIZE)
 
 # Options shared by `ask` and `caption`, declared once so they read the same everywhere.
 ModelOpt = Annotated[
@@ -70,6 +71,16 @@ DtypeOpt = Annotated[
     typer.Option(
         case_sensitive=False,
         help="auto: bfloat16 where supported, float16 on other GPUs, float32 on the CPU.",
+        rich_help_panel="Model",
+    ),
+]
+QuantizeOpt = Annotated[
+    Optional[Quantize],
+    typer.Option(
+        case_sensitive=False,
+        help="Load the language model's layers in 8 (int8) or 4 bits (nf4) with bitsandbytes: about 60% or 40%"
+        " of the weights' memory; the vision tower, projector and output head stay in --dtype.",
+        show_default="no: every weight in --dtype",
         rich_help_panel="Model",
     ),
 ]

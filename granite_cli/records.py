@@ -41,8 +41,8 @@ class Record:
     """The request's id (`--requests`: `id`, or OpenAI's `custom_id`). Not written when None."""
     settings: dict[str, Any] | None = None
     """What else shaped the answer (`SETTINGS`: --revision, --temperature, --seed, --dpi,
-    --max-tiles, --pdf-renderer), so that --resume never mixes answers made differently. None in
-    records written before it existed (taken to match)."""
+    --max-tiles, --pdf-renderer, --quantize: how the weights were loaded), so that --resume never
+    mixes answers made differently. None in records written before it existed (taken to match)."""
     token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
     """The answer's token ids, for library callers (benchmarks compare them); not written out."""
     thumbnail: bytes | None = field(default=None, repr=False, compare=False)
@@ -79,7 +79,7 @@ class Record:
 _UNWRITTEN = {"token_ids", "thumbnail"}
 #: The options besides prompt, model and schema that change answers, as records keep them.
 #: (--max-new-tokens is not one: `Job.reuses` keeps every answer it would not change.)
-SETTINGS = ("revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer", "repetition_stop")
+SETTINGS = ("revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer", "repetition_stop", "quantize")
 
 
 @dataclass(frozen=True)

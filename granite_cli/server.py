@@ -449,13 +449,13 @@ def start(
     sock = listen(host, port)
     try:
         reporter.loading(name, job.device)
-        engine = job.load(name, job.device)
+        engine = job.load(name, job.device, reporter)
     except BaseException:
         sock.close()
         raise
     options = ServeOptions(
         model=name,
-        settings={"revision": job.revision, "max_tiles": job.max_tiles},
+        settings={"revision": job.revision, "max_tiles": job.max_tiles, "quantize": engine.settings["quantize"]},
         api_key=job.api_key,
         allow_files=root,
         allow_urls=allow_urls,

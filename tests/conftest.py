@@ -24,18 +24,19 @@ os.environ.pop("GRANITE_VISION_MODEL", None)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """`gpu` tests run where CUDA is; elsewhere they are skipped, saying why."""
+    """`gpu` tests run where CUDA is, `mps` tests where Apple Metal is; elsewhere they are
+    skipped, saying why."""
     import importlib.util
 
+    cuda = mps = False
     if importlib.util.find_spec("torch") is not None:
         import torch
 
-        if torch.cuda.is_available():
-            return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    for marker, present, reason in (("gpu", cuda, "needs a CUDA GPU"), ("mps", mps, "needs Apple Metal (MPS)")):
+        for item in items if not present else ():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_tiny_benchmark_runs_and_paths_agree(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--tiny", "--items", "7"]
-    result = subprocess.run([*command, "--max-tiles-sweep", "3", "--json", str(out)], capture_output=True, timeout=600)
+    sweeps = ["--max-tiles-sweep", "3", "--quantize-sweep", "nf4"]
+    result = subprocess.run([*command, *sweeps, "--json", str(out)], capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     report = json.loads(out.read_text())
     assert report["setup"]["items"] == 7 and report["setup"]["pages"] >= 3 and report["setup"]["photos"] >= 2
@@ -34,7 +35,10 @@ def test_tiny_benchmark_runs_and_paths_agree(tmp_path):
     assert report["agreement_engine_vs_card"]["all_tokens"] == 1.0
     sweep = report["max_tiles_sweep"][0]
     assert sweep["max_tiles"] == 3 and sweep["prompt_tokens_per_page"] < report["setup"]["prompt_tokens_per_page"]
+    [nf4] = report["quantize_sweep"]
+    assert nf4["quantize"] == "nf4" and nf4["items"] == 7 and nf4["images_per_s"] > 0 and nf4["weights_gib"] > 0
     table = result.stdout.decode()
+    assert "(c) --quantize nf4 (weights" in table
     assert "(c) granite-vision" in table and "c/a =" in table
 
 

@@ -586,11 +586,14 @@ def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(devices.platform, "processor", lambda: "")
     monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(devices.quantize, "problem", lambda kind, device: "fake card" if device.index else None)
+    both = ["int8", "nf4"]
     assert devices.describe_devices() == [
-        {"device": "cpu", "name": "x86_64", "dtypes": ["float32", "bfloat16"]},
-        {"device": "cuda:0", "name": "NVIDIA H200", "memory_gib": 140.4, "dtypes": ["bfloat16", "float16", "float32"]},
-        {"device": "cuda:1", "name": "NVIDIA T4", "memory_gib": 14.7, "dtypes": ["float16", "float32"]},
-    ]
+        {"device": "cpu", "name": "x86_64", "dtypes": ["float32", "bfloat16"], "quantize": both},
+        {"device": "cuda:0", "name": "NVIDIA H200", "memory_gib": 140.4, "dtypes": ["bfloat16", "float16", "float32"],
+         "quantize": both},
+        {"device": "cuda:1", "name": "NVIDIA T4", "memory_gib": 14.7, "dtypes": ["float16", "float32"], "quantize": []},
+    ]  # fmt: skip
     assert devices.card_bytes(torch.device("cuda", 1)) == 15_828_320_256  # the budget is the named card's
     assert devices.card_bytes(torch.device("cpu")) is None  # no budget: the CPU runs by rows
     chosen = devices.resolve_device
@@ -606,9 +609,10 @@ def test_info_lists_each_gpu_with_its_name_memory_and_dtypes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver that lists cards it cannot use
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(devices.platform, "processor", lambda: "arm")
+    monkeypatch.setattr(devices.platform, "mac_ver", lambda: ("13.6", ("", "", ""), "arm64"))  # no bfloat16 yet
     assert devices.describe_devices() == [
-        {"device": "cpu", "name": "arm", "dtypes": ["float32", "bfloat16"]},
-        {"device": "mps", "name": "Apple Metal", "dtypes": ["float16", "float32"]},
+        {"device": "cpu", "name": "arm", "dtypes": ["float32", "bfloat16"], "quantize": ["int8", "nf4"]},
+        {"device": "mps", "name": "Apple Metal", "dtypes": ["float16", "float32"], "quantize": ["int8", "nf4"]},
     ]
     assert chosen("auto") == chosen("mps") == torch.device("mps")  # a Mac: its GPU first
     with pytest.raises(UsageError, match=r"^--device cuda: this machine has no CUDA device\. Hint"):

@@ -209,6 +209,7 @@ IN_ANY_HELP = {  # the rows `ask` and `caption` share: {panel: {option: its brac
         "--revision REV": "",
         "--device [auto|cpu|cuda|cuda:N|mps]": "[default: auto]",
         "--dtype [auto|bfloat16|float16|float32]": "[default: auto]",
+        "--quantize [int8|nf4]": "[default: no: every weight in --dtype]",
         "--max-tiles N": "[x>=2]",
         "--cache [auto|dynamic|static]": "[default: auto]",
         "--max-memory GIB": "[default: 40, or 92% of a smaller card; x>=1.0]",
@@ -270,10 +271,10 @@ HELPS = {
             "Structured output": IN_ANY_HELP["Structured output"],
             "Input": {"--pages PAGES": "", **INPUT},
             "Model": {
-                **dict(list(IN_ANY_HELP["Model"].items())[:6]),
+                **dict(list(IN_ANY_HELP["Model"].items())[:7]),
                 "--batch-size N": "[default: 8 on the CPU, 128 on a GPU (where the memory budget decides below); x>=1]",
                 "--max-batch-tokens N": "[default: on a GPU, what its free memory allows; on the CPU, no limit; x>=1]",
-                **dict(list(IN_ANY_HELP["Model"].items())[6:]),
+                **dict(list(IN_ANY_HELP["Model"].items())[7:]),
             },
             "Generation": IN_ANY_HELP["Generation"],
         },
@@ -287,9 +288,20 @@ HELPS = {
     "info": (
         [
             "Usage: granite-vision info [OPTIONS]",
-            "Versions, devices and dtypes, default model, model cache and PDF renderers.",
+            "Versions, devices, dtypes, defaults, renderers; --fit: what a model needs on a GPU.",
         ],
-        {"Options": {"--json": "", "-h, --help": ""}},
+        {
+            "Options": {"--json": "", "--fit": "", "-h, --help": ""},
+            "Model": {
+                **{
+                    option: default
+                    for option, default in IN_ANY_HELP["Model"].items()
+                    if "KEY" not in option and "URL" not in option and "cache" not in option
+                },
+                "--card GIB": "[x>=1.0]",
+            },
+            "Generation": {"--max-new-tokens N": "[default: 256; x>=1]"},
+        },
         [],
     ),
 }

@@ -9,10 +9,22 @@ import pytest
 from granite_cli import DEFAULT_MODEL, __version__
 from granite_cli.info import render
 
-CPU = {"device": "cpu", "name": "Test CPU", "dtypes": ["float32", "bfloat16"]}
-GPU = {"device": "cuda:0", "name": "NVIDIA H200", "memory_gib": 139.8, "dtypes": ["bfloat16", "float16", "float32"]}
-GPU1 = {"device": "cuda:1", "name": "NVIDIA L4", "memory_gib": 22.0, "dtypes": ["float16", "float32"]}
-MPS = {"device": "mps", "name": "Apple Metal", "dtypes": ["float16", "float32"]}
+CPU = {"device": "cpu", "name": "Test CPU", "dtypes": ["float32", "bfloat16"], "quantize": ["int8", "nf4"]}
+GPU = {
+    "device": "cuda:0",
+    "name": "NVIDIA H200",
+    "memory_gib": 139.8,
+    "dtypes": ["bfloat16", "float16", "float32"],
+    "quantize": ["int8", "nf4"],
+}
+GPU1 = {
+    "device": "cuda:1",
+    "name": "NVIDIA L4",
+    "memory_gib": 22.0,
+    "dtypes": ["float16", "float32"],
+    "quantize": ["int8", "nf4"],
+}
+MPS = {"device": "mps", "name": "Apple Metal", "dtypes": ["bfloat16", "float16", "float32"], "quantize": ["nf4"]}
 
 
 @pytest.fixture
@@ -44,10 +56,10 @@ def test_info_defaults_to_the_first_accelerator_and_lists_every_device(cli, mach
     text = cli("info").ok().stdout.splitlines()
     listed = text[text.index("devices:") + 1 : text.index(f"default device: {default}")]
     shown = {
-        "cpu": "  cpu: Test CPU (dtypes: float32, bfloat16)",
-        "cuda:0": "  cuda:0: NVIDIA H200, 139.8 GiB (dtypes: bfloat16, float16, float32)",
-        "cuda:1": "  cuda:1: NVIDIA L4, 22.0 GiB (dtypes: float16, float32)",
-        "mps": "  mps: Apple Metal (dtypes: float16, float32)",
+        "cpu": "  cpu: Test CPU (dtypes: float32, bfloat16; --quantize: int8, nf4)",
+        "cuda:0": "  cuda:0: NVIDIA H200, 139.8 GiB (dtypes: bfloat16, float16, float32; --quantize: int8, nf4)",
+        "cuda:1": "  cuda:1: NVIDIA L4, 22.0 GiB (dtypes: float16, float32; --quantize: int8, nf4)",
+        "mps": "  mps: Apple Metal (dtypes: bfloat16, float16, float32; --quantize: nf4)",
     }
     assert listed == [shown[device["device"]] for device in devices]
 
@@ -137,8 +149,8 @@ def test_info_text_shows_every_fact_on_its_own_line():
             "  xgrammar: not installed (needs >= 0.2.8, for --schema: NOT SUPPORTED)",
             "  pdf2image: 1.17.0 (needs >= 1.17.0, for --pdf-renderer poppler: ok)",
             "devices:",
-            "  cpu: Test CPU (dtypes: float32, bfloat16)",
-            "  cuda:0: NVIDIA H200, 139.8 GiB (dtypes: bfloat16, float16, float32)",
+            "  cpu: Test CPU (dtypes: float32, bfloat16; --quantize: int8, nf4)",
+            "  cuda:0: NVIDIA H200, 139.8 GiB (dtypes: bfloat16, float16, float32; --quantize: int8, nf4)",
             "default device: cuda:0",
             "default model: acme/vision-7b",
             "model cache: /cache/hub (offline)",

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -523,8 +522,7 @@ def test_the_max_tiles_table_in_the_readme(tiny_model):
             patch_size=14,
             vision_feature_select_strategy="full",
         )
-        network = SimpleNamespace(config=AutoConfig.from_pretrained(folder))
-        limit_tiles(processor, network, 10 if tiles.startswith("default") else int(tiles))
+        limit_tiles(processor, AutoConfig.from_pretrained(folder), 10 if tiles.startswith("default") else int(tiles))
         image = processor._get_num_multimodal_tokens(image_sizes=[(1650, 1275)]).num_image_tokens[0]
         overheads.append(int(tokens.replace(",", "")) - image)
     assert all(40 <= overhead <= 120 for overhead in overheads), overheads  # the chat template's text
@@ -616,7 +614,7 @@ def test_a_seed_at_temperature_0_is_no_setting_so_resume_continues_without_it(cl
     first = read_jsonl(out)
     assert first[0]["settings"]["seed"] is None
     assert set(first[0]["settings"]) == {
-        "revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer", "repetition_stop"
+        "revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer", "repetition_stop", "quantize"
     }  # fmt: skip
     resumed = cli("caption", str(inputs / "a.png"), str(inputs / "b.jpg"), "-o", str(out), "--resume")
     assert resumed.exit_code == 0, resumed.stderr

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CACHES = ("auto", "dynamic", "static")
+QUANTIZE = ("int8", "nf4")
 #: Backends by name: the module that provides `load(model, ...)`.
 BACKENDS = {"transformers": "granite_cli.engine.hf", "server": "granite_cli.engine.remote"}
 Streams = TextIO | list[TextIO | None] | None
@@ -62,6 +63,8 @@ class EngineOptions:
     prompts on the CPU."""
     max_memory: float | None = None
     """GiB a run may plan for on a GPU (None: `memory.DEFAULT_BUDGET_GIB` or 92 % of the card)."""
+    quantize: str | None = None
+    """"int8" or "nf4": the language model's linear layers in 8 or 4 bits (`quantize`)."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError, one_line
-from . import DEVICE_CHOICES, DTYPES
+from . import DEVICE_CHOICES, DTYPES, QUANTIZE, quantize
 
 if TYPE_CHECKING:
     import torch
@@ -75,13 +75,29 @@ def supported_dtypes(device: torch.device) -> list[str]:
         bf16 = torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
         return ["bfloat16", "float16", "float32"] if bf16 else ["float16", "float32"]
     if device.type == "mps":
-        return ["float16", "float32"]
+        return mps_dtypes(torch.__version__, platform.mac_ver()[0])
     return ["float32", "bfloat16"]
 
 
+def mps_dtypes(torch_version: str, macos: str) -> list[str]:
+    """Apple Metal's dtypes, best first: bfloat16 (Granite's own, float32's range) from torch 2.3
+    on macOS 14 (Sonoma) or later, where Metal has it; float16 before that."""
+    from ..environment import release
+
+    bf16 = release(torch_version) >= (2, 3) and release(macos or "0") >= (14, 0)
+    return ["bfloat16", "float16", "float32"] if bf16 else ["float16", "float32"]
+
+
+def prepare_device(device: torch.device, torchvision: bool) -> torch.device | None:
+    """Where the image processor resizes and normalises pictures: beside the model on a GPU or
+    Apple's (the pixels made where they are used, not copied there), when it is torchvision's
+    (the fast one; PIL's runs on the CPU only); None: on the CPU, as it would anyway."""
+    return device if torchvision and device.type in ("cuda", "mps") else None
+
+
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """`auto`: the device's best (`supported_dtypes`' first): bfloat16 where the GPU supports
-    it, else float16 on a GPU, float32 on the CPU. A dtype the device cannot run is refused
+    """`auto`: the device's best (`supported_dtypes`' first): bfloat16 where the GPU (or Apple's,
+    with macOS 14) supports it, else float16 on a GPU, float32 on the CPU. A dtype the device cannot run is refused
     here, before any weight is read."""
     import torch
 
@@ -98,7 +114,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 def describe_devices() -> list[dict]:
-    """Every device this machine offers, with its name, memory and dtypes (for `info`)."""
+    """Every device this machine offers, with its name, memory, dtypes and quantizations (for `info`)."""
     import torch
 
     devices = [
@@ -120,6 +136,8 @@ def describe_devices() -> list[dict]:
         )
     if torch.backends.mps.is_available():
         devices.append({"device": "mps", "name": "Apple Metal", "dtypes": supported_dtypes(torch.device("mps"))})
+    for entry in devices:  # what --quantize can run there (one tiny layer of each kind, tried)
+        entry["quantize"] = [kind for kind in QUANTIZE if quantize.problem(kind, torch.device(entry["device"])) is None]
     return devices
 
 
@@ -185,6 +203,12 @@ GPU_ROWS = 128
 CPU_ROWS = 8
 #: Tokens per prefill chunk on a GPU: prefill activations no longer grow with the batch's prompts.
 GPU_PREFILL_CHUNK = 2048
+
+
+def card_name(device: torch.device) -> str:
+    import torch
+
+    return torch.cuda.get_device_properties(device).name
 
 
 def card_bytes(device: torch.device) -> int | None:

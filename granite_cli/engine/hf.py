@@ -12,8 +12,20 @@ from typing import TYPE_CHECKING
 
 from .. import DEFAULT_MODEL
 from ..errors import UsageError, debug
-from . import Answer, BatchLimits, EngineOptions, GenerationSettings, Streams, batches, devices, hub, memory
-from .generation import Generator
+from . import (
+    Answer,
+    BatchLimits,
+    EngineOptions,
+    GenerationSettings,
+    Streams,
+    batches,
+    devices,
+    fit,
+    hub,
+    memory,
+    quantize,
+)
+from .generation import ROW_PREFILL, Generator
 from .prompts import Prompts
 
 if TYPE_CHECKING:
@@ -40,8 +52,9 @@ class HfEngine:
         self.options = options
         self.costs = memory.costs(model, processor)
         self.card = devices.card_bytes(self.device)  # None off a GPU: the CPU runs by rows
-        # With the model on a GPU, the torchvision image processor resizes there too.
-        self.prepare_device = self.device if self.device.type == "cuda" and _torchvision_backend(processor) else None
+        self.quantized = quantize.loaded_as(model)
+        self.settings = {"quantize": self.quantized}  # (records keep it: --resume never mixes the two)
+        self.prepare_device = devices.prepare_device(self.device, _torchvision_backend(processor))
 
     def fit(self, width: int, height: int) -> tuple[int, int]:
         return self.prompts.fit(width, height)
@@ -70,6 +83,22 @@ class HfEngine:
         model = memory.MemoryModel(self.costs, budget, self.generator.prefill_chunk, self.generator.by_rows)
         return BatchLimits(rows, tokens, model)
 
+    def memory_fit(self, new_tokens: int, question: str) -> fit.Fit | None:
+        """How many of the largest pictures a batch holds on this GPU (None off a GPU), refused in
+        one line when not one does (`fit.check`)."""
+        if self.card is None:
+            return None
+        shape = fit.of_engine(self)
+        where = f"{self.device} ({devices.card_name(self.device)}, {self.card / memory.GIB:.1f} GiB)"
+        found = fit.plan(
+            shape, dtype=str(self.dtype).removeprefix("torch."), quantize_as=self.quantized,
+            max_tiles=None, card=self.card, device=where, max_memory=self.options.max_memory,
+            new_tokens=new_tokens, question=question,
+        )  # fmt: skip
+        fit.check(found, shape, max_memory=self.options.max_memory, question=question,
+                  dtypes=devices.supported_dtypes(self.device))  # fmt: skip
+        return found
+
     def failure(self, exc: BaseException) -> str:
         return devices.failure(exc)
 
@@ -81,6 +110,8 @@ class HfEngine:
         compare them without loading the weights again. The image grid (max_tiles) cannot change."""
         if options.max_tiles != self.generator.options.max_tiles:
             raise ValueError("max_tiles changes the processor: load the model again")
+        if options.quantize != self.generator.options.quantize:
+            raise ValueError("quantize changes the weights: load the model again")
         return HfEngine(self.processor, self.model, self.name, options)
 
 
@@ -91,18 +122,24 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
     _check_torchvision()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if options.quantize is not None and (reason := quantize.problem(options.quantize, torch_device)):
+        raise UsageError(reason)
     local_only = hub.load_locally(model, revision)
     with _quiet_loading(), devices.current(torch_device):
-        _check_vision_model(model, revision, local_only)
+        config = _check_vision_model(model, revision, local_only)
         hub.check_folder(model)
         try:
             processor = AutoProcessor.from_pretrained(model, revision=revision, local_files_only=local_only)
             kwargs = {"revision": revision, "dtype": torch_dtype, "local_files_only": local_only}
-            if torch_device.type != "cpu":
-                kwargs["device_map"] = str(torch_device)
+            if torch_device.type != "cpu" or options.quantize is not None:
+                kwargs["device_map"] = str(torch_device)  # (bitsandbytes would pick a GPU itself)
+            if options.quantize is not None:
+                kept = quantize.kept_modules(meta_model(config))
+                kwargs["quantization_config"] = quantize.config(options.quantize, torch_dtype, kept)
             network = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
         except _load_errors() as exc:
             raise hub.model_load_error(model, exc) from exc
+    quantize.check_quantized(network, model)
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise UsageError(f"model {model!r} has no image processor: it is not a vision-language model")
     network.eval()
@@ -115,7 +152,7 @@ def load(model: str, *, revision: str | None, device: str, dtype: str, options: 
         tokenizer = processor.tokenizer  # (a pad id of 0 is a pad id: `or` would drop it)
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if options.max_tiles is not None:
-        limit_tiles(processor, network, options.max_tiles)
+        limit_tiles(processor, network.config, options.max_tiles)
     return HfEngine(processor, network, model, options)
 
 
@@ -128,20 +165,20 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError)
 
 
-def limit_tiles(processor, network, max_tiles: int) -> None:
+def limit_tiles(processor, config, max_tiles: int) -> None:
     """Keep only the grid pinpoints of at most `max_tiles` vision tiles (the overview tile
     counts as one), in the processor and in the model config alike, so both keep agreeing.
 
     A letter page uses 10 tiles (about 5,900 tokens); fewer tiles cost proportionally less
     prefill, for CPUs and small GPUs, at the price of detail.
     """
-    tile = int(network.config.vision_config.image_size)  # (every vision tower's config has it)
-    pinpoints = network.config.image_grid_pinpoints
+    tile = int(config.vision_config.image_size)  # (every vision tower's config has it)
+    pinpoints = config.image_grid_pinpoints
     kept = [list(p) for p in pinpoints if (p[0] // tile) * (p[1] // tile) + 1 <= max_tiles]
     if not kept:
         smallest = min((p[0] // tile) * (p[1] // tile) + 1 for p in pinpoints)
         raise UsageError(f"--max-tiles {max_tiles}: this model's smallest grid needs {smallest} tiles")
-    network.config.image_grid_pinpoints = kept
+    config.image_grid_pinpoints = kept
     processor.image_processor.image_grid_pinpoints = kept
 
 
@@ -149,9 +186,38 @@ def _torchvision_backend(processor) -> bool:
     return "Pil" not in type(processor.image_processor).__name__
 
 
-def _check_vision_model(model: str, revision: str | None, local_only: bool) -> None:
+def shape(model: str, revision: str | None = None, max_tiles: int | None = None) -> fit.Model:
+    """What the memory formula needs of `model` without its weights: its config, its processor
+    (the prompt arithmetic, within `max_tiles`) and its parameters, counted on the meta device."""
+    from transformers import AutoProcessor
+
+    local_only = hub.load_locally(model, revision)
+    with _quiet_loading():
+        config = _check_vision_model(model, revision, local_only)
+        try:
+            processor = AutoProcessor.from_pretrained(model, revision=revision, local_files_only=local_only)
+        except _load_errors() as exc:
+            raise hub.model_load_error(model, exc) from exc
+    if max_tiles is not None:
+        limit_tiles(processor, config, max_tiles)
+    text = config.get_text_config()
+    prompts = Prompts(processor, getattr(text, "max_position_embeddings", None), model)
+    return fit.Model(model, config, prompts, quantize.parts(meta_model(config)), config.model_type in ROW_PREFILL)
+
+
+def meta_model(config):
+    """The model `config` describes, with no weights (on torch's meta device): its structure,
+    for what to quantize and what its parameters add up to, in a fraction of a second."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def _check_vision_model(model: str, revision: str | None, local_only: bool):
     """A text-only checkpoint would load and then fail on the first picture: say so now, from
-    its config alone, before any weight is read."""
+    its config alone, before any weight is read. Returns the config."""
     from transformers import AutoConfig
 
     try:
@@ -163,6 +229,7 @@ def _check_vision_model(model: str, revision: str | None, local_only: bool) -> N
             f"model {model!r} is a text-only model (model_type {config.model_type});"
             f" granite-vision needs a vision-language model such as {DEFAULT_MODEL}"
         )
+    return config
 
 
 def _check_pinpoints(model: str, processor, network) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import largest
+from . import largest, quantize
 
 GIB = 2**30
 DEFAULT_BUDGET_GIB = 40.0
@@ -80,14 +80,17 @@ class Peak:
 
 def costs(model, processor) -> Costs:
     """The sizes of a loaded model (weights measured, the rest from its config)."""
-    text = model.config.get_text_config()
-    vision = getattr(model.config, "vision_config", None)
-    dtype = model.dtype.itemsize
+    return costs_of(model.config, processor, model.dtype.itemsize, quantize.weight_bytes(model))
+
+
+def costs_of(config, processor, dtype: int, weights: int) -> Costs:
+    """The sizes of a model of `config` run in `dtype`-byte floats, its weights `weights` bytes
+    (measured, or estimated before loading: `fit`)."""
+    text = config.get_text_config()
+    vision = getattr(config, "vision_config", None)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
     tile = int(getattr(vision, "image_size", 384))  # getattr(None, ...) gives the default too
     patch = int(getattr(vision, "patch_size", 14))
     tower = (getattr(vision, "num_hidden_layers", 0) + 1) * (tile // patch) ** 2 * getattr(vision, "hidden_size", 0)
