@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 import os
 import signal
@@ -167,8 +166,7 @@ def main_options(
 def _configure_process() -> None:
     """The command line owns its process, so it sets what the library never does: PIL's own pixel
     limit off (`--max-pixels` is the limit, checked from each header), and Python's warnings (a
-    damaged file's from PIL, a deprecation's from the libraries underneath) and bitsandbytes'
-    log warnings kept off stderr, whose
+    damaged file's from PIL, a deprecation's from the libraries underneath) kept off stderr, whose
     lines are the user's: what matters about a file is its one line. Under GRANITE_VISION_DEBUG
     they stay."""
     from PIL import Image
@@ -177,9 +175,6 @@ def _configure_process() -> None:
     _hold_standard_streams()
     if not debug():
         warnings.simplefilter("ignore")
-        # bitsandbytes' int8 layers log, on every call, that they compute in float16 (their design):
-        # nothing a user can act on, a line per picture.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _hold_standard_streams() -> None:
@@ -409,7 +404,7 @@ def info(
         typer.Option(
             metavar="GIB",
             min=1.0,
-            help="--fit: plan for a GPU of this many GiB instead of this machine's.",
+            help="Plan for a GPU of this many GiB instead of this machine's device (implies --fit).",
             rich_help_panel="Model",
         ),
     ] = None,

@@ -76,14 +76,11 @@ def fit(job, card_gib: float | None):
     from .engine.hub import model_name
     from .jobs import DEFAULT_PROMPT
 
-    device = devices.resolve_device(job.device)
-    if card_gib is not None:  # a GPU of that size, anywhere: it runs what a current GPU runs
-        card, where, dtypes = (
-            int(card_gib * formula.GIB),
-            f"a {card_gib:g} GiB card",
-            ["bfloat16", "float16", "float32"],
-        )
+    if card_gib is not None:  # a GPU of that size, anywhere (not this machine's): it runs what GPUs run
+        card, where = int(card_gib * formula.GIB), f"a card of {card_gib:g} GiB"
+        dtypes = ["bfloat16", "float16", "float32"]
     else:
+        device = devices.resolve_device(job.device)
         card, dtypes = devices.card_bytes(device), devices.supported_dtypes(device)
         where = str(device) if card is None else f"{device} ({devices.card_name(device)}, {card / formula.GIB:.1f} GiB)"
     if job.dtype != "auto" and job.dtype not in dtypes:

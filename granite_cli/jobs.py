@@ -176,10 +176,16 @@ class Options:
 
     def check_server(self, engine) -> None:
         """With a server, how the model loads is the server's: an option that says otherwise
-        (or another model) is refused, since the records would not say what the run asked for."""
+        (or another model) is refused, since the records would not say what the run asked for;
+        one equal to what the server reports (revision, max_tiles, quantize) is no conflict."""
         if self.server is None:
             return
-        given = [name for name, default in LOADING_DEFAULTS.items() if getattr(self, name) != default]
+        theirs = getattr(engine, "settings", None) or {}  # (what the server says it loaded with)
+        given = [
+            name
+            for name, default in LOADING_DEFAULTS.items()
+            if getattr(self, name) != default and not (name in theirs and theirs[name] == getattr(self, name))
+        ]
         if given:
             raise UsageError(
                 f"{self.given(given[0], getattr(self, given[0]))}: the server at {self.server} loaded its model itself;"

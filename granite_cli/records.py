@@ -80,6 +80,11 @@ _UNWRITTEN = {"token_ids", "thumbnail"}
 #: The options besides prompt, model and schema that change answers, as records keep them.
 #: (--max-new-tokens is not one: `Job.reuses` keeps every answer it would not change.)
 SETTINGS = ("revision", "temperature", "seed", "dpi", "max_tiles", "pdf_renderer", "repetition_stop", "quantize")
+#: What a record written before a setting existed had: no record was quantized before --quantize.
+#: (A setting not here that a record lacks is taken to match.)
+BEFORE = {"quantize": None}
+#: The settings that say how the model was loaded: with --server, the server's.
+LOADED = ("revision", "max_tiles", "quantize")
 
 
 @dataclass(frozen=True)
@@ -128,11 +133,13 @@ class Job:
 
     def _settings_difference(self, record: Record) -> str | None:
         for name in SETTINGS if self.settings is not None and record.settings is not None else ():
-            if name not in record.settings:  # a setting newer than the record: it had the default
+            if name not in record.settings and name not in BEFORE:  # a setting newer than the record
                 continue
-            theirs, ours = record.settings[name], self.settings.get(name)
+            theirs, ours = record.settings.get(name, BEFORE.get(name)), self.settings.get(name)
             if theirs != ours:
-                return f"another --{name.replace('_', '-')} ({shown_briefly(theirs)}; this run: {shown_briefly(ours)})"
+                server = "; with --server, as that server was started" if name in LOADED else ""
+                flag = name.replace("_", "-")
+                return f"another --{flag} ({shown_briefly(theirs)}; this run: {shown_briefly(ours)}{server})"
         return None
 
     def reuses(self, record: Record) -> bool:

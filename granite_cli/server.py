@@ -468,7 +468,10 @@ def start(
     service = Service(engine, options, engine.limits(batch_size, max_batch_tokens))
 
     def ready(url: str) -> None:
-        reporter.note(f"serving {name} at {url}/v1 (Ctrl-C or SIGTERM: finish the requests in flight, then stop)")
+        loaded = f" ({engine.quantized})" if getattr(engine, "quantized", None) else ""
+        reporter.note(
+            f"serving {name}{loaded} at {url}/v1 (Ctrl-C or SIGTERM: finish the requests in flight, then stop)"
+        )
 
     before_serving()
     serve(service, sock, ready)

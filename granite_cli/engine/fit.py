@@ -10,6 +10,7 @@ holds more. Every number is the formula's estimate until measured on a GPU.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import UsageError
@@ -47,11 +48,23 @@ class Fit:
     pictures: int
     """Pictures a batch of the largest ones holds within the budget (0: not one; at most `rows`)."""
     rows: int
+    max_memory: float | None = None
+    """--max-memory as given (the budget is the smaller of it and 92 % of the card)."""
+
+    @property
+    def budget_source(self) -> str:
+        """Where the budget comes from, in words (a --max-memory above the card's share is said)."""
+        share = f"{memory.CARD_SHARE:.0%} of the card"
+        if self.max_memory is None:
+            return f"the default: {memory.DEFAULT_BUDGET_GIB:g} GiB or {share}, the smaller; --max-memory sets it"
+        if self.budget is not None and self.max_memory * GIB > self.budget:
+            return f"{share}: --max-memory {self.max_memory:g} asks more than the card has"
+        return f"--max-memory {self.max_memory:g}"
 
     def to_dict(self) -> dict:
         gib = {name: round(getattr(self, name) / GIB, 2) for name in ("weights", "first_picture", "each_picture")}
         card = None if self.card is None else round(self.card / GIB, 1)
-        budget = None if self.budget is None else round(self.budget / GIB, 1)
+        budget = None if self.budget is None else round(self.budget / GIB, 2)
         return (
             self.__dict__
             | {f"{name}_gib": value for name, value in gib.items()}
@@ -90,9 +103,7 @@ class Fit:
                 " --card GIB plans for a GPU"
             )
             return lines
-        lines.append(
-            f"device: {self.device}; budget {gib(self.budget)} (--max-memory; default 40 GiB or 92% of the card)"
-        )
+        lines.append(f"device: {self.device}; budget {gib(self.budget)} ({self.budget_source})")
         capped = f" (at most {self.rows} a batch: --batch-size)" if self.pictures == self.rows else ""
         lines.append(f"batch that fits: {self.pictures} pictures{capped} (an estimate until measured on a GPU)")
         return lines
@@ -148,7 +159,7 @@ def plan(
         model=model.name, dtype=dtype, quantize=quantize_as, tiles=costs.max_tiles, prompt_tokens=longest,
         new_tokens=new_tokens, weights=weights, weights_measured=model.measured is not None,
         first_picture=one - weights, each_picture=two - one, card=card, device=device, budget=budget,
-        pictures=pictures, rows=rows,
+        pictures=pictures, rows=rows, max_memory=max_memory,
     )  # fmt: skip
 
 
@@ -173,8 +184,9 @@ def check(fit: Fit, model: Model, *, max_memory: float | None, question: str, dt
 def alternatives(
     fit: Fit, model: Model, *, max_memory: float | None, question: str, dtypes: list[str]
 ) -> list[tuple[str, int]]:
-    """The options that make at least one picture fit, as (options, pictures a batch): fewer
-    tiles first (the same weights), then fewer bits, then both; a 2-byte dtype for float32."""
+    """The options that make at least one picture fit, as (options, pictures a batch): a larger
+    --max-memory where the card has room, fewer tiles (the same weights), then fewer bits, then
+    both; a 2-byte dtype for float32."""
     tile = _tile(model)
     grids = sorted({(h // tile) * (w // tile) + 1 for h, w in _pinpoints(model, None)}, reverse=True)
     smaller = [tiles for tiles in grids if tiles < fit.tiles]
@@ -192,6 +204,9 @@ def alternatives(
             ways.append((" ".join(words), again.pictures))
         return again.pictures > 0
 
+    needed = fit.weights + fit.first_picture  # a budget set below what the card allows: raising it may do
+    if max_memory is not None and needed <= memory.budget(fit.card, None):
+        ways.append((f"--max-memory {math.ceil(needed / GIB * 10) / 10:g}", 1))
     dtype = fit.dtype
     if DTYPE_BYTES[dtype] == 4 and half is not None and attempt([f"--dtype {half}"], half, fit.quantize, fit.tiles):
         return ways

@@ -72,7 +72,8 @@ class HfEngine:
         return batches.prepare(self.processor, self.prompts, images, questions, self.pad_id, self.prepare_device)
 
     def run(self, prepared, settings: GenerationSettings, streams: Streams = None) -> list[Answer]:
-        return self.generator.run(prepared, settings, streams)
+        with quantize.quiet(self.quantized):
+            return self.generator.run(prepared, settings, streams)
 
     def limits(self, rows: int | None = None, tokens: int | None = None) -> BatchLimits:
         if rows is None:

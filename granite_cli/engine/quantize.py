@@ -16,7 +16,10 @@ float32 scale ("absmax") per block of 64 weights.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -150,6 +153,27 @@ def loaded_as(model) -> str | None:
     if quantization.get("load_in_4bit"):
         return quantization.get("bnb_4bit_quant_type") or "fp4"
     return str(quantization.get("quant_method") or "quantized")
+
+
+@contextlib.contextmanager
+def quiet(kind: str | None) -> Iterator[None]:
+    """While an int8 model answers: bitsandbytes logs, at every layer of every step, that its
+    8-bit layers take float16 inputs (LLM.int8's design; nothing to act on, 280 lines a token for
+    Granite Vision). That one message is dropped during our calls and only then; every other
+    record of its logger, and the logger itself, stay as the host has them."""
+    if kind != "int8":
+        yield
+        return
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    logger.addFilter(_not_cast_notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_cast_notice)
+
+
+def _not_cast_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def check_quantized(model, name: str) -> None:
