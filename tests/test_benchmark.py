@@ -88,7 +88,9 @@ def test_the_gpu_lane_script_runs_its_plumbing_on_a_cpu(tmp_path):
     for row in report["variants"]:
         assert row["answered"] == 6 and row["agreement_vs_batched"]["all_tokens"] == 1.0, row["label"]
     assert report["schema"]["items"] == 6
+    assert [(row["quantize"], row["items"]) for row in report["quantize_sweep"]] == [("int8", 6), ("nf4", 6)]
     keys = ["setup", "card", "batched", "engine", "static", "batch-prefill", "no-chunks", "oom-backoff", "schema"]
+    keys += ["quantize-int8", "quantize-nf4"]
     events = [json.loads(line) for line in (tmp_path / "gpu-3.2-2b.rows.jsonl").read_text().splitlines()]
     assert [(e["key"], e["status"]) for e in events] == [(k, s) for k in keys for s in ("running", "ok")]
     table = (tmp_path / "gpu-3.2-2b.md").read_text()
