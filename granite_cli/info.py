@@ -82,7 +82,7 @@ def fit(job, card_gib: float | None):
     else:
         device = devices.resolve_device(job.device)
         card, dtypes = devices.card_bytes(device), devices.supported_dtypes(device)
-        where = str(device) if card is None else f"{device} ({devices.card_name(device)}, {card / formula.GIB:.1f} GiB)"
+        where = str(device) if card is None else devices.card_label(device)
     if job.dtype != "auto" and job.dtype not in dtypes:
         raise UsageError(f"{job.given('dtype', job.dtype)}: not supported on {where} (it runs {', '.join(dtypes)})")
     dtype = dtypes[0] if job.dtype == "auto" else job.dtype

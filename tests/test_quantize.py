@@ -287,7 +287,7 @@ def test_a_run_on_a_gpu_says_what_fits_first_and_refuses_what_cannot(cli, inputs
     is refused in one line before anything is read or written."""
     from granite_cli.engine import devices
 
-    monkeypatch.setattr(devices, "card_name", lambda device: "Test GPU")
+    monkeypatch.setattr(devices, "card_label", lambda device: f"{device} (Test GPU, 1.0 GiB)")
     monkeypatch.setattr(devices, "card_bytes", lambda device: GIB)
     out = tmp_path / "out.jsonl"
     ran = cli("caption", str(inputs / "a.png"), "--device", "cpu", "-o", str(out))

@@ -205,10 +205,12 @@ CPU_ROWS = 8
 GPU_PREFILL_CHUNK = 2048
 
 
-def card_name(device: torch.device) -> str:
+def card_label(device: torch.device) -> str:
+    """A GPU as the memory lines name it: `cuda:0 (NVIDIA H200, 139.8 GiB)`."""
     import torch
 
-    return torch.cuda.get_device_properties(device).name
+    properties = torch.cuda.get_device_properties(device)
+    return f"{device} ({properties.name}, {properties.total_memory / 2**30:.1f} GiB)"
 
 
 def card_bytes(device: torch.device) -> int | None:

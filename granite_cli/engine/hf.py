@@ -90,7 +90,7 @@ class HfEngine:
         if self.card is None:
             return None
         shape = fit.of_engine(self)
-        where = f"{self.device} ({devices.card_name(self.device)}, {self.card / memory.GIB:.1f} GiB)"
+        where = devices.card_label(self.device)
         found = fit.plan(
             shape, dtype=str(self.dtype).removeprefix("torch."), quantize_as=self.quantized,
             max_tiles=None, card=self.card, device=where, max_memory=self.options.max_memory,
