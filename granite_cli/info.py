@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 from . import __version__, environment
-from .errors import UsageError
 from .readers import poppler_available
 
 
@@ -83,9 +82,7 @@ def fit(job, card_gib: float | None):
         device = devices.resolve_device(job.device)
         card, dtypes = devices.card_bytes(device), devices.supported_dtypes(device)
         where = str(device) if card is None else devices.card_label(device)
-    if job.dtype != "auto" and job.dtype not in dtypes:
-        raise UsageError(f"{job.given('dtype', job.dtype)}: not supported on {where} (it runs {', '.join(dtypes)})")
-    dtype = dtypes[0] if job.dtype == "auto" else job.dtype
+    dtype = devices.choose_dtype(job.dtype, dtypes, where)
     shape = hf.shape(model_name(job.model, job.model_origin), job.revision, job.max_tiles)
     found = formula.plan(
         shape, dtype=dtype, quantize_as=job.quantize, max_tiles=None, card=card, device=where,

@@ -122,7 +122,7 @@ class Options:
             ("pdf_renderer", RENDERERS),
             ("quantize", QUANTIZE),
         ):
-            if getattr(self, name) not in allowed and not (name == "quantize" and self.quantize is None):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise UsageError(f"{self.given(name, getattr(self, name))}: expected one of {'|'.join(allowed)}")
         for name, (low, high) in RANGES.items():
             value = getattr(self, name, None)

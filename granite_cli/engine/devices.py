@@ -97,20 +97,24 @@ def prepare_device(device: torch.device, torchvision: bool) -> torch.device | No
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """`auto`: the device's best (`supported_dtypes`' first): bfloat16 where the GPU (or Apple's,
-    with macOS 14) supports it, else float16 on a GPU, float32 on the CPU. A dtype the device cannot run is refused
-    here, before any weight is read."""
+    with macOS 14) supports it, else float16 on a GPU, float32 on the CPU. A dtype the device
+    cannot run is refused here, before any weight is read."""
     import torch
 
+    return getattr(torch, choose_dtype(spec, supported_dtypes(device), str(device)))
+
+
+def choose_dtype(spec: str, supported: list[str], where: str) -> str:
+    """`spec` ("auto": `supported`'s first, the best), or one line saying `where` cannot run it."""
     if spec not in DTYPES:
         raise UsageError(f"--dtype {spec!r}: expected one of {'|'.join(DTYPES)}")
-    supported = supported_dtypes(device)
     if spec == "auto":
-        return getattr(torch, supported[0])
+        return supported[0]
     if spec not in supported:
         raise UsageError(
-            f"--dtype {spec}: not supported on {device} (it runs {', '.join(supported)}; see `granite-vision info`)"
+            f"--dtype {spec}: not supported on {where} (it runs {', '.join(supported)}; see `granite-vision info`)"
         )
-    return getattr(torch, spec)
+    return spec
 
 
 def describe_devices() -> list[dict]:

@@ -207,11 +207,10 @@ def alternatives(
     needed = fit.weights + fit.first_picture  # a budget set below what the card allows: raising it may do
     if max_memory is not None and needed <= memory.budget(fit.card, None):
         ways.append((f"--max-memory {math.ceil(needed / GIB * 10) / 10:g}", 1))
-    dtype = fit.dtype
-    if DTYPE_BYTES[dtype] == 4 and half is not None and attempt([f"--dtype {half}"], half, fit.quantize, fit.tiles):
-        return ways
-    dtype = half if DTYPE_BYTES[dtype] == 4 and half is not None else dtype
+    dtype = half if DTYPE_BYTES[fit.dtype] == 4 and half is not None else fit.dtype
     prefix = [f"--dtype {dtype}"] if dtype != fit.dtype else []
+    if prefix and attempt(prefix, dtype, fit.quantize, fit.tiles):
+        return ways
     for tiles in smaller:
         if attempt([*prefix, f"--max-tiles {tiles}"], dtype, fit.quantize, tiles):
             break

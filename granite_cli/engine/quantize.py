@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..environment import REQUIREMENTS
 from ..errors import UsageError, one_line
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class Parts:
 def parts(model) -> Parts:
     """Count a (meta-device) model's parameters by how quantization treats them."""
     quantized = rows = 0
-    for _, module in _quantizable(model):
+    for module in _quantizable(model):
         quantized += module.weight.numel()
         rows += module.weight.shape[0]
     total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
@@ -71,21 +72,15 @@ def kept_modules(model) -> list[str]:
     """The modules that stay in the compute dtype: every part of the model but its language model's
     decoder (vision tower, projectors, `image_newline`...), and its output head, named explicitly
     (see the module's docstring)."""
+    names = {id(module): name for name, module in model.named_modules()}
     decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    kept = []
-    for name, module in model.named_modules():
-        if module is head:
-            kept.append(name)
-    inner = next(
-        (module for name, module in model.named_children() if any(child is decoder for child in module.children())),
-        model,
-    )
-    prefix = next(name for name, module in model.named_modules() if module is inner)
-    for name, child in inner.named_children():
-        if child is not decoder:
-            kept.append(f"{prefix}.{name}" if prefix else name)
-    return kept
+    parent = names[id(decoder)].rpartition(".")[0]  # ("" when the decoder is the model's own child)
+    siblings = [
+        f"{parent}.{name}" if parent else name
+        for name, child in model.get_submodule(parent).named_children()
+        if child is not decoder
+    ]
+    return [names[id(model.get_output_embeddings())], *siblings]
 
 
 def config(kind: str, compute_dtype: torch.dtype, kept: list[str]):
@@ -106,7 +101,8 @@ def problem(kind: str, device: torch.device, option: str = "--quantize") -> str 
     try:
         import bitsandbytes
     except Exception as exc:  # noqa: BLE001 - ImportError, or a native library that fails to load
-        return f"{given}: bitsandbytes does not load ({one_line(exc)}); pip install 'bitsandbytes>=0.50.2'"
+        floor = REQUIREMENTS["bitsandbytes"]
+        return f"{given}: bitsandbytes does not load ({one_line(exc)}); pip install 'bitsandbytes>={floor}'"
     if device.type == "mps" and kind == "int8":
         return (
             f"{given}: bitsandbytes has no Apple Metal kernels for 8-bit layers (it would multiply in float32,"
@@ -214,12 +210,12 @@ def _state_bytes(state) -> int:
 
 
 def _quantizable(model):
-    """The decoder's linear layers: (name, module)."""
+    """The decoder's linear layers."""
     import torch
 
-    for name, module in model.get_decoder().named_modules():
+    for module in model.get_decoder().modules():
         if isinstance(module, torch.nn.Linear):
-            yield name, module
+            yield module
 
 
 def _is_quantized(module) -> bool:
